@@ -1,0 +1,244 @@
+"""Self-distillation losses (mmlab.losses.distill) against independent plain-loop float64 references.
+
+The references below transcribe the papers' pseudocode / reference code with Python loops over
+views, samples and dimensions; they share no code with the implementation.
+"""
+import math
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmlab.core import MMLabError, ShapeError, InputError
+from mmlab.losses.distill import (EMATeacher, ema_update, momentum_schedule, dino_loss, DINOLoss, negative_cosine,
+                                  simsiam_loss, byol_loss, vicreg_terms, vicreg_loss, barlow_twins_loss,
+                                  momentum_distill_loss, caption_loss, coca_loss, CaptionDecoder)
+
+SIZES = [(2, 1), (2, 16), (5, 1), (5, 16), (7, 3)]
+
+def _g(seed): return torch.Generator().manual_seed(seed)
+
+# ---------------------------------------------------------------- references (plain loops)
+def ref_dino(s, t, c, ts, tt):
+    "Loop transcription of DINO's DINOLoss.forward (facebookresearch/dino, main_dino.py)."
+    Vs, B, K = s.shape; Vt = t.shape[0]
+    total, n = 0.0, 0
+    for iq in range(Vt):
+        for v in range(Vs):
+            if v == iq: continue
+            acc = 0.0
+            for b in range(B):
+                tz = [(float(t[iq, b, k]) - float(c[k])) / tt for k in range(K)]
+                mt = max(tz); q = [math.exp(z - mt) for z in tz]; zq = sum(q); q = [x / zq for x in q]
+                sz = [float(s[v, b, k]) / ts for k in range(K)]
+                ms = max(sz); lse = ms + math.log(sum(math.exp(z - ms) for z in sz))
+                acc += sum(-q[k] * (sz[k] - lse) for k in range(K))
+            total += acc / B; n += 1
+    return total / n
+
+def ref_cos(u, v):
+    dot = sum(float(x) * float(y) for x, y in zip(u, v))
+    nu = math.sqrt(sum(float(x) ** 2 for x in u)); nv = math.sqrt(sum(float(y) ** 2 for y in v))
+    return dot / (nu * nv)
+
+def ref_vicreg(x, y, sw=25.0, vw=25.0, cw=1.0, eps=1e-4):
+    "Loop transcription of VICReg's main_vicreg.py forward."
+    B, D = x.shape
+    inv = sum((float(x[b, d]) - float(y[b, d])) ** 2 for b in range(B) for d in range(D)) / (B * D)
+    def stats(z):
+        mu = [sum(float(z[b, d]) for b in range(B)) / B for d in range(D)]
+        zc = [[float(z[b, d]) - mu[d] for d in range(D)] for b in range(B)]
+        var = [sum(zc[b][d] ** 2 for b in range(B)) / (B - 1) for d in range(D)]
+        v = sum(max(0.0, 1 - math.sqrt(var[d] + eps)) for d in range(D)) / D
+        cov = 0.0
+        for i in range(D):
+            for j in range(D):
+                if i != j: cov += (sum(zc[b][i] * zc[b][j] for b in range(B)) / (B - 1)) ** 2
+        return v, cov / D
+    vx, cx = stats(x); vy, cy = stats(y)
+    return sw * inv + vw * (vx / 2 + vy / 2) + cw * (cx + cy), (inv, vx / 2 + vy / 2, cx + cy)
+
+def ref_barlow(x, y, lam, eps=1e-5):
+    "Loop transcription of Barlow Twins' forward: BatchNorm (affine=False, biased var), c = z1n^T z2n / B."
+    B, D = x.shape
+    def bn(z):
+        mu = [sum(float(z[b, d]) for b in range(B)) / B for d in range(D)]
+        var = [sum((float(z[b, d]) - mu[d]) ** 2 for b in range(B)) / B for d in range(D)]
+        return [[(float(z[b, d]) - mu[d]) / math.sqrt(var[d] + eps) for d in range(D)] for b in range(B)]
+    a, c2 = bn(x), bn(y)
+    loss = 0.0
+    for i in range(D):
+        for j in range(D):
+            cij = sum(a[b][i] * c2[b][j] for b in range(B)) / B
+            loss += (1 - cij) ** 2 if i == j else lam * cij ** 2
+    return loss
+
+def ref_albef(a, b, am, bm, s, alpha):
+    "ALBEF's ITC with momentum distillation, loops over rows."
+    B = a.shape[0]
+    def softmax(row):
+        m = max(row); e = [math.exp(v - m) for v in row]; z = sum(e); return [v / z for v in e]
+    def dot(u, v): return sum(float(x) * float(y) for x, y in zip(u, v))
+    total = 0.0
+    for (x, y, xm, ym) in ((a, b, am, bm), (b, a, bm, am)):
+        acc = 0.0
+        for i in range(B):
+            logits = [s * dot(x[i], y[j]) for j in range(B)]
+            q = softmax([s * dot(xm[i], ym[j]) for j in range(B)])
+            m = max(logits); lse = m + math.log(sum(math.exp(v - m) for v in logits))
+            for j in range(B):
+                tgt = alpha * q[j] + (1 - alpha) * (1.0 if i == j else 0.0)
+                acc -= tgt * (logits[j] - lse)
+        total += acc / B
+    return total / 2
+
+# ---------------------------------------------------------------- EMA
+def test_ema_update_matches_formula_float64():
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double(); t = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    s(torch.randn(8, 3, dtype=torch.float64))                     # change the student's running stats
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    ema_update(t, s, 0.7)
+    for name, p in t.named_parameters():
+        ref = 0.7 * before[name] + 0.3 * dict(s.named_parameters())[name].detach()
+        assert torch.allclose(p, ref, atol=1e-15, rtol=0), name
+    for name, b in t.named_buffers(): assert torch.equal(b, dict(s.named_buffers())[name]), name
+
+def test_ema_teacher_schedule_and_no_grad():
+    s = nn.Linear(2, 2); teacher = EMATeacher(s, base=0.9, final=1.0, total_steps=4)
+    ms = [teacher.update(s, k) for k in range(5)]
+    assert ms[0] == pytest.approx(0.9) and ms[-1] == pytest.approx(1.0) and all(x <= y for x, y in zip(ms, ms[1:]))
+    assert ms[2] == pytest.approx(1 - 0.1 * 0.5 * (1 + math.cos(math.pi / 2)))
+    out = teacher(torch.randn(3, 2)); assert not out.requires_grad
+
+# ---------------------------------------------------------------- DINO
+@pytest.mark.parametrize("Vs,Vt", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("B,K", [(1, 4), (3, 7)])
+def test_dino_matches_loop_reference(Vs, Vt, B, K):
+    g = _g(Vs * 100 + B * 10 + K)
+    s = torch.randn(Vs, B, K, generator=g, dtype=torch.float64); t = torch.randn(Vt, B, K, generator=g, dtype=torch.float64)
+    c = torch.randn(K, generator=g, dtype=torch.float64) * 0.1
+    got = dino_loss(s, t, c, 0.1, 0.04)
+    assert got.item() == pytest.approx(ref_dino(s, t, c, 0.1, 0.04), rel=1e-10, abs=1e-12)
+    got_list = dino_loss(list(s), list(t), c[None], 0.1, 0.04)        # list-of-views form, (1, K) centre
+    assert got_list.item() == pytest.approx(got.item(), rel=1e-12)
+
+def test_dino_gradcheck_student():
+    g = _g(3); t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64); c = torch.zeros(5, dtype=torch.float64)
+    s = torch.randn(3, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: dino_loss(s, t, c, 0.1, 0.04), (s,))
+
+def test_dino_center_ema_over_steps():
+    crit = DINOLoss(6, center_momentum=0.8).double(); c = torch.zeros(1, 6, dtype=torch.float64)
+    g = _g(0)
+    for _ in range(5):
+        t = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+        crit(torch.randn(3, 4, 6, generator=g, dtype=torch.float64), t)
+        c = 0.8 * c + 0.2 * t.reshape(-1, 6).mean(0, keepdim=True)
+    assert torch.allclose(crit.center, c, atol=1e-14)
+
+# ---------------------------------------------------------------- BYOL / SimSiam
+@pytest.mark.parametrize("B,D", SIZES)
+def test_simsiam_and_byol_match_loops(B, D):
+    g = _g(B * 31 + D)
+    p1, p2, z1, z2 = (torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(4))
+    ref_ss = sum(-0.5 * ref_cos(p1[b], z2[b]) - 0.5 * ref_cos(p2[b], z1[b]) for b in range(B)) / B
+    ref_byol = sum((2 - 2 * ref_cos(p1[b], z2[b])) + (2 - 2 * ref_cos(p2[b], z1[b])) for b in range(B)) / B
+    assert simsiam_loss(p1, p2, z1, z2).item() == pytest.approx(ref_ss, rel=1e-10, abs=1e-12)
+    assert byol_loss(p1, p2, z1, z2).item() == pytest.approx(ref_byol, rel=1e-10, abs=1e-12)
+
+def test_negative_cosine_gradcheck_and_stop_gradient():
+    g = _g(1); p = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: negative_cosine(p, z), (p,))
+    negative_cosine(p, z).backward(); assert z.grad is None
+
+# ---------------------------------------------------------------- VICReg
+@pytest.mark.parametrize("B,D", SIZES)
+def test_vicreg_matches_loop_reference(B, D):
+    g = _g(B * 17 + D)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 0.7; y = x + 0.3 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    ref, (inv, var, cov) = ref_vicreg(x, y)
+    t = vicreg_terms(x, y)
+    assert t["invariance"].item() == pytest.approx(inv, rel=1e-10, abs=1e-14)
+    assert t["variance"].item() == pytest.approx(var, rel=1e-10, abs=1e-14)
+    assert t["covariance"].item() == pytest.approx(cov, rel=1e-10, abs=1e-14)
+    assert vicreg_loss(x, y).item() == pytest.approx(ref, rel=1e-10)
+    assert vicreg_loss(x, y, 1.0, 2.0, 3.0).item() == pytest.approx(ref_vicreg(x, y, 1.0, 2.0, 3.0)[0], rel=1e-10)
+
+def test_vicreg_gradcheck_and_invariance_closed_form():
+    g = _g(2); x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: vicreg_loss(x, y), (x, y))
+    assert vicreg_terms(x, x)["invariance"].item() == 0.0
+
+# ---------------------------------------------------------------- Barlow Twins
+@pytest.mark.parametrize("B,D", SIZES)
+def test_barlow_matches_loop_reference(B, D):
+    g = _g(B * 13 + D)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64); y = x + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    for lam in (5e-3, 0.5):
+        assert barlow_twins_loss(x, y, lam).item() == pytest.approx(ref_barlow(x, y, lam), rel=1e-9, abs=1e-12)
+
+def test_barlow_gradcheck_and_decorrelated_zero():
+    g = _g(4); x = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: barlow_twins_loss(x, y), (x, y))
+    # an 8x4 block of a Hadamard matrix: columns zero-mean, unit (biased) variance, mutually orthogonal
+    h = torch.tensor([[1., 1], [1, -1]], dtype=torch.float64)
+    H8 = torch.kron(torch.kron(h, h), h)[:, 1:5]
+    assert barlow_twins_loss(H8, H8, eps=0.0).item() == pytest.approx(0.0, abs=1e-24)
+    assert barlow_twins_loss(3 * H8 + 2, H8, eps=0.0).item() == pytest.approx(0.0, abs=1e-24)  # scale/shift invariant
+
+# ---------------------------------------------------------------- ALBEF momentum distillation
+@pytest.mark.parametrize("B,D", [(2, 3), (5, 16)])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_momentum_distill_matches_loops(B, D, alpha):
+    g = _g(B + D)
+    a, b, am, bm = (F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1) for _ in range(4))
+    got = momentum_distill_loss(a, b, am, bm, 7.0, alpha)
+    assert got.item() == pytest.approx(ref_albef(a, b, am, bm, 7.0, alpha), rel=1e-10)
+
+def test_momentum_distill_gradcheck_no_grad_to_teacher():
+    g = _g(5)
+    a, b = (F.normalize(torch.randn(4, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_() for _ in range(2))
+    am, bm = (F.normalize(torch.randn(4, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b: momentum_distill_loss(a, b, am, bm, 5.0, 0.4), (a, b))
+    momentum_distill_loss(a, b, am, bm, 5.0, 0.4).backward(); assert am.grad is None and bm.grad is None
+
+# ---------------------------------------------------------------- CoCa
+def test_caption_loss_matches_loop():
+    g = _g(6); B, T, V = 3, 6, 5
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.randint(1, V, (B, T), generator=g); tokens[1, 4:] = 0
+    tot, n = 0.0, 0
+    for b in range(B):
+        for t in range(T - 1):
+            y = int(tokens[b, t + 1])
+            if y == 0: continue
+            row = [float(v) for v in logits[b, t]]; m = max(row)
+            tot += -(row[y] - m - math.log(sum(math.exp(v - m) for v in row))); n += 1
+    assert caption_loss(logits, tokens, pad_id=0).item() == pytest.approx(tot / n, rel=1e-10)
+    assert torch.autograd.gradcheck(lambda l: caption_loss(l, tokens), (logits.clone().requires_grad_(),))
+
+def test_caption_decoder_causal_and_trains():
+    torch.manual_seed(0)
+    dec = CaptionDecoder(11, context_dim=8, dim=16, depth=1, num_heads=2, max_len=8)
+    ctx = torch.randn(4, 5, 8); tok = torch.randint(1, 11, (4, 8))
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = caption_loss(dec(tok, ctx), tok); opt.zero_grad(); loss.backward(); opt.step()
+        first = first or loss.item()
+    assert loss.item() < 0.5 * first                        # can memorise 4 captions
+    dec.eval(); out = dec(tok, ctx); tok2 = tok.clone(); tok2[:, 5:] = 1
+    assert torch.allclose(dec(tok2, ctx)[:, :5], out[:, :5], atol=1e-5)
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_raise_mmlab_errors():
+    with pytest.raises(ShapeError, match="at least 2"): vicreg_loss(torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(ShapeError, match="z2: expected shape"): barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ShapeError): dino_loss(torch.randn(4, 2, 3), torch.randn(2, 2, 3), torch.zeros(4))
+    with pytest.raises(InputError, match="alpha"): momentum_distill_loss(*(torch.eye(3),) * 4, 1.0, alpha=-0.1)
+    with pytest.raises(MMLabError): ema_update(nn.Linear(2, 2), nn.Linear(2, 3), 0.5)
+    with pytest.raises(InputError): momentum_schedule(1, 0)
