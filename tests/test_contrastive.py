@@ -426,44 +426,64 @@ def _fake_kernels(monkeypatch, available, calls):
 def test_dispatch_auto(monkeypatch):
     calls = []
     _fake_kernels(monkeypatch, True, calls)
-    small = pair(8, 4, seed=18); big = (unit(4096, 2, seed=19), unit(4096, 2, seed=20))
-    assert C._pick_impl("auto", 8, None, "cpu", "t") == "naive"
-    assert C._pick_impl("auto", 8, 4, "cpu", "t") == "chunked"
-    assert C._pick_impl("auto", 4096, None, "cpu", "t") == "fused"
-    clip_loss(*big, 10.0); siglip_loss(*big, 10.0, -10.0)
-    assert calls == ["clip", "siglip"]
-    clip_loss(*small, 10.0)
-    assert calls == ["clip", "siglip"]                           # small batch: naive, not fused
+    cuda = torch.device("cuda")        # _pick_impl only inspects the device type; no GPU is needed
+    assert C._pick_impl("auto", 8, None, cuda, "t") == "naive"
+    assert C._pick_impl("auto", 8, 4, cuda, "t") == "chunked"
+    assert C._pick_impl("auto", 4096, None, cuda, "t") == "fused"
+    assert C._pick_impl("auto", 4096, None, "cpu", "t") == "chunked"      # never compiles behind the user's back on CPU
+    assert C._pick_impl("auto", 4096, 256, cuda, "t") == "chunked"        # an explicit chunk size asks for chunked
     _fake_kernels(monkeypatch, False, calls)
-    assert C._pick_impl("auto", 4096, None, "cpu", "t") == "chunked"
+    assert C._pick_impl("auto", 4096, None, cuda, "t") == "chunked"
+    big = (unit(4096, 2, seed=19), unit(4096, 2, seed=20))
     monkeypatch.setattr(C, "_clip_naive", lambda *a, **k: pytest.fail("naive used at B=4096"))
-    v = clip_loss(*big, 10.0)
-    assert torch.isfinite(v) and calls == ["clip", "siglip"]
+    assert torch.isfinite(clip_loss(*big, 10.0)) and calls == []
 
-def test_fused_falls_back_with_one_warning(monkeypatch):
+def test_fused_is_called_when_available(monkeypatch):
+    calls = []
+    _fake_kernels(monkeypatch, True, calls)
+    a, b = pair(6, 4, seed=21)
+    torch.testing.assert_close(clip_loss(a, b, 5.0, -1.0, 0.1, impl="fused"), clip_loss(a, b, 5.0, -1.0, 0.1, impl="naive"))
+    torch.testing.assert_close(siglip_loss(a, b, 5.0, -1.0, impl="fused"), siglip_loss(a, b, 5.0, -1.0, impl="naive"))
+    assert calls == ["clip", "siglip"]
+
+def test_fused_unavailable_device_falls_back_without_second_warning(monkeypatch):
+    "When mmlab.kernels exists but has no kernel for the device, its fused_available warns; the loss adds nothing."
     calls = []
     _fake_kernels(monkeypatch, False, calls)
     monkeypatch.setattr(C, "_warned_fused", set())
     a, b = pair(6, 4, seed=21)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        vals = [clip_loss(a, b, 5.0, impl="fused") for _ in range(3)] + [siglip_loss(a, b, 5.0, -1.0, impl="fused") for _ in range(2)]
-    msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
-    assert len(msgs) == 2 and "clip_loss" in msgs[0] and "siglip_loss" in msgs[1]
-    torch.testing.assert_close(vals[0], clip_loss(a, b, 5.0, impl="naive"), rtol=0, atol=1e-12)
-    assert calls == []
-    # an importable kernels module that is available is used when asked
-    _fake_kernels(monkeypatch, True, calls)
-    clip_loss(a, b, 5.0, impl="fused"); assert calls == ["clip"]
+        v = clip_loss(a, b, 5.0, impl="fused")
+    assert [x for x in w if "falling back" in str(x.message)] == [] and calls == []
+    torch.testing.assert_close(v, clip_loss(a, b, 5.0, impl="naive"), rtol=0, atol=1e-12)
 
-def test_fused_falls_back_without_kernels_module(monkeypatch):
+def test_fused_falls_back_without_kernels_module_warning_once(monkeypatch):
     monkeypatch.setitem(sys.modules, "mmlab.kernels", None)      # import of mmlab.kernels raises ImportError
     monkeypatch.delattr(mmlab, "kernels", raising=False)
     monkeypatch.setattr(C, "_warned_fused", set())
     a, b = pair(6, 4, seed=22)
-    with pytest.warns(UserWarning, match="falling back"):
-        v = siglip_loss(a, b, 5.0, -1.0, impl="fused")
-    torch.testing.assert_close(v, siglip_loss(a, b, 5.0, -1.0, impl="naive"), rtol=0, atol=1e-12)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        vals = [clip_loss(a, b, 5.0, impl="fused") for _ in range(3)] + [siglip_loss(a, b, 5.0, -1.0, impl="fused") for _ in range(2)]
+    msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
+    assert len(msgs) == 2 and "clip_loss" in msgs[0] and "siglip_loss" in msgs[1]      # one per loss
+    torch.testing.assert_close(vals[0], clip_loss(a, b, 5.0, impl="naive"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(vals[-1], siglip_loss(a, b, 5.0, -1.0, impl="naive"), rtol=0, atol=1e-12)
+
+@pytest.mark.slow
+@pytest.mark.skipif("slow" not in os.environ.get("MMLAB_TEST_FLAGS", "").split(), reason="builds the C++ kernels; MMLAB_TEST_FLAGS=slow")
+def test_real_fused_kernels_match_chunked():
+    "With the real mmlab.kernels (C++ build on first use), fused = chunked in value and gradients."
+    kernels = pytest.importorskip("mmlab.kernels")
+    if not kernels.fused_available("cpu"): pytest.skip("fused CPU kernels unavailable")
+    a, b = pair(33, 16, seed=27)
+    for f in (lambda impl: lambda a, b, s, t: clip_loss(a, b, s, t, 0.1, impl=impl),
+              lambda impl: lambda a, b, s, t: siglip_loss(a, b, s, t, impl=impl)):
+        v0, g0 = value_and_grads(f("chunked"), a, b, sc(7.0), sc(-2.0))
+        v1, g1 = value_and_grads(f("fused"), a, b, sc(7.0), sc(-2.0))
+        assert abs(v0 - v1).item() < 1e-9
+        for x, y in zip(g0, g1): assert (x - y).abs().max().item() < 1e-9
 
 # ----------------------------------------------------------------------------- modules
 def test_modules_learnable_scale_and_clamp():
