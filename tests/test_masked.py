@@ -1,0 +1,299 @@
+"""Mask generators (mmlab.masking) and masked-modeling losses/models (mmlab.losses.masked).
+
+Mask properties are checked for every generator on a grid of sizes and seeds; losses against
+plain-loop float64 references; k-means against scikit-learn; gather/scatter against MAE's
+argsort formulation and a per-sample loop.
+"""
+import math
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmlab.core import MMLabError, InputError, ShapeError
+from mmlab.masking import (Mask, mask_from_bool, mask_from_scores, num_masked, random_mask, block_mask, tube_mask,
+                           span_mask, noise_mask, filtered_noise, dirichlet_budget, multimodal_mask, check_mask_partition,
+                           neighbour_agreement, NOISE_COLORS)
+from mmlab.losses.masked import (scatter_tokens, norm_patches, mae_loss, simmim_loss, hubert_loss, kmeans,
+                                 kmeans_plusplus, kmeans_targets, MAE, SimMIM, MultiModalMAE, HuBERT)
+from mmlab.encoders import ViTEncoder, ViTConfig, AudioEncoder, AudioConfig, gather_tokens
+
+def _g(seed): return torch.Generator().manual_seed(seed)
+
+GENERATORS = {
+    "random": lambda B, g: (random_mask(B, 48, 0.75, generator=g), 48, 36),
+    "block_beit": lambda B, g: (block_mask(B, (6, 8), 0.4, min_area=4, generator=g), 48, round(0.4 * 48)),
+    "block_simmim": lambda B, g: (block_mask(B, (6, 8), 0.6, block_size=2, generator=g), 48, round(0.6 * 48)),
+    "tube": lambda B, g: (tube_mask(B, 3, 16, 0.75, generator=g), 48, 3 * 12),
+    "span": lambda B, g: (span_mask(B, 48, 0.5, span=5, generator=g), 48, 24),
+    **{f"noise_{c}": (lambda c: lambda B, g: (noise_mask(B, (6, 8), 0.7, c, generator=g), 48, round(0.7 * 48)))(c)
+       for c in NOISE_COLORS},
+}
+
+# ---------------------------------------------------------------- properties of every generator
+@pytest.mark.parametrize("name", list(GENERATORS))
+@pytest.mark.parametrize("B", [1, 3, 17])
+def test_generator_properties(name, B):
+    m, L, k = GENERATORS[name](B, _g(B))
+    assert isinstance(m, Mask) and m.mask.shape == (B, L) and m.mask.dtype == torch.bool
+    assert (m.mask.sum(1) == k).all(), "exact count per sample"
+    assert m.visible.shape == (B, L - k) and m.masked.shape == (B, k)
+    check_mask_partition(m)
+    assert (m.visible.diff(dim=1) > 0).all() and (m.masked.diff(dim=1) > 0).all(), "sorted indices"
+    m2, _, _ = GENERATORS[name](B, _g(B))
+    assert torch.equal(m.mask, m2.mask), "same seed, same mask"
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_generator_seed_changes_mask(name):
+    a, _, _ = GENERATORS[name](8, _g(0)); b, _, _ = GENERATORS[name](8, _g(1))
+    assert not torch.equal(a.mask, b.mask)
+
+def test_random_mask_is_uniform():
+    m = random_mask(20000, 10, 0.3, generator=_g(0))
+    freq = m.mask.float().mean(0)
+    assert (freq - 0.3).abs().max() < 0.015
+
+def test_tube_identical_across_time():
+    m = tube_mask(5, T=7, S=20, ratio=0.9, generator=_g(0))
+    g = m.mask.view(5, 7, 20)
+    assert (g == g[:, :1]).all() and (g[:, 0].sum(1) == 18).all()
+
+def test_span_mask_hides_runs():
+    m = span_mask(200, 200, 0.5, span=10, generator=_g(0))
+    x = m.mask.int()
+    starts = ((x[:, 1:] - x[:, :-1]) == 1).sum() + x[:, 0].sum()
+    mean_run = float(m.mask.sum() / starts)
+    assert mean_run > 8, mean_run          # random masking at 0.5 would give runs of about 2
+
+def test_block_and_color_structure():
+    agree = lambda m, grid: neighbour_agreement(m, grid)
+    r = agree(random_mask(256, 196, 0.4, generator=_g(0)), (14, 14))
+    assert abs(r - 0.4) < 0.03
+    assert agree(block_mask(256, (14, 14), 0.4, generator=_g(0)), (14, 14)) > 0.6
+    red = agree(noise_mask(256, (14, 14), 0.5, "red", generator=_g(0)), (14, 14))
+    blue = agree(noise_mask(256, (14, 14), 0.5, "blue", generator=_g(0)), (14, 14))
+    assert red > 0.6 and blue < 0.48
+
+def test_filtered_noise_spectrum():
+    "Red noise has less high-frequency power than white, blue noise less low-frequency power."
+    def power(color):
+        n = filtered_noise(512, (16, 16), color, generator=_g(0))
+        P = torch.fft.fft2(n - n.mean((1, 2), keepdim=True)).abs().pow(2).mean(0)
+        f = torch.fft.fftfreq(16).abs(); r = (f[:, None] ** 2 + f[None] ** 2).sqrt()
+        return float(P[r < 0.15].mean() / P[r > 0.35].mean())
+    assert power("red") > 10 * power("white") and power("blue") < 0.5 * power("white")
+
+def test_mask_from_bool_and_scores():
+    m = mask_from_bool(torch.tensor([[True, False, True], [False, True, True]]))
+    assert m.visible.tolist() == [[1], [0]] and m.masked.tolist() == [[0, 2], [1, 2]]
+    s = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    assert mask_from_scores(s, 2).masked.tolist() == [[1, 3]]
+
+# ---------------------------------------------------------------- Dirichlet budget
+def test_dirichlet_budget_sums_caps_and_mean():
+    sizes = {"image": 64, "audio": 32, "text": 8}
+    c = dirichlet_budget(20000, sizes, 40, alpha={"image": 2.0, "audio": 1.0, "text": 1.0}, generator=_g(0))
+    assert (sum(c.values()) == 40).all()
+    for k, L in sizes.items(): assert ((c[k] >= 0) & (c[k] <= L)).all()
+    c2 = dirichlet_budget(20000, sizes, 40, alpha={"image": 2.0, "audio": 1.0, "text": 1.0}, generator=_g(0))
+    assert all(torch.equal(c[k], c2[k]) for k in sizes)
+    # against the Dirichlet draw itself (same seed): uncapped rows are lambda*N rounded (|error| < 1);
+    # in rows where lambda_text*N exceeds 8, text gets all 8 and the others at least their share
+    from mmlab.masking import _dirichlet
+    lam = _dirichlet(20000, [2.0, 1.0, 1.0], _g(0)) * 40
+    n = torch.stack([c["image"], c["audio"], c["text"]], 1).double()
+    free = (lam <= torch.tensor([64, 32, 8])).all(1)
+    assert free.any() and ((n[free] - lam[free]).abs() < 1).all()
+    capped = lam[:, 2] > 8
+    assert capped.any() and (n[capped, 2] == 8).all() and (n[capped, :2] >= lam[capped, :2].floor()).all()
+
+def test_dirichlet_budget_uncapped_is_unbiased():
+    c = dirichlet_budget(20000, {"a": 100, "b": 100}, 50, alpha=1.0, generator=_g(3))
+    assert abs(float(c["a"].float().mean()) - 25) < 0.5
+    assert (sum(c.values()) == 50).all()
+
+def test_dirichlet_full_budget_and_single_modality():
+    c = dirichlet_budget(5, {"a": 3, "b": 2}, 5, generator=_g(0))
+    assert (c["a"] == 3).all() and (c["b"] == 2).all()
+    c = dirichlet_budget(4, {"a": 10}, 7, generator=_g(0))
+    assert (c["a"] == 7).all()
+
+def test_multimodal_mask_consistent():
+    sizes = {"image": 16, "audio": 8}
+    m, per = multimodal_mask(50, sizes, 10, alpha=0.5, generator=_g(0))
+    check_mask_partition(m)
+    assert torch.equal(torch.cat([per["image"], per["audio"]], 1), m.mask)
+    assert ((~m.mask).sum(1) == 10).all()
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2, float("nan"), True, "0.5"])
+def test_bad_ratio(ratio):
+    with pytest.raises(InputError, match="ratio"): random_mask(2, 10, ratio)
+
+def test_bad_inputs():
+    with pytest.raises(InputError, match="cannot hide more tokens"): mask_from_scores(torch.rand(2, 4), 5)
+    with pytest.raises(InputError, match="hides k=0"): random_mask(2, 4, 0.05)
+    with pytest.raises(InputError, match="hides k=4"): random_mask(2, 4, 0.95)
+    with pytest.raises(InputError, match="grid"): block_mask(2, (14,), 0.4)
+    with pytest.raises(InputError, match="span"): span_mask(2, 10, 0.5, span=11)
+    with pytest.raises(InputError, match="batch size"): random_mask(0, 10, 0.5)
+    with pytest.raises(ShapeError): mask_from_scores(torch.rand(2, 3, 4), 1)
+    with pytest.raises(InputError, match="budget"): dirichlet_budget(2, {"a": 3}, 4)
+    with pytest.raises(MMLabError): noise_mask(2, (4, 4), 0.5, sigma1=2.0, sigma2=1.0)
+
+# ---------------------------------------------------------------- gather / scatter
+def _argsort_restore(x_vis, ids_restore, mask_token):
+    "MAE reference: append mask tokens to the kept tokens, unshuffle with ids_restore."
+    B, Nv, D = x_vis.shape; L = ids_restore.shape[1]
+    x_ = torch.cat([x_vis, mask_token.expand(B, L - Nv, D)], 1)
+    return torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, D))
+
+def test_scatter_matches_argsort_and_loop():
+    B, L, D = 4, 12, 5
+    x = torch.randn(B, L, D, generator=_g(0), dtype=torch.float64)
+    m = random_mask(B, L, 0.75, generator=_g(1))
+    tok = torch.randn(D, generator=_g(2), dtype=torch.float64)
+    got = scatter_tokens(gather_tokens(x, m.visible), m, tok)
+    # the argsort formulation with a shuffle that keeps exactly m.visible first
+    ids_shuffle = torch.cat([m.visible, m.masked], 1); ids_restore = torch.argsort(ids_shuffle, 1)
+    x_vis = torch.gather(x, 1, m.visible[..., None].expand(-1, -1, D))
+    assert torch.equal(got, _argsort_restore(x_vis, ids_restore, tok))
+    for b in range(B):
+        for i in range(L):
+            assert torch.equal(got[b, i], tok if m.mask[b, i] else x[b, i])
+
+def test_scatter_gradients():
+    B, L, D = 3, 8, 4
+    m = random_mask(B, L, 0.5, generator=_g(0))
+    vis = torch.randn(B, 4, D, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, t: scatter_tokens(v, m, t), (vis, tok))
+
+# ---------------------------------------------------------------- losses vs loops
+def ref_mae(pred, target, mask, norm_pix):
+    B, L, P = pred.shape; tot, n = 0.0, 0
+    for b in range(B):
+        for i in range(L):
+            if not mask[b, i]: continue
+            t = [float(v) for v in target[b, i]]
+            if norm_pix:
+                mu = sum(t) / P; var = sum((v - mu) ** 2 for v in t) / (P - 1)
+                t = [(v - mu) / math.sqrt(var + 1e-6) for v in t]
+            tot += sum((float(pred[b, i, p]) - t[p]) ** 2 for p in range(P)) / P; n += 1
+    return tot / n
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("B,L,P", [(1, 4, 3), (3, 6, 8)])
+def test_mae_loss_matches_loop(norm_pix, B, L, P):
+    g = _g(B * L + P)
+    pred, target = torch.randn(B, L, P, generator=g, dtype=torch.float64), torch.randn(B, L, P, generator=g, dtype=torch.float64)
+    mask = random_mask(B, L, 0.5, generator=g).mask
+    assert mae_loss(pred, target, mask, norm_pix).item() == pytest.approx(ref_mae(pred, target, mask, norm_pix), rel=1e-10)
+    assert torch.autograd.gradcheck(lambda p: mae_loss(p, target, mask, norm_pix), (pred.clone().requires_grad_(),))
+
+def test_simmim_and_hubert_losses_match_loops():
+    g = _g(0); B, L, P, K = 2, 6, 4, 5
+    pred, target = torch.randn(B, L, P, generator=g, dtype=torch.float64), torch.randn(B, L, P, generator=g, dtype=torch.float64)
+    mask = random_mask(B, L, 0.5, generator=g).mask
+    ref = sum(sum(abs(float(pred[b, i, p] - target[b, i, p])) for p in range(P)) / P
+              for b in range(B) for i in range(L) if mask[b, i]) / int(mask.sum())
+    assert simmim_loss(pred, target, mask).item() == pytest.approx(ref, rel=1e-10)
+    logits = torch.randn(B, L, K, generator=g, dtype=torch.float64); y = torch.randint(0, K, (B, L), generator=g)
+    def ce(b, i):
+        row = [float(v) for v in logits[b, i]]; mx = max(row)
+        return -(row[int(y[b, i])] - mx - math.log(sum(math.exp(v - mx) for v in row)))
+    hid = [(b, i) for b in range(B) for i in range(L) if mask[b, i]]; vis = [(b, i) for b in range(B) for i in range(L) if not mask[b, i]]
+    ref_h = sum(ce(*t) for t in hid) / len(hid)
+    assert hubert_loss(logits, y, mask).item() == pytest.approx(ref_h, rel=1e-10)
+    ref_h2 = ref_h + 0.3 * sum(ce(*t) for t in vis) / len(vis)
+    assert hubert_loss(logits, y, mask, unmasked_weight=0.3).item() == pytest.approx(ref_h2, rel=1e-10)
+    assert torch.autograd.gradcheck(lambda l: hubert_loss(l, y, mask), (logits.clone().requires_grad_(),))
+    with pytest.raises(InputError, match="targets must lie"): hubert_loss(logits, y + K, mask)
+
+def test_norm_patches_matches_loop():
+    t = torch.randn(2, 3, 5, generator=_g(0), dtype=torch.float64); out = norm_patches(t)
+    for b in range(2):
+        for i in range(3):
+            v = [float(x) for x in t[b, i]]; mu = sum(v) / 5; var = sum((x - mu) ** 2 for x in v) / 4
+            assert [float(x) for x in out[b, i]] == pytest.approx([(x - mu) / math.sqrt(var + 1e-6) for x in v], rel=1e-12)
+
+# ---------------------------------------------------------------- k-means vs scikit-learn
+@pytest.mark.parametrize("seed,k", [(0, 3), (1, 8), (2, 16)])
+def test_kmeans_matches_sklearn(seed, k):
+    from sklearn.cluster import KMeans
+    x = torch.randn(300, 5, generator=_g(seed), dtype=torch.float64) + 3 * torch.randn(1, 5, generator=_g(seed + 10), dtype=torch.float64) * (torch.arange(300) % 4)[:, None]
+    init = kmeans_plusplus(x, k, generator=_g(seed))
+    ours = kmeans(x, k, init=init, iters=300)
+    sk = KMeans(k, init=init.numpy(), n_init=1, algorithm="lloyd", tol=0.0, max_iter=300).fit(x.numpy())
+    assert ours.labels.tolist() == sk.labels_.tolist()
+    assert torch.allclose(ours.centroids, torch.from_numpy(sk.cluster_centers_), atol=1e-9)
+    assert ours.inertia == pytest.approx(float(sk.inertia_), rel=1e-9)
+    assert torch.equal(kmeans_targets(x[None], ours.centroids)[0], ours.labels)
+
+def test_kmeans_seeded():
+    x = torch.randn(200, 3, generator=_g(0))
+    a, b = kmeans(x, 5, generator=_g(7)), kmeans(x, 5, generator=_g(7))
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.labels, b.labels)
+
+# ---------------------------------------------------------------- models
+def _tiny_vit(**kw): torch.manual_seed(0); return ViTEncoder(ViTConfig.preset("tiny", **kw))
+
+def test_mae_no_leakage_and_visible_only():
+    mae = MAE(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    imgs = torch.rand(3, 3, 32, 32, generator=_g(0))
+    out = mae(imgs, generator=_g(1))
+    assert mae.encode(imgs, out.mask).shape == (3, 1 + 4, 64)
+    hidden = F.interpolate(out.mask.mask.view(3, 1, 4, 4).float(), scale_factor=8)
+    imgs2 = imgs + 10 * torch.randn(imgs.shape, generator=_g(2)) * hidden
+    assert torch.allclose(mae.encode(imgs2, out.mask), mae.encode(imgs, out.mask), atol=1e-6)
+    assert torch.allclose(mae(imgs2, mask=out.mask).pred, out.pred, atol=1e-5)
+    # the loss still sees the hidden pixels (as targets)
+    assert not torch.allclose(mae(imgs2, mask=out.mask).loss, out.loss)
+
+def test_mae_loss_equals_reference_on_model_output():
+    mae = MAE(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix=True).eval()
+    imgs = torch.rand(2, 3, 32, 32, generator=_g(0)); out = mae(imgs, generator=_g(1))
+    target = mae.encoder.patchify(imgs)
+    assert out.loss.item() == pytest.approx(ref_mae(out.pred.detach().double(), target.double(), out.mask.mask, True), rel=1e-5)
+
+def test_simmim_sees_visible_only_through_mask_tokens():
+    sm = SimMIM(_tiny_vit(), mask_ratio=0.5, block_size=1).eval()
+    imgs = torch.rand(2, 3, 32, 32, generator=_g(0)); out = sm(imgs, generator=_g(1))
+    hidden = F.interpolate(out.mask.mask.view(2, 1, 4, 4).float(), scale_factor=8)
+    assert torch.allclose(sm(imgs + 5 * hidden * torch.rand(imgs.shape, generator=_g(2)), mask=out.mask).pred, out.pred, atol=1e-5)
+
+def _mmae(**kw):
+    torch.manual_seed(0)
+    ad = {"image": ViTEncoder(ViTConfig.preset("tiny", depth=0, class_token=False, pool="mean")),
+          "audio": AudioEncoder(AudioConfig.preset("tiny", n_mels=32, patch_size=(16, 8), depth=0))}
+    return MultiModalMAE(ad, embed_dim=64, visible=6, **kw).eval()
+
+def test_multimodal_mae_budget_and_leakage():
+    mm = _mmae(alpha=0.5)
+    inp = {"image": torch.rand(4, 3, 32, 32, generator=_g(0)), "audio": torch.randn(4, 32, 32, generator=_g(1))}
+    o = mm(inp, generator=_g(2))
+    assert ((~o.masks["image"]).sum(1) + (~o.masks["audio"]).sum(1) == 6).all()
+    assert o.preds["image"].shape == (4, 16, 192) and o.preds["audio"].shape == (4, 8, 128)
+    hid_a = o.masks["audio"].view(4, 4, 2).transpose(1, 2).repeat_interleave(16, 1).repeat_interleave(8, 2)   # (B, F, T)
+    o2 = mm({"image": inp["image"], "audio": inp["audio"] + 5 * hid_a * torch.randn(4, 32, 32, generator=_g(3))}, generator=_g(2))
+    for k in o.preds: assert torch.allclose(o2.preds[k], o.preds[k], atol=1e-5)
+    assert o.loss.item() == pytest.approx(sum(v.item() for v in o.losses.values()), rel=1e-6)
+
+def test_multimodal_mae_contrastive_fixed_ratio():
+    mm = _mmae(contrastive_weight=1.0)
+    inp = {"image": torch.rand(4, 3, 32, 32, generator=_g(0)), "audio": torch.randn(4, 32, 32, generator=_g(1))}
+    o = mm(inp, generator=_g(2))
+    assert "contrastive" in o.losses and torch.isfinite(o.loss)
+    vis = {k: (~v).sum(1) for k, v in o.masks.items()}
+    assert (vis["image"] == vis["image"][0]).all() and (vis["audio"] == vis["audio"][0]).all()
+
+def test_hubert_loss_only_on_hidden_frames():
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig.preset("tiny", n_mels=32, patch_size=(32, 2), depth=1))
+    h = HuBERT(enc, num_units=7).eval()
+    spec = torch.randn(2, 32, 40, generator=_g(0)); y = torch.randint(0, 7, (2, 20), generator=_g(1))
+    o = h(spec, y, generator=_g(2))
+    assert o.logits.shape == (2, 20, 7) and o.mask.num_masked == 10
+    y2 = torch.where(o.mask.mask, y, (y + 1) % 7)
+    assert h(spec, y2, mask=o.mask).loss.item() == pytest.approx(o.loss.item(), rel=1e-6)
+    spec2 = spec.clone().view(2, 32, 20, 2); spec2[o.mask.mask[:, None, :, None].expand_as(spec2)] += 7
+    assert torch.allclose(h(spec2.view(2, 32, 40), y, mask=o.mask).logits, o.logits, atol=1e-5)   # hidden frames unseen
