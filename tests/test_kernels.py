@@ -218,14 +218,8 @@ def test_cuda_sources_compile_with_nvcc(fresh_builder):
     "Compiles the CUDA sources for sm_90 with the local nvcc; needs no GPU."
     if K.cuda_home() is None: pytest.skip("nvcc not found")
     arch = os.environ.get("MMLAB_TEST_CUDA_ARCH", "9.0")
-    try:
-        K.build_extension("cuda", arch=arch)
-    except KernelBuildError as e:
-        msg = str(e)
-        # without a GPU driver the compiled module may fail to *load*; compiling must still succeed
-        loading_only = "ImportError" in msg or "cannot open shared object" in msg
-        compiled = not any(s in msg for s in (" error: ", "error #", "ninja: build stopped"))
-        assert loading_only and compiled, msg[-4000:]
+    mod = K.build_extension("cuda", arch=arch)   # raises KernelBuildError with the nvcc log on a compile error
+    assert all(hasattr(mod, f) for f in K.CUDA_FUNCTIONS)
 
 
 # --- GPU ------------------------------------------------------------------------------------------
@@ -270,7 +264,6 @@ def _naive_siglip(a, b, s, t):
 @pytest.mark.parametrize("n,d,s", [(1000, 256, 20.0), (2048, 512, 50.0)])
 def test_cuda_16bit_error_at_most_twice_naive(dt, n, d, s):
     a0, b0 = pair(n, d, seed=11)
-    want_c = ref_clip(a0, b0, s)
     a16, b16 = a0.to("cuda", dt), b0.to("cuda", dt)
     # the reference for the error is evaluated on the same rounded inputs the kernels see
     want_c = _naive_clip(a16.double(), b16.double(), s).item()
