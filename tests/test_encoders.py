@@ -437,3 +437,20 @@ def test_minilm_matches_sentence_transformers():
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     sims = ours @ ours.T
     assert sims[0, 1] < 0.9 and sims[0, 0] > 0.999
+
+
+# ---------------------------------------------------------------- GPU (skips cleanly without CUDA)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["vit_tiny", "audio_tiny", "text_tiny", "trimodal_tiny"])
+def test_cuda_matches_cpu_and_capture(name):
+    torch.manual_seed(14)
+    m = create_model(name).eval()
+    inp = m.example_inputs(2, torch.Generator().manual_seed(0))
+    to = lambda v: v.cuda() if torch.is_tensor(v) else ({k: to(x) for k, x in v.items()} if isinstance(v, dict) else v)
+    flat = lambda o: o.pooled if hasattr(o, "pooled") else o[next(k for k in o if k in ("image", "audio", "text"))]
+    y = flat(m(**inp))
+    mc = create_model(name).eval(); mc.load_state_dict(m.state_dict()); mc.cuda()
+    with capture_attention(mc) as maps: yc = flat(mc(**to(inp)))
+    torch.testing.assert_close(yc.cpu(), y, atol=1e-4, rtol=1e-4)
+    for p in maps.values(): torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5, rtol=0)
