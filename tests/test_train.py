@@ -1,0 +1,255 @@
+"""mmlab.train: bit-identical resume across a SIGKILL, atomic checkpoints under kills, no unpickling, loop semantics."""
+import inspect, json, math, os, pickle, random, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import mmlab.train as train_mod
+from mmlab.core import CheckpointError, NonFiniteError
+from mmlab.train import (Callback, EvalCallback, Trainer, TrainConfig, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, save_checkpoint, warmup_cosine)
+
+# ---------------------------------------------------------------------------------------------
+# A training job run in subprocesses: MLP with dropout, shuffled DataLoader, numpy and python
+# randomness inside the loss, gradient accumulation, 5 batches per epoch (resume lands mid-epoch).
+JOB = r'''
+import json, random, sys, time
+import numpy as np, torch, torch.nn as nn
+from safetensors.torch import save_file
+from mmlab.core import set_seed
+from mmlab.train import Callback, Trainer, TrainConfig
+torch.set_num_threads(1)
+out, mode, total, pause_event, pause_step = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+
+def recipe():
+    g = set_seed(0)
+    x = torch.randn(40, 6, generator=g); y = (x[:, :3] * x[:, 3:]).sum(1, keepdim=True)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True, generator=g)
+    model = nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 1))
+    def loss_fn(model, batch):
+        x, y = batch
+        x = x + 0.01 * torch.from_numpy(np.random.randn(*x.shape)).float()     # numpy's global RNG
+        w = 1.0 + 0.1 * random.random()                                          # python's RNG
+        return {"mse": w * ((model(x) - y) ** 2).mean(), "l1": 1e-3 * model[0].weight.abs().mean()}
+    return model, loss_fn, data
+
+class Pause(Callback):
+    "Announce checkpoints; sleep at the chosen event so the parent can SIGKILL us there."
+    def on_checkpoint(self, trainer, path):
+        print("CKPT", trainer.step, flush=True)
+        if pause_event == "checkpoint" and trainer.step == pause_step: print("PAUSED", flush=True); time.sleep(600)
+    def on_log(self, trainer, record):
+        if pause_event == "log" and record["step"] == pause_step: print("PAUSED", flush=True); time.sleep(600)
+
+model, loss_fn, data = recipe()
+cfg = TrainConfig(max_steps=total, lr=3e-3, warmup_steps=3, grad_accum=2, device="cpu", out_dir=out,
+                  ckpt_every=3, keep_last=2)
+tr = Trainer(model, loss_fn, data, cfg, callbacks=[Pause()])
+if mode == "resume":
+    torch.manual_seed(999); np.random.seed(999); random.seed(999)   # resume must restore every generator
+    tr.resume(out)
+tr.fit()
+opt = {f"opt/{i}/{k}": v for i, s in tr.opt.state_dict()["state"].items() for k, v in s.items()}
+save_file({f"model/{k}": v.contiguous() for k, v in model.state_dict().items()} | opt, f"{out}/final.safetensors")
+print("DONE", flush=True)
+'''
+
+N = 12
+
+
+def _start(tmp, out, mode, pause_event="none", pause_step=-1):
+    job = tmp / "job.py"
+    job.write_text(JOB)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(job), str(out), mode, str(N), pause_event, str(pause_step)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(p):
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def _kill_when_paused(p):
+    for line in p.stdout:
+        if line.strip() == "PAUSED":
+            os.kill(p.pid, signal.SIGKILL); p.wait(timeout=60)
+            assert p.returncode == -signal.SIGKILL
+            return
+    raise AssertionError(f"job ended without pausing: {p.stderr.read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    _finish(_start(tmp, tmp / "run", "straight"))
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("pause_event,pause_step,latest", [("checkpoint", N // 2, N // 2),   # killed right after a checkpoint
+                                                            ("log", N // 2 + 2, N // 2)])    # killed 2 steps past it
+def test_resume_after_sigkill_is_bit_identical(tmp_path, straight, pause_event, pause_step, latest):
+    run = tmp_path / "run"
+    _kill_when_paused(_start(tmp_path, run, "first", pause_event, pause_step))
+    assert not (run / "final.safetensors").exists()
+    assert latest_checkpoint(run / "checkpoints").name == f"step-{latest:08d}"
+    _finish(_start(tmp_path, run, "resume"))
+    a, b = load_file(str(straight / "final.safetensors")), load_file(str(run / "final.safetensors"))
+    assert sorted(a) == sorted(b) and any(k.startswith("opt/") for k in a)
+    for k in a: assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # the metrics log has every step once, with the straight run's values (stale lines were dropped)
+    la = [json.loads(l) for l in open(straight / "metrics.jsonl")]
+    lb = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in lb] == list(range(1, N + 1))
+    assert [(r["loss"], r["mse"], r["l1"], r["lr"], r["grad_norm"]) for r in lb] == \
+           [(r["loss"], r["mse"], r["l1"], r["lr"], r["grad_norm"]) for r in la]
+
+
+# ---------------------------------------------------------------------------------------------
+SAVER = r'''
+import sys, torch
+from mmlab.train import save_checkpoint, latest_checkpoint, load_checkpoint
+d = sys.argv[1]
+last = latest_checkpoint(d)
+step = load_checkpoint(last)[1]["step"] if last else 0
+while True:
+    step += 1
+    save_checkpoint(d, step, {"w": torch.full((1_000_000,), float(step)), "v": torch.arange(step)}, {"step": step}, keep_last=2)
+    print("SAVED", step, flush=True)
+'''
+
+
+def test_kill_during_save_never_corrupts_latest(tmp_path):
+    (tmp_path / "saver.py").write_text(SAVER)
+    d = tmp_path / "ckpts"; rng = random.Random(0); interrupted = 0; steps = []
+    for round in range(8):
+        p = subprocess.Popen([sys.executable, str(tmp_path / "saver.py"), str(d)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().startswith("SAVED")                 # at least one save completed this round
+        time.sleep(rng.uniform(0.0, 0.25))
+        os.kill(p.pid, signal.SIGKILL); p.wait(timeout=60)
+        interrupted += any(x.name.startswith((".tmp-", ".trash-")) for x in d.iterdir())
+        ck = list_checkpoints(d)
+        assert 1 <= len(ck) <= 3                                       # keep_last=2 (+1 if killed before pruning)
+        tensors, state = load_checkpoint(ck[-1])                       # checksum verified inside
+        s = state["step"]
+        assert ck[-1].name == f"step-{s:08d}" and torch.equal(tensors["w"], torch.full((1_000_000,), float(s)))
+        assert torch.equal(tensors["v"], torch.arange(s))
+        steps.append(s)
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    assert interrupted >= 1, "no kill landed during a save; the test did not exercise the case"
+
+
+def test_failure_inside_save_keeps_previous_latest(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1})
+    def boom(*a, **k): raise OSError("disk full (simulated)")
+    monkeypatch.setattr(train_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"): save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1] == {"step": 1}
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2})      # the next save cleans the leftovers
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
+
+
+class _Evil:
+    def __reduce__(self): return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/mmlab_unpickled_marker"
+
+
+def test_loading_never_unpickles(tmp_path):
+    if os.path.exists(MARKER): os.remove(MARKER)
+    ck = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"step": 1})
+    evil = ck / "tensors.safetensors"
+    evil.write_bytes(pickle.dumps({"w": _Evil()}))
+    meta = json.loads((ck / "state.json").read_text())
+    meta["tensors_sha256"] = train_mod._sha256(evil)                    # a consistent, malicious checkpoint
+    (ck / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"): load_checkpoint(ck)
+    assert not os.path.exists(MARKER)
+    src = inspect.getsource(train_mod)
+    assert "torch.load(" not in src and "import pickle" not in src and "pickle.load" not in src
+
+
+# ---------------------------------------------------------------------------------------------
+def _data(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)) for _ in range(n)]
+
+
+def _mse(m, b): return ((m(b[0]) - b[1]) ** 2).mean()
+
+
+def test_nan_stops_naming_step_and_term():
+    calls = []
+    def loss(m, b):
+        calls.append(1)
+        bad = torch.tensor(float("nan")) if len(calls) == 6 else torch.tensor(0.0)
+        return {"mse": _mse(m, b), "reg": bad}
+    torch.manual_seed(0); m = nn.Linear(3, 1)
+    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=10, grad_accum=2, device="cpu"))
+    before = None
+    class Snap(Callback):
+        def on_step_end(self, t): nonlocal before; before = [p.detach().clone() for p in t.model.parameters()]
+    tr.callbacks.append(Snap())
+    with pytest.raises(NonFiniteError, match=r"step 3 \(micro-batch 2/2, epoch 1, batch 2\): term 'reg' is nan"):
+        tr.fit()
+    assert tr.step == 2 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_nonfinite_gradient_names_parameter():
+    m = nn.Linear(3, 1)
+    loss = lambda m, b: torch.sqrt(m.weight * 0).sum() + _mse(m, b)   # finite value, NaN gradient
+    with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 1 .first bad parameter 'weight'"):
+        Trainer(m, loss, _data(), TrainConfig(max_steps=2, device="cpu")).fit()
+
+
+def test_schedule_clipping_events_and_decay_groups():
+    events = []
+    class Rec(Callback):
+        def __getattribute__(self, name):
+            if name.startswith("on_"): events.append(name)
+            return object.__getattribute__(self, name)
+        def on_step_end(self, t):
+            norm = torch.sqrt(sum((p.grad ** 2).sum() for p in t.model.parameters()))
+            assert norm <= 0.01 * (1 + 1e-5)                            # clipped in place before the step
+    torch.manual_seed(0); m = nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16), nn.Linear(16, 1))
+    cfg = TrainConfig(max_steps=6, lr=0.1, warmup_steps=2, min_lr_ratio=0.1, clip_grad_norm=0.01, eval_every=3,
+                      device="cpu")
+    tr = Trainer(m, _mse, _data(), cfg, callbacks=[Rec(), EvalCallback(lambda model: {"w0": model[0].weight[0, 0]})])
+    hist = tr.fit()
+    steps = [r for r in hist if "loss" in r]
+    for r in steps: assert r["lr"] == pytest.approx(0.1 * warmup_cosine(r["step"] - 1, 2, 6, 0.1), rel=1e-12)
+    assert all(r["grad_norm"] > 0.01 for r in steps)                   # logged norm is the one before clipping
+    assert [r["step"] for r in hist if "eval/w0" in r] == [3, 6]
+    assert events[:6] == ["on_fit_start", "on_step_start", "on_after_backward", "on_log", "on_step_end", "on_step_start"]
+    assert events[-1] == "on_fit_end" and events.count("on_eval") == 2
+    decay = {id(p) for g in tr.opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay == {id(m[0].weight), id(m[2].weight)}                 # no decay on biases or LayerNorm
+
+
+def test_bf16_autocast_and_frozen_parameters():
+    dtypes = []
+    def loss(m, b):
+        out = m(b[0]); dtypes.append(out.dtype); return ((out.float() - b[1]) ** 2).mean()
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)); m[0].requires_grad_(False)
+    frozen = m[0].weight.detach().clone()
+    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=2, precision="bf16", device="cpu"))
+    tr.fit()
+    assert dtypes == [torch.bfloat16] * 2 and torch.equal(m[0].weight, frozen)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert sum(len(g["params"]) for g in tr.opt.param_groups) == 2    # frozen tower left out of the optimiser
+
+
+def test_resume_refuses_mismatched_model(tmp_path):
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path))).fit()
+    other = Trainer(nn.Linear(3, 2), _mse, _data(), TrainConfig(max_steps=2, device="cpu"))
+    with pytest.raises(CheckpointError, match="model does not match"): other.resume(tmp_path)
+    (latest_checkpoint(tmp_path / "checkpoints") / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="state.json is corrupt"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu")).resume(tmp_path)
