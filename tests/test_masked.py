@@ -297,3 +297,17 @@ def test_hubert_loss_only_on_hidden_frames():
     assert h(spec, y2, mask=o.mask).loss.item() == pytest.approx(o.loss.item(), rel=1e-6)
     spec2 = spec.clone().view(2, 32, 20, 2); spec2[o.mask.mask[:, None, :, None].expand_as(spec2)] += 7
     assert torch.allclose(h(spec2.view(2, 32, 40), y, mask=o.mask).logits, o.logits, atol=1e-5)   # hidden frames unseen
+
+def test_span_mask_matches_broadcast_reference():
+    "The sliding-max cover equals the explicit (B, K, L) 'highest covering priority' on the same draws."
+    B, L, span, ratio = 6, 50, 7, 0.4
+    k = round(ratio * L); K = 3 * math.ceil(k / span) + 4
+    g = _g(5); u = torch.rand(B, K, 2, generator=g); rest = 0.5 * torch.rand(B, L, generator=g, dtype=torch.float64)
+    start = torch.floor(u[..., 0] * (L - span + 1))
+    t = torch.arange(L).view(1, 1, L)
+    inside = (t >= start[..., None]) & (t < start[..., None] + span)
+    cover = (inside * (1 + u[..., 1].double())[..., None]).amax(1)
+    pos = 1e-9 * (1 - torch.arange(L, dtype=torch.float64) / L)
+    scores = torch.where(cover > 0, cover + pos, rest)
+    ref = torch.zeros(B, L, dtype=torch.bool).scatter_(1, torch.topk(scores, k, 1).indices, True)
+    assert torch.equal(span_mask(B, L, ratio, span=span, generator=_g(5)).mask, ref)
