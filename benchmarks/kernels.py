@@ -59,7 +59,7 @@ def cpu_peak_extra_mib(fn):
     base = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f: f.write("5")   # reset VmHWM to the current RSS
     fn()
-    return (_rss_kib("VmHWM") - base) / 1024
+    return max(0.0, (_rss_kib("VmHWM") - base) / 1024)
 
 def fwd_bwd(loss_fn, *inputs):
     def run():
@@ -154,6 +154,12 @@ def gpu_section(B, D, big_B, repeats):
     return out
 
 
+def _exec_with_tight_malloc():
+    "Re-run this script with glibc malloc returning large blocks to the OS at once, so RSS tracks allocations."
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, runs in seconds")
@@ -190,4 +196,5 @@ def main(argv=None):
     return result
 
 if __name__ == "__main__":
+    _exec_with_tight_malloc()
     main()
