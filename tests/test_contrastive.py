@@ -411,6 +411,52 @@ def test_chunked_never_materialises_full_logits():
         clip_loss(a, b, 10.0, impl="naive")
     assert max(sizes) >= B * B   # the naive form does keep the logits (the point of the chunked one)
 
+# ----------------------------------------------------------------------------- precision
+ALL_LOSSES = {
+    "clip_naive": lambda a, b: clip_loss(a, b, 50.0, -1.0, 0.1, impl="naive"),
+    "clip_chunked": lambda a, b: clip_loss(a, b, 50.0, -1.0, 0.1, impl="chunked", chunk_size=5),
+    "siglip_naive": lambda a, b: siglip_loss(a, b, 50.0, -5.0, impl="naive"),
+    "siglip_chunked": lambda a, b: siglip_loss(a, b, 50.0, -5.0, impl="chunked", chunk_size=5),
+    "ntxent": lambda a, b: nt_xent_loss(a, b, 0.05, decoupled=True),
+    "cwcl": lambda a, b: cwcl_loss(a, b, torch.eye(len(a)), 50.0),
+    "symile": lambda a, b: symile_loss([a, b, b], 50.0),
+    "mixup": lambda a, b: mixup_contrastive_loss(a, b, torch.arange(len(a)).flip(0), 0.7, 50.0),
+    "mochi": lambda a, b: mochi_loss(a, b, 50.0, n_hard=3, n_mix=2, n_query_mix=1, generator=torch.Generator().manual_seed(0)),
+    "align": lambda a, b: alignment_loss(a, b), "unif": lambda a, b: uniformity_loss(a),
+    "isog": lambda a, b: isogclr_objective(a, b, torch.full((len(a),), 0.1), torch.full((len(a),), 0.2)),
+}
+
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_autocast_region_computes_in_float32(name):
+    "Inside a bf16 autocast region every loss gives its float32 value and float32 gradients."
+    a, b = (x.float() for x in pair(24, 16, seed=28))
+    f = ALL_LOSSES[name]
+    v32, g32 = value_and_grads(f, a, b)
+    xs = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):       # forward in the region, backward outside (as recommended)
+        v_ac = f(*xs)
+    g_ac = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, torch.autograd.grad(v_ac, xs, allow_unused=True))]
+    assert v_ac.dtype == torch.float32 and abs(v_ac - v32).item() < 1e-5 * max(1, abs(v32.item()))
+    for x, y in zip(g_ac, g32): assert x.dtype == torch.float32 and (x - y).abs().max().item() < 1e-5
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_embeddings_accepted_and_upcast(dtype):
+    a, b = pair(24, 16, seed=29)
+    # normalising in 16 bits leaves norm errors of ~4e-3: accepted (tolerance 1e-2 for 16-bit inputs)
+    assert torch.isfinite(clip_loss(F.normalize(a.to(dtype), dim=-1), F.normalize(b.to(dtype), dim=-1), 5.0))
+    g = torch.Generator().manual_seed(30)  # +-1/4 entries in D=16: unit vectors exactly representable in 16 bits
+    ah, bh = ((torch.randint(0, 2, (24, 16), generator=g) * 0.5 - 0.25).to(dtype) for _ in range(2))
+    for name, f in ALL_LOSSES.items():
+        # cwcl/isog take extra float32 tensors; mochi's draws depend on the dtype and +-1/4 vectors tie in top-k
+        if name in ("cwcl", "isog", "mochi"): continue
+        v = f(ah.requires_grad_(), bh.requires_grad_())
+        ref = f(ah.detach().double(), bh.detach().double())
+        assert v.dtype == torch.float32, name
+        assert abs(v.item() - ref.item()) < 1e-4 * max(1, abs(ref.item())), (name, v.item(), ref.item())
+        ga, = torch.autograd.grad(v, ah)
+        assert ga.dtype == dtype and torch.isfinite(ga).all(), name
+    with pytest.raises(InputError, match="L2-normalised"): clip_loss(1.05 * ah, bh, 5.0)
+
 # ----------------------------------------------------------------------------- dispatch
 def _fake_kernels(monkeypatch, available, calls):
     fake = types.ModuleType("mmlab.kernels")
