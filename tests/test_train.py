@@ -20,7 +20,7 @@ import json, random, sys, time
 import numpy as np, torch, torch.nn as nn
 from safetensors.torch import save_file
 from mmlab.core import set_seed
-from mmlab.train import Callback, Trainer, TrainConfig
+from mmlab.train import EMA, Callback, Trainer, TrainConfig
 torch.set_num_threads(1)
 out, mode, total, pause_event, pause_step = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 
@@ -47,13 +47,15 @@ class Pause(Callback):
 model, loss_fn, data = recipe()
 cfg = TrainConfig(max_steps=total, lr=3e-3, warmup_steps=3, grad_accum=2, device="cpu", out_dir=out,
                   ckpt_every=3, keep_last=2)
-tr = Trainer(model, loss_fn, data, cfg, callbacks=[Pause()])
+ema = EMA(0.9)
+tr = Trainer(model, loss_fn, data, cfg, callbacks=[Pause(), ema])
 if mode == "resume":
     torch.manual_seed(999); np.random.seed(999); random.seed(999)   # resume must restore every generator
     tr.resume(out)
 tr.fit()
 opt = {f"opt/{i}/{k}": v for i, s in tr.opt.state_dict()["state"].items() for k, v in s.items()}
-save_file({f"model/{k}": v.contiguous() for k, v in model.state_dict().items()} | opt, f"{out}/final.safetensors")
+ema_t = {f"ema/{k}": v for k, v in ema.shadow.items()}
+save_file({f"model/{k}": v.contiguous() for k, v in model.state_dict().items()} | opt | ema_t, f"{out}/final.safetensors")
 print("DONE", flush=True)
 '''
 
@@ -99,7 +101,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, straight, pause_event, 
     assert latest_checkpoint(run / "checkpoints").name == f"step-{latest:08d}"
     _finish(_start(tmp_path, run, "resume"))
     a, b = load_file(str(straight / "final.safetensors")), load_file(str(run / "final.safetensors"))
-    assert sorted(a) == sorted(b) and any(k.startswith("opt/") for k in a)
+    assert sorted(a) == sorted(b) and any(k.startswith("opt/") for k in a) and any(k.startswith("ema/") for k in a)
     for k in a: assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     # the metrics log has every step once, with the straight run's values (stale lines were dropped)
     la = [json.loads(l) for l in open(straight / "metrics.jsonl")]
@@ -322,3 +324,14 @@ def test_gradcache_bad_input():
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"): GradCache(_embed, _loss, 0)
     with pytest.raises(TypeError, match="embed_fn must return a dict"):
         GradCache(lambda m, c: m.a(c["a"]), _loss, 2)(_Towers(0.0).double(), _batch(4))
+
+
+def test_jsonl_drops_torn_and_stale_lines_on_resume(tmp_path):
+    cfg = lambda n: TrainConfig(max_steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2)
+    torch.manual_seed(0); Trainer(nn.Linear(3, 1), _mse, _data(), cfg(5)).fit()     # checkpoints at 2, 4, 5
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f: f.write('{"step": 6, "loss": 0.1')                       # torn by a kill mid-write
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg(7))
+    assert tr.resume(tmp_path / "checkpoints" / "step-00000004").name == "step-00000004"
+    tr.fit()
+    assert [json.loads(l)["step"] for l in open(log)] == list(range(1, 8))
