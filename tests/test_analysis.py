@@ -1,0 +1,276 @@
+"""mmlab.analysis against independent references: plain float64 loops, closed forms, scikit-learn."""
+import math
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmlab.analysis import (attention_map, attention_rollout, effective_rank, fit_pca, gap_metrics, gap_vector,
+                            mean_pairwise_cosine, pca_transform, reduce_embeddings, relative_gap, separability,
+                            shift_embeddings, shift_experiment, token_relevance, uniformity, take, stack_dataset,
+                            train_clip, embed_batch)
+from mmlab.core import InputError, ShapeError
+
+
+def unit(n, d, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64) + shift, dim=-1)
+
+
+def loop_metrics(x, y, t=2.0):
+    "Plain-loop transcription of every gap metric (float64 python floats)."
+    x, y = x.tolist(), y.tolist(); n, d = len(x), len(x[0])
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
+    sq = lambda a, b: sum((p - q) ** 2 for p, q in zip(a, b))
+    cx = [sum(r[k] for r in x) / n for k in range(d)]; cy = [sum(r[k] for r in y) / n for k in range(d)]
+    out = {"gap_norm": math.sqrt(sq(cx, cy)),
+           "centroid_cosine": dot(cx, cy) / math.sqrt(dot(cx, cx) * dot(cy, cy)),
+           "instance_gap": sum(math.sqrt(sq(x[i], y[i])) for i in range(n)) / n,
+           "alignment": sum(sq(x[i], y[i]) for i in range(n)) / n}
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    out["uniformity_x"] = math.log(sum(math.exp(-t * sq(x[i], x[j])) for i, j in pairs) / len(pairs))
+    out["uniformity_y"] = math.log(sum(math.exp(-t * sq(y[i], y[j])) for i, j in pairs) / len(pairs))
+    out["uniformity_xy"] = math.log(sum(math.exp(-t * sq(x[i], y[j])) for i, j in pairs) / len(pairs))
+    out["cone_x"] = sum(dot(x[i], x[j]) for i, j in pairs) / len(pairs)
+    out["cone_y"] = sum(dot(y[i], y[j]) for i, j in pairs) / len(pairs)
+    dd = lambda a, b: (1 - dot(a, b)) / 2
+    pair = sum(dd(x[i], y[i]) for i in range(n)) / n
+    intra = sum(dd(x[i], x[j]) + dd(y[i], y[j]) for i, j in pairs) / (2 * len(pairs))
+    out["relative_gap"] = pair / (intra + pair)
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(2, 1), (3, 2), (7, 5), (12, 16)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gap_metrics_vs_loops(n, d, seed):
+    x, y = unit(n, d, seed, 0.5), unit(n, d, seed + 100, -0.5)
+    if d == 1: x, y = x.abs(), -y.abs()          # avoid zero centroids on the line
+    m, ref = gap_metrics(x, y, separability_probe=False), loop_metrics(x, y)
+    for k, v in ref.items(): assert m[k] == pytest.approx(v, abs=1e-10, rel=1e-10), k
+
+
+def test_float32_input_same_as_float64():
+    x, y = unit(20, 8, 0, 1.0), unit(20, 8, 1, -1.0)
+    a = gap_metrics(x.float(), y.float(), separability_probe=False)
+    b = gap_metrics(x, y, separability_probe=False)
+    for k in a: assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+
+def test_identical_modalities():
+    x = unit(50, 6, 3)
+    m = gap_metrics(x, x)
+    assert m["gap_norm"] == 0 and m["instance_gap"] == 0 and m["alignment"] == 0
+    assert m["relative_gap"] == pytest.approx(0, abs=1e-12)
+    assert m["centroid_cosine"] == pytest.approx(1.0)
+    assert m["uniformity_xy"] == pytest.approx(m["uniformity_x"])
+    assert m["separability"] == 0.5                                 # each held-out pair: one point, both labels
+
+
+def test_antipodal_clusters():
+    e = torch.zeros(8, 3); e[:, 2] = 1
+    m = gap_metrics(e, -e)
+    want = dict(gap_norm=2, centroid_cosine=-1, instance_gap=2, alignment=4, uniformity_x=0, uniformity_y=0,
+                uniformity_xy=-8, relative_gap=1, cone_x=1, cone_y=1, erank_x=0, erank_y=0, separability=1)
+    for k, v in want.items(): assert m[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_orthogonal_one_hots():
+    # x_i = e_1, y_i = e_2: |u| = sqrt 2, cos = 0, every partner at distance sqrt 2, uniformity_xy = -2*2
+    x = torch.zeros(5, 4); x[:, 0] = 1; y = torch.zeros(5, 4); y[:, 1] = 1
+    m = gap_metrics(x, y)
+    assert m["gap_norm"] == pytest.approx(math.sqrt(2)) and m["centroid_cosine"] == pytest.approx(0, abs=1e-12)
+    assert m["instance_gap"] == pytest.approx(math.sqrt(2)) and m["uniformity_xy"] == pytest.approx(-4)
+    assert m["relative_gap"] == pytest.approx(1.0) and m["separability"] == 1.0
+
+
+def test_uniform_sphere_cone_and_uniformity():
+    # antipodal symmetric set: pairwise cosines average to -1/(N-1); the regular simplex in R^{N-1} too
+    N = 6; v = torch.eye(N, dtype=torch.float64) - 1 / N; v = F.normalize(v, dim=-1)   # simplex vertices
+    assert mean_pairwise_cosine(v) == pytest.approx(-1 / (N - 1))
+    # all pairwise squared distances of a regular simplex: 2 - 2 * (-1/(N-1))
+    assert uniformity(v) == pytest.approx(-2 * (2 + 2 / (N - 1)))
+
+
+@pytest.mark.parametrize("D", [1, 3, 8])
+def test_effective_rank_closed_forms(D):
+    assert effective_rank(torch.eye(D), center=False) == pytest.approx(D)
+    assert effective_rank(torch.ones(4, D), center=False) == pytest.approx(1.0)
+    assert effective_rank(torch.ones(4, D)) == 0.0                    # centred: nothing left
+    # singular values (3, 1): p = (3/4, 1/4), erank = exp(H)
+    a = torch.diag(torch.tensor([3.0, 1.0]))
+    H = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert effective_rank(a, center=False) == pytest.approx(math.exp(H))
+
+
+def test_effective_rank_rotation_invariant():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    assert effective_rank(x @ q) == pytest.approx(effective_rank(x), rel=1e-10)
+
+
+def test_separability_known():
+    x = unit(60, 8, 0)
+    e = torch.zeros(8, dtype=torch.float64); e[0] = 5
+    assert separability(F.normalize(x + e, dim=-1), F.normalize(x - e, dim=-1)) == 1.0
+    # deterministic given the seed
+    a, b = unit(60, 8, 1, 0.2), unit(60, 8, 2, -0.2)
+    assert separability(a, b, seed=3) == separability(a, b, seed=3)
+    with pytest.raises(InputError, match="held-out"): separability(a[:1], b[:1])
+
+
+def test_bad_input():
+    x = unit(5, 3, 0)
+    with pytest.raises(ShapeError, match="N=5"): gap_metrics(x, x[:4])
+    with pytest.raises(InputError, match="L2-normalised"): gap_metrics(2 * x, x)
+    with pytest.raises(InputError, match="N >= 2"): gap_metrics(x[:1], x[:1])
+    bad = x.clone(); bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match="non-finite"): gap_metrics(bad, x)
+    with pytest.raises(InputError, match="t must be"): uniformity(x, t=0)
+
+
+def test_shift_closed_form_and_centroids():
+    x, y = unit(40, 5, 0, 1.0), unit(40, 5, 1, -1.0)
+    u = gap_vector(x, y)
+    assert torch.allclose(u, x.mean(0) - y.mean(0))
+    for lam in (-0.5, 0.0, 0.7, 1.0):
+        xs, ys = shift_embeddings(x, y, lam)
+        ref_x = (x - lam / 2 * u) / (x - lam / 2 * u).norm(dim=1, keepdim=True)
+        ref_y = (y + lam / 2 * u) / (y + lam / 2 * u).norm(dim=1, keepdim=True)
+        assert torch.allclose(xs, ref_x, atol=1e-12) and torch.allclose(ys, ref_y, atol=1e-12)
+    # lambda = 1 makes the pre-normalisation centroids coincide, and closes most of the gap
+    assert torch.allclose((x - u / 2).mean(0), (y + u / 2).mean(0), atol=1e-12)
+    assert gap_metrics(*shift_embeddings(x, y, 1.0), separability_probe=False)["gap_norm"] < 0.5 * u.norm()   # renormalising leaves a residual
+
+
+def test_shift_experiment_rows():
+    x, y = unit(30, 6, 0, 1.0), unit(30, 6, 1, -1.0)
+    labels = torch.arange(30) % 3
+    cls = F.normalize(torch.stack([y[labels == c].mean(0) for c in range(3)]), dim=-1)
+    rows = shift_experiment(x, y, [0.0, 1.0], class_emb=cls, labels=labels, ids=labels)
+    assert [r["lam"] for r in rows] == [0.0, 1.0]
+    # lambda = 0: plain zero-shot accuracy by cosine argmax, computed directly
+    acc = ((x @ cls.T).argmax(1) == labels).double().mean().item()
+    assert rows[0]["zero_shot"] == pytest.approx(acc)
+    assert rows[0]["gap_norm"] == pytest.approx(gap_vector(x, y).norm().item())
+    # retrieval x->y at lambda=1 by class groups, pessimistic: best same-class y beats every other-class y
+    xs, ys = shift_embeddings(x, y, 1.0)
+    s = xs @ ys.T; same = labels[:, None] == labels[None]
+    best = s.masked_fill(~same, -9).amax(1, keepdim=True)
+    r1 = (((s >= best) & ~same).sum(1) == 0).double().mean().item()
+    assert rows[1]["x_to_y_R@1"] == pytest.approx(r1)
+
+
+def rollout_loop(maps, residual=True):
+    B, H, N, _ = maps[0].shape
+    R = np.stack([np.eye(N)] * B)
+    for A in maps:
+        A = A.double().numpy(); nxt = np.zeros_like(R)
+        for b in range(B):
+            Ab = np.zeros((N, N))
+            for i in range(N):
+                for j in range(N):
+                    Ab[i, j] = sum(A[b, h, i, j] for h in range(H)) / H + (1.0 if residual and i == j else 0.0)
+                Ab[i] /= Ab[i].sum()
+            for i in range(N):
+                for j in range(N): nxt[b, i, j] = sum(Ab[i, k] * R[b, k, j] for k in range(N))
+        R = nxt
+    return torch.from_numpy(R)
+
+
+@pytest.mark.parametrize("B,H,N,L", [(1, 1, 2, 1), (2, 2, 5, 3), (3, 4, 3, 4)])
+def test_rollout_vs_loop(B, H, N, L):
+    g = torch.Generator().manual_seed(B * 100 + N)
+    maps = [torch.softmax(torch.randn(B, H, N, N, generator=g), -1) for _ in range(L)]
+    for res in (True, False):
+        assert torch.allclose(attention_rollout(maps, residual=res), rollout_loop(maps, res), atol=1e-12)
+    assert torch.allclose(attention_rollout({f"l{i}": m for i, m in enumerate(maps)}), rollout_loop(maps), atol=1e-12)
+    # max fusion differs from mean when heads differ, and rows still sum to 1
+    R = attention_rollout(maps, head_fusion="max")
+    assert torch.allclose(R.sum(-1), torch.ones(B, N, dtype=torch.float64))
+
+
+def test_rollout_bad_input():
+    with pytest.raises(InputError, match="no attention maps"): attention_rollout([])
+    with pytest.raises(InputError, match="head_fusion"): attention_rollout([torch.ones(1, 1, 2, 2) / 2], head_fusion="median")
+
+
+def test_token_relevance_pools():
+    R = torch.arange(2 * 4 * 4, dtype=torch.float64).reshape(2, 4, 4)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    cls = token_relevance(R, 1, "cls", mask)
+    assert torch.equal(cls, R[:, 0, 1:] * mask)
+    mean = token_relevance(R, 1, "mean", mask)
+    assert torch.allclose(mean[0], R[0, 1:3, 1:].mean(0) * mask[0]) and torch.allclose(mean[1], R[1, 1:, 1:].mean(0))
+    last = token_relevance(R, 1, "last", mask)
+    assert torch.equal(last[0], R[0, 2, 1:] * mask[0]) and torch.equal(last[1], R[1, 3, 1:])
+    with pytest.raises(InputError, match="prefix"): token_relevance(R, 0, "cls")
+
+
+def test_attention_map_layouts():
+    from mmlab.encoders import AudioEncoder, AudioConfig, TextEncoder, TextConfig, ViTEncoder, ViTConfig, capture_attention
+    torch.manual_seed(0)
+    vit = ViTEncoder(ViTConfig.preset("tiny", img_size=32))
+    img = torch.rand(2, 3, 32, 32)
+    m = attention_map(vit, {"x": img})
+    assert m.shape == (2, 4, 4)
+    with capture_attention(vit) as maps: vit(img)
+    assert torch.allclose(m.flatten(1), attention_rollout(maps)[:, 0, 1:])
+    one = attention_map(vit, {"x": img}, layer=1, head=1)
+    assert torch.allclose(one.flatten(1), list(maps.values())[1][:, 1, 0, 1:].double())
+    # audio: mean-pooled, no [CLS]; tokens time-major (T', F') -> laid out (F', T'); padded patches get 0
+    aud = AudioEncoder(AudioConfig.preset("tiny"))
+    spec = torch.randn(2, 32, 64); lengths = torch.tensor([64, 30])
+    a = attention_map(aud, {"x": spec, "lengths": lengths})
+    Fp, Tp = 32 // 16, 64 // 16
+    assert a.shape == (2, Fp, Tp)
+    with capture_attention(aud) as maps: aud(spec, lengths)
+    _, mask = aud.embed(spec, lengths)
+    R = attention_rollout(maps)
+    ref = (R * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(a, (ref * mask).reshape(2, Tp, Fp).transpose(1, 2))
+    assert (a[1, :, 2:] == 0).all()                                # frames 30..63 are padding: time patches 2, 3
+    txt = TextEncoder(TextConfig.preset("tiny"))
+    ids = torch.randint(4, 100, (2, 9)); am = torch.ones(2, 9, dtype=torch.long); am[1, 5:] = 0
+    t = attention_map(txt, {"x": ids, "attention_mask": am})
+    assert t.shape == (2, 9) and (t[1, 5:] == 0).all()
+
+
+def test_pca_vs_sklearn():
+    from sklearn.decomposition import PCA
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 7, generator=g, dtype=torch.float64) * torch.arange(1, 8)
+    ours = pca_transform(X, *fit_pca(X, 3))
+    ref = PCA(3).fit_transform(X.numpy())
+    assert np.allclose(np.abs(ours), np.abs(ref), atol=1e-9)
+    for j in range(3): assert np.allclose(ours[:, j], ref[:, j]) or np.allclose(ours[:, j], -ref[:, j])
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_reduce_embeddings_split(method):
+    x, y = unit(25, 6, 0, 1.0), unit(20, 6, 1, -1.0)
+    out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0)
+    assert out["image"].shape == (25, 2) and out["text"].shape == (20, 2)
+    if method == "pca":   # fitted jointly: the same map as PCA of the concatenation
+        Z = torch.cat([x, y]); ref = pca_transform(Z, *fit_pca(Z, 2))
+        assert np.allclose(np.concatenate([out["image"], out["text"]]), ref)
+    with pytest.raises(InputError, match="method"): reduce_embeddings({"a": x}, "lda")
+
+
+def test_train_clip_fixed_temperature_and_embed():
+    from mmlab.encoders import MultiModalModel, TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    torch.manual_seed(0)
+    model = MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
+                             "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(24, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (24, 6), generator=g),
+             "label": torch.arange(24) % 4, "mask": {}}
+    seen = []
+    hist = train_clip(model, batch, 3, batch_size=8, tau=0.5, callback=seen.append)
+    assert len(hist) == 3 and seen == hist
+    assert all(r["logit_scale"] == pytest.approx(2.0) for r in hist)   # 1 / tau, not learned
+    assert not model.logit_scale.requires_grad
+    e = embed_batch(model, batch, chunk=10)
+    assert e["image"].shape == (24, 16) and torch.allclose(e["image"].norm(dim=1), torch.ones(24), atol=1e-5)
+    sub = take(batch, [3, 1])
+    assert torch.equal(sub["image"], batch["image"][[3, 1]]) and sub["label"].tolist() == [3, 1]
