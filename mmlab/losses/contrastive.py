@@ -291,7 +291,7 @@ def clip_loss(a:Tensor,                 # (B, D) L2-normalised embeddings of mod
     chunk = chunk_size or DEFAULT_CHUNK
     if ws > 1:
         a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
-        if local_loss:   # this rank's a rows vs all b, and this rank's b rows vs all a
+        if local_loss:   # this rank's a rows vs all b, and this rank's b rows vs all a (rectangular: never fused)
             off = rank * a.shape[0]
             if kind == "naive":
                 return (_clip_naive(a, b_all, scale, bias, label_smoothing, off, both=False)
@@ -352,6 +352,7 @@ class ClipLoss(nn.Module):
     @property
     def logit_scale(self) -> Tensor: return self.log_scale.exp().clamp(max=self.max_scale)
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
+        "`clip_loss` of (B, D) embeddings `a`, `b` at the current scale."
         return clip_loss(a, b, self.logit_scale, label_smoothing=self.label_smoothing, **self.loss_kw)
 
 class SigLipLoss(nn.Module):
@@ -366,6 +367,7 @@ class SigLipLoss(nn.Module):
     @property
     def logit_scale(self) -> Tensor: return self.log_scale.exp().clamp(max=self.max_scale)
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
+        "`siglip_loss` of (B, D) embeddings `a`, `b` at the current scale and bias."
         return siglip_loss(a, b, self.logit_scale, self.logit_bias, **self.loss_kw)
 
 # %% ../../nbs/03_contrastive.ipynb #8fce3e98
