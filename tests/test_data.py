@@ -129,7 +129,7 @@ def test_every_clip_decodes_with_speech_like_energy_and_duration(name):
                 # speech-like: 20 ms frames, a clear share loud and the start/end trimmed of long silence
                 fr = x[: len(x) // 320 * 320].reshape(-1, 320)
                 e = np.sqrt((fr ** 2).mean(1))
-                assert (e > 0.1 * e.max()).mean() > 0.3, (split, c)
+                assert (e > 0.1 * e.max()).mean() > 0.2, (split, c)
                 if texts is not None:                               # 1.2 .. 6 words per second
                     wps = len(str(texts[c]).split()) / dur
                     assert 1.2 < wps < 6.0, (split, c, texts[c], dur)
@@ -339,3 +339,29 @@ def test_spoken_digits_recognisable_across_speakers():
     acc = (pred == yq).mean()
     print(f"DTW 1-NN accuracy on unseen speakers: {acc:.3f}")
     assert acc >= 0.8, acc            # chance is 0.1
+
+
+def test_using_the_data_needs_neither_sklearn_nor_espeak():
+    "Load every split with all modalities in a process where sklearn cannot be imported and espeak-ng is off PATH."
+    import subprocess, sys, os
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "from mmlab.data import load_dataset, dataset_meta\n"
+            "for name in ['shapes', 'digits']:\n"
+            "    for split in dataset_meta(name)['splits']:\n"
+            "        ds = load_dataset(name, split, cache=False); it = ds[len(ds) - 1]\n"
+            "        assert it['audio'].numel() > 0 and it['image'].shape[0] == 3 and it['text']\n"
+            "print('ok')\n")
+    env = {**os.environ, "PATH": "/nonexistent"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_corrupt_bundled_file_raises(tmp_path):
+    import shutil
+    (tmp_path / "shapes").mkdir()
+    shutil.copy(DATA / "shapes" / "meta.json", tmp_path / "shapes")
+    (tmp_path / "shapes" / "val.npz").write_bytes((DATA / "shapes" / "val.npz").read_bytes()[:5000])
+    with pytest.raises(DataError, match="val.npz: cannot read the dataset file"):
+        load_dataset("shapes", "val", root=tmp_path)
+    with pytest.raises(MissingFileError, match="test.npz does not exist"):
+        load_dataset("shapes", "test", root=tmp_path)
