@@ -335,3 +335,60 @@ def test_jsonl_drops_torn_and_stale_lines_on_resume(tmp_path):
     assert tr.resume(tmp_path / "checkpoints" / "step-00000004").name == "step-00000004"
     tr.fit()
     assert [json.loads(l)["step"] for l in open(log)] == list(range(1, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two gloo processes with a distributed CLIP loss == one process on the full batch
+DDP_JOB = r'''
+import json, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+from safetensors.torch import save_file
+from mmlab.losses.contrastive import clip_loss
+from mmlab.train import Trainer, TrainConfig
+torch.set_num_threads(1)
+out, world = sys.argv[1], int(sys.argv[2])
+if world > 1: dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+
+class Towers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 6))
+        self.b = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 6))
+        self.log_scale = nn.Parameter(torch.tensor(2.0))
+
+torch.manual_seed(100 + rank); model = Towers()       # rank 1 starts elsewhere: the trainer must broadcast rank 0's
+g = torch.Generator().manual_seed(0)
+glob = [{"a": torch.randn(16, 5, generator=g), "b": torch.randn(16, 3, generator=g)} for _ in range(3)]
+shard = slice(8 * rank, 8 * rank + 8) if world > 1 else slice(0, 16)
+data = [{k: v[shard] for k, v in b.items()} for b in glob]
+def loss_fn(m, b):
+    return clip_loss(F.normalize(m.a(b["a"]), dim=-1), F.normalize(m.b(b["b"]), dim=-1), m.log_scale.exp(),
+                     distributed=world > 1)
+tr = Trainer(model, loss_fn, data, TrainConfig(max_steps=5, lr=1e-2, device="cpu"))
+hist = tr.fit()
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/w{world}_r{rank}.safetensors")
+json.dump([r["loss"] for r in hist], open(f"{out}/loss{world}_r{rank}.json", "w"))
+if world > 1: dist.destroy_process_group()
+'''
+
+
+def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+    import socket
+    (tmp_path / "ddp.py").write_text(DDP_JOB)
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path), "2"],
+                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    single = subprocess.run([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path), "1"], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for p in procs:
+        _, err = p.communicate(timeout=300); assert p.returncode == 0, err[-3000:]
+    l1 = json.load(open(tmp_path / "loss1_r0.json"))
+    for r in range(2): assert json.load(open(tmp_path / f"loss2_r{r}.json")) == pytest.approx(l1, abs=1e-5)
+    w1 = load_file(str(tmp_path / "w1_r0.safetensors"))
+    w20, w21 = (load_file(str(tmp_path / f"w2_r{r}.safetensors")) for r in range(2))
+    for k in w1:
+        assert torch.equal(w20[k], w21[k])                                 # ranks stay in lockstep
+        torch.testing.assert_close(w20[k], w1[k], atol=2e-5, rtol=0)       # and match the full batch
+    assert l1[-1] < l1[0]
