@@ -174,3 +174,18 @@ def test_embedding_explorer_click_hover_select():
     assert res["n"] == {"image": 4, "text": 3} and res["classes"] == {0: 3, 1: 2, 2: 2}
     both = [2, 3]
     assert res["gap_norm"] == pytest.approx(np.linalg.norm(x.numpy()[both].mean(0) - y.numpy()[both].mean(0)))
+
+
+def test_embedding_explorer_switches_view():
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+    x, y = unit(15, 8, 0, 0.5), unit(15, 8, 1, -0.5)
+    ee = EmbeddingExplorer(x, y, method="pca")
+    ee._on_click(ee.fig.data[0], Points(point_inds=[1], xs=[], ys=[], trace_name="image", trace_index=0), None)
+    assert len(ee.fig.data[2].x) == 5
+    with threadpool_limits(1): ee.method.value = "tsne"
+    Z = np.concatenate([x.numpy(), y.numpy()])
+    with threadpool_limits(1):
+        ref = TSNE(2, perplexity=min(30.0, max(2.0, (30 - 1) / 3)), init="pca", random_state=0).fit_transform(Z)
+    assert np.allclose(np.array(ee.fig.data[0].x), ref[:15, 0]) and np.allclose(np.array(ee.fig.data[1].y), ref[15:, 1])
+    assert len(ee.fig.data[2].x) == 0 and "TSNE" in ee.fig.layout.title.text
