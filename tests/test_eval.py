@@ -177,3 +177,26 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="no mask for modality"): present({"image": torch.ones(2, dtype=torch.bool)}, "audio")
     # errors are also the builtin types, so plain-Python handlers keep working
     with pytest.raises(ValueError): knn_eval(x, y, x, y, k=0)
+
+
+def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
+    from mmlab.eval import embed_all, knn_monitor, probe_monitor
+    from mmlab.train import Trainer, TrainConfig
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(6); x = F.one_hot(y, 4).float() * 3 + 0.3 * torch.randn(24, 4, generator=g)
+    present = torch.ones(24, dtype=torch.bool); present[::5] = False              # 5 samples lack the modality
+    batches = [{"x": x[i:i + 8], "label": y[i:i + 8], "mask": {"image": present[i:i + 8]}} for i in range(0, 24, 8)]
+    net = torch.nn.Linear(4, 4)
+    with torch.no_grad(): net.weight.copy_(torch.eye(4)); net.bias.zero_()
+    feat = lambda m, b: m(b["x"])
+    z, lab, miss = embed_all(net, feat, batches, modality="image")
+    assert miss == 5 and len(z) == 19 and torch.equal(lab, y[present])
+    ref = knn_eval(x[present], y[present], x[present], y[present], k=5)
+    cbs = [knn_monitor(feat, batches, batches, k=5, modality="image"), probe_monitor(feat, batches, batches, modality="image")]
+    tr = Trainer(net, lambda m, b: 0.0 * m(b["x"]).sum(), batches, TrainConfig(max_steps=1, lr=1e-9, device="cpu",
+                                                                              clip_grad_norm=None), callbacks=cbs)
+    hist = tr.fit()
+    rec = [r for r in hist if "knn/accuracy" in r][0]
+    assert rec["knn/accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6) and rec["knn/n_missing"] == 5
+    assert [r for r in hist if "probe/accuracy" in r][0]["probe/accuracy"] == 1.0
+    assert net.training                                                            # eval mode was restored
