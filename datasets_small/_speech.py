@@ -38,10 +38,52 @@ def trim(x: np.ndarray, thresh: float = 0.01, pad: float = 0.05) -> np.ndarray:
 
 
 def encode_opus(x: np.ndarray) -> bytes:
-    "Encode float audio at 16 kHz as an Ogg/Opus file in memory."
+    "Encode float audio at 16 kHz as an Ogg/Opus file in memory (fixed stream serial: reproducible bytes)."
     b = io.BytesIO()
     sf.write(b, np.clip(x, -1, 1), SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=OPUS_LEVEL)
-    return b.getvalue()
+    return ogg_fixed_serial(b.getvalue())
+
+
+def _ogg_crc_table():
+    t = []
+    for i in range(256):
+        r = i << 24
+        for _ in range(8): r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
+        t.append(r & 0xFFFFFFFF)
+    return t
+_OGG_CRC = _ogg_crc_table()
+
+
+def ogg_crc(data: bytes) -> int:
+    "Ogg page checksum: CRC-32, polynomial 0x04C11DB7, initial 0, not reflected."
+    crc = 0
+    for byte in data: crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[((crc >> 24) ^ byte) & 0xFF]
+    return crc
+
+
+def ogg_fixed_serial(data: bytes, serial: int = 0x6D6D6C62) -> bytes:
+    "Replace the random stream serial number libsndfile writes into every Ogg page, and redo the page CRCs."
+    out, pos = bytearray(data), 0
+    while pos < len(out):
+        if out[pos:pos + 4] != b"OggS": raise ValueError(f"not an Ogg page at byte {pos}")
+        nseg = out[pos + 26]
+        size = 27 + nseg + sum(out[pos + 27: pos + 27 + nseg])
+        out[pos + 14: pos + 18] = serial.to_bytes(4, "little")
+        out[pos + 22: pos + 26] = bytes(4)
+        out[pos + 22: pos + 26] = ogg_crc(bytes(out[pos: pos + size])).to_bytes(4, "little")
+        pos += size
+    return bytes(out)
+
+
+def save_npz(path: Path, **arrays):
+    "Like np.savez_compressed, but with fixed zip timestamps so the same arrays give the same bytes."
+    import zipfile
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, a in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speech import SPEAKERS, SAMPLE_RATE, synth, encode_opus, decode, pack_bytes, logmel_corr, OPUS_LEVEL
+from _speech import SPEAKERS, SAMPLE_RATE, synth, encode_opus, decode, pack_bytes, logmel_corr, OPUS_LEVEL, save_npz
 
 SEED = 20261124
 OUT = Path(__file__).parent / "digits"
@@ -65,7 +65,7 @@ def main():
             pair = np.array([rng.choice(np.flatnonzero(clip_label == c)) for c in labels])
             texts = [TEMPLATES[rng.integers(len(TEMPLATES))].format(w=WORDS[c], d=c) for c in labels]
             audio_bytes, audio_offsets = pack_bytes(blobs)
-            np.savez_compressed(OUT / f"{split}.npz", image=X[ids], label=labels.astype(np.int64), text=np.array(texts),
+            save_npz(OUT / f"{split}.npz", image=X[ids], label=labels.astype(np.int64), text=np.array(texts),
                                 sklearn_index=ids.astype(np.int64), clip=pair.astype(np.int64),
                                 audio_bytes=audio_bytes, audio_offsets=audio_offsets,
                                 clip_label=clip_label.astype(np.int64), clip_speaker=clip_speaker.astype(np.int64),

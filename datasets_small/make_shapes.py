@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _speech import SPEAKERS, SAMPLE_RATE, synth, encode_opus, decode, pack_bytes, logmel_corr, OPUS_LEVEL
+from _speech import SPEAKERS, SAMPLE_RATE, synth, encode_opus, decode, pack_bytes, logmel_corr, OPUS_LEVEL, save_npz
 
 SEED = 20261123
 OUT = Path(__file__).parent / "shapes"
@@ -153,7 +153,7 @@ def main():
                           audio_bytes=audio_bytes, audio_offsets=audio_offsets,
                           label=np.array([r["shape"] for r in recs], dtype=np.int64))
             for k in recs[0]: arrays[f"attr_{k}"] = np.array([r[k] for r in recs], dtype=np.int64)
-            np.savez_compressed(OUT / f"{split}.npz", **arrays)
+            save_npz(OUT / f"{split}.npz", **arrays)
             d = np.array([s["dur"] for s in stats]); rms = np.array([s["rms"] for s in stats])
             c = np.array([s["corr"] for s in stats])
             summary[split] = dict(n=len(res), dur_min=float(d.min()), dur_max=float(d.max()), dur_mean=float(d.mean()),
