@@ -392,3 +392,48 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
         assert torch.equal(w20[k], w21[k])                                 # ranks stay in lockstep
         torch.testing.assert_close(w20[k], w1[k], atol=2e-5, rtol=0)       # and match the full batch
     assert l1[-1] < l1[0]
+
+
+DDP_RESUME_JOB = r'''
+import json, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+from safetensors.torch import save_file
+from mmlab.losses.contrastive import clip_loss
+from mmlab.train import Trainer, TrainConfig
+torch.set_num_threads(1)
+out, steps, resume, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4]
+dist.init_process_group("gloo"); rank = dist.get_rank()
+torch.manual_seed(7 + rank)                      # per-rank random streams (dropout masks differ by rank)
+model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 6)),
+                       "b": nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 6))})
+g = torch.Generator().manual_seed(0)
+data = [{"a": torch.randn(6, 5, generator=g), "b": torch.randn(6, 3, generator=g)} for _ in range(5)]
+data = [{k: v + rank for k, v in b.items()} for b in data]   # each rank its own shard
+loss_fn = lambda m, b: clip_loss(F.normalize(m["a"](b["a"]), dim=-1), F.normalize(m["b"](b["b"]), dim=-1), 10.0,
+                                 distributed=True)
+tr = Trainer(model, loss_fn, data, TrainConfig(max_steps=8, lr=1e-2, device="cpu", out_dir=f"{out}/{tag}", ckpt_every=2))
+if resume: torch.manual_seed(1000 + rank); tr.resume(f"{out}/{tag}")
+tr.cfg.max_steps = steps
+tr.fit()
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{tag}_{steps}_r{rank}.safetensors")
+dist.destroy_process_group()
+'''
+
+
+def test_two_process_resume_is_bit_identical(tmp_path):
+    import socket
+    (tmp_path / "job.py").write_text(DDP_RESUME_JOB)
+    def launch(steps, mode, tag):
+        with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        ps = [subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path), str(steps), mode, tag],
+                               env=env | {"RANK": str(r)}, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        for p in ps:
+            _, err = p.communicate(timeout=300); assert p.returncode == 0, err[-3000:]
+    launch(8, "fresh", "straight")
+    launch(4, "fresh", "split"); launch(8, "resume", "split")
+    assert [p.name for p in list_checkpoints(tmp_path / "split" / "checkpoints")][-1] == "step-00000008"
+    for r in range(2):
+        a = load_file(str(tmp_path / f"straight_8_r{r}.safetensors")); b = load_file(str(tmp_path / f"split_8_r{r}.safetensors"))
+        for k in a: assert torch.equal(a[k], b[k]), f"rank {r}: {k} differs after a 2-process resume"
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "split" / "checkpoints"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
