@@ -5,5 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/05a_losses.ipynb #a7092a3f
+# %% ../../nbs/05a_losses.ipynb #501926e3
 from .contrastive import *
+from .masked import *
+from .distill import *
