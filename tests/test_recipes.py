@@ -28,7 +28,7 @@ def test_every_registered_recipe_builds():
     for name in RECIPES: assert get_recipe(name).name == name
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown recipe 'mae'"): get_recipe("mae")
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"): get_recipe("nope")
     with pytest.raises(ConfigError, match="allowed keys: modalities, loss"): get_recipe("clip", lr_max="1")
     with pytest.raises(ConfigError, match="not a valid float"): get_recipe("clip", lr="fast")
     with pytest.raises(ConfigError, match="expected one of clip, siglip, symile"): get_recipe("clip", loss="infonce")
@@ -69,3 +69,14 @@ def test_cli_train_eval_and_errors(tmp_path):
 def test_cli_help_lists_recipes_and_keys(capsys):
     assert main(["--help"]) == 0 and "clip" in capsys.readouterr().out
     assert main(["train", "clip", "--help"]) == 0 and "--targets" in capsys.readouterr().out
+
+def test_mae_recipe_loss_decreases_and_evaluates(tmp_path):
+    r = get_recipe("mae", steps="30", batch_size="32", warmup_steps="3")
+    res = run_recipe(r, tmp_path / "mae", n_train=64, n_eval=40)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    m = res.metrics
+    assert 0 <= m["knn/image/accuracy"] <= 1 and m["knn/image/chance"] == 0.1
+    recipe, model = load_run(tmp_path / "mae")          # rebuilt from recipe.json + the checkpoint
+    assert recipe.name == "mae" and recipe.steps == 30
+    for (n, p), q in zip(res.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), n
