@@ -80,3 +80,18 @@ def test_mae_recipe_loss_decreases_and_evaluates(tmp_path):
     recipe, model = load_run(tmp_path / "mae")          # rebuilt from recipe.json + the checkpoint
     assert recipe.name == "mae" and recipe.steps == 30
     for (n, p), q in zip(res.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), n
+
+def test_byol_recipe_loss_decreases_teacher_moves(tmp_path):
+    r = get_recipe("byol", steps="20", batch_size="32", warmup_steps="3")
+    res = run_recipe(r, tmp_path / "byol", n_train=64, n_eval=40)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    fresh = r.make_model()
+    t_now, t_init = res.model.teacher.module.state_dict(), fresh.teacher.module.state_dict()
+    o_now = res.model.online.state_dict()
+    moved = [k for k in t_now if t_now[k].is_floating_point() and not torch.equal(t_now[k], t_init[k])]
+    assert moved                                          # the EMA callback updated the teacher ...
+    assert any(not torch.equal(t_now[k], o_now[k]) for k in moved)   # ... towards, not onto, the online net
+    assert 0 <= res.metrics["knn/image/accuracy"] <= 1
+    recipe, model = load_run(tmp_path / "byol")
+    for (n, p), q in zip(res.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), n
