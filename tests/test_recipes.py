@@ -95,3 +95,26 @@ def test_byol_recipe_loss_decreases_teacher_moves(tmp_path):
     assert 0 <= res.metrics["knn/image/accuracy"] <= 1
     recipe, model = load_run(tmp_path / "byol")
     for (n, p), q in zip(res.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), n
+
+def test_lit_recipe_locks_pretrained_tower(tmp_path):
+    # the locked image tower comes from a short image-audio CLIP run (a barely trained tower has near-constant features)
+    run_recipe(get_recipe("clip", steps="30", batch_size="32", modalities="image,audio"), tmp_path / "clip", n_train=64,
+               evaluate_after=False)
+    run_recipe(get_recipe("byol", steps="2", batch_size="16"), tmp_path / "byol", n_train=16, evaluate_after=False)
+    r = get_recipe("lit", init_from=str(tmp_path / "clip"), steps="25", batch_size="32", warmup_steps="2",
+                   modalities="image,text")
+    res = run_recipe(r, tmp_path / "lit", n_train=32, n_eval=40)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    from mmlab.recipes import pretrained_tower
+    _, byol = load_run(tmp_path / "byol")                # byol runs give their online encoder
+    assert pretrained_tower(tmp_path / "byol") is not None
+    for p, q in zip(pretrained_tower(tmp_path / "byol").state_dict().values(), byol.online["encoder"].state_dict().values()):
+        assert torch.equal(p, q)
+    enc = pretrained_tower(tmp_path / "clip", "image")
+    for (n, p), q in zip(enc.state_dict().items(), res.model.towers["image"].state_dict().values()):
+        assert torch.equal(p, q), n                       # locked: bit-identical after training
+    recipe, model = load_run(tmp_path / "lit")            # rebuilt without needing the byol run again
+    assert recipe.name == "lit" and recipe.locked == "image"
+    with pytest.raises(CheckpointError): get_recipe("lit", init_from=str(tmp_path / "nowhere")).make_model()
+    with pytest.raises(ConfigError, match="lit.locked"): get_recipe("lit", locked="audio", modalities="image,text")
