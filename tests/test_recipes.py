@@ -118,3 +118,18 @@ def test_lit_recipe_locks_pretrained_tower(tmp_path):
     assert recipe.name == "lit" and recipe.locked == "image"
     with pytest.raises(CheckpointError): get_recipe("lit", init_from=str(tmp_path / "nowhere")).make_model()
     with pytest.raises(ConfigError, match="lit.locked"): get_recipe("lit", locked="audio", modalities="image,text")
+
+def test_hubert_recipe_loss_decreases(tmp_path):
+    r = get_recipe("hubert", steps="25", batch_size="32", warmup_steps="3")
+    res = run_recipe(r, tmp_path / "hubert", n_train=64, n_eval=40)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    assert 0 <= res.metrics["knn/audio/accuracy"] <= 1
+    # the centroids are k-means of real frames: every unit is used by some training frame
+    from mmlab.recipes import load_split
+    from mmlab.losses.masked import kmeans_targets
+    b = load_split(r, "train", 64); v = res.model.valid_frames(b)
+    units = kmeans_targets(res.model.hubert.frame_features(b["audio"]), res.model.centroids)[v]
+    assert units.unique().numel() > r.num_units // 2
+    recipe, model = load_run(tmp_path / "hubert")
+    assert torch.equal(model.centroids, res.model.centroids)   # from the checkpoint, not recomputed
