@@ -13,13 +13,14 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
-           'shift_embeddings', 'shift_experiment', 'stack_dataset', 'take', 'batch_size_of', 'embed_batch',
-           'train_clip', 'tiny_image_text_model', 'attention_rollout', 'token_relevance', 'attention_map', 'fit_pca',
-           'pca_transform', 'reduce_embeddings']
+           'shift_embeddings', 'shift_experiment', 'stack_dataset', 'batch_size_of', 'embed_batch', 'train_clip',
+           'tiny_image_text_model', 'attention_rollout', 'token_relevance', 'attention_map', 'fit_pca', 'pca_transform',
+           'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #121705df
 from .core import (InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm,
                         set_seed)
+from .data import take
 
 # %% ../nbs/09_analysis.ipynb #f199ef40
 def _emb(x, name:str, dims:dict) -> Tensor:
@@ -190,16 +191,6 @@ def stack_dataset(ds,                 # a dataset of example dicts (e.g. `load_d
     from mmlab.data import collate
     n = len(ds) if n is None else min(n, len(ds))
     return collate([ds[i] for i in range(n)], pad_id=pad_id)
-
-def take(batch:dict, idx) -> dict:
-    "Rows `idx` of a collated batch (tensors, lists and the nested mask/attrs dicts)."
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    def sel(v):
-        if isinstance(v, Tensor) and v.dim() > 0: return v[idx]
-        if isinstance(v, list): return [v[i] for i in idx.tolist()]
-        if isinstance(v, dict): return {k: sel(w) for k, w in v.items()}
-        return v
-    return {k: sel(v) for k, v in batch.items()}
 
 def batch_size_of(batch:dict) -> int:
     "Number of rows of a collated batch."

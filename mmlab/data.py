@@ -19,7 +19,7 @@ from .core import ConfigError, DataError, InputTypeError, MissingFileError, Shap
 __all__ = ['MODALITIES', 'SAMPLE_RATE', 'ON_ERROR', 'BUNDLED', 'check_modalities', 'resample', 'Resample', 'decode_audio',
            'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer', 'HFTokenizer',
            'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'dataset_dir', 'dataset_meta',
-           'BundledDataset', 'load_dataset', 'collate', 'make_loader', 'NoisyPairs', 'ModalityDropout',
+           'BundledDataset', 'load_dataset', 'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout',
            'ManifestDataset']
 
 # %% ../nbs/01_data.ipynb #515a2439
@@ -445,6 +445,19 @@ def collate(items:list,          # examples (dicts); None entries (skipped rows)
                               else [it["attrs"].get(k) for it in items]) for k in keys}
     if all("index" in it for it in items): batch["index"] = torch.tensor([it["index"] for it in items])
     return batch
+
+# %% ../nbs/01_data.ipynb #03f74d6b
+def take(batch:dict,  # a collated batch (tensors, lists, nested dicts such as "mask")
+         idx,         # row indices (list, range or 1-D tensor)
+        ) -> dict:
+    "Rows `idx` of every field of a collated batch; 0-d tensors and scalars are kept as they are."
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    def sel(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0: return v[idx]
+        if isinstance(v, list): return [v[i] for i in idx.tolist()]
+        if isinstance(v, dict): return {k: sel(w) for k, w in v.items()}
+        return v
+    return {k: sel(v) for k, v in batch.items()}
 
 # %% ../nbs/01_data.ipynb #11921459
 def _seed_worker(worker_id):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import CheckpointError, ConfigError, MMLabError, check_shape, get_settings
-from .data import MODALITIES
+from .data import MODALITIES, take
 from .encoders import (AudioConfig, AudioEncoder, MultiModalModel, TextConfig, TextEncoder, ViTConfig,
                             ViTEncoder)
 from .losses import clip_loss, siglip_loss, symile_loss
@@ -27,7 +27,7 @@ from .losses.distill import EMATeacher, MLPHead, byol_loss
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'RECIPES', 'USAGE', 'soft_targets',
-           'soft_clip_loss', 'soft_siglip_loss', 'ClipRecipe', 'take', 'InMemoryBatches', 'load_split', 'build_model',
+           'soft_clip_loss', 'soft_siglip_loss', 'ClipRecipe', 'InMemoryBatches', 'load_split', 'build_model',
            'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes', 'evaluate', 'MaeRecipe',
            'BYOLModel', 'TeacherUpdate', 'two_views', 'ByolRecipe', 'HubertModel', 'HubertRecipe', 'RunResult',
            'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'loss_figure', 'embedding_figure',
@@ -116,16 +116,6 @@ def _choice(cfg, key, allowed):
     if v not in allowed: raise ConfigError(f"{cfg.name}.{key}={v!r}: expected one of {', '.join(allowed)}")
 
 # %% ../nbs/07a_recipes.ipynb #c2d16c26
-def take(batch:dict, idx) -> dict:
-    "Rows `idx` of a collated batch (tensors, lists and nested dicts)."
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    def sel(v):
-        if isinstance(v, Tensor) and v.dim() > 0: return v[idx]
-        if isinstance(v, list): return [v[i] for i in idx.tolist()]
-        if isinstance(v, dict): return {k: sel(w) for k, w in v.items()}
-        return v
-    return {k: sel(v) for k, v in batch.items()}
-
 class InMemoryBatches:
     "Re-iterable random mini-batches of one in-memory collated batch (a seeded, reshuffled order per epoch)."
     def __init__(self, batch:dict, batch_size:int, seed:int=0):

@@ -18,7 +18,8 @@ __all__ = ['TrainingDashboard', 'gap_readout', 'GapExplorer', 'AttentionExplorer
 # %% ../nbs/10_widgets.ipynb #3eae7b55
 from .core import InputError, InputTypeError, check_shape
 from .analysis import (attention_map, fit_pca, gap_metrics, gap_vector, pca_transform, reduce_embeddings,
-                            shift_embeddings, take)
+                            shift_embeddings)
+from .data import take
 from .encoders import tower_inputs
 
 # %% ../nbs/10_widgets.ipynb #82fd15cc

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 from mmlab.analysis import (attention_map, attention_rollout, effective_rank, fit_pca, gap_metrics, gap_vector,
                             mean_pairwise_cosine, pca_transform, reduce_embeddings, relative_gap, separability,
-                            shift_embeddings, shift_experiment, token_relevance, uniformity, take, stack_dataset,
+                            shift_embeddings, shift_experiment, token_relevance, uniformity, stack_dataset,
                             train_clip, embed_batch)
 from mmlab.core import InputError, ShapeError
+from mmlab.data import take
 
 
 def unit(n, d, seed, shift=0.0):
