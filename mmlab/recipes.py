@@ -27,12 +27,12 @@ from .losses.distill import EMATeacher, MLPHead, byol_loss
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'RECIPES', 'USAGE', 'soft_targets',
-           'soft_clip_loss', 'soft_siglip_loss', 'ClipRecipe', 'InMemoryBatches', 'load_split', 'build_model',
-           'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes', 'evaluate', 'MaeRecipe',
-           'BYOLModel', 'TeacherUpdate', 'two_views', 'ByolRecipe', 'HubertModel', 'HubertRecipe', 'RunResult',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'loss_figure', 'embedding_figure',
-           'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'load_run', 'main', 'pretrained_tower',
-           'LitRecipe']
+           'soft_clip_loss', 'soft_siglip_loss', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
+           'load_split', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
+           'text_classes', 'evaluate', 'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'two_views', 'ByolRecipe',
+           'HubertModel', 'HubertRecipe', 'RunResult', 'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides',
+           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
+           'load_run', 'main', 'pretrained_tower', 'LitRecipe']
 
 # %% ../nbs/07a_recipes.ipynb #b101b2c3
 def soft_targets(labels:Tensor,   # (B,) int class labels of the batch
@@ -69,7 +69,25 @@ LOSSES = ("clip", "siglip", "symile")
 TARGETS = ("label", "diagonal")
 
 @dataclass
-class ClipRecipe:
+class RunFields:
+    "The fields every recipe shares: optimisation schedule, seed, device, evaluation split."
+    steps: int = 200              # optimiser updates
+    batch_size: int = 64          # examples (pairs) per update
+    lr: float = 1e-3              # peak AdamW rate
+    warmup_steps: int = 20        # linear warmup, then cosine decay
+    weight_decay: float = 0.05
+    seed: int = 0                 # weights and batch order
+    device: str = "cpu"           # cpu | cuda | auto
+    threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
+    eval_split: str = "test"      # split the final evaluation uses
+
+def recipe_fields(cls) -> list:
+    "The fields of a recipe class, its own first, then the shared `RunFields` (the order help and errors list them)."
+    shared = {f.name for f in fields(RunFields)}
+    return sorted(fields(cls), key=lambda f: f.name in shared)
+
+@dataclass
+class ClipRecipe(RunFields):
     "Contrastive pretraining of two or three towers on a bundled dataset (CLIP / SigLIP / Symile)."
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
@@ -77,17 +95,10 @@ class ClipRecipe:
     dataset: str = "digits"       # bundled dataset
     size: str = "tiny"            # tower preset (tiny: 2 blocks, width 64; small: ViT-Tiny-like)
     embed_dim: int = 64           # shared embedding width E
-    steps: int = 300              # optimiser updates
-    batch_size: int = 64          # pairs per update
-    lr: float = 2e-3              # peak AdamW rate (tiny towers tolerate a high rate)
-    warmup_steps: int = 20        # linear warmup, then cosine decay
-    weight_decay: float = 0.05
+    steps: int = 300
+    lr: float = 2e-3              # tiny towers tolerate a high rate
     n_mels: int = 32              # log-mel bands of the audio features
     max_len: int = 32             # caption length in characters (CharTokenizer)
-    seed: int = 0                 # weights and batch order
-    device: str = "cpu"           # cpu | cuda | auto
-    threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
-    eval_split: str = "test"      # split the final evaluation uses
 
     name = "clip"
     def make_model(self): return build_model(self)
@@ -214,7 +225,7 @@ def evaluate(model, recipe, batch:dict, label_names:list[str]) -> tuple[dict, di
 
 # %% ../nbs/07a_recipes.ipynb #8d9cd489
 @dataclass
-class MaeRecipe:
+class MaeRecipe(RunFields):
     "Masked autoencoding of images (MAE) on a bundled dataset; evaluated by kNN on the frozen encoder."
     dataset: str = "digits"       # bundled dataset
     size: str = "tiny"            # ViT preset of the encoder
@@ -222,15 +233,7 @@ class MaeRecipe:
     decoder_dim: int = 64         # light decoder (MAE: narrower and shallower than the encoder)
     decoder_depth: int = 1
     norm_pix: bool = True         # per-patch normalised targets
-    steps: int = 200
-    batch_size: int = 64
     lr: float = 1.5e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 1
-    eval_split: str = "test"
 
     name, modalities, n_mels, max_len = "mae", ("image",), 32, 32   # fixed: one modality, no audio/text
     def __post_init__(self):
@@ -281,7 +284,7 @@ def two_views(images:Tensor,   # (B, C, H, W) a batch of images
     return tuple(torch.stack([augment(x) for x in images]) for _ in range(2))
 
 @dataclass
-class ByolRecipe:
+class ByolRecipe(RunFields):
     "BYOL on the image tower of a bundled dataset; evaluated by kNN on the frozen encoder."
     dataset: str = "digits"
     size: str = "tiny"            # ViT preset
@@ -289,15 +292,6 @@ class ByolRecipe:
     hidden: int = 128             # MLP hidden width
     base_momentum: float = 0.99   # teacher momentum at step 0 (BYOL: 0.996 for long runs), cosine to 1
     crop_scale: float = 0.5       # smallest crop area of RandomResizedCrop
-    steps: int = 200
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 1
-    eval_split: str = "test"
 
     name, modalities, n_mels, max_len = "byol", ("image",), 32, 32
     def __post_init__(self):
@@ -342,7 +336,7 @@ class HubertModel(nn.Module):
         return hubert_loss(out.logits, targets, out.mask.mask & self.valid_frames(batch).to(spec.device))
 
 @dataclass
-class HubertRecipe:
+class HubertRecipe(RunFields):
     "HuBERT iteration 1 (k-means units of log-mel frames) on the audio tower; evaluated by kNN on mean-pooled frames."
     dataset: str = "digits"
     size: str = "tiny"            # audio tower preset (frames as tokens: patch (n_mels, frame_hop))
@@ -351,15 +345,6 @@ class HubertRecipe:
     num_units: int = 32           # k-means clusters K
     mask_ratio: float = 0.5       # fraction of frames hidden (in spans)
     span: int = 3                 # span length in tokens
-    steps: int = 200
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 1
-    eval_split: str = "test"
 
     name, modalities, max_len = "hubert", ("audio",), 32
     def __post_init__(self):
@@ -440,7 +425,7 @@ RECIPES = {"clip": ClipRecipe, "mae": MaeRecipe, "byol": ByolRecipe, "hubert": H
 def get_recipe(name:str, **overrides):
     "A recipe config by name with typed overrides; unknown names, keys and values raise `ConfigError`."
     if name not in RECIPES: raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
-    cls = RECIPES[name]; allowed = {f.name: f for f in fields(cls)}
+    cls = RECIPES[name]; allowed = {f.name: f for f in recipe_fields(cls)}
     kw = {}
     for k, v in overrides.items():
         k = k.replace("-", "_")
@@ -591,7 +576,7 @@ mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a ch
 
 def _recipe_help(name):
     cls = RECIPES[name]
-    return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {f.default!r})" for f in fields(cls))
+    return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {f.default!r})" for f in recipe_fields(cls))
 
 def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
