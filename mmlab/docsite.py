@@ -5,6 +5,7 @@
 # %% ../nbs/99_docsite.ipynb #1353c2ef
 from __future__ import annotations
 import argparse, json, re, shutil, subprocess, sys, tempfile
+from contextlib import chdir
 from pathlib import Path
 
 from .core import MissingFileError, ConfigError, project_root
@@ -69,16 +70,9 @@ def execute_notebook(path:str|Path, skip_flags:tuple=("notest",)) -> Path:
     nb = read_nb(path)
     def _skip(cell): return cell.cell_type != "code" or bool(skip & cell_directives(cell.source)[0].keys())
     shell = CaptureShell(path)
-    with _chdir(path.parent): shell.run_all(nb, exc_stop=True, preproc=_skip)
+    with chdir(path.parent): shell.run_all(nb, exc_stop=True, preproc=_skip)
     write_nb(nb, path)
     return path
-
-class _chdir:
-    def __init__(self, d): self.d, self.old = d, None
-    def __enter__(self):
-        import os; self.old = os.getcwd(); os.chdir(self.d)
-    def __exit__(self, *a):
-        import os; os.chdir(self.old)
 
 # %% ../nbs/99_docsite.ipynb #a339b012
 _SOURCE_LINK = re.compile(r"\[source\]\([^)]*\)\{[^}]*\}\n?")
@@ -162,7 +156,7 @@ def process_notebooks(nbs:Path, out:Path) -> list[Path]:
             rel = src.relative_to(nbs)
             if any(part.startswith((".", "_")) for part in rel.parts): continue
             nb = read_nb(src)
-            with _chdir(src.parent): _doc_filter()(nb)
+            with chdir(src.parent): _doc_filter()(nb)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             write_nb(nb, out / rel); done.append(out / rel)
     finally:
