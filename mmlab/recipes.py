@@ -15,24 +15,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import CheckpointError, ConfigError, MMLabError, check_shape, get_settings
+from .core import CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, check_shape, get_settings
 from .data import MODALITIES, take
 from .encoders import (AudioConfig, AudioEncoder, MultiModalModel, TextConfig, TextEncoder, ViTConfig,
                             ViTEncoder)
 from .losses import clip_loss, siglip_loss, symile_loss
-from .train import Callback, ProgressBar, Trainer, TrainConfig, decode_state, latest_checkpoint, load_checkpoint
+from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, latest_checkpoint, load_checkpoint,
+                         to_device)
 from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
-from .losses.masked import MAE, HuBERT, hubert_loss, kmeans, kmeans_targets
-from .losses.distill import EMATeacher, MLPHead, byol_loss
+from .losses.masked import MAE, HuBERT, MultiModalMAE, hubert_loss, kmeans, kmeans_targets
+from .losses.distill import DINOLoss, EMATeacher, MLPHead, byol_loss
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'RECIPES', 'USAGE', 'soft_targets',
-           'soft_clip_loss', 'soft_siglip_loss', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
-           'load_split', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
-           'text_classes', 'evaluate', 'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'two_views', 'ByolRecipe',
-           'HubertModel', 'HubertRecipe', 'RunResult', 'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides',
-           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
-           'load_run', 'main', 'pretrained_tower', 'LitRecipe']
+__all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
+           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'soft_targets', 'soft_clip_loss', 'soft_siglip_loss', 'RunFields',
+           'recipe_fields', 'ClipRecipe', 'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex',
+           'split_dataset', 'load_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
+           'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes', 'evaluate', 'chunked', 'knn_metrics',
+           'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DINOHead', 'DINOModel',
+           'DinoRecipe', 'HubertModel', 'HubertRecipe', 'mmae_features', 'AvMaeRecipe', 'RunResult', 'train_config',
+           'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'loss_figure', 'embedding_figure',
+           'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main',
+           'pretrained_tower', 'LitRecipe']
 
 # %% ../nbs/07a_recipes.ipynb #b101b2c3
 def soft_targets(labels:Tensor,   # (B,) int class labels of the batch
@@ -67,33 +71,61 @@ def soft_siglip_loss(a:Tensor, b:Tensor,  # (B, D) L2-normalised paired embeddin
 # %% ../nbs/07a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
 TARGETS = ("label", "diagonal")
+SIZES = ("tiny", "small", "base")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 @dataclass
 class RunFields:
-    "The fields every recipe shares: optimisation schedule, seed, device, evaluation split."
+    "The fields every recipe shares: data, tower size, optimisation schedule, precision, seed, device, logging."
+    dataset: str = "digits"       # a bundled dataset (digits, shapes) or a manifest path with {split}, e.g. data/{split}.csv
+    size: str = "tiny"            # tower preset: tiny (2 blocks, width 64) | small (ViT-Tiny-like) | base (ViT-B/16)
     steps: int = 200              # optimiser updates
-    batch_size: int = 64          # examples (pairs) per update
+    batch_size: int = 64          # examples per micro-batch; an update sees batch_size * grad_accum
+    grad_accum: int = 1           # micro-batches per update
     lr: float = 1e-3              # peak AdamW rate
     warmup_steps: int = 20        # linear warmup, then cosine decay
     weight_decay: float = 0.05
+    precision: str = "fp32"       # fp32 | bf16 (autocast) | fp16 (CUDA + GradScaler) | auto
+    compile: bool = False         # torch.compile the model (pays off on a GPU and long runs)
     seed: int = 0                 # weights and batch order
     device: str = "cpu"           # cpu | cuda | auto
     threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
+    workers: int = 0              # DataLoader worker processes (manifest datasets)
+    ckpt_every: int = 0           # updates between checkpoints (0: only at the end)
+    log_to: str = "jsonl"         # metric logs, comma-separated: jsonl, csv, tensorboard
     eval_split: str = "test"      # split the final evaluation uses
+
+    def __post_init__(self):
+        "Check the shared fields; recipes call this first, then check their own."
+        _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _choice(self, "compile", (True, False))
+        _positive(self, "steps", "batch_size", "grad_accum")
+        for k in ("warmup_steps", "threads", "workers", "ckpt_every"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 0")
+        if not self.lr > 0: raise ConfigError(f"{self.name}.lr={self.lr!r}: expected a learning rate > 0")
+        if not self.weight_decay >= 0: raise ConfigError(f"{self.name}.weight_decay={self.weight_decay!r}: expected a value >= 0")
 
 def recipe_fields(cls) -> list:
     "The fields of a recipe class, its own first, then the shared `RunFields` (the order help and errors list them)."
     shared = {f.name for f in fields(RunFields)}
     return sorted(fields(cls), key=lambda f: f.name in shared)
 
+def _positive(cfg, *keys):
+    "Raise unless every field in `keys` is an integer >= 1."
+    for k in keys:
+        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1:
+            raise ConfigError(f"{cfg.name}.{k}={getattr(cfg, k)!r}: expected an integer >= 1")
+
+def _fraction(cfg, key):
+    "Raise unless the field is in (0, 1)."
+    if not 0 < getattr(cfg, key) < 1: raise ConfigError(f"{cfg.name}.{key}={getattr(cfg, key)!r}: expected a fraction in (0, 1)")
+
 @dataclass
 class ClipRecipe(RunFields):
-    "Contrastive pretraining of two or three towers on a bundled dataset (CLIP / SigLIP / Symile)."
+    "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
-    dataset: str = "digits"       # bundled dataset
-    size: str = "tiny"            # tower preset (tiny: 2 blocks, width 64; small: ViT-Tiny-like)
     embed_dim: int = 64           # shared embedding width E
     steps: int = 300
     lr: float = 2e-3              # tiny towers tolerate a high rate
@@ -103,28 +135,26 @@ class ClipRecipe(RunFields):
     name = "clip"
     def make_model(self): return build_model(self)
     def make_loss(self): return contrastive_loss_fn(self)
-    def evaluate(self, model, batch:dict, label_names:list, train_batch:dict|None=None) -> dict:
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "Zero-shot and retrieval metrics on `batch` (see `evaluate`)."
         return evaluate(model, self, batch, label_names)[0]
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.modalities, str): self.modalities = tuple(m.strip() for m in self.modalities.split(",") if m.strip())
         self.modalities = tuple(self.modalities)
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not 2 <= len(self.modalities) <= 3 or len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"{self.name}.modalities={','.join(self.modalities)!r}: expected two or three distinct of {', '.join(MODALITIES)}")
-        _choice(self, "loss", LOSSES); _choice(self, "targets", TARGETS); _choice(self, "size", ("tiny", "small"))
+        _choice(self, "loss", LOSSES); _choice(self, "targets", TARGETS)
         if self.loss == "symile" and len(self.modalities) != 3:
             raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(self.modalities)}")
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
-        for k in ("steps", "batch_size", "embed_dim", "n_mels", "max_len"):
-            if getattr(self, k) < 1: raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 1")
-        if self.threads < 0: raise ConfigError(f"{self.name}.threads={self.threads!r}: expected >= 0 (0 leaves torch's setting)")
-        if not self.lr > 0: raise ConfigError(f"{self.name}.lr={self.lr!r}: expected a learning rate > 0")
+        _positive(self, "embed_dim", "n_mels", "max_len")
 
 def _choice(cfg, key, allowed):
     v = getattr(cfg, key)
-    if v not in allowed: raise ConfigError(f"{cfg.name}.{key}={v!r}: expected one of {', '.join(allowed)}")
+    if v not in allowed: raise ConfigError(f"{cfg.name}.{key}={v!r}: expected one of {', '.join(map(str, allowed))}")
 
 # %% ../nbs/07a_recipes.ipynb #c2d16c26
 class InMemoryBatches:
@@ -138,14 +168,78 @@ class InMemoryBatches:
         perm = torch.randperm(self.n, generator=self.generator)
         for i in range(len(self)): yield take(self.batch, perm[i * self.batch_size:(i + 1) * self.batch_size])
 
+MAX_BANK = 10_000   # training examples held in memory for kNN banks and k-means (manifests can be far larger)
+
+def is_manifest(dataset:str) -> bool:
+    "True when `dataset` is a manifest path template (it contains `{split}`), not a bundled dataset's name."
+    return "{split}" in dataset
+
+def _tokenizer(recipe):
+    from mmlab.data import CharTokenizer
+    return CharTokenizer(max_len=recipe.max_len)
+
+def _label_order(key:str):
+    "Sort integer labels numerically, then the others alphabetically."
+    return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
+
+def label_names(recipe) -> list[str]|None:
+    "Class names: the bundled dataset's, or the distinct labels of a manifest's train split (None if it has no labels)."
+    from mmlab.data import _read_manifest, dataset_meta
+    if not is_manifest(recipe.dataset): return dataset_meta(recipe.dataset)["label_names"]
+    path = Path(recipe.dataset.format(split="train"))
+    if not path.is_file(): raise MissingFileError(f"{recipe.name}.dataset: train manifest {str(path)!r} does not exist")
+    keys = {str(r["label"]) for _, r in _read_manifest(path)[1] if r.get("label") is not None}
+    return sorted(keys, key=_label_order) or None
+
+class LabelIndex(torch.utils.data.Dataset):
+    "Manifest examples whose `label` is a class index into `names`; with no labels at all, the row index (pairs match)."
+    def __init__(self, ds, names:list[str]|None):
+        self.ds, self.index = ds, ({n: i for i, n in enumerate(names)} if names else None)
+        bad = [(r["line"], r["label"]) for r in ds.rows if self.index and str(r["label"]) not in self.index]
+        if bad:
+            line, lab = bad[0]
+            raise DataError(f"{ds.path} row {line}: label {lab!r} is {'missing' if lab is None else 'not a train-split label'}; "
+                            f"expected one of {names[:8]}{' ...' if len(names) > 8 else ''} ({len(bad)} such row(s))")
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        item = self.ds[i]
+        if item is not None: item["label"] = self.index[str(item["label"])] if self.index else i
+        return item
+
+def split_dataset(recipe, split:str):
+    "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
+    from mmlab.data import LogMel, ManifestDataset, load_dataset
+    kw = dict(modalities=recipe.modalities, audio_features=LogMel(n_mels=recipe.n_mels),
+              transforms={"text": _tokenizer(recipe)} if "text" in recipe.modalities else None,
+              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in recipe.modalities else None)
+    if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
+    ds = ManifestDataset(recipe.dataset.format(split=split), **kw)
+    partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
+    if partial_rows:
+        raise DataError(f"{ds.path}: {len(partial_rows)} row(s) lack one of {', '.join(recipe.modalities)} (first: row "
+                        f"{partial_rows[0]}); the {recipe.name} recipe trains on rows that have every modality")
+    return LabelIndex(ds, label_names(recipe))
+
 def load_split(recipe, split:str, n:int|None=None) -> dict:
-    "One split of the recipe's dataset as a single collated batch (log-mel audio, char-token text)."
-    from mmlab.data import CharTokenizer, LogMel, collate, load_dataset
-    tok = CharTokenizer(max_len=recipe.max_len)
-    ds = load_dataset(recipe.dataset, split, modalities=recipe.modalities, audio_features=LogMel(n_mels=recipe.n_mels),
-                      transforms={"text": tok} if "text" in recipe.modalities else None)
+    "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
+    from mmlab.data import collate
+    ds = split_dataset(recipe, split)
     n = len(ds) if n is None else min(n, len(ds))
-    return collate([ds[i] for i in range(n)], pad_id=tok.pad_id)
+    return collate([ds[i] for i in range(n)], pad_id=_tokenizer(recipe).pad_id)
+
+def train_data(recipe, n:int|None=None):
+    "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
+    if not is_manifest(recipe.dataset): return InMemoryBatches(load_split(recipe, "train", n), recipe.batch_size, recipe.seed)
+    from mmlab.data import make_loader
+    ds = split_dataset(recipe, "train")
+    if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+    if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
+    return make_loader(ds, recipe.batch_size, seed=recipe.seed, num_workers=recipe.workers, drop_last=True,
+                       pad_id=_tokenizer(recipe).pad_id)
+
+def model_device(model:nn.Module) -> torch.device:
+    "The device of a model's parameters."
+    return next(model.parameters()).device
 
 def build_model(recipe) -> MultiModalModel:
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias -10."
@@ -179,21 +273,21 @@ def contrastive_loss_fn(recipe):
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 WORD_TEMPLATES = ["{}", "a handwritten {}", "number {}", "this is a {}", "the spoken word {}"]
 NUMERAL_TEMPLATES = ["{}", "the digit {}", "the number {}"]
+GENERIC_TEMPLATES = ["{}", "a {}", "this is a {}", "a picture of a {}", "the sound of a {}"]
 
 def class_prompts(label_names:list[str]) -> list[list[str]]:
-    "Prompt ensembles per class: word templates ('seven', ...) plus numeral templates ('the digit 7', ...) for digits."
-    prompts = build_prompts(label_names, WORD_TEMPLATES)
-    if list(label_names) == DIGIT_WORDS:
-        prompts = [p + q for p, q in zip(prompts, build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES))]
-    return prompts
+    "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); else generic ones."
+    if list(label_names) != DIGIT_WORDS: return build_prompts(label_names, GENERIC_TEMPLATES)
+    words, numerals = build_prompts(label_names, WORD_TEMPLATES), build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES)
+    return [p + q for p, q in zip(words, numerals)]
 
 @torch.no_grad()
 def embed_split(model, batch:dict, chunk:int=256) -> dict:
     "Embed every modality of an in-memory batch in eval mode, in chunks: {modality: (N, E)}."
-    was = model.training; model.eval(); n = len(batch["label"]); out = {}
+    was = model.training; model.eval(); n = len(batch["label"]); out = {}; dev = model_device(model)
     try:
         for s in range(0, n, chunk):
-            o = model(take(batch, range(s, min(n, s + chunk))))
+            o = model(to_device(take(batch, range(s, min(n, s + chunk))), dev))
             for m in model.modalities:
                 if m in o: out.setdefault(m, []).append(o[m].float().cpu())
     finally: model.train(was)
@@ -202,21 +296,21 @@ def embed_split(model, batch:dict, chunk:int=256) -> dict:
 @torch.no_grad()
 def text_classes(model, recipe, label_names:list[str]) -> Tensor:
     "(C, E) class embeddings from the text tower: the template ensemble of each class's prompts."
-    from mmlab.data import CharTokenizer, collate
-    tok = CharTokenizer(max_len=recipe.max_len)
+    from mmlab.data import collate
+    tok = _tokenizer(recipe)
     def encode(ps):
         return embed_split(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
     return class_embeddings([encode(ps) for ps in class_prompts(label_names)])
 
-def evaluate(model, recipe, batch:dict, label_names:list[str]) -> tuple[dict, dict]:
-    "Zero-shot (text prompts -> each other modality) and label-level retrieval for every pair: (flat metrics, embeddings)."
+def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dict, dict]:
+    "Zero-shot (text prompts -> each other modality) and retrieval for every pair: (flat metrics, embeddings)."
     emb, y, m = embed_split(model, batch), batch["label"], {}
-    if "text" in recipe.modalities:
+    if "text" in recipe.modalities and label_names:            # zero-shot needs class names
         cls = text_classes(model, recipe, label_names)
         for q in recipe.modalities:
             if q == "text": continue
             r = zero_shot_eval(emb[q], cls, y)
-            for k in ("accuracy", "top5", "chance"): m[f"zero_shot/text_to_{q}/{k}"] = r[k]
+            m |= {f"zero_shot/text_to_{q}/{k}": r[k] for k in ("accuracy", "top5", "chance") if k in r}
     for a, b in combinations(recipe.modalities, 2):   # a match is any item of the same class (captions repeat)
         r = retrieval_eval(emb[a], emb[b], y, y, names=(a, b))
         for d, res in r.items():
@@ -224,11 +318,27 @@ def evaluate(model, recipe, batch:dict, label_names:list[str]) -> tuple[dict, di
     return m, emb
 
 # %% ../nbs/07a_recipes.ipynb #8d9cd489
+def chunked(fn, batch:dict, device:torch.device, size:int=256) -> Tensor:
+    "`fn(rows)` over chunks of an in-memory batch moved to `device`, concatenated as fp32 on the CPU (bounded memory)."
+    n = len(batch["label"])
+    return torch.cat([fn(to_device(take(batch, range(i, min(n, i + size))), device)).float().cpu() for i in range(0, n, size)])
+
+def knn_metrics(feats,                  # rows -> (n, D) frozen features
+                train_batch:dict,       # the kNN bank (training examples)
+                batch:dict,             # the evaluated examples
+                label_names:list|None,  # class names; None: the data has no labels, so no kNN
+                modality:str,           # name used in the metric keys
+                device:torch.device,    # where `feats` runs (the model's device)
+               ) -> dict:
+    "Weighted kNN accuracy (k = 20, tau = 0.07) of `batch` against `train_batch`: {knn/<modality>/accuracy, .../chance}."
+    if not label_names: return {}
+    r = knn_eval(chunked(feats, train_batch, device), train_batch["label"], chunked(feats, batch, device), batch["label"],
+                 num_classes=len(label_names))
+    return {f"knn/{modality}/accuracy": r["accuracy"], f"knn/{modality}/chance": r["chance"]}
+
 @dataclass
 class MaeRecipe(RunFields):
-    "Masked autoencoding of images (MAE) on a bundled dataset; evaluated by kNN on the frozen encoder."
-    dataset: str = "digits"       # bundled dataset
-    size: str = "tiny"            # ViT preset of the encoder
+    "Masked autoencoding of images (MAE); evaluated by kNN on the frozen encoder."
     mask_ratio: float = 0.75      # MAE: hide 75 % of the patches
     decoder_dim: int = 64         # light decoder (MAE: narrower and shallower than the encoder)
     decoder_depth: int = 1
@@ -237,27 +347,25 @@ class MaeRecipe(RunFields):
 
     name, modalities, n_mels, max_len = "mae", ("image",), 32, 32   # fixed: one modality, no audio/text
     def __post_init__(self):
-        _choice(self, "size", ("tiny", "small")); _choice(self, "norm_pix", (True, False))
-        if not 0 < self.mask_ratio < 1: raise ConfigError(f"mae.mask_ratio={self.mask_ratio!r}: expected a fraction in (0, 1)")
-        for k in ("steps", "batch_size", "decoder_dim", "decoder_depth"):
-            if getattr(self, k) < 1: raise ConfigError(f"mae.{k}={getattr(self, k)!r}: expected an integer >= 1")
-        if not self.lr > 0: raise ConfigError(f"mae.lr={self.lr!r}: expected a learning rate > 0")
+        super().__post_init__()
+        _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _positive(self, "decoder_dim", "decoder_depth")
     def make_model(self):
         torch.manual_seed(self.seed)
         return MAE(ViTEncoder(ViTConfig.preset(self.size)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                    decoder_heads=2, mask_ratio=self.mask_ratio, norm_pix=self.norm_pix)
     def make_loss(self): return lambda model, batch: model(batch["image"]).loss
     @torch.no_grad()
-    def evaluate(self, model, batch:dict, label_names:list, train_batch:dict|None=None) -> dict:
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the encoder's pooled features (train -> `batch`) and the masked-patch loss on `batch`."
         was = model.training; model.eval()
         try:
-            feats = lambda b: torch.cat([model.encoder(b["image"][i:i + 256]).pooled for i in range(0, len(b["label"]), 256)])
-            r = knn_eval(feats(train_batch), train_batch["label"], feats(batch), batch["label"], num_classes=len(label_names))
-            g = torch.Generator().manual_seed(0)
-            rec = model(batch["image"], generator=g).loss.item()
+            dev = model_device(model)
+            m = knn_metrics(lambda b: model.encoder(b["image"]).pooled, train_batch, batch, label_names, "image", dev)
+            g = torch.Generator(dev).manual_seed(0)               # the same masks every evaluation
+            mse = chunked(lambda b: model(b["image"], generator=g).loss.expand(len(b["image"])), batch, dev)
+            m["mae/image/masked_mse"] = mse.mean().item()        # mean over examples
         finally: model.train(was)
-        return {"knn/image/accuracy": r["accuracy"], "knn/image/chance": r["chance"], "mae/image/masked_mse": rec}
+        return m
 
 # %% ../nbs/07a_recipes.ipynb #d9327726
 class BYOLModel(nn.Module):
@@ -277,17 +385,16 @@ class TeacherUpdate(Callback):
     "After each optimiser step: EMA update of `model.teacher` from `model.online` (momentum schedule by step)."
     def on_step_end(self, trainer): trainer.model.teacher.update(trainer.model.online, trainer.step)
 
-def two_views(images:Tensor,   # (B, C, H, W) a batch of images
-              augment,          # a per-image random transform (e.g. `image_augment`)
-             ) -> tuple[Tensor, Tensor]:
-    "Two independently augmented views of every image (per-sample random crops)."
-    return tuple(torch.stack([augment(x) for x in images]) for _ in range(2))
+def augment_views(images:Tensor,  # (B, C, H, W) a batch of images
+                  augment,         # a per-image random transform (e.g. `image_augment`)
+                  n:int=2,         # views per image
+                 ) -> list[Tensor]:
+    "`n` independently augmented views of every image (per-sample random crops)."
+    return [torch.stack([augment(x) for x in images]) for _ in range(n)]
 
 @dataclass
 class ByolRecipe(RunFields):
-    "BYOL on the image tower of a bundled dataset; evaluated by kNN on the frozen encoder."
-    dataset: str = "digits"
-    size: str = "tiny"            # ViT preset
+    "BYOL on the image tower; evaluated by kNN on the frozen encoder."
     dim: int = 64                 # projection width
     hidden: int = 128             # MLP hidden width
     base_momentum: float = 0.99   # teacher momentum at step 0 (BYOL: 0.996 for long runs), cosine to 1
@@ -295,29 +402,108 @@ class ByolRecipe(RunFields):
 
     name, modalities, n_mels, max_len = "byol", ("image",), 32, 32
     def __post_init__(self):
-        _choice(self, "size", ("tiny", "small"))
+        super().__post_init__()
         if not 0 <= self.base_momentum <= 1: raise ConfigError(f"byol.base_momentum={self.base_momentum!r}: expected a value in [0, 1]")
         if not 0 < self.crop_scale <= 1: raise ConfigError(f"byol.crop_scale={self.crop_scale!r}: expected a fraction in (0, 1]")
-        for k in ("steps", "batch_size", "dim", "hidden"):
-            if getattr(self, k) < 1: raise ConfigError(f"byol.{k}={getattr(self, k)!r}: expected an integer >= 1")
-        if not self.lr > 0: raise ConfigError(f"byol.lr={self.lr!r}: expected a learning rate > 0")
+        _positive(self, "dim", "hidden")
     def make_model(self):
         torch.manual_seed(self.seed)
         return BYOLModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.steps, self.base_momentum)
     def make_loss(self):
         from mmlab.data import image_augment
         aug = image_augment(size=ViTConfig.preset(self.size).img_size[0], scale=(self.crop_scale, 1.0))
-        return lambda model, batch: model(*two_views(batch["image"], aug))
+        return lambda model, batch: model(*augment_views(batch["image"], aug))
     def callbacks(self): return [TeacherUpdate()]
     @torch.no_grad()
-    def evaluate(self, model, batch:dict, label_names:list, train_batch:dict|None=None) -> dict:
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the online encoder's pooled features (train -> `batch`)."
-        was = model.training; model.eval(); enc = model.online["encoder"]
-        try:
-            feats = lambda b: torch.cat([enc(b["image"][i:i + 256]).pooled for i in range(0, len(b["label"]), 256)])
-            r = knn_eval(feats(train_batch), train_batch["label"], feats(batch), batch["label"], num_classes=len(label_names))
+        was, enc = model.training, model.online["encoder"]; model.eval()
+        try: return knn_metrics(lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image", model_device(model))
         finally: model.train(was)
-        return {"knn/image/accuracy": r["accuracy"], "knn/image/chance": r["chance"]}
+
+# %% ../nbs/07a_recipes.ipynb #77cb7620
+class DINOHead(nn.Module):
+    "DINO's head: MLP -> L2-normalised bottleneck -> cosine to K unit-norm prototypes (logits in [-1, 1])."
+    def __init__(self, in_dim:int, hidden:int=128, bottleneck:int=64, out_dim:int=256, bn:bool=False):
+        super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden)) if bn else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), norm(), nn.GELU(), nn.Linear(hidden, hidden), norm(), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
+    def forward(self, x:Tensor) -> Tensor:   # (B, in_dim) -> (B, K)
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+class DINOModel(nn.Module):
+    "Student (encoder + DINO head), its EMA teacher, and the DINO loss with its centre (a buffer)."
+    def __init__(self, encoder:nn.Module, out_dim:int=256, hidden:int=128, bottleneck:int=64, total_steps:int=1000,
+                 base_momentum:float=0.996, student_temp:float=0.1, teacher_temp:float=0.04, center_momentum:float=0.9,
+                 head_bn:bool=False):
+        super().__init__()
+        head = DINOHead(encoder.embed_dim, hidden, bottleneck, out_dim, head_bn)
+        self.online = nn.ModuleDict({"encoder": encoder, "head": head})
+        self.teacher = EMATeacher(self.online, base=base_momentum, total_steps=total_steps)
+        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, center_momentum)
+    def logits(self, net:nn.ModuleDict, views:list) -> Tensor:   # V views of (B, C, H, W) -> (V, B, K), one pass
+        out = net["head"](net["encoder"](torch.cat(views)).pooled).float()
+        return out.view(len(views), len(views[0]), -1)
+    def forward(self, global_views:list, local_views:list=()) -> Tensor:
+        student = self.logits(self.online, list(global_views) + list(local_views))
+        with torch.no_grad(): teacher = self.logits(self.teacher.module, list(global_views))
+        return self.criterion(student, teacher)                 # also moves the centre towards the teacher's mean
+
+@dataclass
+class DinoRecipe(RunFields):
+    "DINO on the image tower: the student matches its EMA teacher's centred, sharpened outputs across crops; kNN eval."
+    out_dim: int = 256            # K prototypes (DINO: 65536)
+    hidden: int = 128             # head MLP width (DINO: 2048)
+    bottleneck: int = 64          # normalised bottleneck width (DINO: 256)
+    head_bn: bool = True          # BatchNorm in the head MLP: without it this small run collapses (DINO's ViTs: False)
+    student_temp: float = 0.1     # tau_s
+    teacher_temp: float = 0.04    # tau_t: sharpening
+    center_momentum: float = 0.9  # m_c
+    base_momentum: float = 0.99   # teacher EMA momentum at step 0, cosine to 1 (DINO: 0.996 for long runs)
+    local_crops: int = 2          # small crops only the student sees (DINO: 8)
+    global_scale: float = 0.4     # smallest area of the two global crops (DINO: 0.4)
+    local_scale: float = 0.1      # smallest area of a local crop; the largest is global_scale (DINO: 0.05)
+
+    name, modalities, n_mels, max_len = "dino", ("image",), 32, 32
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
+        if not isinstance(self.local_crops, int) or self.local_crops < 0:
+            raise ConfigError(f"dino.local_crops={self.local_crops!r}: expected an integer >= 0")
+        for k in ("student_temp", "teacher_temp"):
+            if not getattr(self, k) > 0: raise ConfigError(f"dino.{k}={getattr(self, k)!r}: expected a temperature > 0")
+        for k in ("center_momentum", "base_momentum"):
+            if not 0 <= getattr(self, k) <= 1: raise ConfigError(f"dino.{k}={getattr(self, k)!r}: expected a value in [0, 1]")
+        if not 0 < self.local_scale < self.global_scale <= 1:
+            raise ConfigError(f"dino: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
+                              f"global_scale={self.global_scale!r}")
+    def make_model(self):
+        torch.manual_seed(self.seed)
+        return DINOModel(ViTEncoder(ViTConfig.preset(self.size)), self.out_dim, self.hidden, self.bottleneck, self.steps,
+                         self.base_momentum, self.student_temp, self.teacher_temp, self.center_momentum, self.head_bn)
+    def make_loss(self):
+        from mmlab.data import image_augment
+        size = ViTConfig.preset(self.size).img_size[0]
+        glob = image_augment(size=size, scale=(self.global_scale, 1.0))
+        local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
+        def loss_fn(model, batch):
+            x = batch["image"]
+            return {"dino": model(augment_views(x, glob, 2), augment_views(x, local, self.local_crops))}
+        return loss_fn
+    def callbacks(self): return [TeacherUpdate()]
+    @torch.no_grad()
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+        "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
+        was = model.training; model.eval(); dev = model_device(model)
+        try:
+            teacher, student = model.teacher.module, model.online
+            m = knn_metrics(lambda b: teacher["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev)
+            m |= {k.replace("image", "image_student"): v for k, v in knn_metrics(
+                lambda b: student["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev).items()}
+        finally: model.train(was)
+        return m
 
 # %% ../nbs/07a_recipes.ipynb #0bb6e04b
 class HubertModel(nn.Module):
@@ -326,20 +512,18 @@ class HubertModel(nn.Module):
         super().__init__()
         self.hubert = hubert; self.register_buffer("centroids", centroids.float())
     def valid_frames(self, batch:dict) -> Tensor:          # (B, N) bool, frames that hold audio
-        pt = self.hubert.encoder.config.patch_size[1]; N = math.ceil(batch["audio"].shape[-1] / pt)
-        lengths = batch.get("audio_lengths", torch.full((len(batch["audio"]),), batch["audio"].shape[-1]))
-        return torch.arange(N)[None] < (lengths[:, None] + pt - 1) // pt
+        spec = batch["audio"]; pt = self.hubert.encoder.config.patch_size[1]; N = math.ceil(spec.shape[-1] / pt)
+        lengths = batch.get("audio_lengths", torch.full((len(spec),), spec.shape[-1])).to(spec.device)
+        return torch.arange(N, device=spec.device)[None] < (lengths[:, None] + pt - 1) // pt
     def forward(self, batch:dict) -> Tensor:
         spec = batch["audio"]
         targets = kmeans_targets(self.hubert.frame_features(spec), self.centroids)
         out = self.hubert(spec, targets)
-        return hubert_loss(out.logits, targets, out.mask.mask & self.valid_frames(batch).to(spec.device))
+        return hubert_loss(out.logits, targets, out.mask.mask & self.valid_frames(batch))
 
 @dataclass
 class HubertRecipe(RunFields):
-    "HuBERT iteration 1 (k-means units of log-mel frames) on the audio tower; evaluated by kNN on mean-pooled frames."
-    dataset: str = "digits"
-    size: str = "tiny"            # audio tower preset (frames as tokens: patch (n_mels, frame_hop))
+    "HuBERT iteration 1 (k-means units of log-mel frames) on the audio tower (preset `size`, frames as tokens); kNN eval."
     n_mels: int = 32
     frame_hop: int = 4            # log-mel columns per token (4 x 10 ms)
     num_units: int = 32           # k-means clusters K
@@ -348,35 +532,92 @@ class HubertRecipe(RunFields):
 
     name, modalities, max_len = "hubert", ("audio",), 32
     def __post_init__(self):
-        _choice(self, "size", ("tiny", "small"))
-        if not 0 < self.mask_ratio < 1: raise ConfigError(f"hubert.mask_ratio={self.mask_ratio!r}: expected a fraction in (0, 1)")
-        for k in ("steps", "batch_size", "n_mels", "frame_hop", "num_units", "span"):
-            if getattr(self, k) < 1: raise ConfigError(f"hubert.{k}={getattr(self, k)!r}: expected an integer >= 1")
-        if not self.lr > 0: raise ConfigError(f"hubert.lr={self.lr!r}: expected a learning rate > 0")
+        super().__post_init__()
+        _fraction(self, "mask_ratio"); _positive(self, "n_mels", "frame_hop", "num_units", "span")
     def make_model(self, centroids:Tensor|None=None):
         torch.manual_seed(self.seed)
         enc = AudioEncoder(AudioConfig.preset(self.size, n_mels=self.n_mels, patch_size=(self.n_mels, self.frame_hop)))
         hub = HuBERT(enc, self.num_units, mask_ratio=self.mask_ratio, span=self.span)
         if centroids is None:                                  # k-means on the training frames (seeded)
-            b = load_split(self, "train"); m = HubertModel(hub, torch.zeros(self.num_units, self.n_mels * self.frame_hop))
+            b = load_split(self, "train", MAX_BANK); m = HubertModel(hub, torch.zeros(self.num_units, self.n_mels * self.frame_hop))
             x = hub.frame_features(b["audio"])[m.valid_frames(b)]
             centroids = kmeans(x, self.num_units, iters=50, generator=torch.Generator().manual_seed(self.seed)).centroids
         return HubertModel(hub, centroids)
     def make_loss(self): return lambda model, batch: model(batch)
     @torch.no_grad()
-    def evaluate(self, model, batch:dict, label_names:list, train_batch:dict|None=None) -> dict:
-        "kNN accuracy of mean-pooled encoder frames (train -> `batch`)."
-        was = model.training; model.eval()
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+        "kNN accuracy of mean-pooled encoder frames (train -> `batch`); padded frames are left out of the mean."
         def feats(b):
-            out = []
-            for i in range(0, len(b["label"]), 256):
-                c = take(b, range(i, min(len(b["label"]), i + 256)))
-                h, v = model.hubert.hidden_states(c["audio"]), model.valid_frames(c).float()
-                out.append((h * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1))
-            return torch.cat(out)
-        try: r = knn_eval(feats(train_batch), train_batch["label"], feats(batch), batch["label"], num_classes=len(label_names))
+            h, v = model.hubert.hidden_states(b["audio"]), model.valid_frames(b).float()
+            return (h * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1)
+        was = model.training; model.eval()
+        try: return knn_metrics(feats, train_batch, batch, label_names, "audio", model_device(model))
         finally: model.train(was)
-        return {"knn/audio/accuracy": r["accuracy"], "knn/audio/chance": r["chance"]}
+
+# %% ../nbs/07a_recipes.ipynb #3454287b
+@torch.no_grad()
+def mmae_features(model:MultiModalMAE, batch:dict, modality:str) -> Tensor:
+    "(B, D) features of one modality with nothing hidden: adapter tokens -> shared encoder -> mean over real tokens."
+    x = batch[modality]
+    lengths = batch.get("audio_lengths") if modality == "audio" else None
+    t, real = model.adapters[modality].embed(x, lengths) if lengths is not None else model.adapters[modality].embed(x)
+    t = t + model.modality_embed[modality]
+    am = None if real is None else real[:, None, None, :]
+    for blk in model.blocks: t = blk(t, attn_mask=am)
+    t = model.norm(t)
+    if real is None: return t.mean(1)
+    w = real.to(t.dtype)[..., None]
+    return (t * w).sum(1) / w.sum(1).clamp_min(1)
+
+@dataclass
+class AvMaeRecipe(RunFields):
+    "Audio-visual masked autoencoding: one shared encoder over a random visible subset of image and audio tokens."
+    visible: float = 0.25         # fraction of all tokens the encoder sees; the rest are reconstructed
+    alpha: float = 1.0            # Dirichlet concentration of the budget's split between modalities
+    contrastive_weight: float = 0.0  # CAV-MAE: + w * CLIP loss between the pooled modalities
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    norm_pix: bool = True         # per-patch normalised targets
+    n_mels: int = 32
+    lr: float = 1.5e-3
+
+    name, modalities, max_len = "av-mae", ("image", "audio"), 32
+    def __post_init__(self):
+        super().__post_init__()
+        _fraction(self, "visible"); _positive(self, "decoder_dim", "decoder_depth", "n_mels")
+        _choice(self, "norm_pix", (True, False))
+        if not self.alpha > 0: raise ConfigError(f"av-mae.alpha={self.alpha!r}: expected a concentration > 0")
+        if not self.contrastive_weight >= 0: raise ConfigError(f"av-mae.contrastive_weight={self.contrastive_weight!r}: expected >= 0")
+    def make_model(self):
+        torch.manual_seed(self.seed)
+        v = ViTConfig.preset(self.size); width = dict(embed_dim=v.embed_dim, num_heads=v.num_heads)
+        adapters = {"image": ViTEncoder(ViTConfig.preset(self.size, depth=0, class_token=False, pool="mean")),
+                    "audio": AudioEncoder(AudioConfig.preset(self.size, n_mels=self.n_mels, depth=0, **width))}
+        return MultiModalMAE(adapters, depth=v.depth, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                             decoder_heads=max(1, self.decoder_dim // 32), visible=self.visible, alpha=self.alpha,
+                             contrastive_weight=self.contrastive_weight, norm_pix=self.norm_pix, **width)
+    def make_loss(self):
+        def loss_fn(model, batch):
+            out = model({m: batch[m] for m in self.modalities})
+            terms = {m: out.losses[m] for m in self.modalities}
+            if self.contrastive_weight > 0: terms["contrastive"] = self.contrastive_weight * out.losses["contrastive"]
+            return terms                                          # they sum to out.loss
+        return loss_fn
+    @torch.no_grad()
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+        "kNN accuracy of each modality's unmasked, mean-pooled encoder features; masked MSE per modality."
+        was = model.training; model.eval(); dev = model_device(model); m = {}
+        try:
+            for mod in self.modalities:
+                m |= knn_metrics(lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod, dev)
+            g = torch.Generator(dev).manual_seed(0)              # the same masks every evaluation
+            def mse(b):                                           # (n, M): each chunk's loss per modality, per row
+                out = model({k: b[k] for k in self.modalities}, generator=g)
+                return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
+            per = chunked(mse, batch, dev).mean(0)
+            m |= {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
+        finally: model.train(was)
+        return m
 
 # %% ../nbs/07a_recipes.ipynb #e67e920a
 @dataclass
@@ -388,30 +629,47 @@ class RunResult:
     out_dir: Path|None
     seconds: float
 
+def train_config(recipe, out:Path|None) -> TrainConfig:
+    "The `TrainConfig` a recipe's shared fields describe (AdamW betas (0.9, 0.98) as in CLIP)."
+    return TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
+                       warmup_steps=min(recipe.warmup_steps, recipe.steps - 1), grad_accum=recipe.grad_accum,
+                       device=recipe.device, precision=recipe.precision, compile=recipe.compile, log_to=recipe.log_to,
+                       ckpt_every=recipe.ckpt_every or None, out_dir=str(out) if out is not None else None)
+
+def _check_resumable(recipe, out:Path|None):
+    "A resumed run needs its checkpoint and the recipe it was started with."
+    if out is None or latest_checkpoint(out / "checkpoints") is None:
+        raise CheckpointError(f"cannot resume: no checkpoint in {out}/checkpoints")
+    saved = out / "recipe.json"
+    if saved.is_file() and json.loads(saved.read_text()) != recipe_dict(recipe):
+        raise ConfigError(f"cannot resume {out} with a different recipe than its recipe.json; bit-identical "
+                          "continuation needs the same fields (start a new run to change them)")
+
 def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()`)
                out_dir:str|Path|None=None, # write metrics.jsonl, checkpoints/, recipe.json, metrics.json here
                n_train:int|None=None,      # first n training examples only (tests)
                n_eval:int|None=None,       # first n evaluation examples only
                evaluate_after:bool=True,   # run `evaluate` on `recipe.eval_split`
                progress:bool=False,        # a tqdm bar
+               resume:bool=False,          # continue from the newest checkpoint in out_dir (same recipe)
               ) -> RunResult:
     "Load data, build the model, train it with `Trainer`, evaluate: the recipe says what, the trainer does the loop."
     t0 = time.perf_counter()
     if recipe.threads: torch.set_num_threads(recipe.threads)
     out = Path(out_dir) if out_dir is not None else None
+    if resume: _check_resumable(recipe, out)
     if out is not None: out.mkdir(parents=True, exist_ok=True); (out / "recipe.json").write_text(json.dumps(recipe_dict(recipe), indent=1))
-    data = InMemoryBatches(load_split(recipe, "train", n_train), recipe.batch_size, recipe.seed)
-    model = recipe.make_model()
-    cfg = TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
-                      warmup_steps=min(recipe.warmup_steps, recipe.steps - 1), device=recipe.device,
-                      out_dir=str(out) if out is not None else None)
-    trainer = Trainer(model, recipe.make_loss(), data, cfg, callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
+    data, model = train_data(recipe, n_train), recipe.make_model()
+    trainer = Trainer(model, recipe.make_loss(), data, train_config(recipe, out),
+                      callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
+    if resume: trainer.resume(out)
     history = trainer.fit()
+    if resume and (out / "metrics.jsonl").is_file():          # the whole run's records, not only the resumed part
+        history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     metrics = {}
     if evaluate_after:
-        from mmlab.data import dataset_meta
-        metrics = recipe.evaluate(trainer.model, load_split(recipe, recipe.eval_split, n_eval),
-                                  dataset_meta(recipe.dataset)["label_names"], data.batch)
+        bank = data.batch if isinstance(data, InMemoryBatches) else load_split(recipe, "train", min(n_train or MAX_BANK, MAX_BANK))
+        metrics = recipe.evaluate(trainer.model, load_split(recipe, recipe.eval_split, n_eval), label_names(recipe), bank)
         if out is not None: (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return RunResult(trainer.model, history, metrics, out, time.perf_counter() - t0)
 
@@ -420,7 +678,8 @@ def recipe_dict(recipe) -> dict:
     return {"recipe": recipe.name} | {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
 
 # %% ../nbs/07a_recipes.ipynb #9a21f0fd
-RECIPES = {"clip": ClipRecipe, "mae": MaeRecipe, "byol": ByolRecipe, "hubert": HubertRecipe}   # LitRecipe joins below
+RECIPES = {"clip": ClipRecipe, "mae": MaeRecipe, "av-mae": AvMaeRecipe, "hubert": HubertRecipe, "byol": ByolRecipe,
+           "dino": DinoRecipe}   # LitRecipe joins below
 
 def get_recipe(name:str, **overrides):
     "A recipe config by name with typed overrides; unknown names, keys and values raise `ConfigError`."
@@ -544,13 +803,20 @@ def quickstart(out:str|Path|None=None,   # output folder (default: a fresh runs/
     recipe = get_recipe("clip", **overrides)
     out = fresh_out_dir("quickstart", out)
     res = run_recipe(recipe, out, n_train=n_train, evaluate_after=False, progress=progress)
-    from mmlab.data import dataset_meta
     batch = load_split(recipe, recipe.eval_split, n_eval)
-    res.metrics, emb = evaluate(res.model, recipe, batch, dataset_meta(recipe.dataset)["label_names"])
+    res.metrics, emb = evaluate(res.model, recipe, batch, label_names(recipe))
     res.seconds = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(res.metrics, indent=1))
     write_report(out / "report.html", recipe, res.history, res.metrics, emb, batch["label"], res.seconds)
     return res
+
+def read_recipe(path:str|Path):
+    "The recipe stored in a run's recipe.json (errors name the file)."
+    p = Path(path)
+    try: d = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e: raise CheckpointError(f"{p} is unreadable or corrupt: {e}") from e
+    if not isinstance(d, dict) or "recipe" not in d: raise CheckpointError(f"{p}: not a recipe.json (expected an object with a 'recipe' key)")
+    return get_recipe(d.pop("recipe"), **d)
 
 def load_run(checkpoint:str|Path) -> tuple:
     "(recipe, model) from a run folder or one of its checkpoints/step-* folders; never unpickles."
@@ -560,9 +826,7 @@ def load_run(checkpoint:str|Path) -> tuple:
     if step is None: raise CheckpointError(f"no checkpoint in {p} or {p / 'checkpoints'}")
     rj = next((d / "recipe.json" for d in (step, step.parent, step.parent.parent) if (d / "recipe.json").is_file()), None)
     if rj is None: raise CheckpointError(f"{step}: no recipe.json beside the checkpoint (in the run folder); was it written by `mmlab train`?")
-    try: d = json.loads(rj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CheckpointError(f"{rj} is corrupt: {e}") from e
-    recipe = get_recipe(d.pop("recipe", None), **d)
+    recipe = read_recipe(rj)
     tensors, state = load_checkpoint(step)
     model = (replace(recipe, init_from="") if hasattr(recipe, "init_from") else recipe).make_model()   # weights: the checkpoint
     try: model.load_state_dict(decode_state(state, tensors)["model"])
@@ -572,11 +836,26 @@ def load_run(checkpoint:str|Path) -> tuple:
 # %% ../nbs/07a_recipes.ipynb #742a1681
 USAGE = """mmlab quickstart [--out DIR] [--key value ...]   train + evaluate the tri-modal digits model, write an HTML report
 mmlab train RECIPE [--out DIR] [--key value ...]   train a recipe (recipes: {recipes}); `mmlab train RECIPE --help` lists keys
+mmlab train --resume RUN                          continue an interrupted run from its newest checkpoint (bit-identical)
 mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder"""
 
 def _recipe_help(name):
     cls = RECIPES[name]
     return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {f.default!r})" for f in recipe_fields(cls))
+
+def _report_run(res:RunResult):
+    print(json.dumps({k: round(v, 4) for k, v in res.metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
+    print(f"run: {res.out_dir} (checkpoints/, metrics.jsonl, metrics.json, recipe.json)")
+
+def _resume(args:list[str]) -> int:
+    "`mmlab train --resume RUN`: the recipe comes from RUN/recipe.json, the state from RUN's newest checkpoint."
+    if len(args) != 1:
+        raise ConfigError("mmlab train --resume takes exactly one run folder and no --key options "
+                          "(the run continues with the recipe in RUN/recipe.json)")
+    run = Path(args[0])
+    if not (run / "recipe.json").is_file(): raise CheckpointError(f"{run}: no recipe.json; expected a run folder written by `mmlab train`")
+    _report_run(run_recipe(read_recipe(run / "recipe.json"), run, progress=True, resume=True))
+    return 0
 
 def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
@@ -591,13 +870,12 @@ def _cmd(argv:list[str]) -> int:
         return 0
     if cmd == "train":
         if not rest: raise ConfigError(f"mmlab train: name a recipe; recipes: {', '.join(RECIPES)}")
+        if rest[0] == "--resume": return _resume(rest[1:])
         name, rest = rest[0], rest[1:]
         if name not in RECIPES: raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
         if rest and rest[0] in ("-h", "--help"): print(_recipe_help(name)); return 0
         kw = parse_overrides(rest); out = fresh_out_dir(name, kw.pop("out", None))
-        res = run_recipe(get_recipe(name, **kw), out, progress=True)
-        print(json.dumps({k: round(v, 4) for k, v in res.metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
-        print(f"run: {out} (checkpoints/, metrics.jsonl, metrics.json, recipe.json)")
+        _report_run(run_recipe(get_recipe(name, **kw), out, progress=True))
         return 0
     if cmd == "eval":
         if not rest: raise ConfigError("mmlab eval: give a CHECKPOINT (a run folder or a checkpoints/step-* folder)")
@@ -605,10 +883,8 @@ def _cmd(argv:list[str]) -> int:
         unknown = set(kw) - {"split", "out"}
         if unknown: raise ConfigError(f"mmlab eval: unknown option(s) {sorted(unknown)}; allowed: --split, --out")
         recipe, model = load_run(ckpt)
-        from mmlab.data import dataset_meta
         split = kw.get("split", recipe.eval_split)
-        metrics = recipe.evaluate(model, load_split(recipe, split), dataset_meta(recipe.dataset)["label_names"],
-                                  load_split(recipe, "train"))
+        metrics = recipe.evaluate(model, load_split(recipe, split), label_names(recipe), load_split(recipe, "train", MAX_BANK))
         out = Path(kw.get("out") or Path(ckpt) / f"eval-{split}.json")
         out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(metrics, indent=1))
         print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
@@ -625,19 +901,21 @@ def main(argv:list[str]|None=None) -> int:
 
 # %% ../nbs/07a_recipes.ipynb #d4a8c4a0
 def pretrained_tower(run:str|Path, modality:str="image") -> nn.Module:
-    "The `modality` tower of a finished run: a clip model's tower, an MAE encoder or BYOL's online encoder."
+    "The `modality` tower of a finished run: a clip model's tower, an MAE encoder, BYOL's online or DINO's teacher encoder."
     recipe, model = load_run(run)
     if isinstance(model, MultiModalModel):
         if modality not in model.towers: raise ConfigError(f"{run}: the {recipe.name} model has no {modality!r} tower; towers: {', '.join(model.towers)}")
         return model.towers[modality]
+    image_towers = {MAE: lambda m: m.encoder, BYOLModel: lambda m: m.online["encoder"], DINOModel: lambda m: m.teacher.module["encoder"]}
+    if type(model) not in image_towers: raise ConfigError(f"{run}: a {recipe.name} run has no stand-alone tower to reuse")
     if modality != "image": raise ConfigError(f"{run}: a {recipe.name} run has only an image tower, not {modality!r}")
-    return model.encoder if isinstance(model, MAE) else model.online["encoder"]
+    return image_towers[type(model)](model)
 
 @dataclass
 class LitRecipe(ClipRecipe):
     "CLIP with one tower locked (LiT): initialised from a pretrained run, frozen; the others and the heads train."
     locked: str = "image"         # the frozen tower
-    init_from: str = ""           # run folder (clip / mae / byol, same size preset) with its weights; "" = random (an ablation)
+    init_from: str = ""           # run folder (clip / mae / byol / dino, same size preset) with its weights; "" = random (an ablation)
 
     name = "lit"
     def __post_init__(self):
