@@ -34,9 +34,9 @@ __all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'MAX_BANK', 'DIGIT_WORDS'
            'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes', 'evaluate', 'chunked', 'knn_metrics',
            'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DINOHead', 'DINOModel',
            'DinoRecipe', 'HubertModel', 'HubertRecipe', 'mmae_features', 'AvMaeRecipe', 'RunResult', 'train_config',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'loss_figure', 'embedding_figure',
-           'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main',
-           'pretrained_tower', 'LitRecipe']
+           'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'export_manifest', 'loss_figure',
+           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
+           'load_run', 'main', 'pretrained_tower', 'LitRecipe']
 
 # %% ../nbs/07a_recipes.ipynb #b101b2c3
 def soft_targets(labels:Tensor,   # (B,) int class labels of the batch
@@ -717,6 +717,33 @@ def parse_overrides(args:list[str]) -> dict:
         else: raise ConfigError(f"--{a[2:]} needs a value")
         out[k] = v
     return out
+
+# %% ../nbs/07a_recipes.ipynb #1ad790ef
+def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
+                    split:str,              # its split to export
+                    folder:str|Path,        # writes folder/<split>/*.png|wav and folder/<split>.csv
+                    n:int|None=None,        # first n examples (None: all)
+                    labels:bool=True,       # include the label column (class names)
+                   ) -> Path:               # the manifest
+    "Write a bundled split as PNG images, float WAV clips and a CSV manifest with captions (and labels)."
+    import csv
+    import soundfile as sf
+    from PIL import Image
+    from mmlab.data import dataset_meta, load_dataset
+    meta, ds = dataset_meta(dataset), load_dataset(dataset, split)
+    folder = Path(folder); (folder / split).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(ds) if n is None else min(n, len(ds))):
+        item, stem = ds[i], f"{split}/{i:05d}"
+        pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{stem}.png")
+        sf.write(folder / f"{stem}.wav", item["audio"].numpy(), meta["sample_rate"], subtype="FLOAT")
+        rows.append({"image": f"{stem}.png", "audio": f"{stem}.wav", "text": item["text"]}
+                    | ({"label": meta["label_names"][item["label"]]} if labels else {}))
+    path = folder / f"{split}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+    return path
 
 # %% ../nbs/07a_recipes.ipynb #0ef8c411
 def loss_figure(history:list[dict]):

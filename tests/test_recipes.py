@@ -133,3 +133,101 @@ def test_hubert_recipe_loss_decreases(tmp_path):
     assert units.unique().numel() > r.num_units // 2
     recipe, model = load_run(tmp_path / "hubert")
     assert torch.equal(model.centroids, res.model.centroids)   # from the checkpoint, not recomputed
+
+def test_dino_recipe_learns_and_reloads(tmp_path):
+    r = get_recipe("dino", steps="30", batch_size="32", warmup_steps="3")
+    res = run_recipe(r, tmp_path / "dino", n_train=64, n_eval=40)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses        # falls, away from log K (collapse)
+    assert res.model.criterion.center.abs().sum() > 0                        # the centre is model state ...
+    recipe, model = load_run(tmp_path / "dino")
+    assert torch.equal(model.criterion.center, res.model.criterion.center)  # ... so the checkpoint carries it
+    assert {"knn/image/accuracy", "knn/image_student/accuracy"} <= set(res.metrics)
+    from mmlab.recipes import pretrained_tower
+    enc = pretrained_tower(tmp_path / "dino")                                # DINO's tower is the teacher's encoder
+    for p, q in zip(enc.state_dict().values(), res.model.teacher.module["encoder"].state_dict().values()): assert torch.equal(p, q)
+    with pytest.raises(ConfigError, match="local_scale < global_scale"): get_recipe("dino", local_scale="0.6")
+
+def test_av_mae_recipe_loss_decreases(tmp_path):
+    r = get_recipe("av-mae", steps="25", batch_size="32", warmup_steps="3")
+    res = run_recipe(r, tmp_path / "avmae", n_train=64, n_eval=40)
+    assert set(res.history[0]) >= {"image", "audio"}                         # one term per modality
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    for m in ("image", "audio"): assert 0 <= res.metrics[f"knn/{m}/accuracy"] <= 1 and f"av-mae/{m}/masked_mse" in res.metrics
+    r2 = get_recipe("av-mae", steps="3", batch_size="16", contrastive_weight="0.5")
+    assert "contrastive" in run_recipe(r2, n_train=32, evaluate_after=False).history[0]
+
+def test_bf16_and_grad_accum_fields_reach_the_trainer():
+    r = get_recipe("clip", steps="20", batch_size="16", grad_accum="2", precision="bf16", modalities="image,text", warmup_steps="2")
+    res = run_recipe(r, n_train=32, evaluate_after=False)
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    with pytest.raises(ConfigError, match="expected one of fp32, bf16"): get_recipe("clip", precision="fp8")
+    with pytest.raises(ConfigError, match="expected one of tiny, small, base"): get_recipe("mae", size="huge")
+
+def _manifest(tmp_path, labels=True):
+    from mmlab.recipes import export_manifest
+    for split, n in (("train", 48), ("test", 24)): export_manifest("digits", split, tmp_path, n, labels=labels)
+    return str(tmp_path / "{split}.csv")
+
+def test_manifest_dataset_trains_like_bundled_data(tmp_path):
+    from mmlab.recipes import label_names, load_split
+    ds = _manifest(tmp_path)
+    r = get_recipe("clip", dataset=ds, steps="25", batch_size="16", warmup_steps="2")
+    a, b = load_split(r, "test"), load_split(ClipRecipe(), "test", 24)
+    assert (a["image"] - b["image"]).abs().max() <= 0.5 / 255 + 1e-6 and torch.allclose(a["audio"], b["audio"], atol=1e-5)
+    names = label_names(r)
+    assert [names[i] for i in a["label"]] == [["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][i] for i in b["label"]]
+    res = run_recipe(r, tmp_path / "run")
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses        # 48 examples in batches of 16
+    assert "zero_shot/text_to_audio/accuracy" in res.metrics
+    recipe, _ = load_run(tmp_path / "run")                                   # `mmlab eval` rebuilds it from recipe.json
+    assert recipe.dataset == ds
+    # every unimodal recipe reads the same manifest (the columns it needs)
+    for name in ("mae", "hubert", "av-mae"):
+        assert run_recipe(get_recipe(name, dataset=ds, steps="2", batch_size="8"), n_eval=16).metrics
+
+def test_manifest_without_labels_gives_pair_retrieval(tmp_path):
+    from mmlab.recipes import label_names, load_split
+    r = get_recipe("clip", dataset=_manifest(tmp_path, labels=False), steps="3", batch_size="16", modalities="image,text")
+    assert label_names(r) is None
+    assert load_split(r, "test")["label"].tolist() == list(range(24))        # each item is its own class
+    m = run_recipe(r).metrics
+    assert not any(k.startswith("zero_shot/") for k in m) and m["retrieval/image_to_text/chance_R@1"] == pytest.approx(1 / 24)
+    assert run_recipe(get_recipe("mae", dataset=r.dataset, steps="2", batch_size="8")).metrics == {
+        "mae/image/masked_mse": pytest.approx(run_recipe(get_recipe("mae", dataset=r.dataset, steps="2", batch_size="8")).metrics["mae/image/masked_mse"])}
+
+def test_manifest_errors_name_file_and_row(tmp_path):
+    from mmlab.core import DataError, MissingFileError
+    from mmlab.recipes import load_split
+    ds = _manifest(tmp_path)
+    with open(tmp_path / "test.csv", "a") as f: f.write("test/00000.png,,a cat,cat\n")
+    r = get_recipe("clip", dataset=ds)
+    with pytest.raises(DataError, match=r"test.csv: 1 row\(s\) lack one of image, audio, text \(first: row 26\)"): load_split(r, "test")
+    with open(tmp_path / "test.csv", "a") as f: f.write("test/00000.png,test/00000.wav,a cat,cat\n")
+    r = get_recipe("clip", dataset=ds, modalities="image,text")
+    with pytest.raises(DataError, match=r"row 26: label 'cat' is not a train-split label.*\(2 such row\(s\)\)"): load_split(r, "test")
+    with pytest.raises(MissingFileError, match="does not exist"): load_split(get_recipe("clip", dataset=str(tmp_path / "{split}.jsonl")), "test")
+
+def test_cli_resume_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    p = _mmlab("train", "clip", "--steps", "6", "--ckpt_every", "3", "--batch_size", "16", "--modalities", "image,text",
+               "--log_to", "jsonl,csv", "--out", str(run))
+    assert p.returncode == 0, p.stderr
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert last.name == "step-00000006"
+    final = load_file(str(last / "tensors.safetensors"))
+    shutil.rmtree(last)                                                       # as if killed after step 3
+    p = _mmlab("train", "--resume", str(run))
+    assert p.returncode == 0, p.stderr
+    again = load_file(str(last / "tensors.safetensors"))
+    assert sorted(again) == sorted(final) and all(torch.equal(final[k], again[k]) for k in final)
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    assert steps == [1, 2, 3, 4, 5, 6]                                        # no duplicated or lost records
+    for args, msg in [(("train", "--resume"), "exactly one run folder"), (("train", "--resume", str(tmp_path)), "no recipe.json"),
+                      (("train", "--resume", str(run), "--steps", "9"), "exactly one run folder")]:
+        p = _mmlab(*args)
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
