@@ -666,6 +666,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.embed_split': ('recipes.html#embed_split', 'mmlab/recipes.py'),
                                'mmlab.recipes.embedding_figure': ('recipes.html#embedding_figure', 'mmlab/recipes.py'),
                                'mmlab.recipes.evaluate': ('recipes.html#evaluate', 'mmlab/recipes.py'),
+                               'mmlab.recipes.export_manifest': ('recipes.html#export_manifest', 'mmlab/recipes.py'),
                                'mmlab.recipes.fresh_out_dir': ('recipes.html#fresh_out_dir', 'mmlab/recipes.py'),
                                'mmlab.recipes.get_recipe': ('recipes.html#get_recipe', 'mmlab/recipes.py'),
                                'mmlab.recipes.is_manifest': ('recipes.html#is_manifest', 'mmlab/recipes.py'),

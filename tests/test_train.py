@@ -1,16 +1,19 @@
-"""mmlab.train: bit-identical resume across a SIGKILL, atomic checkpoints under kills, no unpickling, loop semantics."""
+"""mmlab.train: bit-identical resume across a SIGKILL, atomic checkpoints under kills, no unpickling, loop semantics,
+metric files (JSONL, CSV, TensorBoard), the live plot, and torch.compile."""
 import inspect, json, math, os, pickle, random, signal, subprocess, sys, time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
 import mmlab.train as train_mod
-from mmlab.core import CheckpointError, NonFiniteError
-from mmlab.train import (Callback, EvalCallback, Trainer, TrainConfig, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, save_checkpoint, warmup_cosine)
+from mmlab.core import CheckpointError, ConfigError, NonFiniteError
+from mmlab.train import (Callback, CSVLogger, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
+                         latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------
 # A training job run in subprocesses: MLP with dropout, shuffled DataLoader, numpy and python
@@ -437,3 +440,118 @@ def test_two_process_resume_is_bit_identical(tmp_path):
         for k in a: assert torch.equal(a[k], b[k]), f"rank {r}: {k} differs after a 2-process resume"
     _, state = load_checkpoint(latest_checkpoint(tmp_path / "split" / "checkpoints"))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric files (JSONL, CSV, TensorBoard), LivePlot, torch.compile
+def test_log_to_compile_and_out_dir_validation():
+    assert TrainConfig(log_to="jsonl, csv,jsonl").log_to == ("jsonl", "csv")      # the CLI's string, repeats dropped
+    assert TrainConfig(log_to=["tensorboard"]).log_to == ("tensorboard",)
+    assert TrainConfig(log_to="").log_to == ()
+    with pytest.raises(ConfigError, match=r"TrainConfig.log_to='csv,wandb': expected names from "
+                                          r"\('jsonl', 'csv', 'tensorboard'\); 'wandb' is not one"):
+        TrainConfig(log_to="csv,wandb")
+    with pytest.raises(ConfigError, match="TrainConfig.log_to=3: expected names from"): TrainConfig(log_to=3)
+    with pytest.raises(ConfigError, match="TrainConfig.compile='yes': expected True or False"): TrainConfig(compile="yes")
+    assert TrainConfig(out_dir=Path("/tmp/x")).out_dir == "/tmp/x"                # a Path would not fit in a checkpoint
+
+
+def test_csv_logger_widens_its_header_and_round_trips_every_value(tmp_path):
+    at = SimpleNamespace(rank=0, step=0)
+    recs = [{"step": 1, "loss": 0.1 + 0.2, "lr": 1e-05}, {"step": 1, "eval/acc": 1 / 3},
+            {"step": 2, "loss": float("inf"), "note": "a,b"}]
+    log = CSVLogger(tmp_path / "m.csv"); log.on_fit_start(at)
+    for r in recs: log.on_log(at, r)
+    log.on_fit_end(at)
+    assert log.read() == recs
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,lr,eval/acc,note"
+    for cb in (CSVLogger(tmp_path / "r1.csv"), JSONLLogger(tmp_path / "r1.jsonl"), TensorBoardLogger(tmp_path / "tb1")):
+        r1 = SimpleNamespace(rank=1, step=0); cb.on_fit_start(r1); cb.on_log(r1, recs[0]); cb.on_fit_end(r1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]                  # rank 1 writes nothing
+
+
+def test_metric_files_agree_and_a_resume_drops_torn_and_later_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = lambda n: TrainConfig(max_steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2, eval_every=2,
+                                log_to="jsonl,csv,tensorboard")
+    ev = lambda: EvalCallback(lambda m: {"w": m.weight.sum()})
+    torch.manual_seed(0); Trainer(nn.Linear(3, 1), _mse, _data(), cfg(5), callbacks=[ev()]).fit()   # ckpts 2, 4, 5
+    with open(tmp_path / "metrics.csv", "a") as f: f.write("6,0,0.12")                 # torn by a kill mid-write
+    with open(tmp_path / "metrics.jsonl", "a") as f: f.write('{"step": 6, "lo')
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg(7), callbacks=[ev()])
+    tr.resume(tmp_path / "checkpoints" / "step-00000004"); tr.fit()                    # as if killed after step 5
+    jsonl = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in jsonl] == [1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 7]
+    assert CSVLogger(tmp_path / "metrics.csv").read() == jsonl
+    ea = EventAccumulator(str(tmp_path / "tensorboard")); ea.Reload()
+    keys = {k for r in jsonl for k in r} - {"step"}
+    assert set(ea.Tags()["scalars"]) == keys
+    for k in keys:                                                                   # TensorBoard stores float32
+        assert [(e.step, e.value) for e in ea.Scalars(k)] == [(r["step"], float(np.float32(r[k]))) for r in jsonl if k in r]
+
+
+def test_missing_tensorboard_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)               # import fails as if not installed
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu", out_dir=str(tmp_path), log_to="csv,tensorboard"))
+
+
+def test_liveplot_outside_ipython_only_collects_the_curves():
+    live, ev = LivePlot(every=2), EvalCallback(lambda m: {"w": m.weight.sum()})
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", eval_every=2),
+                   callbacks=[ev, live]).fit()
+    assert live.mode is None and live.handle is None
+    fig = live.figure()
+    assert [t.name for t in fig.data] == ["loss", "eval/w"]
+    assert list(fig.data[0].y) == [r["loss"] for r in hist if "loss" in r]
+    assert list(fig.data[1].x) == [2, 4]
+    with pytest.raises(ConfigError, match="LivePlot: every=0"): LivePlot(every=0)
+
+
+def test_liveplot_updates_one_output_in_place_and_draws_once_when_captured():
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    class Recorder(DisplayPublisher):
+        def __init__(self): super().__init__(); self.calls = []
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False):
+            self.calls.append(((transient or {}).get("display_id"), update, data))
+    shell = InteractiveShell.instance()
+    try:
+        shell.display_pub = rec = Recorder()                                        # a live front end
+        hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=7, device="cpu"),
+                       callbacks=[LivePlot(every=3)]).fit()
+        assert len({c[0] for c in rec.calls}) == 1 and rec.calls[0][0] is not None   # one output ...
+        assert [c[1] for c in rec.calls] == [False, True, True, True]                # shown at record 1; updated at 3, 6, end
+        final = rec.calls[-1][2]["application/vnd.plotly.v1+json"]                   # show_fig's bundle
+        assert list(final["data"][0]["y"]) == [r["loss"] for r in hist]
+        with capture_output() as cap:                                                # nbdev's runner, mmlab-docs --execute
+            Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=7, device="cpu"), callbacks=[LivePlot(every=1)]).fit()
+        assert len(cap.outputs) == 1 and "application/vnd.plotly.v1+json" in cap.outputs[0].data
+    finally:
+        InteractiveShell.clear_instance()
+
+
+class _Net(nn.Module):
+    def __init__(self): super().__init__(); self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    def forward(self, x): return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # inside inductor
+def test_compiled_run_matches_eager_and_its_checkpoint_loads_eagerly(tmp_path):
+    from torch._dynamo.utils import counters
+    def run(compile, out=None):
+        torch.manual_seed(0)
+        tr = Trainer(_Net(), _mse, _data(), TrainConfig(max_steps=6, lr=1e-2, device="cpu", compile=compile, out_dir=out))
+        return tr, tr.fit()
+    eager, he = run(False)
+    frames = counters["frames"]["ok"]
+    comp, hc = run(True, str(tmp_path))
+    assert counters["frames"]["ok"] > frames                                         # dynamo captured the forward
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(he, hc)) < 1e-6
+    assert list(comp.model.state_dict()) == list(eager.model.state_dict())          # no '_orig_mod.' prefix
+    back = Trainer(_Net(), _mse, _data(), TrainConfig(max_steps=6, device="cpu", out_dir=str(tmp_path)))
+    back.resume(tmp_path)                                                            # eager trainer, compiled checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), comp.model.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"nn.Module.compile\(\) captures nothing"):
+        Trainer(nn.Sequential(nn.Linear(3, 1)), _mse, _data(), TrainConfig(device="cpu", compile=True))
