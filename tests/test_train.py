@@ -496,7 +496,8 @@ def test_missing_tensorboard_says_how_to_install(tmp_path, monkeypatch):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu", out_dir=str(tmp_path), log_to="csv,tensorboard"))
 
 
-def test_liveplot_outside_ipython_only_collects_the_curves():
+def test_liveplot_outside_ipython_only_collects_the_curves(monkeypatch):
+    monkeypatch.setattr("IPython.get_ipython", lambda: None)   # an earlier test may have left an IPython shell alive
     live, ev = LivePlot(every=2), EvalCallback(lambda m: {"w": m.weight.sum()})
     hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", eval_every=2),
                    callbacks=[ev, live]).fit()
