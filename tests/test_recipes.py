@@ -196,8 +196,8 @@ def test_manifest_without_labels_gives_pair_retrieval(tmp_path):
     assert load_split(r, "test")["label"].tolist() == list(range(24))        # each item is its own class
     m = run_recipe(r).metrics
     assert not any(k.startswith("zero_shot/") for k in m) and m["retrieval/image_to_text/chance_R@1"] == pytest.approx(1 / 24)
-    assert run_recipe(get_recipe("mae", dataset=r.dataset, steps="2", batch_size="8")).metrics == {
-        "mae/image/masked_mse": pytest.approx(run_recipe(get_recipe("mae", dataset=r.dataset, steps="2", batch_size="8")).metrics["mae/image/masked_mse"])}
+    m = run_recipe(get_recipe("mae", dataset=r.dataset, steps="2", batch_size="8")).metrics
+    assert list(m) == ["mae/image/masked_mse"]                                 # no labels: no kNN
 
 def test_manifest_errors_name_file_and_row(tmp_path):
     from mmlab.core import DataError, MissingFileError
