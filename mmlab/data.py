@@ -75,7 +75,7 @@ def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a fi
     if sr != sample_rate:
         if not resample_to_rate:
             raise DataError(f"{where}: sample rate {sr} Hz, expected {sample_rate} Hz; resample the file or "
-                            f"pass resample=True")
+                            f"pass resample_to_rate=True")
         wave = resample(wave, sr, sample_rate)
     return wave
 
@@ -173,6 +173,9 @@ class CharTokenizer:
                  add_special:bool=True, # wrap in <bos> ... <eos>
                 ):
         if len(set(alphabet)) != len(alphabet): raise ConfigError("CharTokenizer: alphabet has repeated characters")
+        if max_len < (2 if add_special else 1):   # <bos> and <eos> always fit
+            raise ConfigError(f"CharTokenizer: max_len={max_len!r} is too small; expected >= {2 if add_special else 1}"
+                              f"{' (room for <bos> and <eos>)' if add_special else ''}")
         self.alphabet, self.max_len, self.lower, self.add_special = alphabet, max_len, lower, add_special
         self.stoi = {c: i + len(self.SPECIALS) for i, c in enumerate(alphabet)}
         self.itos = {i: c for c, i in self.stoi.items()}
@@ -492,6 +495,8 @@ class NoisyPairs(Dataset):
         check_modalities([modality])
         if not 0 <= p <= 1: raise ConfigError(f"NoisyPairs: p must be in [0, 1], got {p}")
         n = len(ds); rng = np.random.default_rng(seed)
+        if n < 2 and p > 0: raise ConfigError(f"NoisyPairs: a dataset of {n} example(s) has no other example to pair with; "
+                                              f"expected at least 2 (or p=0)")
         self.ds, self.modality, self.p = ds, modality, p
         self.noisy = rng.random(n) < p
         self.source = np.where(self.noisy, (np.arange(n) + rng.integers(1, max(n, 2), n)) % n, np.arange(n))

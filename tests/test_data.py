@@ -1,7 +1,7 @@
 """Tests of mmlab.data beyond the chapter: the shipped files against DATASHEET.md, split properties
 (compositional held-out pairs, disjoint speakers), speech sanity, every kind of broken input made
 with real files, caching and reproducible loaders with worker processes."""
-import hashlib, io, json, re, warnings
+import hashlib, io, json, math, re, warnings
 from pathlib import Path
 
 import numpy as np
@@ -384,3 +384,189 @@ def test_generator_reproduces_shipped_items_byte_for_byte():
             assert np.array_equal(img, z["image"][i]) and text == z["text"][i]
             assert all(z[f"attr_{k}"][i] == v for k, v in rec.items())
             assert blob == z["audio_bytes"][off[i]:off[i + 1]].tobytes()
+
+
+# ================================================================ behaviour pinned against hand references
+# (issue 14: each test below fails when the behaviour it names is broken; see the mutation notes)
+
+from hypothesis import given, settings, strategies as st
+from mmlab.core import InputTypeError, ShapeError
+from mmlab.data import ModalityDropout, NoisyPairs, content_hash, image_augment
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+def wav_bytes(x, sr, subtype=None):
+    buf = io.BytesIO(); sf.write(buf, x, sr, format="WAV", subtype=subtype); return buf.getvalue()
+
+
+# ---------------------------------------------------------------- decode_audio: the sample-rate contract
+
+def test_decode_audio_refuses_other_rate_unless_asked_to_resample(tmp_path):
+    t = np.arange(4000) / 8000
+    x = 0.5 * np.sin(2 * np.pi * 250 * t)
+    p = tmp_path / "r8k.wav"; sf.write(p, x, 8000, subtype="FLOAT")
+    for src in (p, str(p), p.read_bytes()):
+        with pytest.raises(DataError, match="sample rate 8000 Hz, expected 16000 Hz; .*resample_to_rate=True"):
+            decode_audio(src)
+    with pytest.raises(DataError, match=r"clip 7: sample rate 8000 Hz"): decode_audio(p.read_bytes(), "clip 7")
+    # the file's own rate is accepted as is: no resampling, the samples come back unchanged
+    np.testing.assert_allclose(decode_audio(p, sample_rate=8000).numpy(), x, atol=1e-7)
+    # explicitly asked: resampled to 16 kHz -> twice the samples, the same 250 Hz sine (checked away from the edges)
+    y = decode_audio(p, resample_to_rate=True).numpy()
+    assert y.shape == (8000,) and y.dtype == np.float32
+    ref = 0.5 * np.sin(2 * np.pi * 250 * np.arange(8000) / 16000)
+    np.testing.assert_allclose(y[200:-200], ref[200:-200], atol=2e-3)
+    # a 16 kHz file is never touched, asked or not
+    z = 0.25 * np.sin(2 * np.pi * 440 * np.arange(1600) / 16000)
+    for rs in (False, True):
+        np.testing.assert_allclose(decode_audio(wav_bytes(z, 16000, "FLOAT"), resample_to_rate=rs).numpy(), z, atol=1e-7)
+
+
+def test_decode_audio_mono_mix_and_bad_clips(tmp_path):
+    a = np.linspace(-0.5, 0.5, 800); b = 0.25 * np.ones(800)
+    out = decode_audio(wav_bytes(np.stack([a, b], 1), 16000, "FLOAT")).numpy()
+    np.testing.assert_allclose(out, (a + b) / 2, atol=1e-7)          # stereo -> mean of the channels
+    with pytest.raises(DataError, match="<bytes>: audio file has 0 samples"): decode_audio(wav_bytes(np.zeros(0), 16000))
+    nan = np.zeros(100); nan[50] = np.nan
+    with pytest.raises(DataError, match="NaN/Inf"): decode_audio(wav_bytes(nan, 16000, "FLOAT"))
+    with pytest.raises(DataError, match="cannot decode audio"): decode_audio(b"RIFF" + bytes(60))
+    with pytest.raises(MissingFileError, match="does not exist"): decode_audio(tmp_path / "none.wav")
+
+
+# ---------------------------------------------------------------- ModalityDropout
+
+class Toy(torch.utils.data.Dataset):
+    "n examples with the given modalities (fresh dicts every time, as a real dataset returns)."
+    def __init__(self, n, mods=("image", "audio", "text")): self.n, self.mods = n, mods
+    def __len__(self): return self.n
+    def __getitem__(self, i):
+        it = {m: torch.full((2,), float(i)) if m != "text" else f"t{i}" for m in self.mods}
+        if "text" in self.mods: it["caption"] = f"t{i}"
+        return it | {"index": i, "label": i % 3}
+
+
+@pytest.mark.parametrize("p", [0.5, 0.95, 0.999])
+def test_modality_dropout_never_drops_every_modality(p):
+    for mods in (("image", "audio", "text"), ("image", "text"), ("audio",)):
+        ds = ModalityDropout(Toy(400, mods), p=p, seed=1)
+        kept = [sum(ds[i][m] is not None for m in mods) for i in range(len(ds))]
+        assert min(kept) >= 1, (mods, p)
+        if len(mods) > 1 and p > 0.9: assert kept.count(1) > 300     # the cap is really exercised
+
+
+def test_modality_dropout_rate_matches_p():
+    # each present modality is dropped with prob p, except that when all 3 are drawn one is put back:
+    # expected drop rate per modality = p - p^3 / 3
+    n, p = 3000, 0.3
+    ds = ModalityDropout(Toy(n), p=p, seed=0)
+    items = [ds[i] for i in range(n)]
+    want, sd = p - p ** 3 / 3, math.sqrt(p * (1 - p) / n)
+    for m in ("image", "audio", "text"):
+        rate = np.mean([it[m] is None for it in items])
+        assert abs(rate - want) < 4 * sd, (m, rate, want)
+    # a per-modality dict drops only the modalities it names, at their own rate
+    ds = ModalityDropout(Toy(n), p={"audio": 0.5}, seed=0)
+    items = [ds[i] for i in range(n)]
+    assert all(it["image"] is not None and it["text"] is not None for it in items)
+    assert abs(np.mean([it["audio"] is None for it in items]) - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def test_modality_dropout_fixed_per_example_seeded_and_drops_caption():
+    ds = ModalityDropout(Toy(200), p=0.4, seed=3)
+    pat = lambda d: [tuple(d[i][m] is None for m in ("image", "audio", "text")) for i in range(200)]
+    assert pat(ds) == pat(ds)                                         # the same example -> the same pattern
+    assert pat(ds) != pat(ModalityDropout(Toy(200), p=0.4, seed=4))   # another seed -> another pattern
+    for i in range(200):
+        it = ds[i]
+        assert ("caption" in it) == (it["text"] is not None)          # a dropped caption goes with the text
+        if it["image"] is not None: assert torch.equal(it["image"], torch.full((2,), float(i)))
+    assert len(ds) == 200
+    assert all(ModalityDropout(Toy(50), p=0.0)[i]["audio"] is not None for i in range(50))
+    for bad in (1.0, -0.1, {"audio": 1.0}):
+        with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"): ModalityDropout(Toy(3), p=bad)
+    with pytest.raises(ConfigError, match="unknown modality 'video'"): ModalityDropout(Toy(3), p={"video": 0.1})
+
+
+# ---------------------------------------------------------------- NoisyPairs
+
+@pytest.mark.parametrize("n", [2, 3, 17, 500])
+def test_noisy_pairs_never_pair_an_example_with_itself(n):
+    for seed in range(5):
+        ds = NoisyPairs(Toy(n, ("image", "text")), "text", p=1.0, seed=seed)
+        for i in range(n):
+            it = ds[i]
+            assert it["text"] != f"t{i}" and it["caption"] == it["text"]          # another example's caption
+            assert torch.equal(it["image"], torch.full((2,), float(i)))         # the other half is untouched
+            assert it["attrs"]["noisy_pair"] == 1
+
+
+def test_noisy_pairs_fraction_matches_p_and_marks_pairs():
+    n, p = 4000, 0.2
+    ds = NoisyPairs(Toy(n, ("audio", "text")), "audio", p=p, seed=0)
+    items = [ds[i] for i in range(n)]
+    changed = np.array([not torch.equal(it["audio"], torch.full((2,), float(i))) for i, it in enumerate(items)])
+    assert abs(changed.mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert (changed == np.array([it["attrs"]["noisy_pair"] for it in items])).all()
+    assert all(it["text"] == f"t{i}" for i, it in enumerate(items))              # only `modality` is replaced
+    # the partners are spread over the others, not one fixed shift
+    src = [int(it["audio"][0]) for it, c in zip(items, changed) if c]
+    assert len({(s - i) % n for s, i in zip(src, np.flatnonzero(changed))}) > 100
+    for q in (0.5, 0.9):
+        flags = [NoisyPairs(Toy(n, ("text",)), p=q, seed=1)[i]["attrs"]["noisy_pair"] for i in range(n)]
+        assert abs(np.mean(flags) - q) < 4 * math.sqrt(q * (1 - q) / n), q
+    assert not any(NoisyPairs(Toy(50), p=0.0)[i]["attrs"]["noisy_pair"] for i in range(50))
+    with pytest.raises(ConfigError, match=r"p must be in \[0, 1\]"): NoisyPairs(Toy(5), p=1.5)
+    with pytest.raises(ConfigError, match="no other example"): NoisyPairs(Toy(1), p=0.5)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+@FAST
+@given(st.text(alphabet="abcXYZ 0.!é\n", max_size=40), st.integers(2, 50))
+def test_char_tokenizer_lengths_truncation_and_roundtrip(s, max_len):
+    t = CharTokenizer(max_len=max_len)
+    ids = t(s)
+    assert ids.dtype == torch.long and len(ids) == min(len(s), max_len - 2) + 2
+    assert ids[0] == t.BOS and ids[-1] == t.EOS and t.PAD not in ids.tolist()
+    body = s.lower()[: max_len - 2]
+    assert ids[1:-1].tolist() == [t.alphabet.index(c) + 4 if c in t.alphabet else t.UNK for c in body]
+    assert t.decode(ids) == "".join(c if c in t.alphabet else "?" for c in body)
+    raw = CharTokenizer(max_len=max_len, add_special=False, lower=False)(s)
+    assert len(raw) == min(len(s), max_len) and t.BOS not in raw.tolist()
+    assert all((i == t.UNK) == (c not in t.alphabet) for i, c in zip(raw.tolist(), s))   # upper case is unknown
+
+
+def test_char_tokenizer_vocab_and_errors():
+    t = CharTokenizer(alphabet="ab")
+    assert t.vocab_size == 6 and t.pad_id == 0 and t("ab").tolist() == [1, 4, 5, 2]
+    with pytest.raises(ConfigError, match="repeated"): CharTokenizer(alphabet="aba")
+    with pytest.raises(ConfigError, match="max_len=1 is too small"): CharTokenizer(max_len=1)
+    with pytest.raises(ConfigError, match="max_len=0 is too small"): CharTokenizer(max_len=0, add_special=False)
+    with pytest.raises(InputTypeError, match="expected str, got int"): t(3)
+
+
+WORDS = "a red blue circle square".split()
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return make_tiny_hf_tokenizer(tmp_path_factory.mktemp("tok") / "tok", WORDS)
+
+
+@FAST
+@given(words=st.lists(st.sampled_from(WORDS + ["zzz"]), max_size=12), max_len=st.integers(2, 16))
+def test_hf_tokenizer_lengths_and_truncation(hf, words, max_len):
+    tok = HFTokenizer(hf, max_len=max_len)
+    ids = tok(" ".join(words)).tolist()
+    body = [WORDS.index(w) + 4 if w in WORDS else 1 for w in words][: max_len - 2]
+    assert ids == [2] + body + [3]                                   # [CLS] body [SEP], [UNK]=1, [SEP] kept
+    assert tok.decode(ids) == " ".join(w for w in words[: max_len - 2] if w in WORDS)
+    assert tok.pad_id == 0 and tok.vocab_size == 9
+
+
+def test_hf_tokenizer_errors(tmp_path, hf):
+    with pytest.raises(MissingFileError, match="does not exist"): HFTokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot load a tokenizer"): HFTokenizer(tmp_path / "empty")
+    with pytest.raises(InputTypeError, match="expected str"): HFTokenizer(hf)(None)
