@@ -311,3 +311,129 @@ def test_span_mask_matches_broadcast_reference():
     scores = torch.where(cover > 0, cover + pos, rest)
     ref = torch.zeros(B, L, dtype=torch.bool).scatter_(1, torch.topk(scores, k, 1).indices, True)
     assert torch.equal(span_mask(B, L, ratio, span=span, generator=_g(5)).mask, ref)
+
+# ================================================================ issue 14: tests that notice a wrong change
+from hypothesis import given, settings, strategies as st
+from mmlab.core import InputTypeError, ConfigError
+from mmlab.masking import apply_mask, _largest_remainder
+from mmlab.losses.masked import MAEOutput
+
+_FAST = settings(max_examples=30, deadline=None, derandomize=True)
+
+def _bool_rows(rows, L):
+    "(B, L) bool mask with the given hidden positions per row."
+    m = torch.zeros(len(rows), L, dtype=torch.bool)
+    for b, r in enumerate(rows): m[b, list(r)] = True
+    return m
+
+def _ce64(logits, b, i, y):
+    row = [float(v) for v in logits[b, i]]; mx = max(row)
+    return -(row[int(y[b, i])] - mx - math.log(sum(math.exp(v - mx) for v in row)))
+
+# ---------------------------------------------------------------- 1. HuBERT loss normalisation
+@pytest.mark.parametrize("rows", [[(1, 5), (0, 6)],                       # 1/4 hidden
+                                  [(0, 1, 2, 4, 5, 7), (1, 2, 3, 4, 6, 7)],   # 3/4 hidden
+                                  [(3,), (0, 2, 5)]])                     # unequal rows: pooled over the batch
+@pytest.mark.parametrize("w", [0.0, 0.3, 2.0])
+def test_hubert_loss_terms_normalised_by_their_own_counts(rows, w):
+    "hidden CE averaged over hidden frames + w x visible CE averaged over visible frames (pooled, float64 loop)."
+    g = _g(11); B, N, K = 2, 8, 5
+    logits = torch.randn(B, N, K, generator=g, dtype=torch.float64); y = torch.randint(0, K, (B, N), generator=g)
+    mask = _bool_rows(rows, N)
+    hid = [_ce64(logits, b, i, y) for b in range(B) for i in range(N) if mask[b, i]]
+    vis = [_ce64(logits, b, i, y) for b in range(B) for i in range(N) if not mask[b, i]]
+    ref = sum(hid) / len(hid) + w * sum(vis) / len(vis)
+    assert hubert_loss(logits, y, mask, unmasked_weight=w).item() == pytest.approx(ref, rel=1e-10)
+
+def test_hubert_loss_all_hidden_has_no_visible_term():
+    "With no visible frame the visible term is 0 (no 0/0), the hidden term the plain mean CE."
+    g = _g(1); logits = torch.randn(1, 4, 3, generator=g, dtype=torch.float64); y = torch.tensor([[0, 2, 1, 2]])
+    ref = sum(_ce64(logits, 0, i, y) for i in range(4)) / 4
+    assert hubert_loss(logits, y, torch.ones(1, 4, dtype=torch.bool), unmasked_weight=0.5).item() == pytest.approx(ref, rel=1e-12)
+
+def test_hubert_loss_target_range_boundaries():
+    logits = torch.zeros(1, 3, 4, dtype=torch.float64); mask = torch.tensor([[True, False, True]])
+    assert hubert_loss(logits, torch.tensor([[0, 3, 3]]), mask).item() == pytest.approx(math.log(4), rel=1e-12)
+    with pytest.raises(InputError, match="targets must lie"): hubert_loss(logits, torch.tensor([[0, 4, 0]]), mask)
+    with pytest.raises(InputError, match="targets must lie"): hubert_loss(logits, torch.tensor([[-1, 0, 0]]), mask)
+
+# ---------------------------------------------------------------- 2. k-means++ and k-means
+def test_kmeans_plusplus_first_uniform_then_d_squared():
+    """Points 0, 1, 3 on a line. First centre uniform (1/3 each); the second drawn with P ~ D^2: after 0 it is 3 with
+    probability 9/10 (D-weighting would give 3/4), after 1 -> 3 with 4/5 (D: 2/3), after 3 -> 0 with 9/13 (D: 3/5)."""
+    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    n = 1500; first = torch.zeros(3); second = torch.zeros(3, 3)
+    for s in range(n):
+        c = kmeans_plusplus(x, 2, generator=_g(s))[:, 0].tolist()
+        i, j = [0.0, 1.0, 3.0].index(c[0]), [0.0, 1.0, 3.0].index(c[1])
+        first[i] += 1; second[i, j] += 1
+    assert (first / n - 1 / 3).abs().max() < 0.05                  # sd 0.012
+    d2 = torch.tensor([[0.0, 1, 9], [1, 0, 4], [9, 4, 0]], dtype=torch.float64)
+    p = second / second.sum(1, keepdim=True)
+    assert (second.diagonal() == 0).all(), "a chosen point has D = 0 and is never drawn again"
+    # each conditional frequency is within 0.055 of D^2 (sd <= 0.022); D-weighting is >= 0.09 away
+    assert (p - d2 / d2.sum(1, keepdim=True)).abs().max() < 0.055, p
+
+def test_kmeans_plusplus_distinct_points_never_repeat():
+    "Distances are to the NEAREST chosen centre: with k = N distinct points every point is chosen exactly once."
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    for s in range(40):
+        c = kmeans_plusplus(x, 4, generator=_g(s))
+        assert sorted(map(tuple, c.tolist())) == sorted(map(tuple, x.tolist()))
+
+def test_kmeans_plusplus_identical_points_fall_back_to_uniform():
+    x = torch.ones(5, 2)
+    assert torch.equal(kmeans_plusplus(x, 3, generator=_g(0)), torch.ones(3, 2))
+
+def _three_blobs():
+    g = _g(4); centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    truth = torch.arange(60) % 3
+    return centres[truth] + 0.3 * torch.randn(60, 2, generator=g, dtype=torch.float64), truth
+
+def test_kmeans_recovers_separated_clusters_and_inertia_closed_form():
+    x, truth = _three_blobs()
+    r = kmeans(x, 3, generator=_g(0))
+    # same partition as the truth (up to relabelling), centres = the blob means, inertia = sum of squared distances
+    assert len({(int(a), int(b)) for a, b in zip(truth, r.labels)}) == 3
+    for j in range(3):
+        pts = x[r.labels == j]
+        assert torch.allclose(r.centroids[j], pts.mean(0), atol=1e-12)
+    inertia = sum(float(((x[i] - r.centroids[r.labels[i]]) ** 2).sum()) for i in range(60))
+    assert r.inertia == pytest.approx(inertia, rel=1e-12)
+    assert 1 <= r.n_iter < 100
+
+def test_kmeans_converged_init_stops_after_one_iteration():
+    "Lloyd stops when the assignment repeats: from the optimum, one iteration is run and n_iter says so."
+    x, truth = _three_blobs()
+    opt = torch.stack([x[truth == j].mean(0) for j in range(3)])
+    r = kmeans(x, 3, init=opt)
+    assert r.n_iter == 1 and torch.equal(r.labels, truth) and torch.allclose(r.centroids, opt, atol=1e-12)
+
+def test_kmeans_iters_limits_lloyd_steps():
+    "iters=1: one assignment + one centroid update from the init, checked by hand on 1-D points."
+    x = torch.tensor([[0.0], [1.0], [9.0], [10.0]], dtype=torch.float64)
+    r = kmeans(x, 2, iters=1, init=torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+    # step 1: labels [0, 1, 1, 1] -> centres 0 and (1+9+10)/3; final labels with those centres
+    assert r.n_iter == 1 and r.centroids[:, 0].tolist() == pytest.approx([0.0, 20 / 3], rel=1e-12)
+    assert r.labels.tolist() == [0, 0, 1, 1]
+    assert r.inertia == pytest.approx(1 + (9 - 20 / 3) ** 2 + (10 - 20 / 3) ** 2, rel=1e-12)
+    # unlimited: a second step moves 1 to the first cluster, the third repeats the assignment and stops (n_iter 2)
+    r = kmeans(x, 2, init=torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+    assert r.n_iter == 2 and r.centroids[:, 0].tolist() == pytest.approx([0.5, 9.5], rel=1e-12) and r.inertia == pytest.approx(1.0)
+
+def test_kmeans_empty_cluster_keeps_its_centre():
+    x = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
+    r = kmeans(x, 2, init=torch.tensor([[1.0], [100.0]], dtype=torch.float64))
+    assert r.centroids[:, 0].tolist() == [1.0, 100.0] and r.labels.tolist() == [0, 0, 0]
+
+def test_kmeans_targets_is_nearest_centre():
+    g = _g(8); f = torch.randn(2, 7, 3, generator=g, dtype=torch.float64); c = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    got = kmeans_targets(f, c)
+    for b in range(2):
+        for n in range(7):
+            d = [sum((float(f[b, n, i]) - float(c[j, i])) ** 2 for i in range(3)) for j in range(4)]
+            assert int(got[b, n]) == d.index(min(d))
+
+@pytest.mark.parametrize("k", [0, 5, True, 2.0])
+def test_kmeans_bad_k(k):
+    with pytest.raises(InputError, match="k must be an integer"): kmeans(torch.randn(4, 2), k)
