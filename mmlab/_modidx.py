@@ -779,6 +779,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mmlab.train._cell_value': ('train.html#_cell_value', 'mmlab/train.py'),
                              'mmlab.train._display_mode': ('train.html#_display_mode', 'mmlab/train.py'),
                              'mmlab.train._fsync_dir': ('train.html#_fsync_dir', 'mmlab/train.py'),
+                             'mmlab.train._meta_sha256': ('train.html#_meta_sha256', 'mmlab/train.py'),
                              'mmlab.train._remove': ('train.html#_remove', 'mmlab/train.py'),
                              'mmlab.train._rng_restore': ('train.html#_rng_restore', 'mmlab/train.py'),
                              'mmlab.train._rng_snapshot': ('train.html#_rng_snapshot', 'mmlab/train.py'),

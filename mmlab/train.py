@@ -163,6 +163,12 @@ def _sha256(path:Path) -> str:
         for blk in iter(lambda: f.read(1 << 20), b""): h.update(blk)
     return h.hexdigest()
 
+_META_KEYS = ("format", "step", "tensors_sha256", "state", "state_sha256")   # what state.json may hold
+
+def _meta_sha256(meta:dict) -> str:
+    "Hex SHA-256 of state.json's content without its own checksum (JSON text: a byte flipped in any value shows)."
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "state_sha256"}).encode()).hexdigest()
+
 def _remove(path:Path):
     "Delete a directory safely: rename it to a hidden trash name first (atomic), then remove it."
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
@@ -196,9 +202,9 @@ def save_checkpoint(directory:str|Path, # folder holding the step-* checkpoints
     tmp.mkdir()
     save_file(tensors, str(tmp / "tensors.safetensors"))
     with open(tmp / "tensors.safetensors", "rb+") as f: os.fsync(f.fileno())
-    meta = {"format": CHECKPOINT_FORMAT, "step": step, "tensors_sha256": _sha256(tmp / "tensors.safetensors")}
+    meta = {"format": CHECKPOINT_FORMAT, "step": step, "tensors_sha256": _sha256(tmp / "tensors.safetensors"), "state": state}
     with open(tmp / "state.json", "w") as f:
-        json.dump(meta | {"state": state}, f); f.flush(); os.fsync(f.fileno())
+        json.dump(meta | {"state_sha256": _meta_sha256(meta)}, f); f.flush(); os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists(): _remove(final)                                          # re-saving the same step
     os.replace(tmp, final); _fsync_dir(d)
@@ -215,6 +221,10 @@ def load_checkpoint(path:str|Path) -> tuple[dict, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CheckpointError(f"{p / 'state.json'} is corrupt: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p / 'state.json'}: unknown format {meta.get('format') if isinstance(meta, dict) else None!r}; expected {CHECKPOINT_FORMAT!r}")
+    if set(meta) - set(_META_KEYS) or {"step", "tensors_sha256", "state"} - set(meta):   # e.g. a flipped byte in a key
+        raise CheckpointError(f"{p / 'state.json'} is corrupt: keys {sorted(meta)}, expected {list(_META_KEYS)}")
+    if "state_sha256" in meta and _meta_sha256(meta) != meta["state_sha256"]:   # (absent in older checkpoints)
+        raise CheckpointError(f"{p / 'state.json'}: SHA-256 of its content does not match; the file is corrupt or was modified")
     tf = p / "tensors.safetensors"
     if not tf.is_file(): raise CheckpointError(f"{p}: tensors.safetensors is missing")
     if _sha256(tf) != meta["tensors_sha256"]:
@@ -586,12 +596,13 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]   # model order, as a hand loop would
         if not params: raise InputError("Trainer: the loss did not produce a gradient for any trainable parameter")
         limit = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, limit).item()
+        total = torch.nn.utils.get_total_norm([p.grad for p in params]); norm = total.item()
         if not math.isfinite(norm) and self.scaler is None:   # with fp16 the scaler skips such steps by design
-            name = next((n for n, p in self.model.named_parameters()
+            name = next((n for n, p in self.model.named_parameters()   # before clipping, which spreads a NaN to all
                          if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
             raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1} (first bad parameter {name!r}) "
                                  "although every loss term was finite; lower lr or use fp32")
+        torch.nn.utils.clip_grads_with_norm_(params, limit, total)   # = clip_grad_norm_, split to look in between
         return norm
 
     def _next_batch(self):

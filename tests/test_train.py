@@ -1,6 +1,6 @@
 """mmlab.train: bit-identical resume across a SIGKILL, atomic checkpoints under kills, no unpickling, loop semantics,
 metric files (JSONL, CSV, TensorBoard), the live plot, and torch.compile."""
-import inspect, json, math, os, pickle, random, signal, subprocess, sys, time
+import hashlib, inspect, json, math, os, pickle, random, signal, subprocess, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,6 +174,7 @@ def test_loading_never_unpickles(tmp_path):
     evil.write_bytes(pickle.dumps({"w": _Evil()}))
     meta = json.loads((ck / "state.json").read_text())
     meta["tensors_sha256"] = train_mod._sha256(evil)                    # a consistent, malicious checkpoint
+    del meta["state_sha256"]; meta["state_sha256"] = hashlib.sha256(json.dumps(meta).encode()).hexdigest()
     (ck / "state.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"): load_checkpoint(ck)
     assert not os.path.exists(MARKER)
@@ -346,7 +347,7 @@ DDP_JOB = r'''
 import json, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from safetensors.torch import save_file
 from mmlab.losses.contrastive import clip_loss
-from mmlab.train import Trainer, TrainConfig
+from mmlab.train import Callback, Trainer, TrainConfig
 torch.set_num_threads(1)
 out, world = sys.argv[1], int(sys.argv[2])
 if world > 1: dist.init_process_group("gloo")
@@ -367,10 +368,32 @@ data = [{k: v[shard] for k, v in b.items()} for b in glob]
 def loss_fn(m, b):
     return clip_loss(F.normalize(m.a(b["a"]), dim=-1), F.normalize(m.b(b["b"]), dim=-1), m.log_scale.exp(),
                      distributed=world > 1)
-tr = Trainer(model, loss_fn, data, TrainConfig(max_steps=5, lr=1e-2, device="cpu"))
+def loss_fn2(m, b):   # plus a rank-local term: its mean over ranks is the full-batch value
+    return {"clip": loss_fn(m, b), "size": 1e-2 * (m.a(b["a"]) ** 2).mean()}
+
+class Check(Callback):
+    "Before clipping and the step: compare this rank's (all-reduced) gradient with a float64 full-batch reference."
+    def __init__(self): self.rows = []
+    def on_after_backward(self, t):
+        gb = {k: v.double() for k, v in glob[t.step % 3].items()}
+        p = {n: q.detach().double().requires_grad_() for n, q in t.model.named_parameters()}
+        f = lambda k, x: torch.tanh(x @ p[k + ".0.weight"].T + p[k + ".0.bias"]) @ p[k + ".2.weight"].T + p[k + ".2.bias"]
+        ua, ub = f("a", gb["a"]), f("b", gb["b"])
+        logits = p["log_scale"].exp() * (ua / ua.norm(dim=1, keepdim=True)) @ (ub / ub.norm(dim=1, keepdim=True)).T
+        i = torch.arange(16)
+        clip = (F.cross_entropy(logits, i) + F.cross_entropy(logits.T, i)) / 2
+        size = 1e-2 * (ua ** 2).mean()
+        (clip + size).backward()
+        err = max((q.grad.double() - p[n].grad).abs().max().item() for n, q in t.model.named_parameters())
+        scale = max(p[n].grad.abs().max().item() for n in p)
+        self.rows.append({"err": err, "scale": scale, "clip": clip.item(), "size": size.item()})
+
+check = Check()
+tr = Trainer(model, loss_fn2, data, TrainConfig(max_steps=5, lr=1e-2, device="cpu"), callbacks=[check])
 hist = tr.fit()
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/w{world}_r{rank}.safetensors")
 json.dump([r["loss"] for r in hist], open(f"{out}/loss{world}_r{rank}.json", "w"))
+json.dump({"hist": hist, "ref": check.rows}, open(f"{out}/check{world}_r{rank}.json", "w"))
 if world > 1: dist.destroy_process_group()
 '''
 
@@ -387,6 +410,15 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     for p in procs:
         _, err = p.communicate(timeout=300); assert p.returncode == 0, err[-3000:]
+    # each rank's gradient after the all-reduce is the AVERAGE over ranks: the float64 full-batch gradient (a sum
+    # would double it; Adam and clipping hide that in the weights); logged terms are averaged over ranks too
+    for world, r in ((1, 0), (2, 0), (2, 1)):
+        c = json.load(open(tmp_path / f"check{world}_r{r}.json"))
+        assert len(c["ref"]) == 5 and len(c["hist"]) == 5
+        for rec, ref in zip(c["hist"], c["ref"]):
+            assert ref["err"] <= 1e-5 * ref["scale"], (world, r, ref)
+            assert rec["clip"] == pytest.approx(ref["clip"], rel=1e-5) and rec["size"] == pytest.approx(ref["size"], rel=1e-5)
+            assert rec["loss"] == pytest.approx(ref["clip"] + ref["size"], rel=1e-5)
     l1 = json.load(open(tmp_path / "loss1_r0.json"))
     for r in range(2): assert json.load(open(tmp_path / f"loss2_r{r}.json")) == pytest.approx(l1, abs=1e-5)
     w1 = load_file(str(tmp_path / "w1_r0.safetensors"))
@@ -556,3 +588,400 @@ def test_compiled_run_matches_eager_and_its_checkpoint_loads_eagerly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), comp.model.state_dict().values()))
     with pytest.raises(ConfigError, match=r"nn.Module.compile\(\) captures nothing"):
         Trainer(nn.Sequential(nn.Linear(3, 1)), _mse, _data(), TrainConfig(device="cpu", compile=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop arithmetic against independent references: accumulation, logged means, schedule, EMA, cadence
+from hypothesis import given, settings, strategies as st
+from mmlab.core import InputError, InputTypeError
+from mmlab.train import EMA, decode_state, encode_state, loss_terms, make_optimizer
+
+
+class _Grads(Callback):
+    "Reads the accumulated gradient BEFORE clipping and the optimizer (Adam's scale invariance hides it after)."
+    def __init__(self, ref): self.ref, self.seen = ref, []
+    def on_after_backward(self, t):
+        got = [p.grad.clone() for p in t.model.parameters()]
+        want = self.ref(t)
+        self.seen.append(len(got))
+        for g, w in zip(got, want): torch.testing.assert_close(g.double(), w, atol=1e-12, rtol=1e-10)
+
+
+def _naive_linear_grad(params, rows):
+    "float64 autograd of the MEAN squared error over all rows of the update, by hand."
+    w, b = (p.detach().double().requires_grad_() for p in params)
+    x = torch.cat([r[0] for r in rows]).double(); y = torch.cat([r[1] for r in rows]).double()
+    (((x @ w.T + b) - y) ** 2).mean().backward()
+    return [w.grad, b.grad]
+
+
+@pytest.mark.parametrize("K,clip", [(1, None), (2, None), (3, 1.0)])
+def test_accumulated_gradient_is_the_full_batch_gradient(K, clip):
+    data = _data(6)                                     # 6 micro-batches of 8 rows; update t uses K of them
+    def ref(t):
+        first = t.step * K
+        return _naive_linear_grad(list(t.model.parameters()), [data[(first + i) % 6] for i in range(K)])
+    torch.manual_seed(0); m = nn.Linear(3, 1).double()
+    cb = _Grads(ref)
+    Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), data,
+            TrainConfig(max_steps=3, grad_accum=K, lr=0.05, clip_grad_norm=clip, device="cpu"), callbacks=[cb]).fit()
+    assert cb.seen == [2, 2, 2]
+
+
+def _naive_clip(params, batch):
+    "float64 CLIP loss of _Towers (no dropout) written out by hand: mean of row and column cross-entropies."
+    p = {n: q.detach().double().requires_grad_() for n, q in params}
+    f = lambda k, x: torch.tanh(x @ p[k + ".0.weight"].T + p[k + ".0.bias"]) @ p[k + ".3.weight"].T + p[k + ".3.bias"]
+    a, b = f("a", batch["a"].double()), f("b", batch["b"].double())
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    s = p["log_scale"].exp() * a @ b.T
+    lse_r, lse_c = s.logsumexp(1), s.logsumexp(0)
+    loss = ((lse_r - s.diagonal()).mean() + (lse_c - s.diagonal()).mean()) / 2 + 1e-2 * p["log_scale"] ** 2
+    loss.backward()
+    return [p[n].grad for n, _ in params]
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_gradcache_in_trainer_accumulates_the_full_batch_gradient(K):
+    # GradCache runs its own backward passes: they must use the Trainer's 1/K-scaled backward
+    data = [_batch(6, seed=s) for s in range(2 * K)]
+    def ref(t):
+        rows = [data[(t.step * K + i) % len(data)] for i in range(K)]
+        return _naive_clip(list(t.model.named_parameters()), {k: torch.cat([r[k] for r in rows]) for k in ("a", "b")}) \
+            if K == 1 else _grad_mean_of_chunks(t, rows)
+    def _grad_mean_of_chunks(t, rows):   # per micro-batch contrastive loss (negatives within it), averaged over K
+        gs = [_naive_clip(list(t.model.named_parameters()), r) for r in rows]
+        return [sum(g) / K for g in zip(*gs)]
+    torch.manual_seed(0); m = _Towers(0.0).double()
+    cb = _Grads(ref)
+    Trainer(m, GradCache(_embed, _loss, 4), data,
+            TrainConfig(max_steps=2, grad_accum=K, lr=1e-2, clip_grad_norm=None, device="cpu"), callbacks=[cb]).fit()
+    assert len(cb.seen) == 2
+
+
+def test_logged_terms_are_the_mean_over_micro_batches():
+    data = [(torch.full((4, 3), float(i)), torch.full((4, 1), 2.0 * i)) for i in range(1, 7)]   # different losses
+    def loss(m, b): return {"mse": _mse(m, b), "ymean": b[1].mean() + 0 * m.bias.sum()}
+    refs = []
+    class Ref(Callback):       # parameters are fixed during an update: compute each micro-batch's terms by hand
+        def on_step_start(self, t):
+            w, bias = t.model.weight.detach().double(), t.model.bias.detach().double()
+            per = [(((x.double() @ w.T + bias) - y.double()) ** 2).mean().item() for x, y in
+                   data[2 * t.step % 6: 2 * t.step % 6 + 2]]
+            ym = [2.0 * (2 * t.step % 6 + 1), 2.0 * (2 * t.step % 6 + 2)]
+            refs.append({"mse": sum(per) / 2, "ymean": sum(ym) / 2})
+    torch.manual_seed(0)
+    hist = Trainer(nn.Linear(3, 1), loss, data, TrainConfig(max_steps=4, grad_accum=2, lr=1e-3, device="cpu"),
+                   callbacks=[Ref()]).fit()
+    assert [r["step"] for r in hist] == [1, 2, 3, 4]
+    for rec, ref in zip(hist, refs):
+        assert rec["mse"] == pytest.approx(ref["mse"], rel=1e-5) and rec["ymean"] == pytest.approx(ref["ymean"], rel=1e-6)
+        assert rec["loss"] == pytest.approx(ref["mse"] + ref["ymean"], rel=1e-5)
+    assert [r["ymean"] for r in hist] == pytest.approx([3.0, 7.0, 11.0, 3.0])   # (2+4)/2, (6+8)/2, (10+12)/2, wrap
+
+
+def test_a_bare_scalar_loss_is_logged_as_loss_only():
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1, device="cpu")).fit()
+    assert set(hist[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "step_time"}
+
+
+def test_ema_moves_exactly_one_minus_decay_of_the_gap_and_swapped_restores():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double(); m[1].requires_grad_(False)
+    with torch.no_grad():
+        for i, p in enumerate(m.parameters()): p.copy_(torch.arange(p.numel(), dtype=torch.float64).view_as(p) + i)
+    t = SimpleNamespace(model=m)
+    ema = EMA(0.75); ema.on_fit_start(t)
+    assert set(ema.shadow) == {"0.weight", "0.bias"}                    # frozen parameters are not averaged
+    old = {n: v.clone() for n, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(4.0)
+    ema.on_step_end(t)
+    for n, p in m.named_parameters():
+        if n in old:   # d*old + (1-d)*param, with values exact in binary: exactly (1-d)=1/4 of the gap of 4
+            assert torch.equal(ema.shadow[n], 0.75 * old[n] + 0.25 * p.detach())
+            assert torch.equal(ema.shadow[n] - old[n], torch.full_like(old[n], 1.0))
+    own = [p.detach().clone() for p in m.parameters()]
+    with ema.swapped(m) as inside:
+        assert inside is m and torch.equal(m[0].weight, ema.shadow["0.weight"]) and torch.equal(m[0].bias, ema.shadow["0.bias"])
+        assert torch.equal(m[1].weight, own[2])                          # not averaged: left alone
+    assert all(torch.equal(a, b) for a, b in zip(own, m.parameters()))
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.swapped(m): raise RuntimeError("inside")
+    assert all(torch.equal(a, b) for a, b in zip(own, m.parameters()))   # restored after an exception too
+    kept = ema.shadow; ema.on_fit_start(t)
+    assert all(torch.equal(kept[n], ema.shadow[n]) for n in kept)        # a resumed shadow is not reset to the weights
+    fresh = EMA(0.1); fresh.load_state_dict(ema.state_dict())
+    assert fresh.decay == 0.75 and all(torch.equal(fresh.shadow[n], kept[n]) for n in kept)
+
+
+def test_ema_in_a_run_follows_the_recurrence_and_validates_decay():
+    torch.manual_seed(0); m = nn.Linear(3, 1).double()
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    class Rec(Callback):        # runs after EMA's on_step_end: the weights that update used
+        def on_step_end(self, t):
+            for n, p in t.model.named_parameters(): ref[n] = 0.5 * ref[n] + 0.5 * p.detach()
+    ema = EMA(0.5)
+    Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), _data(), TrainConfig(max_steps=3, lr=0.1, device="cpu"),
+            callbacks=[ema, Rec()]).fit()
+    for n in ref: torch.testing.assert_close(ema.shadow[n], ref[n], atol=1e-15, rtol=0)
+    assert EMA(0.0).decay == 0.0
+    for bad in (1.0, -1e-9):
+        with pytest.raises(ConfigError, match=r"EMA: decay=.*expected a value in \[0, 1\)"): EMA(bad)
+
+
+def _closed_form(t, W, T, r):
+    if t < W: return (t + 1) / W
+    prog = min(1.0, (t - W) / max(1, T - W))
+    return r + (1 - r) * (1 + math.cos(math.pi * prog)) / 2
+
+
+def test_warmup_cosine_closed_form_points():
+    W, T, r = 4, 12, 0.1
+    assert warmup_cosine(0, W, T, r) == 1 / 4                    # step 0 already trains: 1/W, not 0
+    assert warmup_cosine(W - 1, W, T, r) == 1.0 and warmup_cosine(W, W, T, r) == 1.0   # end of warm-up: the peak
+    assert warmup_cosine(W + 4, W, T, r) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-15)   # half-way: cos = 0
+    assert warmup_cosine(W + 2, W, T, r) == pytest.approx(0.1 + 0.9 * (1 + math.sqrt(0.5)) / 2, abs=1e-15)
+    assert warmup_cosine(T, W, T, r) == pytest.approx(0.1, abs=1e-15)                # the floor
+    assert warmup_cosine(T + 5, W, T, r) == pytest.approx(0.1, abs=1e-15)            # and it stays there
+    assert warmup_cosine(0, 0, 10) == 1.0 and warmup_cosine(5, 0, 10) == pytest.approx(0.5, abs=1e-15)
+    assert warmup_cosine(10, 0, 10) == pytest.approx(0.0, abs=1e-15)                 # default floor 0
+    assert warmup_cosine(3, 3, 3, 0.2) == pytest.approx(1.0)                         # T == W: no division by zero
+
+
+@settings(max_examples=40, deadline=None)
+@given(W=st.integers(0, 20), extra=st.integers(0, 30), r=st.floats(0, 1), t=st.integers(0, 60))
+def test_warmup_cosine_matches_the_closed_form(W, extra, r, t):
+    T = W + extra
+    assert warmup_cosine(t, W, T, r) == pytest.approx(_closed_form(t, W, T, r), abs=1e-12)
+
+
+def test_trainer_lr_follows_the_closed_form_each_step():
+    # lr=1, W=2, T=5, floor 0.1: updates 0..4 use 1/2, 1, 1, 0.1+0.9*(1+cos(pi/3))/2, 0.1+0.9*(1+cos(2pi/3))/2
+    cfg = TrainConfig(max_steps=5, lr=1.0, warmup_steps=2, min_lr_ratio=0.1, device="cpu")
+    seen = []
+    class Lr(Callback):
+        def on_after_backward(self, t): seen.append([g["lr"] for g in t.opt.param_groups])
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[Lr()]).fit()
+    want = [0.5, 1.0, 1.0, 0.775, 0.325]
+    assert [r["lr"] for r in hist] == pytest.approx(want, abs=1e-12)
+    assert [g for s in seen for g in s] == pytest.approx([w for w in want for _ in range(2)], abs=1e-12)  # both groups
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainConfig, loss_terms, state encoding, checkpoints on disk, cadence, optimizer groups, split_batch
+@pytest.mark.parametrize("field,ok,bad", [
+    ("max_steps", 1, 0), ("grad_accum", 1, 0), ("log_every", 1, 0), ("keep_last", 1, 0),
+    ("max_steps", 2, True), ("keep_last", 3, 1.0),
+    ("eval_every", 1, 0), ("ckpt_every", 1, 0), ("eval_every", None, 2.0),
+    ("warmup_steps", 0, -1), ("warmup_steps", 0, 1.5),
+    ("lr", 1e-12, 0.0), ("lr", 1e-12, float("nan")), ("weight_decay", 0.0, -1e-12),
+    ("min_lr_ratio", 0.0, -1e-12), ("min_lr_ratio", 1.0, 1 + 1e-12),
+    ("clip_grad_norm", 1e-12, 0.0), ("clip_grad_norm", None, -1.0),
+    ("betas", (0.0, 0.0), (0.9, 1.0)), ("betas", (0.0, 0.999), (-1e-9, 0.9)), ("betas", (0.5, 0.5), (0.9,)),
+    ("compile", True, 1),
+])
+def test_trainconfig_boundaries(field, ok, bad):
+    assert getattr(TrainConfig(**{field: ok}), field) == ok
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}=.*: expected"): TrainConfig(**{field: bad})
+
+
+def test_trainconfig_defaults_and_betas_become_a_tuple():
+    c = TrainConfig()
+    assert (c.max_steps, c.lr, c.weight_decay, c.betas, c.eps, c.warmup_steps, c.min_lr_ratio, c.grad_accum) == \
+           (100, 1e-3, 0.05, (0.9, 0.999), 1e-8, 0, 0.0, 1)
+    assert (c.clip_grad_norm, c.log_every, c.eval_every, c.ckpt_every, c.keep_last, c.log_to, c.out_dir) == \
+           (1.0, 1, None, None, 3, ("jsonl",), None)
+    assert TrainConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)
+
+
+def test_loss_terms_normalises_and_refuses():
+    t = torch.tensor(1.5)
+    assert loss_terms(t) == {"loss": t} and loss_terms({"loss": t}) == {"loss": t}
+    d = {"a": t, "b": torch.tensor(2.0)}; assert loss_terms(d) is d
+    with pytest.raises(InputTypeError, match="myloss: must return a scalar tensor or a non-empty dict.*got dict"):
+        loss_terms({}, "myloss")
+    with pytest.raises(InputTypeError, match="loss_fn: must return .* got float"): loss_terms(1.5)
+    with pytest.raises(InputError, match=r"returned terms \['a', 'loss'\]; 'loss' is reserved"):
+        loss_terms({"a": t, "loss": t})
+    with pytest.raises(InputError, match=r"term 'b' must be a 0-d tensor \(reduce with .mean\(\)\), got \(2,\)"):
+        loss_terms({"a": t, "b": torch.ones(2)})
+    with pytest.raises(InputError, match="term 'a' must be a 0-d tensor .*got float"): loss_terms({"a": 1.0})
+    with pytest.raises(InputError, match=r"got \(1,\)"): loss_terms(torch.ones(1))
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False), st.text(max_size=4),
+                  st.lists(st.floats(-1e6, 1e6, width=32), min_size=0, max_size=4).map(torch.tensor),
+                  st.integers(0, 2**32 - 1).map(lambda v: np.array([v, 1], dtype=np.uint32)))
+_key = st.one_of(st.sampled_from(["a", "b", "__tensor__", "__tuple__", "__items__", "x.y"]), st.integers(-3, 3))
+_state = st.recursive(_leaf, lambda kids: st.one_of(st.lists(kids, max_size=3), st.tuples(kids, kids),
+                                                      st.dictionaries(_key, kids, max_size=3)), max_leaves=12)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor): return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray): return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict): return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=50, deadline=None)
+@given(obj=_state)
+def test_encode_decode_round_trip_through_json(obj):
+    tensors = {}
+    back = decode_state(json.loads(json.dumps(encode_state(obj, tensors))), tensors)
+    assert _same(obj, back)
+
+
+def test_encode_state_examples_and_refusal():
+    t = torch.arange(3.0); tensors = {}
+    obj = {"w": t, 3: (None, [np.float32(1.5), np.int64(2)]), "__tensor__": "x"}
+    back = decode_state(json.loads(json.dumps(encode_state(obj, tensors))), tensors)
+    assert list(back) == ["w", 3, "__tensor__"] and back["__tensor__"] == "x" and torch.equal(back["w"], t)
+    assert back[3] == (None, [1.5, 2]) and type(back[3][1][1]) is int
+    t.add_(1); assert torch.equal(back["w"], torch.arange(3.0))          # stored as a copy
+    with pytest.raises(CheckpointError, match="cannot store object at /a/1 in a checkpoint"):
+        encode_state({"a": [1, object()]}, {})
+
+
+def _touch(d, step):
+    save_checkpoint(d, step, {"w": torch.full((2,), float(step))}, {"step": step}, keep_last=100)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_keep_last_keeps_exactly_the_newest(tmp_path, keep):
+    for s in (3, 1, 7, 5, 9): save_checkpoint(tmp_path, s, {"w": torch.zeros(1)}, {"step": s}, keep_last=keep)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == [f"step-{s:08d}" for s in (1, 3, 5, 7, 9)[-keep:]]           # by step number, not save order
+    assert sorted(p.name for p in tmp_path.iterdir()) == names                 # nothing else left behind
+
+
+def test_latest_checkpoint_orders_by_number_and_ignores_the_rest(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(tmp_path) is None
+    for name in ("step-9", "step-10", "step-00000002", "step-x", ".tmp-step-00000099-1", "stepper"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step-00000050").write_text("a file, not a checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-9", "step-10"]
+    assert latest_checkpoint(tmp_path).name == "step-10"
+
+
+def test_a_flipped_byte_in_either_checkpoint_file_is_refused(tmp_path):
+    state = {"step": 7, "lr": 0.125, "rng": [1, 2, 3]}
+    ck = save_checkpoint(tmp_path, 7, {"w": torch.arange(64.0)}, state)
+    def flipped(name, at):
+        f = ck / name; raw = bytearray(f.read_bytes()); orig = bytes(raw)
+        raw[at(raw)] ^= 0x01; f.write_bytes(raw)
+        return orig
+    orig = flipped("tensors.safetensors", lambda raw: len(raw) - 5)            # inside the tensor data
+    with pytest.raises(CheckpointError, match="SHA-256 does not match state.json"): load_checkpoint(ck)
+    (ck / "tensors.safetensors").write_bytes(orig)
+    assert load_checkpoint(ck)[1] == state
+    orig = flipped("state.json", lambda raw: raw.rindex(b'"step": 7') + len(b'"step": '))   # the state's 7 -> 6
+    with pytest.raises(CheckpointError, match="state.json: SHA-256 of its content does not match"): load_checkpoint(ck)
+    (ck / "state.json").write_bytes(orig)
+    orig = flipped("state.json", lambda raw: raw.index(b'"format"') + 3)       # a key of the metadata
+    with pytest.raises(CheckpointError, match="state.json: unknown format"): load_checkpoint(ck)
+    (ck / "state.json").write_bytes(orig)
+    orig = flipped("state.json", lambda raw: raw.index(b'"state_sha256"') + 3)  # the checksum's own key
+    with pytest.raises(CheckpointError, match="state.json is corrupt: keys"): load_checkpoint(ck)
+    (ck / "state.json").write_bytes(orig)
+    orig = flipped("state.json", lambda raw: raw.index(b'"lr": 0.125') + 8)     # a float: 0.125 -> 0.025
+    with pytest.raises(CheckpointError, match="state.json: SHA-256 of its content does not match"): load_checkpoint(ck)
+    (ck / "state.json").write_bytes(orig)
+    assert load_checkpoint(ck)[1] == state
+
+
+def test_a_checkpoint_without_the_state_checksum_still_loads(tmp_path):
+    ck = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"step": 1})   # as written before the checksum existed
+    meta = json.loads((ck / "state.json").read_text()); del meta["state_sha256"]
+    (ck / "state.json").write_text(json.dumps(meta))
+    assert load_checkpoint(ck)[1] == {"step": 1}
+    del meta["tensors_sha256"]; (ck / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="state.json is corrupt: keys"): load_checkpoint(ck)
+
+
+def test_log_eval_and_checkpoint_cadence(tmp_path):
+    evals, saves = [], []
+    class Rec(Callback):
+        def on_eval(self, t): evals.append(t.step)
+        def on_checkpoint(self, t, path): saves.append((t.step, path.name))
+    cfg = TrainConfig(max_steps=7, log_every=3, eval_every=2, ckpt_every=3, keep_last=10, device="cpu",
+                      out_dir=str(tmp_path), log_to=())
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[Rec()]).fit()
+    assert [r["step"] for r in hist] == [3, 6, 7]                    # every 3rd update, and always the last
+    assert evals == [2, 4, 6, 7]
+    assert saves == [(3, "step-00000003"), (6, "step-00000006"), (7, "step-00000007")]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [s[1] for s in saves]
+    evals.clear(); saves.clear()
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=3, device="cpu"), callbacks=[Rec()]).fit()
+    assert [r["step"] for r in hist] == [1, 2, 3] and evals == [3] and saves == []   # no out_dir: nothing saved
+    out2 = tmp_path / "b"
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", out_dir=str(out2)), callbacks=[Rec()]).fit()
+    assert saves == [(4, "step-00000004")]                            # ckpt_every None: only at the end
+    assert [json.loads(l)["step"] for l in open(out2 / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_make_optimizer_groups_and_hyperparameters():
+    m = nn.ModuleDict({"conv": nn.Conv2d(2, 3, 3), "lin": nn.Linear(3, 4), "norm": nn.LayerNorm(4),
+                       "frozen": nn.Linear(4, 4)})
+    m["frozen"].requires_grad_(False)
+    m.register_parameter("scale", nn.Parameter(torch.tensor(1.0)))
+    opt = make_optimizer(m, TrainConfig(lr=0.02, weight_decay=0.3, betas=(0.8, 0.95), eps=1e-6))
+    groups = [({id(p) for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]
+    assert groups == [({id(m["conv"].weight), id(m["lin"].weight)}, 0.3),
+                      ({id(m["conv"].bias), id(m["lin"].bias), id(m["norm"].weight), id(m["norm"].bias), id(m.scale)}, 0.0)]
+    assert all((g["lr"], g["betas"], g["eps"]) == (0.02, (0.8, 0.95), 1e-6) for g in opt.param_groups)
+    assert isinstance(opt, torch.optim.AdamW)
+    only_1d = make_optimizer(nn.LayerNorm(4), TrainConfig())
+    assert len(only_1d.param_groups) == 1 and only_1d.param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(InputError, match="no trainable parameters"): make_optimizer(nn.Linear(2, 2).requires_grad_(False), TrainConfig())
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 20), chunk=st.integers(1, 25))
+def test_split_batch_chunks_rows_in_order(B, chunk):
+    x = torch.arange(B * 2).view(B, 2)
+    batch = {"name": "fixed", "x": x, "pair": (x[:, 0], [x[:, 1]]), "mask": {"x": torch.arange(B) % 2 == 0}}
+    parts = split_batch(batch, chunk)
+    assert len(parts) == -(-B // chunk)                                   # ceil(B / chunk)
+    assert [p["x"].shape[0] for p in parts] == [min(chunk, B - i * chunk) for i in range(len(parts))]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), x)
+    assert torch.equal(torch.cat([p["pair"][1][0] for p in parts]), x[:, 1])
+    assert torch.equal(torch.cat([p["mask"]["x"] for p in parts]), torch.arange(B) % 2 == 0)
+    assert all(p["name"] == "fixed" and type(p["pair"]) is tuple and type(p["pair"][1]) is list for p in parts)
+
+
+def test_split_batch_needs_a_tensor():
+    with pytest.raises(InputError, match="split_batch: the batch holds no tensor"): split_batch({"a": [1, "x"]}, 2)
+    assert [len(p[1]) for p in split_batch(["tag", torch.zeros(5)], 2)] == [2, 2, 1]   # size from the first tensor
+
+
+def test_nonfinite_loss_as_a_bare_scalar_and_nonfinite_gradient_without_clipping():
+    calls = []
+    def loss(m, b):
+        calls.append(1); v = _mse(m, b)
+        return v * float("inf") if len(calls) == 3 else v
+    m = nn.Linear(3, 1); before = None
+    class Snap(Callback):
+        def on_step_end(self, t): nonlocal before; before = [p.detach().clone() for p in t.model.parameters()]
+    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=5, device="cpu"), callbacks=[Snap()])
+    with pytest.raises(NonFiniteError, match=r"step 3 \(micro-batch 1/1, epoch 0, batch 3\): term 'loss' is inf"):
+        tr.fit()
+    assert tr.step == 2 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    bad = lambda m, b: torch.sqrt(m.bias * 0).sum() + _mse(m, b)
+    with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 1 .first bad parameter 'bias'"):
+        Trainer(nn.Linear(3, 1), bad, _data(), TrainConfig(max_steps=2, clip_grad_norm=None, device="cpu")).fit()
+
+
+def test_resume_refuses_callback_count_and_world_size_mismatch(tmp_path):
+    cfg = TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path), log_to=())
+    Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[EMA(0.5)]).fit()
+    with pytest.raises(CheckpointError, match="saved with 1 callbacks, this trainer has 0"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), cfg).resume(tmp_path)
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[EMA(0.5)]); tr.world = 2   # as if under torchrun
+    with pytest.raises(CheckpointError, match=r"saved by 1 process\(es\), resumed with 2"): tr.resume(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint found in"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), cfg).resume(tmp_path / "nothing")
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[EMA(0.5)])
+    assert tr.resume(tmp_path).name == "step-00000002" and tr.step == 2     # the newest under out_dir/checkpoints
