@@ -437,3 +437,49 @@ def test_kmeans_targets_is_nearest_centre():
 @pytest.mark.parametrize("k", [0, 5, True, 2.0])
 def test_kmeans_bad_k(k):
     with pytest.raises(InputError, match="k must be an integer"): kmeans(torch.randn(4, 2), k)
+
+# ---------------------------------------------------------------- 3. MAE de-normalisation (MAE.reconstruct)
+def _tiny_mae(norm_pix=True, **kw):
+    return MAE(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix=norm_pix, **kw).double().eval()
+
+def _patch(imgs, b, n, p=8, gw=4):
+    "Pixels of patch n (row-major on the grid) as a flat (ph, pw, C) vector, by slicing (no patchify)."
+    r, c = divmod(n, gw)
+    return imgs[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+
+def _ref_reconstruct(imgs, pred, mask, norm_pix, eps=1e-6, p=8, gw=4):
+    out = imgs.clone()
+    for b in range(imgs.shape[0]):
+        for n in range(mask.shape[1]):
+            if not mask[b, n]: continue
+            v = pred[b, n]
+            if norm_pix:
+                t = _patch(imgs, b, n); P = t.numel(); mu = t.sum() / P; var = ((t - mu) ** 2).sum() / (P - 1)
+                v = v * math.sqrt(var + eps) + mu
+            r, c = divmod(n, gw)
+            out[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = v.view(p, p, -1).permute(2, 0, 1)
+    return out.clamp(0, 1)
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])    # 1e-3: patch variance ~1e-7, so eps = 1e-6 dominates
+def test_mae_reconstruct_inverts_norm_pix(scale):
+    "A prediction equal to the normalised target (float64 loop: per-patch mean, unbiased var + eps) gives back the pixels."
+    mae = _tiny_mae(); imgs = 0.5 + scale * (torch.rand(2, 3, 32, 32, generator=_g(0), dtype=torch.float64) - 0.5)
+    m = random_mask(2, 16, 0.25, generator=_g(1))
+    pred = torch.zeros(2, 16, 192, dtype=torch.float64)
+    for b in range(2):
+        for n in range(16):
+            t = _patch(imgs, b, n); mu = t.sum() / 192; var = ((t - mu) ** 2).sum() / 191
+            pred[b, n] = (t - mu) / math.sqrt(var + 1e-6) if m.mask[b, n] else 123.0   # visible preds are ignored
+    assert torch.allclose(mae.reconstruct(imgs, MAEOutput(torch.tensor(0.0), pred, m)), imgs, atol=1e-12, rtol=0)
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_mae_reconstruct_matches_loop(norm_pix, scale):
+    "Hidden patches: de-normalised prediction (clamped to [0, 1]); visible patches: the input pixels."
+    mae = _tiny_mae(norm_pix); imgs = 0.5 + scale * (torch.rand(2, 3, 32, 32, generator=_g(0), dtype=torch.float64) - 0.5)
+    m = random_mask(2, 16, 0.75, generator=_g(1))
+    pred = torch.randn(2, 16, 192, generator=_g(2), dtype=torch.float64) * (2.0 if norm_pix else 0.7) + (0 if norm_pix else 0.5)
+    got = mae.reconstruct(imgs, MAEOutput(torch.tensor(0.0), pred, m))
+    ref = _ref_reconstruct(imgs, pred, m.mask, norm_pix)
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0)
+    if scale == 1.0: assert (ref == 0).any() and (ref == 1).any()   # the clamp is exercised
