@@ -482,7 +482,8 @@ def test_modality_dropout_fixed_per_example_seeded_and_drops_caption():
         assert ("caption" in it) == (it["text"] is not None)          # a dropped caption goes with the text
         if it["image"] is not None: assert torch.equal(it["image"], torch.full((2,), float(i)))
     assert len(ds) == 200
-    assert all(ModalityDropout(Toy(50), p=0.0)[i]["audio"] is not None for i in range(50))
+    d0 = ModalityDropout(Toy(50), p=0.0)
+    assert all(d0[i]["audio"] is not None for i in range(50))
     for bad in (1.0, -0.1, {"audio": 1.0}):
         with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"): ModalityDropout(Toy(3), p=bad)
     with pytest.raises(ConfigError, match="unknown modality 'video'"): ModalityDropout(Toy(3), p={"video": 0.1})
@@ -503,19 +504,20 @@ def test_noisy_pairs_never_pair_an_example_with_itself(n):
 
 def test_noisy_pairs_fraction_matches_p_and_marks_pairs():
     n, p = 4000, 0.2
-    ds = NoisyPairs(Toy(n, ("audio", "text")), "audio", p=p, seed=0)
+    ds = NoisyPairs(Toy(n, ("text",)), "text", p=p, seed=0)
     items = [ds[i] for i in range(n)]
-    changed = np.array([not torch.equal(it["audio"], torch.full((2,), float(i))) for i, it in enumerate(items)])
+    changed = np.array([it["text"] != f"t{i}" for i, it in enumerate(items)])
     assert abs(changed.mean() - p) < 4 * math.sqrt(p * (1 - p) / n)
     assert (changed == np.array([it["attrs"]["noisy_pair"] for it in items])).all()
-    assert all(it["text"] == f"t{i}" for i, it in enumerate(items))              # only `modality` is replaced
     # the partners are spread over the others, not one fixed shift
-    src = [int(it["audio"][0]) for it, c in zip(items, changed) if c]
+    src = [int(it["text"][1:]) for it, c in zip(items, changed) if c]
     assert len({(s - i) % n for s, i in zip(src, np.flatnonzero(changed))}) > 100
     for q in (0.5, 0.9):
-        flags = [NoisyPairs(Toy(n, ("text",)), p=q, seed=1)[i]["attrs"]["noisy_pair"] for i in range(n)]
+        dq = NoisyPairs(Toy(n, ("text",)), p=q, seed=1)
+        flags = [dq[i]["attrs"]["noisy_pair"] for i in range(n)]
         assert abs(np.mean(flags) - q) < 4 * math.sqrt(q * (1 - q) / n), q
-    assert not any(NoisyPairs(Toy(50), p=0.0)[i]["attrs"]["noisy_pair"] for i in range(50))
+    d0 = NoisyPairs(Toy(50), p=0.0)
+    assert not any(d0[i]["attrs"]["noisy_pair"] for i in range(50))
     with pytest.raises(ConfigError, match=r"p must be in \[0, 1\]"): NoisyPairs(Toy(5), p=1.5)
     with pytest.raises(ConfigError, match="no other example"): NoisyPairs(Toy(1), p=0.5)
 
@@ -570,3 +572,126 @@ def test_hf_tokenizer_errors(tmp_path, hf):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="cannot load a tokenizer"): HFTokenizer(tmp_path / "empty")
     with pytest.raises(InputTypeError, match="expected str"): HFTokenizer(hf)(None)
+
+
+# ---------------------------------------------------------------- LogMel and SpecAugment
+
+def naive_logmel(x, sr, n_fft, hop, n_mels, f_min, f_max, eps):
+    "float64 numpy log-mel: reflect-padded periodic-Hann STFT power, HTK triangular filters (no area norm)."
+    x = np.pad(np.asarray(x, np.float64), n_fft // 2, mode="reflect")
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = np.stack([x[s:s + n_fft] * win for s in range(0, len(x) - n_fft + 1, hop)])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2                      # (frames, n_fft/2 + 1)
+    mel = lambda f: 2595 * np.log10(1 + f / 700); hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    pts = hz(np.linspace(mel(f_min), mel(f_max), n_mels + 2))
+    freqs = np.linspace(0, sr // 2, n_fft // 2 + 1)
+    fb = np.zeros((n_mels, len(freqs)))
+    for m in range(n_mels):
+        lo, c, hi = pts[m], pts[m + 1], pts[m + 2]
+        for k, f in enumerate(freqs): fb[m, k] = max(0.0, min((f - lo) / (c - lo), (hi - f) / (hi - c)))
+    return np.log(fb @ power.T + eps)                                      # (n_mels, frames)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(f_min=200.0, f_max=3000.0, eps=1e-3)])
+def test_logmel_matches_naive_reference(kw):
+    sr, T = 8000, 1000
+    x = 0.3 * np.random.default_rng(0).standard_normal(T)
+    lm = LogMel(sample_rate=sr, n_fft=64, hop_length=16, n_mels=10, **kw)
+    out = lm(torch.tensor(x, dtype=torch.float32))
+    assert out.shape == (10, T // 16 + 1)
+    ref = naive_logmel(x, sr, 64, 16, 10, kw.get("f_min", 0.0), kw.get("f_max", sr / 2), kw.get("eps", 1e-6))
+    np.testing.assert_allclose(out.numpy(), ref, atol=2e-3, rtol=0)
+    # the floor: silence gives log(eps) exactly
+    assert torch.allclose(lm(torch.zeros(160)), torch.full((10, 11), math.log(kw.get("eps", 1e-6))))
+
+
+def test_logmel_defaults_cache_key_and_pickling():
+    import pickle
+    lm = LogMel()
+    assert (lm.sample_rate, lm.n_fft, lm.hop_length, lm.n_mels, lm.f_min, lm.f_max, lm.eps) == (16000, 400, 160, 64, 0.0, 8000, 1e-6)
+    assert lm(torch.zeros(16000)).shape == (64, 101)                       # 1 s: 100 hops + the centred first frame
+    base = LogMel(sample_rate=8000, n_fft=64, hop_length=16, n_mels=10, f_min=10.0, f_max=3000.0, eps=1e-4)
+    keys = {base.cache_key}
+    for k, v in dict(sample_rate=16000, n_fft=128, hop_length=8, n_mels=12, f_min=20.0, f_max=3500.0, eps=1e-5).items():
+        other = LogMel(**(dict(sample_rate=8000, n_fft=64, hop_length=16, n_mels=10, f_min=10.0, f_max=3000.0, eps=1e-4) | {k: v}))
+        keys.add(other.cache_key)
+    assert len(keys) == 8                                                  # every parameter is in the key
+    base(torch.zeros(100)); state = pickle.loads(pickle.dumps(base))
+    assert state._mel is None and torch.equal(state(torch.ones(100)), base(torch.ones(100)))
+
+
+def bands(rows):
+    "Maximal runs of True in a 1-D bool array, as (start, stop)."
+    out, start = [], None
+    for i, r in enumerate(list(rows) + [False]):
+        if r and start is None: start = i
+        if not r and start is not None: out.append((start, i)); start = None
+    return out
+
+
+@FAST
+@given(nf=st.integers(1, 12), nt=st.integers(1, 30), fm=st.integers(0, 3), fw=st.integers(0, 15),
+       tm=st.integers(0, 3), tw=st.integers(0, 40), seed=st.integers(0, 2**31))
+def test_specaugment_masks_are_bounded_bands(nf, nt, fm, fw, tm, tw, seed):
+    x = torch.rand(2, nf, nt) + 1                                          # no cell is 0 before masking
+    out = SpecAugment(fm, fw, tm, tw, value=0.0)(x, torch.Generator().manual_seed(seed))
+    hit = out[0] == 0
+    assert torch.equal(hit, out[1] == 0)                                    # one mask for the leading dims
+    rows, cols = hit.all(1).numpy(), hit.all(0).numpy()
+    # every filled cell lies in a fully masked row or column; the rest is the input untouched
+    assert torch.equal(hit, torch.from_numpy(rows[:, None] | cols[None, :]))
+    assert torch.equal(out[~hit.expand_as(out)], x[~hit.expand_as(x)])
+    # (a row is only ambiguous when every column is masked, and vice versa)
+    if not cols.all():   # at most fm bands of at most fw rows each
+        assert rows.sum() <= fm * min(fw, nf) and len(bands(rows)) <= fm
+        if fm == 1: assert all(b - a <= fw for a, b in bands(rows))
+    if not rows.all():
+        assert cols.sum() <= tm * min(tw, nt) and len(bands(cols)) <= tm
+        if tm == 1: assert all(b - a <= tw for a, b in bands(cols))
+
+
+def test_specaugment_widths_reach_bounds_and_edges():
+    # one frequency mask: width uniform on 0..W inclusive, start uniform on 0..n-w inclusive (edges reachable)
+    x = torch.ones(10, 50)
+    sa = SpecAugment(freq_masks=1, freq_width=4, time_masks=0, value=0.0)
+    g = torch.Generator().manual_seed(0); widths, first, last = [], 0, 0
+    for _ in range(400):
+        rows = (sa(x, g) == 0).all(1).numpy()
+        widths.append(int(rows.sum())); first += rows[0]; last += rows[-1]
+        assert len(bands(rows)) <= 1
+    assert set(widths) == {0, 1, 2, 3, 4} and first > 0 and last > 0
+    # width capped by the size: freq_width 8 on 3 channels masks at most 3, sometimes all 3
+    w3 = [int((SpecAugment(1, 8, 0, 0, value=0.0)(torch.ones(3, 5), g) == 0).all(1).sum()) for _ in range(100)]
+    assert max(w3) == 3
+    # time masks likewise, along the last axis
+    cols = [(SpecAugment(0, 0, 1, 6, value=0.0)(x, g) == 0).all(0).numpy() for _ in range(300)]
+    assert {int(c.sum()) for c in cols} == set(range(7)) and any(c[-1] for c in cols)   # the last frame too
+
+
+def test_specaugment_fill_default_seeding_and_errors():
+    x = torch.arange(24.0).reshape(4, 6)
+    out = SpecAugment(2, 3, 2, 3)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(x, torch.arange(24.0).reshape(4, 6))               # input left untouched
+    filled = out != x
+    assert filled.any() and (out[filled] == x.mean()).all()               # default fill: the feature's mean
+    sa = SpecAugment(2, 3, 2, 5, value=-1.0)
+    a = sa(torch.ones(8, 20), torch.Generator().manual_seed(7))
+    torch.manual_seed(0); b = sa(torch.ones(8, 20), torch.Generator().manual_seed(7))
+    torch.manual_seed(1); c = sa(torch.ones(8, 20), torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and torch.equal(b, c)                         # the generator alone decides
+    assert not all(torch.equal(a, sa(torch.ones(8, 20), torch.Generator().manual_seed(s))) for s in range(8, 12))
+    with pytest.raises(ShapeError, match=r"expected features \(..., n_mels, frames\), got shape \(5,\)"):
+        SpecAugment()(torch.ones(5))
+
+
+def test_image_augment_options():
+    from torchvision.transforms import v2
+    kinds = lambda t: [type(o).__name__ for o in t.transforms]
+    assert kinds(image_augment()) == ["RandomResizedCrop"]                 # caption-safe by default
+    assert kinds(image_augment(flip=True, colour=0.4)) == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter"]
+    crop = image_augment(size=24, scale=(0.5, 0.6)).transforms[0]
+    assert tuple(crop.size) == (24, 24) and crop.scale == (0.5, 0.6) and crop.ratio == (0.9, 1.1)
+    cj = image_augment(colour=0.4).transforms[1]
+    assert cj.brightness == (0.6, 1.4) and cj.hue == (-0.1, 0.1)
+    torch.manual_seed(0)
+    assert image_augment(size=16)(torch.rand(3, 40, 30)).shape == (3, 16, 16)
