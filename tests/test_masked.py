@@ -483,3 +483,71 @@ def test_mae_reconstruct_matches_loop(norm_pix, scale):
     ref = _ref_reconstruct(imgs, pred, m.mask, norm_pix)
     assert torch.allclose(got, ref, atol=1e-12, rtol=0)
     if scale == 1.0: assert (ref == 0).any() and (ref == 1).any()   # the clamp is exercised
+
+# ---------------------------------------------------------------- 4. SimMIM block mask
+def _cells(m, grid, s):
+    "Per sample, per coarse s x s cell (cropped at the border): (hidden count, cell size, hidden flat indices)."
+    H, W = grid; out = []
+    for b in range(m.mask.shape[0]):
+        g = m.mask[b].view(H, W); row = []
+        for r0 in range(0, H, s):
+            for c0 in range(0, W, s):
+                blk = g[r0:r0 + s, c0:c0 + s]
+                idx = [(r0 + i) * W + c0 + j for i in range(blk.shape[0]) for j in range(blk.shape[1])]
+                row.append((int(blk.sum()), blk.numel(), [t for t in idx if m.mask[b, t]], idx))
+        out.append(row)
+    return out
+
+@pytest.mark.parametrize("B,grid,s,ratio", [(64, (8, 8), 2, 0.5), (64, (6, 9), 3, 1 / 3), (64, (12, 12), 4, 2 / 9)])
+def test_simmim_block_mask_is_aligned_squares(B, grid, s, ratio):
+    "k a multiple of s*s on a grid divisible by s: the mask is exactly k/s^2 whole, aligned s x s squares."
+    m = block_mask(B, grid, ratio, block_size=s, generator=_g(0))
+    k = round(ratio * grid[0] * grid[1]); assert k % (s * s) == 0
+    for row in _cells(m, grid, s):
+        assert all(h in (0, n) for h, n, _, _ in row)
+        assert sum(h == n for h, n, _, _ in row) == k // (s * s)
+    freq = m.mask.float().mean(0)        # every square equally likely: no position favoured
+    assert (freq - ratio).abs().max() < 0.25
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(H=st.integers(1, 9), W=st.integers(2, 9), s=st.integers(1, 4), r=st.floats(0.05, 0.95), seed=st.integers(0, 10**6))
+def test_simmim_block_mask_exact_count_one_cut_block(H, W, s, r, seed):
+    """Any grid / block size / ratio: exactly round(r*L) hidden; whole cells (cropped at the border) except at most one,
+    and that cut cell is filled in reading order (a prefix of its cells)."""
+    L = H * W; k = round(r * L)
+    if not 0 < k < L: return
+    m = block_mask(3, (H, W), r, block_size=s, generator=_g(seed))
+    assert (m.mask.sum(1) == k).all()
+    for row in _cells(m, (H, W), s):
+        cut = [c for c in row if 0 < c[0] < c[1]]
+        assert len(cut) <= 1
+        for h, n, hid, idx in cut: assert hid == idx[:h]
+
+def test_simmim_block_size_one_is_uniform():
+    m = block_mask(2000, (4, 5), 0.5, block_size=1, generator=_g(0))
+    assert (m.mask.float().mean(0) - 0.5).abs().max() < 0.04
+    assert abs(neighbour_agreement(m, (4, 5)) - (10 - 1) / (20 - 1)) < 0.03   # sampling without replacement
+
+@pytest.mark.parametrize("bs", [0, -1, 1.5, True])
+def test_block_mask_bad_block_size(bs):
+    with pytest.raises(InputError, match="block_size must be a positive integer"): block_mask(2, (4, 4), 0.5, block_size=bs)
+
+# ---------------------------------------------------------------- 5. bool mask -> indices
+def test_mask_from_bool_refuses_unequal_counts():
+    with pytest.raises(InputError, match="same number of tokens"):
+        mask_from_bool(torch.tensor([[True, False, False], [True, True, False]]))
+    with pytest.raises(InputError, match=r"counts \[1, 1, 2\]"):     # the message names the counts
+        mask_from_bool(torch.tensor([[True, False, False], [False, True, False], [True, True, False]]))
+    with pytest.raises(InputTypeError, match="bool"): mask_from_bool(torch.tensor([[1, 0], [0, 1]]))
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(B=st.integers(1, 6), L=st.integers(1, 12), data=st.data())
+def test_mask_from_bool_indices_reproduce_the_mask(B, L, data):
+    k = data.draw(st.integers(0, L))
+    rows = [sorted(data.draw(st.permutations(range(L)))[:k]) for _ in range(B)]
+    mask = _bool_rows(rows, L); m = mask_from_bool(mask)
+    assert m.masked.tolist() == rows
+    assert m.visible.tolist() == [[i for i in range(L) if i not in r] for r in rows]
+    assert m.num_masked == k and m.ratio == pytest.approx(k / L)
+    rebuilt = torch.zeros(B, L, dtype=torch.bool).scatter_(1, m.masked, True)
+    assert torch.equal(rebuilt, mask)
