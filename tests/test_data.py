@@ -695,3 +695,179 @@ def test_image_augment_options():
     assert cj.brightness == (0.6, 1.4) and cj.hue == (-0.1, 0.1)
     torch.manual_seed(0)
     assert image_augment(size=16)(torch.rand(3, 40, 30)).shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------- collate, take, make_loader
+
+def test_collate_pads_masks_and_counts_skipped_rows():
+    a = torch.tensor([[1., 2., 3.], [4., 5., 6.]]); b = torch.tensor([[7.], [8.]])
+    items = [None, {"audio": a, "text": torch.tensor([5, 6]), "image": torch.ones(3, 2, 2), "label": 1, "index": 4},
+             {"audio": None, "text": torch.tensor([7, 8, 9, 10]), "image": None, "label": 0, "index": 5}, None,
+             {"audio": b, "text": None, "image": torch.full((3, 2, 2), 2.0), "label": 2, "index": 6}]
+    bt = collate(items, pad_id=9, audio_pad=-1.0)
+    assert bt["skipped"] == 2
+    assert bt["mask"]["audio"].tolist() == [True, False, True] and bt["mask"]["text"].tolist() == [True, True, False]
+    assert bt["mask"]["image"].tolist() == [True, False, True]
+    want = torch.full((3, 2, 3), -1.0); want[0] = a; want[2, :, :1] = b
+    assert torch.equal(bt["audio"], want) and bt["audio_lengths"].tolist() == [3, 0, 1]
+    assert bt["audio_padding_mask"].tolist() == [[False] * 3, [True] * 3, [False, True, True]]
+    assert bt["text"].tolist() == [[5, 6, 9, 9], [7, 8, 9, 10], [9, 9, 9, 9]] and bt["text_lengths"].tolist() == [2, 4, 0]
+    assert bt["text_padding_mask"].tolist() == [[False, False, True, True], [False] * 4, [True] * 4]
+    assert torch.equal(bt["image"][1], torch.zeros(3, 2, 2)) and torch.equal(bt["image"][2], torch.full((3, 2, 2), 2.0))
+    assert bt["label"].tolist() == [1, 0, 2] and bt["index"].tolist() == [4, 5, 6]
+    assert "skipped" not in collate(items[1:3])                            # nothing skipped, nothing reported
+    assert collate(items[:2])["skipped"] == 1
+
+
+def test_collate_strings_labels_attrs_and_errors():
+    bt = collate([{"text": "a b", "caption": "A", "label": "x", "attrs": {"s": 1, "n": "p"}},
+                  {"text": None, "label": "y", "attrs": {"s": 2, "n": "q"}}])
+    assert bt["text"] == ["a b", ""] and bt["mask"]["text"].tolist() == [True, False]
+    assert bt["caption"] == ["A", None] and bt["label"] == ["x", "y"]
+    assert bt["attrs"]["s"].tolist() == [1, 2] and bt["attrs"]["n"] == ["p", "q"]
+    only_none = collate([{"audio": None, "text": "a"}, {"audio": None, "text": "b"}])
+    assert only_none["audio"] is None and only_none["mask"]["audio"].tolist() == [False, False]
+    assert "label" not in collate([{"text": "a", "label": 1}, {"text": "b"}])   # partial labels are not batched
+    with pytest.raises(DataError, match="all 2 items of the batch were skipped"): collate([None, None])
+    with pytest.raises(ShapeError, match="image of item 1 has shape"):
+        collate([{"image": torch.ones(3, 2, 2)}, {"image": torch.ones(3, 4, 4)}])
+    with pytest.raises(ShapeError, match=r"audio of item 1 has shape \(3, 5\)"):
+        collate([{"audio": torch.ones(2, 5)}, {"audio": torch.ones(3, 5)}])
+    with pytest.raises(InputTypeError, match="all str or all token-id tensors"):
+        collate([{"text": "a"}, {"text": torch.tensor([1])}])
+
+
+@FAST
+@given(st.lists(st.one_of(st.none(), st.integers(0, 7)), min_size=1, max_size=8).filter(lambda l: any(x is not None for x in l)))
+def test_collate_padding_property(lengths):
+    xs = [None if L is None else torch.arange(1, L + 1, dtype=torch.long) for L in lengths]
+    bt = collate([{"text": x} for x in xs], pad_id=-5)
+    Lmax = max(L or 0 for L in lengths)
+    assert bt["text"].shape == (len(xs), Lmax)
+    for row, L, pad in zip(bt["text"].tolist(), lengths, bt["text_padding_mask"].tolist()):
+        L = L or 0
+        assert row == list(range(1, L + 1)) + [-5] * (Lmax - L) and pad == [False] * L + [True] * (Lmax - L)
+    assert bt["mask"]["text"].tolist() == [L is not None for L in lengths]
+
+
+def test_make_loader_seeded_order_and_options():
+    ds = [{"text": torch.arange(i % 3 + 1), "index": i} for i in range(10)]
+    order = lambda **kw: [b["index"].tolist() for b in make_loader(ds, 4, **kw)]
+    a = order(seed=3)
+    assert a == order(seed=3) and a != order(seed=4)
+    assert sorted(sum(a, [])) == list(range(10)) and [len(b) for b in a] == [4, 4, 2]
+    assert order(shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert order(seed=3, drop_last=True) == a[:2]
+    assert order() == order(seed=get_settings().seed)                       # seed None = the settings' seed
+    # the same loader reshuffles each epoch, reproducibly from the seed
+    dl = make_loader(ds, 10, seed=0); e1 = next(iter(dl))["index"].tolist(); e2 = next(iter(dl))["index"].tolist()
+    dl2 = make_loader(ds, 10, seed=0)
+    assert e1 != e2 and [next(iter(dl2))["index"].tolist(), next(iter(dl2))["index"].tolist()] == [e1, e2]
+    first = next(iter(make_loader(ds, 3, shuffle=False, pad_id=7)))
+    assert first["text"].tolist() == [[0, 7, 7], [0, 1, 7], [0, 1, 2]]
+    custom = next(iter(make_loader(ds, 2, shuffle=False, collate_fn=lambda items: len(items))))
+    assert custom == 2
+    for bad in (0, 2.5, None):
+        with pytest.raises(ConfigError, match="batch_size must be an int >= 1"): make_loader(ds, bad)
+
+
+# ---------------------------------------------------------------- manifests: parsing
+
+caption = st.text(alphabet='ab ,"\'xy', min_size=1, max_size=12).filter(lambda s: s.strip())
+
+
+@FAST
+@given(st.lists(st.tuples(caption, st.integers(0, 2)), min_size=1, max_size=6), st.data())
+def test_manifest_csv_quoted_fields_and_blank_lines_keep_row_numbers(tmp_path_factory, rows, data):
+    import csv as _csv
+    d = tmp_path_factory.mktemp("m")
+    buf = io.StringIO(); w = _csv.writer(buf, lineterminator="\n"); w.writerow(["text", "label"])
+    lines = [buf.getvalue()]; want = []
+    for cap, blanks in rows:
+        lines.append("\n" * blanks)
+        buf = io.StringIO(); _csv.writer(buf, lineterminator="\n").writerow([cap, len(want)])
+        lines.append(buf.getvalue())
+        want.append((cap, sum(s.count("\n") for s in lines)))              # physical line of this row
+    p = d / "m.csv"; p.write_text("".join(lines))
+    ds = ManifestDataset(p, cache=False)
+    assert [(ds[i]["text"], ds[i]["label"]) for i in range(len(ds))] == [(c, i) for i, (c, _) in enumerate(want)]
+    assert [r["line"] for r in ds.rows] == [ln for _, ln in want]
+    # a bad row anywhere is reported with the file and its physical line
+    k = data.draw(st.integers(0, len(want) - 1))
+    bad = "".join(lines).splitlines(keepends=True); bad[want[k][1] - 1] = '" ",0\n'
+    p.write_text("".join(bad))
+    with pytest.raises(DataError, match=re.escape(f"{p} row {want[k][1]}: empty caption")): ManifestDataset(p)
+
+
+def test_manifest_short_and_long_rows_and_jsonl(good):
+    # a short row leaves columns missing: here no modality at all -> a clear error naming file and row
+    p = manifest(good, "m.csv", "image,text,label", "ok.png,hi,1", "", "ok.png")
+    ds = ManifestDataset(p, cache=False)
+    assert ds[1]["text"] is None and "label" not in ds[1]                  # the short row: text missing
+    p = manifest(good, "s.csv", "image,text,label", "ok.png,hi,1", "")
+    p.write_text(p.read_text() + ",\n")
+    with pytest.raises(DataError, match=re.escape(f"{p} row 4: none of the modalities image, text is given")):
+        ManifestDataset(p)
+    # extra unnamed fields are ignored, a quoted field may hold commas and a line break
+    p = good / "q.csv"; p.write_text('text,speaker\n"a, ""b""\nc",s1,EXTRA\n')
+    ds = ManifestDataset(p)
+    assert ds[0]["text"] == 'a, "b"\nc' and ds[0]["attrs"] == {"speaker": "s1"} and ds.rows[0]["line"] == 3
+    p = good / "m.jsonl"; p.write_text('{"text": "a"}\n\n  \n{"text": "b", "label": "7"}\nnot json\n')
+    with pytest.raises(DataError, match=re.escape(f"{p} line 5: invalid JSON")): ManifestDataset(p)
+    p.write_text('{"text": "a"}\n\n{"text": "b", "label": "7"}\n[1]\n')
+    with pytest.raises(DataError, match=re.escape(f"{p} line 4: expected a JSON object per line, got list")):
+        ManifestDataset(p)
+    p.write_text('{"text": "a"}\n\n{"text": "b", "label": "-7"}\n{"text": "c", "label": "cat"}\n')
+    ds = ManifestDataset(p)
+    assert [r["line"] for r in ds.rows] == [1, 3, 4] and [ds[i].get("label") for i in range(3)] == [None, -7, "cat"]
+    (good / "e.csv").write_text("")
+    with pytest.raises(DataError, match="no modality column"): ManifestDataset(good / "e.csv")
+    with pytest.raises(DataError, match="no usable rows"): ManifestDataset(manifest(good, "h.csv", "text,label"))
+
+
+def test_manifest_skip_counts_reasons_and_report(good):
+    rows = ["ok.png,a"] + [f"missing{i}.png,b" for i in range(7)]
+    with pytest.warns(UserWarning, match="skipped 7 of 8 rows"):
+        ds = ManifestDataset(manifest(good, "m.csv", "image,text", *rows), on_error="skip", cache=False)
+    assert len(ds) == 1 and ds.skipped == 7 and len(ds.skip_reasons) == 5   # counted all, first 5 reasons kept
+    assert "missing0.png" in ds.skip_reasons[0] and ds.report().startswith("7 row(s) skipped")
+    assert ds.report().count("\n  - ") == 5
+
+
+def test_manifest_image_size_root_and_transforms(good, tmp_path):
+    Image.fromarray(np.full((6, 10, 3), 255, np.uint8)).save(good / "w.png")
+    other = tmp_path / "elsewhere"; other.mkdir()
+    p = manifest(other, "m.csv", "image,text", "w.png,Hi", f"{good / 'ok.png'},yo")
+    ds = ManifestDataset(p, root=good, image_size=4, transforms={"text": str.upper}, cache=False)
+    a, b = ds[0], ds[1]
+    assert a["image"].shape == (3, 4, 4) and torch.allclose(a["image"], torch.ones(3, 4, 4))
+    assert b["image"].shape == (3, 4, 4) and b["image"].abs().max() == 0      # absolute paths ignore root
+    assert a["text"] == "HI" and a["caption"] == "Hi"
+    assert ManifestDataset(p, root=good, cache=False)[0]["image"].shape == (3, 6, 10)   # image_size None keeps
+    with pytest.raises(MissingFileError, match="w.png"): ManifestDataset(p)   # root defaults to the manifest's folder
+
+
+# ---------------------------------------------------------------- content_hash and FeatureCache
+
+def test_content_hash_is_sha256_prefix():
+    for data in (b"", b"abc", bytes(range(256)) * 3):
+        assert content_hash(data) == hashlib.sha256(data).hexdigest()[:32] and len(content_hash(data)) == 32
+    assert content_hash(b"abc") != content_hash(b"abd")
+
+
+def test_feature_cache_hits_misses_layout(tmp_path):
+    fc = FeatureCache(tmp_path); calls = []
+    def compute(v=1.0):
+        calls.append(v); return torch.full((2, 3), v)
+    assert torch.equal(fc.get("h1", "k1", compute), torch.full((2, 3), 1.0)) and (fc.hits, fc.misses) == (0, 1)
+    assert torch.equal(fc.get("h1", "k1", lambda: compute(9.0)), torch.full((2, 3), 1.0))   # a hit: not recomputed
+    assert (fc.hits, fc.misses, calls) == (1, 1, [1.0])
+    fc.get("h2", "k1", lambda: compute(2.0)); fc.get("h1", "k2", lambda: compute(3.0))      # other content, other key
+    assert (fc.hits, fc.misses, calls) == (1, 3, [1.0, 2.0, 3.0])
+    p = fc.path("h1", "k1")
+    assert p == tmp_path / hashlib.sha256(b"k1").hexdigest()[:16] / "h1.npy" and p.is_file()
+    assert (p.parent / "KEY").read_text() == "k1\n"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["KEY", "h1.npy", "h2.npy"]      # no temp files left
+    fresh = FeatureCache(tmp_path)                                          # persists across instances
+    assert torch.equal(fresh.get("h2", "k1", lambda: compute(0.0)), torch.full((2, 3), 2.0)) and fresh.hits == 1
+    assert FeatureCache().root == get_settings().cache_dir / "features"
