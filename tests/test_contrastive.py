@@ -674,3 +674,323 @@ def test_distributed_flag_without_process_group_is_plain_loss():
     torch.testing.assert_close(siglip_loss(a, b, 5.0, -1.0, distributed=True, local_loss=True), siglip_loss(a, b, 5.0, -1.0), rtol=0, atol=0)
     with pytest.raises(InputError, match="at least 2"): clip_loss(a[:1], b[:1], 5.0, distributed=True)
     assert gather_with_grad(a) is a
+
+# ============================================================================= issue 14: properties no test pinned yet
+from hypothesis import given, settings, strategies as st
+
+def ref_clip_rows(a, b, s, t=0.0, eps=0.0, off=0):
+    "Rows-only (local) CLIP: row i of a against all rows of b, positive at column i + off."
+    Ba, Bb = len(a), len(b); tot = 0.0
+    for i in range(Ba):
+        S = [s * dot(a[i], b[j]) + t for j in range(Bb)]
+        lse = logsumexp(S)
+        tot = tot + sum(((1 - eps) * (1.0 if j == i + off else 0.0) + eps / Bb) * (lse - S[j]) for j in range(Bb))
+    return tot / Ba
+
+def ref_siglip_rows(a, b, s, t, off=0):
+    tot = 0.0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            z = 1.0 if j == i + off else -1.0
+            tot = tot + torch.log1p(torch.exp(-z * (s * dot(a[i], b[j]) + t)))
+    return tot / len(a)
+
+# ----------------------------------------------------------------------------- learnable scale: the cap
+def test_clip_module_scale_cap_value_and_where_applied():
+    "logit_scale = min(exp(log_scale), max_scale), applied when read in forward; the parameter itself is never clamped."
+    a, b = pair(5, 4, seed=40)
+    m = C.ClipLoss(init_scale=200.0).double()                   # default max_scale = 100 (CLIP)
+    assert m.logit_scale.item() == 100.0
+    v = m(a, b); v.backward()
+    assert abs(v.item() - float(ref_clip(a, b, sc(100.0)))) < 1e-10            # the loss uses the capped scale
+    assert m.log_scale.item() == pytest.approx(math.log(200.0), rel=1e-7)       # not clamped in place (float32 init)
+    assert m.log_scale.grad.item() == 0.0                                       # clamped: no gradient to the log scale
+    m = C.ClipLoss(init_scale=60.0, max_scale=50.0).double()                    # max_scale is an argument, not a constant
+    assert m.logit_scale.item() == pytest.approx(50.0, abs=1e-12)
+    m = C.ClipLoss().double()                                                   # below the cap: exp(log_scale), gradient flows
+    with torch.no_grad(): m.log_scale.fill_(math.log(99.0))                     # exact in float64 (init is float32)
+    assert m.logit_scale.item() == pytest.approx(99.0, abs=1e-12)
+    m(a, b).backward()
+    s = sc(99.0).requires_grad_(); ref_clip(a, b, s).backward()
+    assert m.log_scale.grad.item() == pytest.approx(99.0 * s.grad.item(), rel=1e-9)   # d/dlog s = s d/ds
+    assert C.ClipLoss().logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-6)       # CLIP's initial temperature 0.07
+
+def test_siglip_module_scale_cap_bias_and_frozen():
+    a, b = pair(5, 4, seed=41)
+    m = C.SigLipLoss(init_scale=300.0, init_bias=-3.0).double()
+    assert m.logit_scale.item() == 100.0 and m.logit_bias.item() == -3.0
+    v = m(a, b); v.backward()
+    assert abs(v.item() - float(ref_siglip(a, b, sc(100.0), sc(-3.0)))) < 1e-10
+    assert m.log_scale.grad.item() == 0.0 and m.log_scale.item() == pytest.approx(math.log(300.0), rel=1e-7)
+    m = C.SigLipLoss(init_scale=30.0, max_scale=20.0).double()
+    assert m.logit_scale.item() == pytest.approx(20.0, abs=1e-12)
+    assert C.SigLipLoss().logit_scale.item() == pytest.approx(10.0, rel=1e-6) and C.SigLipLoss().logit_bias.item() == -10.0
+    f = C.SigLipLoss(learnable=False)
+    assert not f.log_scale.requires_grad and not f.logit_bias.requires_grad
+    assert C.ClipLoss(learnable=True).log_scale.requires_grad
+
+def test_modules_forward_their_loss_keywords():
+    a, b = pair(5, 4, seed=42)
+    for m in (C.ClipLoss(impl="bogus"), C.SigLipLoss(impl="bogus")):          # extra keywords reach the loss
+        with pytest.raises(InputError, match="impl must be one of"): m.double()(a, b)
+    m = C.ClipLoss(5.0, label_smoothing=0.2, impl="chunked", chunk_size=2).double()
+    with torch.no_grad(): m.log_scale.fill_(math.log(5.0))
+    v = m(a, b)
+    assert abs(v.item() - float(ref_clip(a, b, sc(5.0), 0.0, 0.2))) < 1e-10
+
+# ----------------------------------------------------------------------------- label smoothing closed form
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_label_smoothing_closed_form(impl):
+    # one-hot embeddings at s = 100: lse = 100 (+3e^-100), S_ii = 100, mean_j S_ij = 25, so each row and
+    # column costs (1 - eps) * 0 + eps * (100 - 25)
+    e = torch.eye(4, dtype=DT)
+    for eps in (0.0, 0.1, 0.5):
+        assert abs(clip_loss(e, e, 100.0, None, eps, impl=impl, chunk_size=3).item() - eps * 75) < 1e-10
+    assert clip_loss(e, e, 100.0, None, 0.999, impl=impl).item() > 0                  # just below 1 is allowed
+    with pytest.raises(InputError, match=r"label_smoothing must be in \[0, 1\)"): clip_loss(e, e, 1.0, None, -0.01)
+
+# ----------------------------------------------------------------------------- local (rows-only) forms with an offset
+@pytest.mark.parametrize("Ba,Bb,off,chunk", [(3, 7, 0, 2), (3, 7, 4, 2), (2, 6, 3, 5), (4, 4, 0, 3)])
+def test_chunked_local_forms_with_offset_match_reference(Ba, Bb, off, chunk):
+    "The rectangular blocks of the distributed path: rows of a vs all b, positive at column i + offset."
+    g = torch.Generator().manual_seed(Ba * 10 + Bb + off)
+    a = F.normalize(torch.randn(Ba, 5, generator=g, dtype=DT), dim=-1); b = F.normalize(torch.randn(Bb, 5, generator=g, dtype=DT), dim=-1)
+    for eps in (0.0, 0.2):
+        assert_match(lambda a, b, s, t: C.ChunkedClipLoss.apply(a, b, s, t, eps, chunk, off, False),
+                     lambda a, b, s, t: ref_clip_rows(a, b, s, t, eps, off), a, b, sc(6.0), sc(-1.0))
+        assert_match(lambda a, b, s, t: C._clip_naive(a, b, s, t, eps, off, both=False),
+                     lambda a, b, s, t: ref_clip_rows(a, b, s, t, eps, off), a, b, sc(6.0), sc(-1.0))
+    assert_match(lambda a, b, s, t: C.ChunkedSiglipLoss.apply(a, b, s, t, chunk, off),
+                 lambda a, b, s, t: ref_siglip_rows(a, b, s, t, off), a, b, sc(6.0), sc(-2.0))
+    assert_match(lambda a, b, s, t: C._siglip_naive(a, b, s, t, off),
+                 lambda a, b, s, t: ref_siglip_rows(a, b, s, t, off), a, b, sc(6.0), sc(-2.0))
+
+def _fake_rank1_of_2(monkeypatch, a, b, a_other, b_other):
+    "Pretend to be rank 1 of 2: gather puts the other rank's rows (constants) first, this rank's after."
+    monkeypatch.setattr(C, "_dist_info", lambda group=None: (2, 1))
+    def gather(x, group=None):
+        other = a_other if torch.equal(x.detach(), a) else b_other
+        return torch.cat([other, x])
+    monkeypatch.setattr(C, "gather_with_grad", gather)
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_distributed_path_offsets_with_simulated_gather(monkeypatch, impl):
+    "Rank 1's positives sit at column rank * B_local of the gathered batch; local and global forms vs references."
+    a, b = pair(3, 4, seed=43); ao, bo = pair(3, 4, seed=44)
+    _fake_rank1_of_2(monkeypatch, a, b, ao, bo)
+    A, B_ = torch.cat([ao, a]), torch.cat([bo, b])
+    kw = dict(impl=impl, chunk_size=2, distributed=True)
+    # local loss: (rows(a vs all b) + rows(b vs all a)) / 2, both with offset 3
+    assert_match(lambda a, b: clip_loss(a, b, 5.0, -1.0, 0.1, local_loss=True, **kw),
+                 lambda a_, b_: (ref_clip_rows(a_, torch.cat([bo, b_]), 5.0, -1.0, 0.1, 3)
+                                 + ref_clip_rows(b_, torch.cat([ao, a_]), 5.0, -1.0, 0.1, 3)) / 2, a, b)
+    assert_match(lambda a, b: siglip_loss(a, b, 5.0, -1.0, local_loss=True, **kw),
+                 lambda a_, b_: ref_siglip_rows(a_, torch.cat([bo, b_]), 5.0, -1.0, 3), a, b)
+    # global loss: the plain loss of the gathered batch
+    assert abs(clip_loss(a, b, 5.0, -1.0, 0.1, **kw).item() - float(ref_clip(A, B_, 5.0, -1.0, 0.1))) < 1e-10
+    assert abs(siglip_loss(a, b, 5.0, -1.0, **kw).item() - float(ref_siglip(A, B_, 5.0, -1.0))) < 1e-10
+
+def test_distributed_one_sample_per_rank_is_enough(monkeypatch):
+    a, b = pair(1, 3, seed=45); ao, bo = pair(1, 3, seed=46)
+    _fake_rank1_of_2(monkeypatch, a, b, ao, bo)                       # B_total = 2 over the ranks
+    want = float(ref_clip(torch.cat([ao, a]), torch.cat([bo, b]), 4.0))
+    assert abs(clip_loss(a, b, 4.0, distributed=True).item() - want) < 1e-10
+
+# ----------------------------------------------------------------------------- blocks, dispatch, validation boundaries
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 60), st.integers(1, 70))
+def test_blocks_cover_every_row_once(n, chunk):
+    blocks = C._blocks(n, chunk)
+    rows = [i for s in blocks for i in range(s.start, s.stop)]
+    assert rows == list(range(n))
+    assert all(0 < s.stop - s.start <= chunk for s in blocks) and len(blocks) == -(-n // chunk)
+
+def test_pick_impl_boundaries():
+    assert C._pick_impl("auto", C.AUTO_CHUNK_MIN_BATCH - 1, None, "cpu", "t") == "naive"
+    assert C._pick_impl("auto", C.AUTO_CHUNK_MIN_BATCH, None, "cpu", "t") == "chunked"
+    assert C.AUTO_CHUNK_MIN_BATCH == 4096 and C.DEFAULT_CHUNK == 512
+    assert C._pick_impl("naive", 10 ** 6, 8, "cpu", "t") == "naive"               # an explicit impl wins over chunk_size
+    assert C._pick_impl("chunked", 4, None, "cpu", "t") == "chunked"
+    assert C._pick_impl("auto", 8, 1, "cpu", "t") == "chunked"                      # chunk_size=1 is valid
+    for bad in (True, 2.0, -1):
+        with pytest.raises(InputError, match="chunk_size must be a positive int"): C._pick_impl("auto", 8, bad, "cpu", "t")
+    with pytest.raises(InputError, match="impl must be one of"): C._pick_impl("Naive", 8, None, "cpu", "t")
+
+def test_unit_norm_tolerance_by_dtype_and_scalar_kinds():
+    a, b = pair(4, 3, seed=47)
+    assert torch.isfinite(clip_loss(a * (1 + 9e-4), b, 5.0))                     # float64: within 1e-3 passes
+    with pytest.raises(InputError, match="L2-normalised"): clip_loss(a * (1 + 2e-3), b, 5.0)
+    ah, bh = (a * (1 + 5e-3)).bfloat16(), b.bfloat16()                              # 16-bit: 1e-2 tolerance
+    assert torch.isfinite(clip_loss(ah, bh, 5.0))
+    with pytest.raises(InputError, match="L2-normalised"): clip_loss((a * 1.03).bfloat16(), bh, 5.0)
+    with pytest.raises(InputError, match="L2-normalised"): clip_loss(a.float() * (1 + 5e-3), b.float(), 5.0)
+    assert torch.isfinite(clip_loss(a, b, 5))                                       # an int scale is a number
+    assert abs(clip_loss(a, b, torch.tensor([5.0])).item() - clip_loss(a, b, 5.0).item()) < 1e-15   # 1-element tensor
+    with pytest.raises(InputTypeError, match="logit_scale must be a float"): clip_loss(a, b, True)
+    with pytest.raises(InputTypeError, match="logit_scale must be a float"): clip_loss(a, b, "5")
+    assert torch.isfinite(clip_loss(a[:2], b[:2], 5.0))                             # B = 2: the smallest batch
+
+def test_defaults_nt_xent_temperature_and_isogclr_rho():
+    z1, z2 = pair(4, 3, seed=48)
+    assert abs(nt_xent_loss(z1, z2).item() - float(ref_ntxent(z1, z2, 0.5))) < 1e-10     # SimCLR tau = 0.5
+    ta, tb = torch.full((4,), 0.3, dtype=DT), torch.full((4,), 0.2, dtype=DT)
+    assert abs(isogclr_objective(z1, z2, ta, tb).item() - float(ref_isogclr_objective(z1, z2, ta, tb, 6.0))) < 1e-10
+    with pytest.raises(InputError, match="tau_b must be > 0"): isogclr_objective(z1, z2, ta, torch.zeros(4, dtype=DT))
+    with pytest.raises(InputError, match="temperature must be > 0"): nt_xent_loss(z1, z2, -0.1)
+
+# ----------------------------------------------------------------------------- iSogCLR module: clamp, first update, boundaries
+def test_isogclr_module_uses_clamped_temperatures():
+    "Raw temperatures outside [tau_min, tau_max] enter the loss clamped (and then get no gradient)."
+    B = 4
+    a, b = pair(B, 3, seed=49)
+    crit = IndividualTemperatureLoss(6, rho=1.5, gamma=1.0, tau_init=0.1, tau_min=0.05, tau_max=0.5).double()
+    with torch.no_grad():
+        crit.tau_a.copy_(torch.tensor([0.001, 0.2, 3.0, 0.05, 0.4, 0.4], dtype=DT))
+        crit.tau_b.copy_(torch.tensor([0.3, -1.0, 0.5, 7.0, 0.4, 0.4], dtype=DT))
+    idx = torch.tensor([0, 1, 2, 3])
+    v = crit(a, b, idx); v.backward()
+    ta = torch.tensor([0.05, 0.2, 0.5, 0.05], dtype=DT); tb = torch.tensor([0.3, 0.05, 0.5, 0.5], dtype=DT)
+    # gamma = 1 and a first visit: u = g of this batch, so the value is the exact objective
+    assert abs(v.item() - float(ref_isogclr_objective(a, b, ta, tb, 1.5))) < 1e-10
+    assert crit.tau_a.grad[0] == 0 and crit.tau_a.grad[2] == 0 and crit.tau_b.grad[1] == 0 and crit.tau_b.grad[3] == 0
+    assert crit.tau_a.grad[1] != 0 and crit.tau_b.grad[0] != 0                      # inside the box: a gradient
+
+def test_isogclr_module_first_update_closed_form_and_defaults():
+    a, b = pair(4, 3, seed=50)
+    crit = IndividualTemperatureLoss(5).double()                 # rho 6, gamma 0.9, tau 0.07 in [0.005, 1]
+    t07 = float(torch.tensor(0.07))                              # the parameters are created in float32
+    assert crit.rho == 6.0 and crit.gamma == 0.9 and (crit.tau_a == t07).all() and (crit.tau_b == t07).all()
+    assert (crit.tau_min, crit.tau_max) == (0.005, 1.0)
+    idx = torch.tensor([4, 0, 2, 1])
+    v = crit(a, b, idx)
+    tau = torch.full((4,), t07, dtype=DT)
+    # first visit: u = gamma * g (the -inf initial log u contributes nothing)
+    for i in range(4):
+        ga, gb = ref_isogclr_g(a, b, tau, i, True), ref_isogclr_g(a, b, tau, i, False)
+        assert abs(crit.log_u_a[idx[i]].item() - math.log(0.9 * float(ga))) < 1e-10
+        assert abs(crit.log_u_b[idx[i]].item() - math.log(0.9 * float(gb))) < 1e-10
+    assert torch.isinf(crit.log_u_a[3]) and torch.isinf(crit.log_u_b[3])              # sample 3 not seen
+    want = sum(t07 * (math.log(0.9 * float(ref_isogclr_g(a, b, tau, i, img))) + 6.0) for i in range(4) for img in (True, False)) / 8
+    assert abs(v.item() - want) < 1e-10
+
+def test_isogclr_module_argument_boundaries():
+    I = IndividualTemperatureLoss
+    I(2); I(3, gamma=1.0); I(3, tau_init=0.005); I(3, tau_init=1.0); I(3, tau_min=0.1, tau_init=0.1, tau_max=0.1)
+    with pytest.raises(InputError, match="num_samples must be >= 2"): I(1)
+    with pytest.raises(InputError, match="gamma"): I(3, gamma=1.01)
+    with pytest.raises(InputError, match="tau_min <= tau_init <= tau_max"): I(3, tau_init=1.01)
+    with pytest.raises(InputError, match="tau_min <= tau_init <= tau_max"): I(3, tau_init=0.004)
+    with pytest.raises(InputError, match="tau_min <= tau_init <= tau_max"): I(3, tau_min=0.0, tau_init=0.1)
+    crit = I(5).double(); a, b = pair(3, 3, seed=51)
+    assert torch.isfinite(crit(a, b, torch.tensor([4, 0, 2])))                         # n - 1 is a valid index
+    for bad in (torch.tensor([5, 0, 2]), torch.tensor([-1, 0, 2]), torch.tensor([1, 0, 2], dtype=torch.int32)):
+        with pytest.raises(InputError, match="distinct int64 dataset indices"): crit(a, b, bad)
+
+# ----------------------------------------------------------------------------- CWCL weights
+def test_cwcl_weights_closed_form_clamped_and_detached():
+    x = unit(5, 4, seed=52).requires_grad_()
+    w = cwcl_weights(x)
+    for i in range(5):
+        for j in range(5):
+            assert abs(w[i, j].item() - (1 + float(dot(x[i].detach(), x[j].detach()))) / 2) < 1e-15
+    assert not w.requires_grad and torch.allclose(w.diagonal(), torch.ones(5, dtype=DT))
+    # antipodal rows round to (1 + (-1 - 1e-16)) / 2 < 0 without the clamp: weights stay in [0, 1]
+    g = torch.Generator().manual_seed(0)
+    y = F.normalize(torch.randn(3, 5, generator=g, dtype=DT), dim=1); Y = torch.cat([y, -y])
+    wy = cwcl_weights(Y)
+    assert (wy >= 0).all() and (wy <= 1).all()
+    assert torch.isfinite(cwcl_loss(Y, Y, wy, 5.0))
+
+def test_cwcl_weight_range_boundaries():
+    a, b = pair(3, 4, seed=53)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.5, 0.0, 0.0]], dtype=DT)    # 0 and 1 allowed
+    assert abs(cwcl_loss(a, b, w, 4.0).item() - float(ref_cwcl(a, b, w, 4.0))) < 1e-10
+    with pytest.raises(InputError, match=r"lie in \[0, 1\]"): cwcl_loss(a, b, w * 1.001, 4.0)
+    w2 = w.clone(); w2[2] = 0
+    with pytest.raises(InputError, match=r"rows \[2\] are all zero"): cwcl_loss(a, b, w2, 4.0)
+
+# ----------------------------------------------------------------------------- MoCHi: counts, hardness, draws
+def ref_mochi_queue(q, queue, s, n_hard, n_mix, n_query_mix, beta_max, seed):
+    "Synthetic logits of MoCHi with a shared queue, per query in loops (same documented draws)."
+    B = q.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randint(n_hard, (B, n_mix, 2), generator=g); alpha = torch.rand(B, n_mix, 1, generator=g, dtype=q.dtype)
+    picks = torch.randint(n_hard, (B, n_query_mix), generator=g); beta = beta_max * torch.rand(B, n_query_mix, 1, generator=g, dtype=q.dtype)
+    out = []
+    for i in range(B):
+        sims = [float(dot(q[i], n)) for n in queue]
+        hard = [queue[j] for j in sorted(range(len(queue)), key=lambda j: -sims[j])[:n_hard]]
+        row = []
+        for m in range(n_mix):
+            h = alpha[i, m, 0] * hard[int(pairs[i, m, 0])] + (1 - alpha[i, m, 0]) * hard[int(pairs[i, m, 1])]
+            row.append(s * float(dot(q[i], h)) / math.sqrt(float(dot(h, h))))
+        for m in range(n_query_mix):
+            h = beta[i, m, 0] * q[i] + (1 - beta[i, m, 0]) * hard[int(picks[i, m])]
+            row.append(s * float(dot(q[i], h)) / math.sqrt(float(dot(h, h))))
+        out.append(row)
+    return torch.tensor(out, dtype=q.dtype)
+
+@pytest.mark.parametrize("n_hard,n_mix,n_query_mix,beta_max", [(4, 3, 2, 1.0), (9, 2, 3, 0.3), (1, 2, 1, 0.0)])
+def test_mochi_queue_synthetic_negatives_match_reference(n_hard, n_mix, n_query_mix, beta_max):
+    q, k = pair(4, 5, seed=54); queue = unit(9, 5, seed=55)
+    L = hard_negative_mixing(q, k, 3.0, negatives=queue, n_hard=n_hard, n_mix=n_mix, n_query_mix=n_query_mix,
+                             beta_max=beta_max, generator=torch.Generator().manual_seed(7))
+    assert L.shape == (4, 1 + 9 + n_mix + n_query_mix)                      # positive, K negatives, s + s' synthetic
+    torch.testing.assert_close(L[:, 0], 3.0 * (q * k).sum(1), rtol=0, atol=1e-14)
+    torch.testing.assert_close(L[:, 10:], ref_mochi_queue(q, queue, 3.0, n_hard, n_mix, n_query_mix, beta_max, 7), rtol=0, atol=1e-12)
+
+def test_mochi_in_batch_never_mixes_the_positive_and_counts():
+    q = unit(5, 6, seed=56)                                                 # k = q: the positive is the most similar
+    L = hard_negative_mixing(q, q, 1.0, n_hard=1, n_mix=2, n_query_mix=0, generator=torch.Generator().manual_seed(0))
+    S = q @ q.T; S.fill_diagonal_(-math.inf)
+    assert L.shape == (5, 1 + 4 + 2)
+    torch.testing.assert_close(L[:, 5:], S.max(1).values[:, None].expand(5, 2), rtol=0, atol=1e-12)   # the hardest true negative
+    assert hard_negative_mixing(q, q, 1.0, n_hard=4, n_mix=0, n_query_mix=0).shape == (5, 5)          # n_hard = K allowed
+    assert hard_negative_mixing(q, q, 1.0, n_hard=1, n_mix=0, n_query_mix=3).shape == (5, 8)
+
+def test_mochi_uses_its_generator_and_validates():
+    q, k = pair(5, 6, seed=57)
+    f = lambda: hard_negative_mixing(q, k, 2.0, n_hard=3, n_mix=4, n_query_mix=2, generator=torch.Generator().manual_seed(1))
+    L1 = f(); torch.rand(10); L2 = f()                                     # the global RNG moved in between
+    assert torch.equal(L1, L2)
+    for kw, msg in ((dict(n_hard=0), "n_hard"), (dict(n_hard=5), "n_hard"), (dict(n_mix=-1), "n_mix"),
+                    (dict(n_query_mix=-1), "n_query_mix"), (dict(beta_max=1.01), "beta_max"), (dict(beta_max=-0.01), "beta_max")):
+        with pytest.raises(InputError, match=msg): hard_negative_mixing(q, k, 2.0, **{"n_hard": 2, **kw})
+    with pytest.raises(ShapeError, match="width D=6"): hard_negative_mixing(q, k, 2.0, negatives=unit(4, 5, seed=1), n_hard=2)
+
+# ----------------------------------------------------------------------------- mixup
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(1, 6), st.integers(0, 1000))
+def test_mixup_is_the_convex_combination(lam, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 2, 3, generator=g, dtype=DT); perm = torch.randperm(B, generator=g)
+    out = mixup(x, lam, perm)
+    for i in range(B):
+        torch.testing.assert_close(out[i], lam * x[i] + (1 - lam) * x[int(perm[i])], rtol=0, atol=1e-15)
+
+def test_mixup_loss_validation_boundaries():
+    a, b = pair(4, 3, seed=58)
+    for lam in (0.0, 1.0): assert torch.isfinite(mixup_contrastive_loss(a, b, torch.arange(4), lam, 5.0))
+    with pytest.raises(InputError, match="lam"): mixup_contrastive_loss(a, b, torch.arange(4), -0.01, 5.0)
+    with pytest.raises(InputError, match="permutation"): mixup_contrastive_loss(a, b, torch.arange(4, dtype=torch.int32), 0.5, 5.0)
+    with pytest.raises(InputError, match="permutation"): mixup_contrastive_loss(a, b, torch.tensor([1, 2, 3, 4]), 0.5, 5.0)
+
+# ----------------------------------------------------------------------------- alignment / uniformity closed forms
+def test_alignment_uniformity_closed_forms_and_ranges():
+    e = torch.eye(3, dtype=DT)
+    f = e[[1, 2, 0]]                                                         # every pair orthogonal: ||a - b||^2 = 2
+    for alpha in (1.0, 2.0, 3.0, 0.5):
+        assert abs(alignment_loss(e, f, alpha).item() - 2 ** (alpha / 2)) < 1e-14
+    assert alignment_loss(e, e, 1.0).item() < 1e-14                          # identical pairs: 0 for any alpha
+    # three orthonormal points: every pair at squared distance 2, so log mean exp(-2t) = -2t
+    for t in (0.5, 2.0, 3.0): assert abs(uniformity_loss(e, t).item() + 2 * t) < 1e-13
+    assert abs(uniformity_loss(e).item() + 4.0) < 1e-13                       # default t = 2
+    assert abs(alignment_loss(e, f).item() - 2.0) < 1e-14                      # default alpha = 2
+    with pytest.raises(InputError, match="alpha must be > 0"): alignment_loss(e, f, 0.0)
+    with pytest.raises(InputError, match="t must be > 0"): uniformity_loss(e, 0.0)
+    assert torch.isfinite(alignment_loss(e, f, 1e-3)) and torch.isfinite(uniformity_loss(e, 1e-3))
+
+def test_symile_needs_two_modalities():
+    a, _ = pair(3, 4, seed=59)
+    with pytest.raises(InputTypeError, match="at least 2"): symile_loss([a], 5.0)
+    assert torch.isfinite(symile_loss((a, a), 5.0))                           # a tuple works too

@@ -242,3 +242,207 @@ def test_bad_inputs_raise_mmlab_errors():
     with pytest.raises(InputError, match="alpha"): momentum_distill_loss(*(torch.eye(3),) * 4, 1.0, alpha=-0.1)
     with pytest.raises(MMLabError): ema_update(nn.Linear(2, 2), nn.Linear(2, 3), 0.5)
     with pytest.raises(InputError): momentum_schedule(1, 0)
+
+# ================================================================ issue 14: properties no test pinned yet
+from hypothesis import given, settings, strategies as st
+from mmlab.losses.distill import MLPHead, _off_diagonal
+
+# ---------------------------------------------------------------- momentum schedule and EMA
+def test_momentum_schedule_closed_form_first_middle_last_and_clamped():
+    base, final, K = 0.9, 0.99, 10
+    cf = lambda k: final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / K))   # cosine from base to final
+    assert momentum_schedule(0, K, base, final) == pytest.approx(0.9, abs=1e-15)
+    assert momentum_schedule(5, K, base, final) == pytest.approx(0.945, abs=1e-15)     # half way: the mean
+    assert momentum_schedule(10, K, base, final) == pytest.approx(0.99, abs=1e-15)
+    assert momentum_schedule(3, K, base, final) == pytest.approx(cf(3), abs=1e-15)
+    # outside [0, K] the schedule holds its end values
+    assert momentum_schedule(-3, K, base, final) == pytest.approx(0.9, abs=1e-15)
+    assert momentum_schedule(15, K, base, final) == pytest.approx(0.99, abs=1e-15)
+    # defaults of BYOL/DINO: 0.996 -> 1
+    assert momentum_schedule(0, 7) == pytest.approx(0.996, abs=1e-15) and momentum_schedule(7, 7) == 1.0
+    assert momentum_schedule(0, 1) == pytest.approx(0.996) and momentum_schedule(1, 1) == 1.0   # total=1 is valid
+    with pytest.raises(InputError, match="total must be > 0"): momentum_schedule(0, -1)
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 500), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.integers(-10, 510))
+def test_momentum_schedule_matches_cosine_formula(total, base, final, step):
+    k = min(max(step, 0), total)
+    want = final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / total))
+    assert momentum_schedule(step, total, base, final) == pytest.approx(want, abs=1e-12)
+
+def _lin(seed):
+    torch.manual_seed(seed); return nn.Linear(3, 2).double()
+
+def test_ema_update_endpoints_and_range():
+    s, t = _lin(0), _lin(1)
+    t0 = {k: v.clone() for k, v in t.state_dict().items()}
+    ema_update(t, s, 1.0)                                              # m = 1: the teacher does not move
+    for k, v in t.state_dict().items(): assert torch.equal(v, t0[k]), k
+    ema_update(t, s, 0.0)                                              # m = 0: the teacher becomes the student
+    for k, v in t.state_dict().items(): assert torch.equal(v, s.state_dict()[k]), k
+    for m in (-0.01, 1.01):
+        with pytest.raises(InputError, match=r"momentum must be in \[0, 1\]"): ema_update(t, s, m)
+
+def test_ema_update_one_step_m09_hand_formula_and_mismatch_errors():
+    s = nn.Linear(1, 1, bias=False).double(); t = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad(): s.weight.fill_(10.0); t.weight.fill_(2.0)
+    ema_update(t, s, 0.9)
+    assert t.weight.item() == pytest.approx(0.9 * 2.0 + 0.1 * 10.0, abs=1e-14)   # = 2.8 (a swap gives 9.2)
+    with pytest.raises(InputError, match="parameters differ"):
+        ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), 0.5)          # names "weight" vs "0.weight"
+    with pytest.raises(ShapeError, match="'weight' has shape"): ema_update(nn.Linear(2, 2), nn.Linear(2, 3), 0.5)
+
+def test_ema_update_buffers_copied_only_where_the_student_has_them():
+    s, t = nn.BatchNorm1d(3).double(), nn.BatchNorm1d(3).double()
+    t.register_buffer("extra", torch.full((2,), 7.0))                 # a teacher-only buffer is left alone
+    s(torch.randn(5, 3, dtype=torch.float64))                         # student running stats move
+    ema_update(t, s, 0.9)
+    assert torch.equal(t.running_mean, s.running_mean) and torch.equal(t.running_var, s.running_var)
+    assert t.num_batches_tracked.item() == 1 and torch.equal(t.extra, torch.full((2,), 7.0))
+
+def test_ema_teacher_is_a_frozen_copy_updated_by_its_schedule():
+    s = _lin(2); teacher = EMATeacher(s, base=0.8, final=0.98, total_steps=4)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in s.parameters())                # the student is not frozen
+    w0 = teacher.module.weight.clone()
+    with torch.no_grad(): s.weight.add_(1.0)                           # a copy, not an alias
+    assert torch.equal(teacher.module.weight, w0)
+    m = teacher.update(s, 2)
+    want_m = 0.98 - 0.18 * 0.5 * (1 + math.cos(math.pi * 2 / 4))
+    assert m == pytest.approx(want_m, abs=1e-15)
+    assert torch.allclose(teacher.module.weight, want_m * w0 + (1 - want_m) * s.weight.detach(), atol=1e-14, rtol=0)
+    assert EMATeacher(s).update(s, 0) == pytest.approx(0.996)           # defaults: base 0.996
+    assert EMATeacher(s).update(s, 1000) == 1.0                         # ... final 1 at total_steps=1000
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.allclose(EMATeacher(s)(x), s(x).detach(), atol=0, rtol=0)
+
+# ---------------------------------------------------------------- DINO
+def test_dino_teacher_under_stop_gradient():
+    g = _g(11)
+    s = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    dino_loss(s, t, torch.zeros(5, dtype=torch.float64)).backward()
+    assert t.grad is None or (t.grad == 0).all()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+def test_dino_default_temperatures_and_module_override():
+    g = _g(12)
+    s = torch.randn(3, 2, 4, generator=g, dtype=torch.float64); t = torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    c = 0.3 * torch.randn(4, generator=g, dtype=torch.float64)
+    assert dino_loss(s, t, c).item() == pytest.approx(ref_dino(s, t, c, 0.1, 0.04), rel=1e-10)   # tau_s 0.1, tau_t 0.04
+    crit = DINOLoss(4, student_temp=0.2, teacher_temp=0.05).double()
+    assert crit(s, t).item() == pytest.approx(ref_dino(s, t, torch.zeros(4), 0.2, 0.05), rel=1e-10)
+    c1 = crit.center.clone().reshape(-1)
+    # the loss uses the centre *before* this call's update; a per-call teacher_temp wins over the module's
+    assert crit(s, t, teacher_temp=0.07).item() == pytest.approx(ref_dino(s, t, c1, 0.2, 0.07), rel=1e-10)
+
+def test_dino_center_update_closed_form_default_momentum_and_list_input():
+    crit = DINOLoss(3).double()                                          # m_c = 0.9 by default
+    t = torch.tensor([[[1.0, 2.0, 3.0], [3.0, 0.0, -1.0]], [[5.0, 4.0, 1.0], [-1.0, 2.0, 1.0]]], dtype=torch.float64)
+    crit.update_center(list(t))                                          # mean over 4 rows = (2, 2, 1)
+    assert torch.allclose(crit.center, torch.tensor([[0.2, 0.2, 0.1]], dtype=torch.float64), atol=1e-15, rtol=0)
+    crit.update_center(t)
+    want = 0.9 * torch.tensor([0.2, 0.2, 0.1], dtype=torch.float64) + 0.1 * torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(crit.center, want[None], atol=1e-15, rtol=0)
+
+def test_dino_view_count_boundaries():
+    z = lambda v: torch.zeros(v, 2, 3)
+    assert torch.isfinite(dino_loss(z(2), z(2), torch.zeros(3)))                      # V_t = V_s = 2 allowed
+    with pytest.raises(ShapeError, match="teacher has 3 views but student only 2"): dino_loss(z(2), z(3), torch.zeros(3))
+    with pytest.raises(ShapeError, match="at least 2 student views"): dino_loss(z(1), z(1), torch.zeros(3))
+    with pytest.raises(ShapeError, match="center"): dino_loss(z(2), z(2), torch.zeros(4))
+
+# ---------------------------------------------------------------- BYOL / SimSiam closed forms
+def test_negative_cosine_closed_forms():
+    p = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    z = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    # cosines 1, 0, -1, 1/sqrt(2): D = -mean
+    assert negative_cosine(p, z).item() == pytest.approx(-(1 + 0 - 1 + 2 ** -0.5) / 4, abs=1e-15)
+    o = torch.tensor([[1.0, 0.0]], dtype=torch.float64).expand(2, 2); u = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    # BYOL: each term is 2 - 2 cos = 2 - sqrt(2); two symmetric terms
+    assert byol_loss(o, o, u, u).item() == pytest.approx(2 * (2 - math.sqrt(2)), abs=1e-14)
+    assert simsiam_loss(o, o, u, u).item() == pytest.approx(-(2 ** -0.5), abs=1e-15)
+    # the two halves get weight 1/2 each: cos(p1, z2) = 1, cos(p2, z1) = 0
+    assert simsiam_loss(o, o, torch.tensor([[0.0, 1.0]] * 2, dtype=torch.float64), o).item() == pytest.approx(-0.5, abs=1e-15)
+    with pytest.raises(ShapeError, match="z: expected shape"): negative_cosine(p, z[:3])
+
+def test_simsiam_and_byol_stop_gradient_on_targets():
+    g = _g(13)
+    p1, p2, z1, z2 = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    for f in (simsiam_loss, byol_loss):
+        for x in (p1, p2, z1, z2): x.grad = None
+        f(p1, p2, z1, z2).backward()
+        assert z1.grad is None and z2.grad is None
+        assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+
+def test_mlp_head_structure_and_norm_flag():
+    h = MLPHead(3, 5, 2)
+    kinds = [type(m) for m in h.net]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear] and h.net[0].out_features == 5
+    assert [type(m) for m in MLPHead(3, 5, 2, norm=False).net] == [nn.Linear, nn.Identity, nn.ReLU, nn.Linear]
+    assert h(torch.randn(4, 3)).shape == (4, 2)
+
+# ---------------------------------------------------------------- VICReg / Barlow parameters never varied
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 7))
+def test_off_diagonal_is_every_entry_off_the_diagonal(n):
+    c = torch.arange(n * n, dtype=torch.float64).view(n, n)
+    want = [float(c[i, j]) for i in range(n) for j in range(n) if i != j]
+    assert _off_diagonal(c).tolist() == want
+
+def test_vicreg_eps_and_barlow_default_lambda_and_eps_used():
+    g = _g(14)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64) * 0.4; y = x + 0.3 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    _, (inv, var, cov) = ref_vicreg(x, y, eps=0.5)
+    t = vicreg_terms(x, y, eps=0.5)                                  # eps sits inside the square root of the variance
+    assert t["variance"].item() == pytest.approx(var, rel=1e-12)
+    # defaults: lambda = 5e-3, BatchNorm eps = 1e-5; an explicit eps reaches the normalisation
+    assert barlow_twins_loss(x, y).item() == pytest.approx(ref_barlow(x, y, 5e-3), rel=1e-10)
+    assert barlow_twins_loss(x, y, 0.1, eps=0.3).item() == pytest.approx(ref_barlow(x, y, 0.1, eps=0.3), rel=1e-10)
+
+def test_vicreg_variance_hinge_closed_forms_and_batch_boundary():
+    # columns with std > 1 cost nothing; a constant column costs 1 - sqrt(eps) in each view
+    wide = torch.tensor([[3.0, -3.0], [-3.0, 3.0]], dtype=torch.float64)
+    assert vicreg_terms(wide, wide)["variance"].item() == 0.0
+    const = torch.ones(2, 2, dtype=torch.float64)
+    assert vicreg_terms(const, const, eps=0.04)["variance"].item() == pytest.approx(0.8, abs=1e-15)
+    assert vicreg_terms(const, const)["covariance"].item() == 0.0
+    with pytest.raises(ShapeError, match="B=1"): barlow_twins_loss(torch.randn(1, 3), torch.randn(1, 3))
+
+# ---------------------------------------------------------------- ALBEF, CoCa boundaries
+def test_momentum_distill_alpha_range_and_default():
+    g = _g(15)
+    a, b, am, bm = (F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(4))
+    assert momentum_distill_loss(a, b, am, bm, 6.0).item() == pytest.approx(ref_albef(a, b, am, bm, 6.0, 0.4), rel=1e-10)
+    with pytest.raises(InputError, match="alpha"): momentum_distill_loss(a, b, am, bm, 6.0, alpha=1.01)
+    with pytest.raises(ShapeError, match="b_m"): momentum_distill_loss(a, b, am, bm[:2], 6.0)
+
+def _ref_caption(logits, tokens, pad):
+    tot, n = 0.0, 0
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1] - 1):
+            y = int(tokens[b, t + 1])
+            if y == pad: continue
+            row = [float(v) for v in logits[b, t]]; m = max(row)
+            tot += -(row[y] - m - math.log(sum(math.exp(v - m) for v in row))); n += 1
+    return tot / n
+
+def test_caption_loss_nonzero_pad_id_and_coca_weights():
+    g = _g(16); B, T, V = 2, 5, 4
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.tensor([[1, 0, 3, 2, 2], [0, 1, 2, 3, 0]])         # pad_id=2: token 0 is a real target here
+    assert caption_loss(logits, tokens, pad_id=2).item() == pytest.approx(_ref_caption(logits, tokens, 2), rel=1e-10)
+    a, b = (F.normalize(torch.randn(B, 3, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    S = 4.0 * a @ b.T
+    clip = 0.5 * (F.cross_entropy(S, torch.arange(B)) + F.cross_entropy(S.T, torch.arange(B))).item()
+    cap = _ref_caption(logits, tokens, 0)
+    assert coca_loss(a, b, 4.0, logits, tokens).item() == pytest.approx(clip + 2.0 * cap, rel=1e-10)   # lambda_cap = 2
+    got = coca_loss(a, b, 4.0, logits, tokens, pad_id=2, con_weight=0.3, cap_weight=0.7).item()
+    assert got == pytest.approx(0.3 * clip + 0.7 * _ref_caption(logits, tokens, 2), rel=1e-10)
+
+def test_caption_decoder_max_len_boundary():
+    dec = CaptionDecoder(7, context_dim=4, dim=8, depth=1, num_heads=2, max_len=5)
+    ctx = torch.randn(2, 3, 4)
+    assert dec(torch.ones(2, 5, dtype=torch.long), ctx).shape == (2, 5, 7)          # T == max_len is fine
+    with pytest.raises(ShapeError, match="6 tokens exceed max_len=5"): dec(torch.ones(2, 6, dtype=torch.long), ctx)
+    with pytest.raises(ShapeError, match="context"): dec(torch.ones(2, 5, dtype=torch.long), torch.randn(3, 3, 4))
