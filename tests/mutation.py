@@ -1,9 +1,9 @@
 """Mutation testing of mmlab's numerical, training and data modules (mutmut; not in CI: it takes long).
 
-    python tools/mutation.py --sample 400 --seed 0   # a seeded random sample of the mutants (~1 h on 2 cores)
-    python tools/mutation.py --all                   # every mutant (about 10,000: a day on 2 cores)
-    python tools/mutation.py --sample 400 --seed 0 --module train   # the sample's mutants of one module
-    python tools/mutation.py --sample 400 --seed 0 --report-only    # re-read results, write the report
+    python tests/mutation.py --sample 400 --seed 0   # a seeded random sample of the mutants (~1 h on 2 cores)
+    python tests/mutation.py --all                   # every mutant (about 10,000: a day on 2 cores)
+    python tests/mutation.py --sample 400 --seed 0 --module train   # the sample's mutants of one module
+    python tests/mutation.py --sample 400 --seed 0 --report-only    # re-read results, write the report
 
 The scope and the tests each mutant runs are configured in pyproject.toml ([tool.mutmut]): mutmut maps every
 function to the fast tests that call it and runs only those, in a forked copy of the kit under `mutants/`.
@@ -11,7 +11,7 @@ Results stay in `mutants/` (ignored by git), so a rerun only re-tests mutants wh
 `--rerun` to re-test the sample's survivors after adding tests.
 
 A mutant counts as killed when a test fails, errors, times out or crashes. Survivors that cannot change
-behaviour are listed, with the reason, in tools/mutation_equivalent.toml; the score is
+behaviour are listed, with the reason, in tests/mutation_equivalent.toml; the score is
 killed / (sampled - equivalent). The report (per-module scores, every survivor with its diff) goes to
 `mutants/mutation-report.md` and `.json`; `--out FILE.md` writes the markdown elsewhere too.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = ROOT / "mutants"
-EQUIVALENT = ROOT / "tools" / "mutation_equivalent.toml"
+EQUIVALENT = ROOT / "tests" / "mutation_equivalent.toml"
 KILLED = {"killed", "timeout", "segfault"}   # a crash or a hang is noticed too
 # The copy under mutants/ has no nbs/, so mmlab.core would not find the checkout's settings (data root).
 os.environ.setdefault("MMLAB_SETTINGS", str(ROOT / "settings.ini"))
@@ -92,7 +92,7 @@ def report(names:list, args) -> dict:
     for c in per_module.values(): total.update(c)
     score = lambda c: c["killed"] / max(1, c["mutants"] - c["equivalent"])
     lines = [f"# Mutation report", "",
-             f"Command: `python tools/mutation.py {' '.join(sys.argv[1:])}` (mutmut, scope and tests in pyproject.toml).",
+             f"Command: `python tests/mutation.py {' '.join(sys.argv[1:])}` (mutmut, scope and tests in pyproject.toml).",
              f"Score = killed / (mutants - equivalent). Total: **{total['killed']} / "
              f"{total['mutants'] - total['equivalent']} = {score(total):.1%}** ({total['equivalent']} equivalent).", "",
              "| module | mutants | killed | equivalent | survived | no tests | other | score |",
