@@ -200,3 +200,115 @@ def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
     assert rec["knn/accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6) and rec["knn/n_missing"] == 5
     assert [r for r in hist if "probe/accuracy" in r][0]["probe/accuracy"] == 1.0
     assert net.training                                                            # eval mode was restored
+
+
+# ================================================================ behaviour pinned against hand references (issue 14)
+
+from hypothesis import given, settings, strategies as st
+from mmlab.eval import build_prompts, zero_shot_classifier
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+def ensemble_ref(prompts):
+    "float64: normalise each prompt embedding, average per class, normalise the mean."
+    out = []
+    for p in prompts:
+        p = torch.as_tensor(p, dtype=torch.float64)
+        m = (p / p.norm(dim=1, keepdim=True)).mean(0); out.append(m / m.norm())
+    return torch.stack(out)
+
+
+def test_prompt_ensemble_normalises_each_prompt_before_averaging():
+    # within a class one prompt is 100x longer: averaging raw vectors would let it dominate
+    prompts = [torch.tensor([[100., 0., 0.], [0., 1., 0.]]), torch.tensor([[0., 0., 3.], [0., 4., 0.], [1., 0., 1.]])]
+    got = class_embeddings(prompts)
+    want = torch.tensor([[1, 1, 0], [0.5 ** 0.5, 1, 1 + 0.5 ** 0.5]], dtype=torch.float64)   # by hand
+    want = want / want.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double(), ensemble_ref(prompts), atol=1e-6, rtol=0)
+    assert torch.allclose(got.norm(dim=1), torch.ones(2))                   # renormalised after the mean
+    # a (C, T, D) tensor is the same as the list of its classes
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(4, 3, 5, generator=g) * torch.tensor([0.1, 1.0, 30.0])[None, :, None]
+    torch.testing.assert_close(class_embeddings(e).double(), ensemble_ref(list(e)), atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="all zeros"): class_embeddings([torch.tensor([[1., 0.], [-1., 0.]])])
+
+
+def test_zero_shot_classifier_encodes_every_template_per_class():
+    calls, table = [], {}
+    g = torch.Generator().manual_seed(1)
+    def encode(prompts):                                                    # a fixed random vector per string,
+        calls.append(list(prompts))                                         # norms from 0.1 to 10
+        for s in prompts:
+            if s not in table: table[s] = torch.randn(6, generator=g) * 10 ** (len(table) % 3 - 1)
+        return torch.stack([table[s] for s in prompts])
+    cls = zero_shot_classifier(encode, ["cat", "dog"], ["a {}.", "a photo of a {}.", "{}!"])
+    assert calls == [["a cat.", "a photo of a cat.", "cat!"], ["a dog.", "a photo of a dog.", "dog!"]]
+    want = ensemble_ref([[table[s].tolist() for s in c] for c in calls])
+    torch.testing.assert_close(cls.double(), want, atol=1e-6, rtol=0)
+    assert build_prompts(["x"], ["{}"]) == [["x"]]
+    with pytest.raises(InputError, match="exactly one"): build_prompts(["x"], ["{} {}"])
+    with pytest.raises(InputError, match="exactly one"): build_prompts(["x"], ["no slot"])
+    with pytest.raises(InputError, match="classnames is empty"): build_prompts([], ["{}"])
+    with pytest.raises(InputError, match="templates is empty"): build_prompts(["x"], [])
+
+
+def test_zero_shot_eval_is_cosine_with_mask_and_errors():
+    # query 0 has the larger dot product with class 1 (long vector) but the larger cosine with class 0
+    q = torch.tensor([[1.0, 0.2], [0.0, 1.0], [5.0, 5.0]]); cls = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    r = zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), mask=torch.tensor([True, True, False]))
+    assert r["predictions"].tolist() == [0, 1] and r["accuracy"] == 1.0 and (r["n"], r["n_missing"]) == (2, 1)
+    assert r["chance"] == 0.5 and "top5" not in r
+    with pytest.raises(InputError, match="label 2 >= C=2"): zero_shot_eval(q, cls, torch.tensor([0, 1, 2]))
+    with pytest.raises(InputError, match="every sample is masked out"):
+        zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), mask=torch.zeros(3, dtype=torch.bool))
+
+
+def test_pessimistic_rank_hand_cases():
+    s = torch.tensor([[0.5, 0.9, 0.9, 0.1],     # positive 1 ties negative 2: rank 2
+                      [0.5, 0.9, 0.9, 0.1],     # positives 1, 2 tie each other: not against the query
+                      [0.5, 0.9, 0.9, 0.1],     # positive 3 last: 1 + 3 negatives
+                      [0.2, 0.2, 0.2, 0.2]])    # everything tied: 1 + all negatives
+    pos = torch.tensor([[0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert pessimistic_rank(s, pos).tolist() == [2, 1, 4, 4]
+
+
+def test_knn_weighting_temperature_and_k():
+    # neighbours of the query [1, 0]: class 0 at cosine 1, class 1 twice at cosine 0.6, class 0 twice at 0.5
+    h = math.sqrt(0.75)
+    train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [0.5, h], [0.5, -h]]); y = torch.tensor([0, 1, 1, 0, 0])
+    q, qy = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    # tau 0.07: e^(1/0.07) >> 2 e^(0.6/0.07) -> class 0; tau 10: e^0.1 < 2 e^0.06 -> class 1 (majority)
+    assert knn_eval(train, y, q, qy, k=3, tau=0.07)["predictions"].tolist() == [0]
+    assert knn_eval(train, y, q, qy, k=3, tau=10.0)["predictions"].tolist() == [1]
+    # the crossover tau where e^(1/tau) = 2 e^(0.6/tau): tau = 0.4 / ln 2
+    t0 = 0.4 / math.log(2)
+    assert knn_eval(train, y, q, qy, k=3, tau=t0 * 0.95)["accuracy"] == 1.0
+    assert knn_eval(train, y, q, qy, k=3, tau=t0 * 1.05)["accuracy"] == 0.0
+    assert knn_eval(train, y, q, qy, k=1, tau=10.0)["predictions"].tolist() == [0]       # k = 1: the nearest only
+    # k = 5 adds two class-0 votes at cosine 0.5: e^0.1 + 2 e^0.05 > 2 e^0.06
+    assert knn_eval(train, y, q, qy, k=5, tau=10.0)["predictions"].tolist() == [0]
+    # cosine, not dot product: scaling training rows changes nothing
+    big = train * torch.tensor([1.0, 50.0, 50.0, 0.01, 0.01])[:, None]
+    assert knn_eval(big, y, q * 7, qy, k=3, tau=10.0)["predictions"].tolist() == [1]
+    assert knn_eval(big, y, q, qy, k=5, tau=10.0)["predictions"].tolist() == [0]
+
+
+def test_knn_class_count_top5_and_errors():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=g); y = torch.arange(12) % 6
+    r = knn_eval(x, y, x, y, k=1, num_classes=8)
+    assert r["accuracy"] == 1.0 and r["chance"] == 1 / 8 and r["top5"] == 1.0 and r["chance_top5"] == 5 / 8
+    assert r["k"] == 1 and r["ties"] == 0 and r["predictions"].tolist() == y.tolist()
+    r = knn_eval(x[:, :2], y % 4, x[:, :2], y % 4, k=1)
+    assert r["chance"] == 0.25 and "top5" not in r                         # C = 1 + the largest label seen
+    r = knn_eval(x, y % 5, x, y % 5, k=1)
+    assert r["top5"] == 1.0 and r["chance_top5"] == 1.0                     # 5 classes: top-5 is reported
+    with pytest.raises(InputError, match="num_classes=4 but a label 5 occurs"): knn_eval(x, y, x, y, k=1, num_classes=4)
+    with pytest.raises(InputError, match="tau must be > 0"): knn_eval(x, y, x, y, k=1, tau=0.0)
+    with pytest.raises(InputError, match="row 2 is all zeros"): knn_eval(x.index_fill(0, torch.tensor([2]), 0.0), y, x, y, k=1)
+    with pytest.raises(InputTypeError, match="integer tensor"): knn_eval(x, y.float(), x, y, k=1)
+    with pytest.raises(InputError, match="labels must be >= 0"): knn_eval(x, y - 1, x, y, k=1)
+    with pytest.raises(InputError, match="every sample is masked out"):
+        knn_eval(x, y, x, y, k=1, mask=torch.zeros(12, dtype=torch.bool))
