@@ -308,3 +308,188 @@ def test_cuda_noncontiguous_inputs():
     assert abs(K.fused_clip_loss(at, bt, 10.0).item() - K.fused_clip_loss(a, b, 10.0).item()) < 1e-12
     big = torch.cat([a, torch.zeros_like(a)], 1)[:, :48]      # a strided slice
     assert abs(K.fused_siglip_loss(big, b, 10.0, -3.0).item() - ref_siglip(a0, b0, 10.0, -3.0).item()) < 1e-10
+
+
+# ================================================================ issue 14: properties no test pinned yet
+from hypothesis import given, settings, strategies as st
+import types
+import mmlab.losses.contrastive as C
+
+# --- the Python-side helpers: row-block loops must visit every block -----------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 23), st.integers(1, 9), st.integers(0, 10 ** 6))
+def test_dot_sum_visits_every_block(n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64).float(); y = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    got = K._dot_sum(x, y, rows=rows)
+    want = sum(float(x[i, d]) * float(y[i, d]) for i in range(n) for d in range(3))   # float64 loop
+    assert got.dtype == torch.float64 and got.shape == ()                               # in y's dtype
+    assert abs(got.item() - want) < 1e-12
+
+@pytest.mark.parametrize("n,rows", [(7, 3), (6, 2), (5, 16), (1, 1)])
+def test_rowdot_blocks_and_gradcheck(n, rows):
+    a, b = pair(n, 4, seed=n * 10 + rows)
+    got = K._RowDot.apply(a, b, torch.float64, rows)
+    want = [sum(float(a[i, d]) * float(b[i, d]) for d in range(4)) for i in range(n)]
+    assert got.shape == (n,) and max(abs(g - w) for g, w in zip(got.tolist(), want)) < 1e-15
+    assert torch.autograd.gradcheck(lambda a, b: K._RowDot.apply(a, b, torch.float64, rows), (leaf(a), leaf(b)))
+
+def test_rowdot_16bit_accumulates_in_acc_dtype_and_returns_input_dtype_grads():
+    a0, b0 = pair(5, 8, seed=60)
+    a, b = leaf(a0.bfloat16()), leaf(b0.bfloat16())
+    out = K._RowDot.apply(a, b, torch.float32, 2)
+    assert out.dtype == torch.float32
+    want = (a.detach().double() * b.detach().double()).sum(1)            # exact products of the bf16 values
+    assert (out.double() - want).abs().max() < 1e-6
+    w = torch.arange(1.0, 6.0)
+    ga, gb = torch.autograd.grad((out * w).sum(), (a, b))
+    assert ga.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16
+    torch.testing.assert_close(ga, (w[:, None] * b.detach().float()).bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(gb, (w[:, None] * a.detach().float()).bfloat16(), rtol=0, atol=0)
+
+@pytest.mark.parametrize("n,tile", [(5, 2), (3, 3)])
+def test_clip_lse_function_values_and_gradcheck(n, tile):
+    "Row and column log-sum-exps of s a b^T vs the float64 formula; gradcheck with distinct weights on r and c."
+    a, b = pair(n, 3, seed=61 + n)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    r, c = K._ClipLSE.apply(a, b, s, tile)
+    S = 3.0 * a @ b.T
+    for i in range(n):
+        assert abs(r[i].item() - math.log(sum(math.exp(float(S[i, j])) for j in range(n)))) < 1e-12
+        assert abs(c[i].item() - math.log(sum(math.exp(float(S[j, i])) for j in range(n)))) < 1e-12
+    w = torch.linspace(0.5, 2.0, 2 * n, dtype=torch.float64)
+    f = lambda a, b, s: (torch.cat(K._ClipLSE.apply(a, b, s, tile)) * w).sum()
+    assert torch.autograd.gradcheck(f, (leaf(a), leaf(b), leaf(s)), fast_mode=True)
+
+def test_siglip_sums_without_grad_and_only_bias_grad():
+    a, b = pair(6, 4, seed=62)
+    L = 5.0 * a @ b.T - 2.0
+    want = sum(math.log1p(math.exp(float(v))) for v in L.flatten())          # sum of softplus, float64 loop
+    s, t = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    assert abs(K._SigLIPSums.apply(a, b, s, t, 4).item() - want) < 1e-12     # no input needs a gradient
+    t = leaf(t)
+    sp = K._SigLIPSums.apply(a, b, s, t, 4)
+    gt, = torch.autograd.grad(sp, t)
+    assert abs(gt.item() - float(torch.sigmoid(L).sum())) < 1e-12            # d/dt sum softplus = sum sigmoid
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12))
+def test_wavefront_schedule_closed_form_and_latin(nb):
+    W = K.wavefront_schedule(nb)
+    assert W.shape == (nb, nb)
+    for I in range(nb):
+        for k in range(nb): assert W[I, (I + k) % nb].item() == k           # row block I meets (I + k) mod nb at step k
+    for k in range(nb):                                                      # each step: distinct rows AND distinct columns
+        I, J = (W == k).nonzero(as_tuple=True)
+        assert sorted(I.tolist()) == list(range(nb)) and sorted(J.tolist()) == list(range(nb))
+
+# --- the real fused CPU extension behind clip_loss / siglip_loss (built once by the fixture) -----
+def test_clip_and_siglip_impl_fused_on_cpu_match_reference(monkeypatch):
+    "impl='fused' on CPU runs the compiled kernels (not a fallback) and matches the float64 formulas."
+    calls = []
+    for name in ("fused_clip_loss", "fused_siglip_loss"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    a0, b0 = pair(11, 6, seed=63)
+    a, b, s = leaf(a0), leaf(b0), torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    got = C.clip_loss(a, b, s, -2.0, 0.1, impl="fused")
+    ra, rb, rs = leaf(a0), leaf(b0), leaf(s)
+    want = ref_clip(ra, rb, rs, 0.1)
+    assert abs(got.item() - want.item()) < 1e-10
+    for x, y in zip(torch.autograd.grad(got, (a, b, s)), torch.autograd.grad(want, (ra, rb, rs))):
+        assert (x - y).abs().max() < 1e-10
+    t = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    got = C.siglip_loss(a, b, s, t, impl="fused")
+    rt = leaf(t); want = ref_siglip(ra, rb, rs, rt)
+    assert abs(got.item() - want.item()) < 1e-10
+    for x, y in zip(torch.autograd.grad(got, (a, b, s, t)), torch.autograd.grad(want, (ra, rb, rs, rt))):
+        assert (x - y).abs().max() < 1e-10
+    assert calls == ["fused_clip_loss", "fused_siglip_loss"]
+
+def test_fused_label_smoothing_closed_form_and_range():
+    # one-hot rows at s = 100: every row and column costs eps * (100 - 100/4)
+    e = torch.eye(4, dtype=torch.float64)
+    for eps in (0.0, 0.1, 0.5):
+        assert abs(K.fused_clip_loss(e, e, 100.0, label_smoothing=eps, tile=3).item() - 75 * eps) < 1e-10
+    assert torch.isfinite(K.fused_clip_loss(e, e, 1.0, label_smoothing=0.999))
+    with pytest.raises(InputError, match=r"label_smoothing.*\[0, 1\)"): K.fused_clip_loss(e, e, 1.0, label_smoothing=1.0)
+
+def test_prepare_boundaries_dtypes_and_scalars():
+    a, b = pair(5, 3, seed=64)
+    with pytest.raises(ShapeError, match="B >= 1 and D >= 1"): K.fused_clip_loss(a[:0], b[:0], 1.0)
+    with pytest.raises(ShapeError, match="B >= 1 and D >= 1"): K.fused_siglip_loss(a[:, :0], b[:, :0], 1.0, 0.0)
+    with pytest.raises(InputError, match="tile"): K.fused_clip_loss(a, b, 1.0, tile=2.0)
+    with pytest.raises(InputError, match="tile"): K.fused_siglip_loss(a, b, 1.0, 0.0, tile=-1)
+    assert abs(K.fused_clip_loss(a, b, 4.0, tile=1).item() - ref_clip(a, b, 4.0).item()) < 1e-12   # tile = 1 is valid
+    with pytest.raises(DeviceError, match="is on"): K.fused_clip_loss(a, b.to("meta"), 1.0)
+    with pytest.raises(InputTypeError, match="logit_scale"): K.fused_clip_loss(a, b, "x")
+    with pytest.raises(InputError, match="logit_bias.*finite"): K.fused_clip_loss(a, b, 1.0, logit_bias=float("nan"))
+    mixed = K.fused_clip_loss(a.float(), b, 4.0)                              # float32 with float64 -> float64
+    assert mixed.dtype == torch.float64
+    assert abs(mixed.item() - ref_clip(a.float().double(), b, 4.0).item()) < 1e-12
+    v32 = K.fused_siglip_loss(a.float(), b.float(), 4.0, -1.0)               # a Python float scale follows the inputs
+    assert v32.dtype == torch.float32 and abs(v32.item() - ref_siglip(a, b, 4.0, -1.0).item()) < 1e-5
+    assert torch.tensor(4.0).dtype == K._as_scalar(4.0, "s", "f", a.float()).dtype
+    assert K._as_scalar(4, "s", "f", a).dtype == torch.float64
+    assert K._kind(torch.zeros(1)) == "cpu" and K._kind("meta") is None and K._kind(torch.device("cuda", 0)) == "cuda"
+
+def test_log_tail_keeps_the_end():
+    assert K._log_tail(ValueError("short")) == "short"
+    msg = "x" * 10 + "END"
+    assert K._log_tail(ValueError(msg), n=5) == "...\nxxEND"                   # the last n characters
+    assert K._log_tail(ValueError("a" * 13), n=13) == "a" * 13                # exactly n: unchanged
+
+# --- builder: cuda_home precedence, arch, caching and env restore (load_inline faked) ---------------
+def test_cuda_home_env_precedence_and_local_arch(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CUDA_PATH", "/opt/cuda-path")
+    assert K.cuda_home() == "/opt/cuda-path"
+    monkeypatch.setenv("CUDA_HOME", "/opt/cuda-home")
+    assert K.cuda_home() == "/opt/cuda-home"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert K.local_cuda_arch() == "8.6"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    if not torch.cuda.is_available(): assert K.local_cuda_arch() is None
+
+def _fake_load_inline(monkeypatch, calls, fail=False):
+    from torch.utils import cpp_extension as ce
+    def load_inline(name, build_directory, verbose=False, **kw):
+        calls.append(dict(name=name, build_directory=build_directory, env=dict(os.environ), **kw))
+        if fail: raise RuntimeError("fake compiler says no")
+        return types.SimpleNamespace(name=name)
+    monkeypatch.setattr(ce, "load_inline", load_inline)
+
+def test_build_extension_cuda_env_name_cache_and_restore(fresh_builder, monkeypatch, tmp_path):
+    monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False); monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(K, "cuda_home", lambda: "/fake/cuda")
+    calls = []; _fake_load_inline(monkeypatch, calls)
+    mod = K.build_extension("cuda", arch="9.0")
+    assert K.build_extension("cuda", arch="9.0") is mod and len(calls) == 1      # cached: built once
+    c = calls[0]
+    assert c["env"]["CUDA_HOME"] == "/fake/cuda" and c["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert c["name"].startswith("mmlab_kernels_cuda_") and c["name"].endswith("_9_0")
+    assert Path(c["build_directory"]) == tmp_path / c["name"] and Path(c["build_directory"]).is_dir()
+    assert c["functions"] == K.CUDA_FUNCTIONS and c["cuda_sources"] == K.CUDA_SOURCE
+    assert "CUDA_HOME" not in os.environ and "TORCH_CUDA_ARCH_LIST" not in os.environ   # the environment is restored
+    K.build_extension("cuda", arch="8.0"); assert len(calls) == 2 and calls[1]["name"].endswith("_8_0")
+
+def test_build_extension_failure_cached_and_reported(fresh_builder, monkeypatch, tmp_path):
+    monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))
+    calls = []; _fake_load_inline(monkeypatch, calls, fail=True)
+    with pytest.raises(KernelBuildError, match="fake compiler says no") as e1: K.build_extension("cpu")
+    assert str(tmp_path) in str(e1.value) and calls[0]["functions"] == K.CPU_FUNCTIONS
+    assert "-fopenmp" in calls[0]["extra_cflags"] and "-fopenmp" in calls[0]["extra_ldflags"]
+    with pytest.raises(KernelBuildError) as e2: K.build_extension("cpu")       # not retried in this process
+    assert e2.value is e1.value and len(calls) == 1
+
+def test_build_extension_cuda_without_toolkit_or_gpu(fresh_builder, monkeypatch):
+    monkeypatch.setattr(K, "cuda_home", lambda: None)
+    with pytest.raises(KernelBuildError, match="nvcc not found"): K.build_extension("cuda")
+    monkeypatch.setattr(K, "_FAILED", {})                                  # (the failure above is cached)
+    monkeypatch.setattr(K, "cuda_home", lambda: "/fake/cuda")
+    monkeypatch.setattr(K, "local_cuda_arch", lambda: None)
+    with pytest.raises(KernelBuildError, match="no GPU to target"): K.build_extension("cuda")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert K.fused_available(torch.zeros(1)) is True                  # a tensor names its device; cpu still builds
