@@ -551,3 +551,102 @@ def test_mask_from_bool_indices_reproduce_the_mask(B, L, data):
     assert m.num_masked == k and m.ratio == pytest.approx(k / L)
     rebuilt = torch.zeros(B, L, dtype=torch.bool).scatter_(1, m.masked, True)
     assert torch.equal(rebuilt, mask)
+
+# ---------------------------------------------------------------- 6. every generator matches its parameters
+@pytest.mark.parametrize("L,ratio,k", [(196, 0.75, 147), (10, 0.06, 1), (10, 0.94, 9), (4, 0.375, 2),
+                                       (4, 0.625, 2), (2, 0.5, 1), (7, 0.5, 4), (3, 0.5, 2)])
+def test_num_masked_rounds_to_nearest(L, ratio, k):
+    "k = round(ratio * L), hand-computed (Python rounds exact halves to even: 2.5 -> 2, 3.5 -> 4)."
+    assert num_masked(L, ratio) == k
+
+@pytest.mark.parametrize("L,ratio,msg", [(10, 0.05, "hides k=0"), (10, 0.04, "hides k=0"), (10, 0.951, "hides k=10"),
+                                         (1, 0.5, "L >= 2"), (True, 0.5, "L >= 2"), (4.0, 0.5, "L >= 2"), (3, 1, "ratio")])
+def test_num_masked_refuses_boundaries(L, ratio, msg):
+    with pytest.raises(InputError, match=msg): num_masked(L, ratio, "here")
+
+def test_num_masked_message_names_the_caller():
+    with pytest.raises(InputError, match="^span_mask:"): num_masked(1, 0.5, "span_mask")
+    with pytest.raises(InputError, match="^noise_mask: ratio 0.01"): num_masked(10, 0.01, "noise_mask")
+
+@_FAST
+@given(B=st.integers(1, 5), L=st.integers(2, 300), r=st.floats(0.001, 0.999), seed=st.integers(0, 10**6))
+def test_random_mask_hides_exactly_round_ratio_L(B, L, r, seed):
+    k = round(r * L)                    # Python's round: nearest integer, exact halves to even
+    if not 0 < k < L:
+        with pytest.raises(InputError, match="expected 0 < k < L"): random_mask(B, L, r)
+        return
+    assert num_masked(L, r) == k
+    m = random_mask(B, L, r, generator=_g(seed))
+    assert (m.mask.sum(1) == k).all() and m.masked.shape == (B, k)
+    check_mask_partition(m)
+
+def _beit_reference(B, H, W, ratio, min_area, aspect, seed):
+    "BEiT block masking by loops on the generator's draws: K rectangles (area, log-aspect, top, left, priority)."
+    L = H * W; k = round(ratio * L); min_area = min(max(1, min_area), k); K = 2 * math.ceil(k / min_area) + 4
+    g = _g(seed); u = torch.rand(B, K, 5, generator=g); rest = 0.5 * torch.rand(B, L, generator=g, dtype=torch.float64)
+    masks, shapes = [], []
+    for b in range(B):
+        cover = [0.0] * L
+        for j in range(K):
+            u0, u1, u2, u3, u4 = (float(v) for v in u[b, j])
+            area = min_area + u0 * (max(min_area, k) - min_area)
+            ar = math.exp(math.log(aspect) + u1 * (math.log(1 / aspect) - math.log(aspect)))
+            h = min(max(round(math.sqrt(area * ar)), 1), H); w = min(max(round(math.sqrt(area / ar)), 1), W)
+            top, left = math.floor(u2 * (H - h + 1)), math.floor(u3 * (W - w + 1))
+            shapes.append((h, w, area))
+            for r in range(top, top + h):
+                for c in range(left, left + w): cover[r * W + c] = max(cover[r * W + c], 1 + u4)
+        score = [cover[t] + 1e-9 * (1 - t / L) if cover[t] > 0 else float(rest[b, t]) for t in range(L)]
+        masks.append(sorted(sorted(range(L), key=lambda t: -score[t])[:k]))
+    return masks, shapes
+
+@pytest.mark.parametrize("B,grid,ratio,min_area,aspect,seed",
+                         [(4, (6, 7), 0.4, 4, 0.3, 0), (3, (14, 14), 0.4, 16, 0.3, 1), (3, (5, 9), 0.6, 3, 0.5, 2),
+                          (2, (3, 3), 0.5, 40, 1.0, 3), (6, (2, 12), 0.5, 12, 0.3, 4)])   # wide grid: sides clamp
+def test_beit_block_mask_matches_loop_reference(B, grid, ratio, min_area, aspect, seed):
+    ref, shapes = _beit_reference(B, *grid, ratio, min_area, aspect, seed)
+    m = block_mask(B, grid, ratio, min_area=min_area, aspect=aspect, generator=_g(seed))
+    assert m.masked.tolist() == ref
+    k = round(ratio * grid[0] * grid[1])
+    assert all(min(min_area, k) <= a <= max(min(min_area, k), k) for _, _, a in shapes)
+
+def test_beit_block_mask_area_and_aspect():
+    """min_area = k and aspect 1: the first rectangle is a sqrt(k) x sqrt(k) square and it alone is the mask;
+    aspect 1/4 (same area 16): both tall and wide rectangles, sides 2..8."""
+    m = block_mask(50, (8, 8), 0.25, min_area=16, aspect=1.0, generator=_g(0))
+    for row in m.mask.view(50, 8, 8):
+        rr, cc = row.nonzero(as_tuple=True)
+        assert (rr.max() - rr.min() + 1, cc.max() - cc.min() + 1) == (4, 4)
+    m = block_mask(400, (8, 8), 0.25, min_area=16, aspect=0.25, generator=_g(0))
+    hs, ws = [], []
+    for row in m.mask.view(400, 8, 8):
+        rr, cc = row.nonzero(as_tuple=True); hs.append(int(rr.max() - rr.min() + 1)); ws.append(int(cc.max() - cc.min() + 1))
+    assert 2 <= min(hs) and max(hs) <= 8 and 2 <= min(ws) and max(ws) <= 8
+    tall = sum(h > w for h, w in zip(hs, ws)); wide = sum(w > h for h, w in zip(hs, ws))
+    assert tall > 100 and wide > 100, (tall, wide)        # log-uniform aspect: symmetric around square
+
+@pytest.mark.parametrize("aspect", [0.0, -0.5, 1.5])
+def test_beit_bad_aspect(aspect):
+    with pytest.raises(InputError, match="aspect must be in"): block_mask(2, (6, 6), 0.4, aspect=aspect)
+
+@_FAST
+@given(B=st.integers(1, 4), H=st.integers(1, 10), W=st.integers(2, 10), r=st.floats(0.05, 0.95),
+       min_area=st.integers(0, 20), seed=st.integers(0, 10**6))
+def test_beit_block_mask_exact_count(B, H, W, r, min_area, seed):
+    k = round(r * H * W)
+    if not 0 < k < H * W: return
+    m = block_mask(B, (H, W), r, min_area=min_area, generator=_g(seed))
+    assert (m.mask.sum(1) == k).all(); check_mask_partition(m)
+
+@_FAST
+@given(B=st.integers(1, 4), T=st.integers(1, 6), S=st.integers(2, 30), r=st.floats(0.02, 0.98), seed=st.integers(0, 10**6))
+def test_tube_mask_same_positions_every_frame(B, T, S, r, seed):
+    k = round(r * S)
+    if not 0 < k < S: return
+    m = tube_mask(B, T, S, r, generator=_g(seed))
+    g = m.mask.view(B, T, S)                            # tokens are time-major: index t * S + s
+    assert (g == g[:, :1]).all() and (g[:, 0].sum(1) == k).all() and m.num_masked == T * k
+
+def test_tube_mask_bad_T():
+    for T in (0, True, 2.0):
+        with pytest.raises(InputError, match="T must be a positive integer"): tube_mask(2, T, 8, 0.5)
