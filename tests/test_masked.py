@@ -650,3 +650,80 @@ def test_tube_mask_same_positions_every_frame(B, T, S, r, seed):
 def test_tube_mask_bad_T():
     for T in (0, True, 2.0):
         with pytest.raises(InputError, match="T must be a positive integer"): tube_mask(2, T, 8, 0.5)
+
+def _runs(row):
+    "Lengths of the maximal runs of True in a 1-D bool tensor."
+    out, n = [], 0
+    for v in row.tolist() + [False]:
+        if v: n += 1
+        elif n: out.append(n); n = 0
+    return out
+
+@pytest.mark.parametrize("span", [3, 10])
+def test_span_mask_runs_are_at_least_span_long(span):
+    "Hidden frames are unions of spans of `span` frames: every run but (at most) the one cut span is >= span long."
+    m = span_mask(100, 200, 0.2, span=span, generator=_g(0))
+    short = [sum(r < span for r in _runs(row)) for row in m.mask]
+    assert max(short) <= 1
+
+def test_span_mask_span_L_hides_a_prefix():
+    "span = L: every span starts at 0, so the hidden frames are the first k (the cut span keeps its start)."
+    m = span_mask(4, 9, 0.4, span=9, generator=_g(0))
+    assert m.masked.tolist() == [[0, 1, 2, 3]] * 4
+
+def test_span_mask_span_one_is_uniform():
+    m = span_mask(3000, 8, 0.5, span=1, generator=_g(0))
+    assert (m.mask.float().mean(0) - 0.5).abs().max() < 0.04
+
+@_FAST
+@given(B=st.integers(1, 4), L=st.integers(2, 80), r=st.floats(0.02, 0.98), span=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_span_mask_exact_count(B, L, r, span, seed):
+    k = round(r * L)
+    if not 0 < k < L: return
+    if span > L:
+        with pytest.raises(InputError, match=r"span must be an integer in \[1, L="): span_mask(B, L, r, span=span)
+        return
+    m = span_mask(B, L, r, span=span, generator=_g(seed))
+    assert (m.mask.sum(1) == k).all(); check_mask_partition(m)
+
+@pytest.mark.parametrize("span", [0, True, 2.0, 11])
+def test_span_mask_bad_span(span):
+    with pytest.raises(InputError, match="span must be an integer"): span_mask(2, 10, 0.5, span=span)
+
+def _np_filtered(white, color, s1, s2):
+    "Reference ColorMAE filter: full 2-D FFT of the white noise times exp(-2 pi^2 sigma^2 |f|^2), frequencies by loops."
+    import numpy as np
+    B, H, W = white.shape
+    fy = [(i if i < (H + 1) // 2 else i - H) / H for i in range(H)]; fx = [(j if j < (W + 1) // 2 else j - W) / W for j in range(W)]
+    g = lambda s: np.array([[math.exp(-2 * (math.pi * s) ** 2 * (a * a + b * b)) for b in fx] for a in fy])
+    g1, g2 = g(s1), g(s2)
+    filt = {"white": np.ones((H, W)), "red": g1, "blue": 1 - g1, "green": g1 - g2, "purple": 1 - (g1 - g2)}[color]
+    return np.real(np.fft.ifft2(np.fft.fft2(white.double().numpy()) * filt))
+
+@pytest.mark.parametrize("color", NOISE_COLORS)
+@pytest.mark.parametrize("grid,s1,s2", [((6, 8), 1.0, 2.0), ((7, 5), 0.5, 1.5)])
+def test_filtered_noise_matches_fft_reference(color, grid, s1, s2):
+    white = filtered_noise(3, grid, "white", generator=_g(4))        # the same draw as the coloured call below
+    assert white.min() >= 0 and white.max() < 1
+    got = filtered_noise(3, grid, color, s1, s2, generator=_g(4))
+    assert torch.allclose(got.double(), torch.from_numpy(_np_filtered(white, color, s1, s2)), atol=1e-5)
+
+@pytest.mark.parametrize("color", NOISE_COLORS)
+def test_noise_mask_hides_the_top_k_of_the_noise(color):
+    n = filtered_noise(5, (6, 7), color, 0.7, 3.0, generator=_g(2)).flatten(1)
+    m = noise_mask(5, (6, 7), 0.3, color, 0.7, 3.0, generator=_g(2)); k = round(0.3 * 42)
+    for b in range(5):
+        assert m.masked[b].tolist() == sorted(sorted(range(42), key=lambda t: -float(n[b, t]))[:k])
+
+@_FAST
+@given(H=st.integers(1, 8), W=st.integers(2, 8), r=st.floats(0.05, 0.95), color=st.sampled_from(NOISE_COLORS), seed=st.integers(0, 10**6))
+def test_noise_mask_exact_count(H, W, r, color, seed):
+    k = round(r * H * W)
+    if not 0 < k < H * W: return
+    assert (noise_mask(2, (H, W), r, color, generator=_g(seed)).mask.sum(1) == k).all()
+
+def test_filtered_noise_bad_arguments():
+    with pytest.raises(InputError, match="color must be one of"): filtered_noise(1, (4, 4), "pink")
+    with pytest.raises(InputError, match="sigma1 < sigma2"): filtered_noise(1, (4, 4), "green", 1.0, 1.0)
+    with pytest.raises(InputError, match="sigma1 < sigma2"): filtered_noise(1, (4, 4), "green", 0.0, 1.0)
+    with pytest.raises(InputError, match="grid"): noise_mask(1, (4, 0), 0.5)
