@@ -104,12 +104,13 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
     return _classification_result(scores, test_y[idx.cpu()].cpu(), C, n_missing=int((~mask).sum())) | {"k": k}
 
 # %% ../nbs/08_eval.ipynb #0b6205de
-def _classification_result(scores, y, C, n_missing):
-    "Accuracy (and top-5) under the pessimistic tie rule, with chance levels and argmax predictions."
+def _classification_result(scores, y, C, n_missing, n_classes=None):
+    "Accuracy (and top-5) under the pessimistic tie rule, with chance levels (over the `n_classes` that can win, default C) and argmax predictions."
+    K = C if n_classes is None else n_classes
     rank = pessimistic_rank(scores, F.one_hot(y, C).bool())
     out = {"accuracy": (rank == 1).double().mean().item(), "n": len(y), "n_missing": n_missing,
-           "chance": 1 / C, "ties": int((scores == scores.max(1, keepdim=True).values).sum(1).gt(1).sum())}
-    if C >= 5: out |= {"top5": (rank <= 5).double().mean().item(), "chance_top5": 5 / C}
+           "chance": 1 / K, "ties": int((scores == scores.max(1, keepdim=True).values).sum(1).gt(1).sum())}
+    if K >= 5: out |= {"top5": (rank <= 5).double().mean().item(), "chance_top5": 5 / K}
     return out | {"predictions": scores.argmax(1)}
 
 # %% ../nbs/08_eval.ipynb #6ce38863
@@ -152,7 +153,7 @@ def linear_probe(train_x:Tensor,         # (N, D) frozen training features
     C_all = int(max(classes.max(), test_y.max())) + 1
     scores = torch.full((len(d), C_all), float("-inf"), dtype=torch.float64)
     scores[:, classes] = torch.from_numpy(d)                            # classes absent from train never win
-    out = _classification_result(scores, test_y[mask], len(classes), n_missing=int((~mask).sum()))
+    out = _classification_result(scores, test_y[mask], C_all, n_missing=int((~mask).sum()), n_classes=len(classes))
     return out | {"converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught)}
 
 # %% ../nbs/08_eval.ipynb #b086e80c

@@ -312,3 +312,125 @@ def test_knn_class_count_top5_and_errors():
     with pytest.raises(InputError, match="labels must be >= 0"): knn_eval(x, y - 1, x, y, k=1)
     with pytest.raises(InputError, match="every sample is masked out"):
         knn_eval(x, y, x, y, k=1, mask=torch.zeros(12, dtype=torch.bool))
+
+
+def lbfgs_probe(X, y, Xt, C, standardize):
+    "Independent multinomial logistic regression: float64 torch L-BFGS on sum-CE / C + ||W||^2 / 2 (bias free)."
+    X, Xt = X.double(), Xt.double()
+    if standardize:
+        mu, sd = X.mean(0), X.std(0, unbiased=False); sd[sd == 0] = 1
+        X, Xt = (X - mu) / sd, (Xt - mu) / sd
+    K = int(y.max()) + 1
+    W = torch.zeros(X.shape[1], K, dtype=torch.float64, requires_grad=True); b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad(); f = C * F.cross_entropy(X @ W + b, y, reduction="sum") + 0.5 * (W ** 2).sum()
+        f.backward(); return f
+    from mmlab.data import one_thread
+    with one_thread(): opt.step(closure)                                     # tiny problem: threads only add overhead
+    return (Xt @ W + b).detach()
+
+
+def test_linear_probe_raw_features_and_constant_column():
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([6.0, 0.2, 1.0])                                    # badly scaled on purpose
+    y = torch.arange(3).repeat_interleave(12)
+    x = (torch.randn(36, 3, generator=g) + 1.5 * F.one_hot(y, 3)) * scale
+    xt = (torch.randn(30, 3, generator=g) + 1.5 * F.one_hot(torch.arange(3).repeat(10), 3)) * scale
+    yt = torch.arange(3).repeat(10)
+    raw = linear_probe(x, y, xt, yt, C=0.05, standardize=False)
+    assert raw["predictions"].tolist() == lbfgs_probe(x, y, xt, 0.05, False).argmax(1).tolist()
+    std = linear_probe(x, y, xt, yt, C=0.05)
+    assert raw["predictions"].tolist() != std["predictions"].tolist()        # the option is not ignored here
+    # a constant feature (std 0) standardises to 0 and changes nothing
+    const = lambda z: torch.cat([z, torch.full((len(z), 1), 4.0)], 1)
+    assert linear_probe(const(x), y, const(xt), yt, C=0.05)["predictions"].tolist() == std["predictions"].tolist()
+
+
+def test_linear_probe_label_checks_and_unconverged():
+    x = torch.tensor([[-2.], [-1.], [1.], [2.]]); y = torch.tensor([0, 0, 2, 2])   # class 1 never trained
+    r = linear_probe(x, y, torch.tensor([[-3.], [3.]]), torch.tensor([0, 2]))
+    assert r["accuracy"] == 1.0 and r["chance"] == 0.5 and r["predictions"].tolist() == [0, 2]
+    with pytest.raises(InputError, match=r"test label\(s\) \[1\] never occur in train_y"):
+        linear_probe(x, y, x, torch.tensor([0, 1, 2, 2]))
+    # an unseen label of a masked-out sample does not matter
+    assert linear_probe(x, y, x, torch.tensor([0, 1, 2, 2]), mask=torch.tensor([True, False, True, True]))["n_missing"] == 1
+    with pytest.raises(InputError, match="single class"): linear_probe(x, torch.zeros(4, dtype=torch.long), x, y)
+    with pytest.raises(InputError, match="C must be > 0"): linear_probe(x, y, x, y, C=0)
+    g = torch.Generator().manual_seed(0)
+    xx = torch.randn(40, 5, generator=g); yy = torch.randint(0, 4, (40,), generator=g)
+    assert linear_probe(xx, yy, xx, yy, C=1e4, max_iter=1)["converged"] is False
+
+
+@FAST
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=5), n=st.integers(1, 4), seed=st.integers(0, 1000),
+       order=st.randoms(use_true_random=False))
+def test_few_shot_subset_counts_per_class(counts, n, seed, order):
+    labels = [c * 3 for c, k in enumerate(counts) for _ in range(k)]        # non-contiguous class ids
+    order.shuffle(labels)
+    if not labels: return
+    y = torch.tensor(labels)
+    if min(k for k in counts if k) < n:
+        with pytest.raises(InputError, match=f"fewer than n_per_class={n}"): few_shot_subset(y, n, seed)
+        return
+    s = few_shot_subset(y, n, seed)
+    assert s.tolist() == sorted(set(s.tolist())) and s.dtype == torch.long
+    got = {c: (y[s] == c).sum().item() for c in set(labels)}
+    assert got == {c: n for c in set(labels)}
+    # nested: the subset for n is inside the subset for n + 1 (same seed)
+    if min(k for k in counts if k) > n: assert set(s.tolist()) <= set(few_shot_subset(y, n + 1, seed).tolist())
+
+
+def test_few_shot_subset_seeds_and_errors():
+    y = torch.arange(4).repeat_interleave(25)
+    subsets = {tuple(few_shot_subset(y, 3, seed).tolist()) for seed in range(6)}
+    assert len(subsets) > 1                                                   # the seed is used
+    assert few_shot_subset(y, 3, 2).tolist() == few_shot_subset(y, 3, 2).tolist()
+    for bad in (0, -1, 2.0):
+        with pytest.raises(InputError, match="n_per_class must be an integer >= 1"): few_shot_subset(y, bad)
+
+
+def test_label_efficiency_mean_std_by_hand():
+    # 1-NN on these points: accuracies per subset computed with a plain loop
+    g = torch.Generator().manual_seed(5)
+    y = torch.arange(3).repeat_interleave(8); x = F.one_hot(y, 3).float() + 0.9 * torch.randn(24, 3, generator=g)
+    xt = F.one_hot(torch.arange(3).repeat(5), 3).float() + 0.9 * torch.randn(15, 3, generator=g); yt = torch.arange(3).repeat(5)
+    out = label_efficiency(x, y, xt, yt, shots=(1, 2), seeds=(0, 4, 7), method="knn", k=1)
+    def nn_acc(idx):
+        tr = F.normalize(x[idx].double(), dim=1); te = F.normalize(xt.double(), dim=1)
+        return float(np.mean([int(y[idx][int((tr @ q).argmax())]) == int(c) for q, c in zip(te, yt)]))
+    for i, n in enumerate((1, 2)):
+        accs = [nn_acc(few_shot_subset(y, n, s)) for s in (0, 4, 7)]
+        assert out["mean"][i] == pytest.approx(np.mean(accs), abs=1e-12)
+        assert out["std"][i] == pytest.approx(np.std(accs), abs=1e-12)      # population std over seeds
+    assert out["shots"] == [1, 2] and out["chance"] == 1 / 3 and len(out["runs"]) == 6
+    assert [(r["shots"], r["seed"], r["n_train"], r["n"]) for r in out["runs"]][:3] == [(1, 0, 3, 15), (1, 4, 3, 15), (1, 7, 3, 15)]
+    assert len(set(out["runs"][i]["accuracy"] for i in range(3))) > 1 or out["std"][0] == 0
+    lin = label_efficiency(x, y, xt, yt, shots=(2,), seeds=(1,), C=0.3)
+    assert lin["runs"][0]["accuracy"] == linear_probe(x[few_shot_subset(y, 2, 1)], y[few_shot_subset(y, 2, 1)], xt, yt, C=0.3)["accuracy"]
+    with pytest.raises(InputError, match="non-empty"): label_efficiency(x, y, xt, yt, shots=())
+
+
+def test_retrieval_duplicate_ids_chunks_and_names_by_hand():
+    # a: 3 queries; b: 4 gallery rows, ids [0, 0, 1, 2]; cosines chosen so ranks are known
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]); a_ids = torch.tensor([0, 1, 2])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.1], [1.0, 0.0], [1.0, 1.0]]); b_ids = torch.tensor([0, 0, 1, 2])
+    # a0 (id 0): best positive b1 (cos .995) beats b2 (1.0)? no: b2 is a negative at cos 1 -> rank 2
+    # a1 (id 1): positive b2 at cos 0; negatives b0 (1), b1 (.0995), b3 (.707) above -> rank 4
+    # a2 (id 2): positive b3 at cos 1 -> rank 1
+    for chunk in (1, 2, 3, 100):
+        r = retrieval_eval(a, b, a_ids, b_ids, ks=(1, 2), names=("img", "txt"), chunk_size=chunk)
+        assert set(r) == {"img_to_txt", "txt_to_img"}
+        x = r["img_to_txt"]
+        assert (x["R@1"], x["R@2"], x["mean_rank"], x["median_rank"]) == pytest.approx((1 / 3, 2 / 3, 7 / 3, 2.0))
+        assert (x["n"], x["gallery"], x["n_missing"]) == (3, 4, 0)
+        # b -> a: b0, b1 (id 0) share the positive a0: b0 sees a1 (1) and a2 (.707) above a0 (0) -> rank 3,
+        # b1 has a0 on top (.995) -> 1; b2 (id 1): a0 (1), a2 (.707) above a1 (0) -> 3; b3 -> 1
+        y = r["txt_to_img"]
+        assert (y["n"], y["gallery"], y["R@1"], y["R@2"], y["mean_rank"]) == pytest.approx((4, 3, 0.5, 0.5, 2.0))
+    # a gallery row masked out: a query whose only positive is gone is not scored, but counted as missing
+    r = retrieval_eval(a, b, a_ids, b_ids, mask_b=torch.tensor([True, True, True, False]), ks=(1,))
+    assert (r["a_to_b"]["n"], r["a_to_b"]["n_missing"], r["a_to_b"]["gallery"]) == (2, 1, 3)
+    with pytest.raises(InputError, match="pass both a_ids and b_ids"): retrieval_eval(a, b, a_ids=a_ids)
+    with pytest.raises(ShapeError, match="a has 3 rows and b 4"): retrieval_eval(a, b)
