@@ -362,6 +362,9 @@ def test_negative_cosine_closed_forms():
     # BYOL: each term is 2 - 2 cos = 2 - sqrt(2); two symmetric terms
     assert byol_loss(o, o, u, u).item() == pytest.approx(2 * (2 - math.sqrt(2)), abs=1e-14)
     assert simsiam_loss(o, o, u, u).item() == pytest.approx(-(2 ** -0.5), abs=1e-15)
+    # BYOL pairs p1 with t2 and p2 with t1: cos(p1, t2) = 1, cos(p2, t1) = 1/sqrt(2) (a mispairing gives 0 or 2 - sqrt(2) twice)
+    e2 = torch.tensor([[0.0, 1.0]] * 2, dtype=torch.float64); w = torch.ones(2, 2, dtype=torch.float64)
+    assert byol_loss(o, e2, w, o).item() == pytest.approx(2 - math.sqrt(2), abs=1e-14)
     # the two halves get weight 1/2 each: cos(p1, z2) = 1, cos(p2, z1) = 0
     assert simsiam_loss(o, o, torch.tensor([[0.0, 1.0]] * 2, dtype=torch.float64), o).item() == pytest.approx(-0.5, abs=1e-15)
     with pytest.raises(ShapeError, match="z: expected shape"): negative_cosine(p, z[:3])
