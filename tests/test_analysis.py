@@ -275,3 +275,119 @@ def test_train_clip_fixed_temperature_and_embed():
     assert e["image"].shape == (24, 16) and torch.allclose(e["image"].norm(dim=1), torch.ones(24), atol=1e-5)
     sub = take(batch, [3, 1])
     assert torch.equal(sub["image"], batch["image"][[3, 1]]) and sub["label"].tolist() == [3, 1]
+
+
+# ================================================================ behaviour pinned against hand references (issue 14)
+
+def test_separability_scores_only_held_out_pairs():
+    # x and y drawn from the SAME distribution in 60 dims: nothing separates the modalities, but with 2 x 28
+    # training points and weak regularisation the probe fits its training set perfectly. Scored on the
+    # held-out pairs it must sit near chance; scored on rows it trained on it would be ~1.
+    from sklearn.linear_model import LogisticRegression
+    accs = []
+    for seed in range(4):
+        x, y = unit(40, 60, 10 + seed), unit(40, 60, 50 + seed)
+        acc = separability(x, y, test_size=0.3, seed=seed, C=1e4)
+        assert acc * 24 == round(acc * 24)                                   # 12 held-out pairs -> 24 points
+        accs.append(acc)
+        tr = np.random.default_rng(seed).permutation(40)[12:]
+        X = np.concatenate([x[tr].numpy(), y[tr].numpy()]); lab = np.r_[np.zeros(28), np.ones(28)]
+        assert LogisticRegression(C=1e4, max_iter=2000).fit(X, lab).score(X, lab) == 1.0   # training rows: all right
+    assert 0.3 <= np.mean(accs) <= 0.7, accs
+
+
+def test_separability_split_sizes_and_options():
+    x = unit(10, 4, 0, 0.3); y = unit(10, 4, 1, -0.3)
+    for ts, n_test in ((0.3, 3), (0.5, 5), (0.15, 2), (0.9, 9)):
+        acc = separability(x, y, test_size=ts)
+        assert round(acc * 2 * n_test, 9) == round(acc * 2 * n_test)         # a multiple of 1 / (2 n_test)
+    with pytest.raises(InputError, match="N=10, test_size=0.96"): separability(x, y, test_size=0.96)   # no training pair
+    with pytest.raises(InputError, match="test_size=0.04"): separability(x, y, test_size=0.04)        # no held-out pair
+    with pytest.raises(InputError, match="test_size=1"): separability(x, y, test_size=1)
+    # the split seed is used: different seeds hold out different pairs
+    a, b = unit(30, 3, 5), unit(30, 3, 6)
+    assert len({separability(a, b, seed=s) for s in range(6)}) > 1
+    # C is the regularisation: tiny C on overlapping clouds predicts one class -> exactly 0.5
+    assert separability(unit(30, 3, 7, 0.2), unit(30, 3, 8, -0.2), C=1e-6) == 0.5
+
+
+def test_gap_vector_uniformity_cone_closed_forms():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]); y = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+    assert torch.equal(gap_vector(x, y), torch.tensor([2 / 3 + 0.5, 1 / 3 + 0.5], dtype=torch.float64))   # N != M
+    assert gap_vector(x.float(), y).dtype == torch.float64
+    # x: squared distances 2, 0, 2 among the off-diagonal pairs (each twice): mean exp(-t d)
+    for t in (0.5, 2.0, 3.0):
+        assert uniformity(x, t=t) == pytest.approx(math.log((4 * math.exp(-2 * t) + 2) / 6))
+    assert mean_pairwise_cosine(x) == pytest.approx(2 / 6)                  # cosines 0, 1, 0 (each twice)
+    # cross-modal: pairs i != j of x and y (same N): x = e1, e2; y = -e1, -e2 -> |x0 - y1|^2 = |x1 - y0|^2 = 2
+    assert uniformity(x[:2], y, t=1.5) == pytest.approx(-3.0)
+    with pytest.raises(InputError, match="needs N >= 2"): uniformity(x[:1])
+    with pytest.raises(InputError, match="needs N >= 2"): mean_pairwise_cosine(x[:1])
+
+
+def test_relative_gap_and_effective_rank_closed_forms():
+    # x = e1, e2; y = e2, e1: partners orthogonal d = 1/2; intra: x0.x1 = 0 -> 1/2 as well -> 0.5
+    e = torch.eye(2, dtype=torch.float64)
+    assert relative_gap(e, e.flip(0)) == pytest.approx(0.5)
+    # y = -x: partners d = 1, intra 1/2 -> 1 / (1/2 + 1) = 2/3
+    assert relative_gap(e, -e) == pytest.approx(2 / 3)
+    assert relative_gap(e, e) == 0.0
+    with pytest.raises(InputError, match="needs N >= 2 pairs"): relative_gap(e[:1], e[:1])
+    # centring: rows (1, 0), (3, 0): uncentred rank 1; centred (-1, 0), (1, 0): rank 1 as well, but
+    # rows (1, 1), (1, -1) are rank 2 uncentred (sv sqrt2, sqrt2) and rank 1 centred
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    assert effective_rank(z, center=False) == pytest.approx(2.0) and effective_rank(z) == pytest.approx(1.0)
+    # singular values (2, 1, 1): p = (1/2, 1/4, 1/4), H = 1.5 ln 2
+    d = torch.diag(torch.tensor([2.0, 1.0, 1.0]))
+    assert effective_rank(d, center=False) == pytest.approx(math.exp(1.5 * math.log(2)))
+    assert effective_rank(np.zeros((3, 2))) == 0.0
+
+
+def test_shift_embeddings_explicit_direction_and_dtype():
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8]]); y = torch.tensor([[0.0, 1.0]])
+    u = torch.tensor([0.0, 2.0])
+    xs, ys = shift_embeddings(x, y, 1.0, u)                                  # x - u/2, y + u/2, renormalised
+    ref_x = torch.tensor([[1.0, -1.0], [0.6, -0.2]]); ref_x = ref_x / ref_x.norm(dim=1, keepdim=True)
+    assert torch.allclose(xs, ref_x) and torch.allclose(ys, torch.tensor([[0.0, 1.0]]))
+    assert xs.dtype == torch.float32 and ys.dtype == torch.float32
+    xs, ys = shift_embeddings(x, y, -2.0, u)                                 # lambda < 0 widens: x + u, y - u
+    assert torch.allclose(xs, F.normalize(x + u, dim=-1)) and torch.allclose(ys, torch.tensor([[0.0, -1.0]]))
+    # default direction: the gap vector; lambda 0 leaves both unchanged
+    xs, ys = shift_embeddings(x, y, 0.0)
+    assert torch.allclose(xs, x) and torch.allclose(ys, y)
+    with pytest.raises(ShapeError): shift_embeddings(x, y, 1.0, torch.ones(3))
+
+
+def test_rollout_two_layer_hand_example():
+    # layer 1 (two heads), layer 2 (one head), N = 2, by hand:
+    A1 = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]], [[1.0, 0.0], [0.5, 0.5]]]])
+    A2 = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    # A1' = rownorm(A1 + I) = [[1, 0], [.25, .75]]; A2' = [[.5, .5], [.5, .5]]; R = A2' A1'
+    R = attention_rollout([A1, A2])
+    assert torch.allclose(R, torch.tensor([[[0.625, 0.375], [0.625, 0.375]]], dtype=torch.float64), atol=1e-12)
+    # without the residual: A2 A1 = [[.5, .5], [1, 0]]
+    assert torch.allclose(attention_rollout([A1, A2], residual=False),
+                          torch.tensor([[[0.5, 0.5], [1.0, 0.0]]], dtype=torch.float64), atol=1e-12)
+    # head fusion: heads [[.2, .8]] and [[.6, .4]] (row 0); mean (.4, .6), max (.6, .8), min (.2, .4)
+    H = torch.tensor([[[[0.2, 0.8], [0.5, 0.5]], [[0.6, 0.4], [0.5, 0.5]]]])
+    for fusion, row in (("mean", [1.4, 0.6]), ("max", [1.6, 0.8]), ("min", [1.2, 0.4])):
+        got = attention_rollout([H], head_fusion=fusion)[0, 0]
+        assert torch.allclose(got, torch.tensor(row, dtype=torch.float64) / sum(row), atol=1e-12), fusion
+    with pytest.raises(ShapeError): attention_rollout([A1, torch.ones(1, 1, 3, 3) / 3])
+
+
+def test_fit_pca_matches_numpy_svd_with_sign_rule():
+    g = np.random.default_rng(0)
+    X = g.standard_normal((40, 5)) @ np.diag([5.0, 3.0, 2.0, 1.0, 0.5]) + 7.0
+    mu, V = fit_pca(X, 3)
+    _, s, Vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    ref = Vt[:3] * np.sign(Vt[:3][np.arange(3), np.abs(Vt[:3]).argmax(1)])[:, None]   # largest loading positive
+    np.testing.assert_allclose(mu.numpy(), X.mean(0), atol=1e-12)
+    np.testing.assert_allclose(V.numpy(), ref, atol=1e-10)
+    Z = pca_transform(torch.from_numpy(X), mu, V)
+    np.testing.assert_allclose(Z, (X - X.mean(0)) @ ref.T, atol=1e-10)
+    np.testing.assert_allclose(Z.var(0) * 40, s[:3] ** 2, rtol=1e-10)        # variance along each axis
+    assert V.dtype == torch.float64 and Z.shape == (40, 3)
+    assert fit_pca(torch.from_numpy(X).float(), 5)[1].shape == (5, 5)
+    with pytest.raises(InputError, match=r"dim must be in \[1, 5\], got 6"): fit_pca(X, 6)
+    with pytest.raises(InputError, match="got 0"): fit_pca(X, 0)
