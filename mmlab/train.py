@@ -128,7 +128,7 @@ def encode_state(obj, tensors:dict, path:str=""):
     if isinstance(obj, tuple): return {"__tuple__": [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list): return [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+        if all(isinstance(k, str) and not k.startswith("__") and "/" not in k for k in obj):   # "/" would make tensor paths collide
             return {k: encode_state(v, tensors, f"{path}/{k}") for k, v in obj.items()}
         return {"__items__": [[encode_state(k, tensors, f"{path}/key{i}"), encode_state(v, tensors, f"{path}/{i}")]
                               for i, (k, v) in enumerate(obj.items())]}

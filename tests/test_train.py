@@ -812,7 +812,7 @@ def test_loss_terms_normalises_and_refuses():
 _leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False), st.text(max_size=4),
                   st.lists(st.floats(-1e6, 1e6, width=32), min_size=0, max_size=4).map(torch.tensor),
                   st.integers(0, 2**32 - 1).map(lambda v: np.array([v, 1], dtype=np.uint32)))
-_key = st.one_of(st.sampled_from(["a", "b", "__tensor__", "__tuple__", "__items__", "x.y"]), st.integers(-3, 3))
+_key = st.one_of(st.sampled_from(["a", "b", "a/b", "b/0", "__tensor__", "__tuple__", "__items__", "x.y"]), st.integers(-3, 3))
 _state = st.recursive(_leaf, lambda kids: st.one_of(st.lists(kids, max_size=3), st.tuples(kids, kids),
                                                       st.dictionaries(_key, kids, max_size=3)), max_leaves=12)
 
@@ -841,6 +841,9 @@ def test_encode_state_examples_and_refusal():
     assert list(back) == ["w", 3, "__tensor__"] and back["__tensor__"] == "x" and torch.equal(back["w"], t)
     assert back[3] == (None, [1.5, 2]) and type(back[3][1][1]) is int
     t.add_(1); assert torch.equal(back["w"], torch.arange(3.0))          # stored as a copy
+    tensors = {}; nested = {"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}}   # "/" in a key: paths must not collide
+    back = decode_state(json.loads(json.dumps(encode_state(nested, tensors))), tensors)
+    assert torch.equal(back["a/b"], torch.ones(1)) and torch.equal(back["a"]["b"], torch.zeros(1)) and len(tensors) == 2
     with pytest.raises(CheckpointError, match="cannot store object at /a/1 in a checkpoint"):
         encode_state({"a": [1, object()]}, {})
 
