@@ -727,3 +727,78 @@ def test_filtered_noise_bad_arguments():
     with pytest.raises(InputError, match="sigma1 < sigma2"): filtered_noise(1, (4, 4), "green", 1.0, 1.0)
     with pytest.raises(InputError, match="sigma1 < sigma2"): filtered_noise(1, (4, 4), "green", 0.0, 1.0)
     with pytest.raises(InputError, match="grid"): noise_mask(1, (4, 0), 0.5)
+
+def test_largest_remainder_by_hand():
+    x = torch.tensor([[1.2, 2.5, 0.3], [0.55, 0.65, 0.8], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    assert _largest_remainder(x, torch.tensor([4, 2, 3])).tolist() == [[1, 3, 0], [0, 1, 1], [2, 1, 0]]
+
+@_FAST
+@given(w=st.lists(st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), min_size=1, max_size=5), total=st.integers(1, 60))
+def test_largest_remainder_sums_exactly(w, total):
+    "Rounded rows sum exactly to the total; each entry is floor or floor + 1; the +1 go to the largest remainders."
+    x = torch.tensor(w, dtype=torch.float64) + 1e-3
+    x = x / x.sum(1, keepdim=True) * total
+    n = _largest_remainder(x, torch.full((x.shape[0],), total))
+    assert n.dtype == torch.long and (n.sum(1) == total).all()
+    fl = x.floor(); up = n - fl.long()
+    assert ((up == 0) | (up == 1)).all()
+    rem = x - fl
+    for b in range(x.shape[0]):
+        got, rest = rem[b][up[b] == 1], rem[b][up[b] == 0]
+        if len(got) and len(rest): assert got.min() >= rest.max() - 1e-12
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4), frac=st.floats(0.0, 1.0),
+       alpha=st.sampled_from([0.1, 1.0, 5.0]), seed=st.integers(0, 10**6))
+def test_dirichlet_budget_exact_and_capped(sizes, frac, alpha, seed):
+    "Whatever the caps: every row's counts sum to the budget and stay within [0, L_m]."
+    sz = {f"m{i}": L for i, L in enumerate(sizes)}; tot = sum(sizes)
+    budget = max(1, min(tot, round(frac * tot)))
+    c = dirichlet_budget(40, sz, budget, alpha=alpha, generator=_g(seed))
+    n = torch.stack([c[k] for k in sz], 1)
+    assert (n.sum(1) == budget).all()
+    assert ((n >= 0) & (n <= torch.tensor(sizes))).all()
+
+def test_dirichlet_budget_cascading_caps():
+    """lambda ~ (0.70, 0.25, 0.05), caps (1, 5, 100), budget 12: "a" overflows by ~7, most of it goes to "b", which then
+    overflows too; a second round must move that on to "c": the result is (1, 5, 6) in almost every row."""
+    c = dirichlet_budget(300, {"a": 1, "b": 5, "c": 100}, 12, alpha={"a": 50.0, "b": 18.0, "c": 3.5}, generator=_g(0))
+    n = torch.stack([c["a"], c["b"], c["c"]], 1)
+    assert (n.sum(1) == 12).all() and (n <= torch.tensor([1, 5, 100])).all()
+    assert (n == torch.tensor([1, 5, 6])).all(1).float().mean() > 0.9
+
+def test_dirichlet_budget_bad_arguments():
+    with pytest.raises(InputError, match="non-empty dict"): dirichlet_budget(2, {}, 1)
+    with pytest.raises(InputError, match=">= 1 token"): dirichlet_budget(2, {"a": 3, "b": 0}, 1)
+    with pytest.raises(InputError, match="alpha must be > 0"): dirichlet_budget(2, {"a": 3, "b": 2}, 2, alpha={"a": 1.0, "b": 0.0})
+    with pytest.raises(InputError, match=r"budget must be an integer in \[1, 5\]"): dirichlet_budget(2, {"a": 3, "b": 2}, 0)
+    with pytest.raises(InputError, match="budget"): dirichlet_budget(2, {"a": 3, "b": 2}, 6)
+    with pytest.raises(InputError, match="budget"): dirichlet_budget(2, {"a": 3, "b": 2}, 2.0)
+    assert (dirichlet_budget(2, {"a": 3, "b": 2}, 1, generator=_g(0))["a"] <= 1).all()    # budget 1 is allowed
+
+def test_multimodal_mask_visible_counts_follow_the_budget():
+    sizes = {"image": 16, "audio": 8, "text": 4}
+    counts = dirichlet_budget(300, sizes, 9, alpha=0.7, generator=_g(5))
+    m, per = multimodal_mask(300, sizes, 9, alpha=0.7, generator=_g(5))
+    for k, L in sizes.items():
+        assert per[k].shape == (300, L) and torch.equal((~per[k]).sum(1), counts[k])
+    assert m.num_masked == 28 - 9
+    # inside a modality the visible tokens are uniform: image positions each visible with the same frequency
+    f = (~per["image"]).float().sum(0) / (~per["image"]).sum()
+    assert (f - 1 / 16).abs().max() < 0.03
+
+@pytest.mark.parametrize("patch,fill", [((2, 3), 0.5), (2, -1.0)])
+def test_apply_mask_greys_exactly_the_hidden_patches(patch, fill):
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    x = torch.rand(2, 4, 6, generator=_g(0)); gh, gw = 4 // ph, 6 // pw
+    mask = torch.rand(gh * gw, generator=_g(1)) < 0.5; mask[0], mask[-1] = True, False
+    out = apply_mask(x, mask, patch, fill) if fill != 0.5 else apply_mask(x, mask, patch)
+    for c in range(2):
+        for i in range(4):
+            for j in range(6):
+                hidden = bool(mask[(i // ph) * gw + j // pw])
+                assert out[c, i, j] == (fill if hidden else x[c, i, j])
+
+def test_apply_mask_bad_shapes():
+    with pytest.raises(ShapeError, match="not divisible into 2x4 patches"): apply_mask(torch.rand(1, 4, 6), torch.zeros(3, dtype=torch.bool), (2, 4))
+    with pytest.raises(ShapeError): apply_mask(torch.rand(1, 4, 6), torch.zeros(5, dtype=torch.bool), (2, 3))
