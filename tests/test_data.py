@@ -556,10 +556,14 @@ def hf(tmp_path_factory):
     return make_tiny_hf_tokenizer(tmp_path_factory.mktemp("tok") / "tok", WORDS)
 
 
+@pytest.fixture(scope="module")
+def hf_tok(hf): return HFTokenizer(hf)
+
+
 @FAST
 @given(words=st.lists(st.sampled_from(WORDS + ["zzz"]), max_size=12), max_len=st.integers(2, 16))
-def test_hf_tokenizer_lengths_and_truncation(hf, words, max_len):
-    tok = HFTokenizer(hf, max_len=max_len)
+def test_hf_tokenizer_lengths_and_truncation(hf_tok, words, max_len):
+    tok = hf_tok; tok.max_len = max_len                                      # (loading it once keeps this fast)
     ids = tok(" ".join(words)).tolist()
     body = [WORDS.index(w) + 4 if w in WORDS else 1 for w in words][: max_len - 2]
     assert ids == [2] + body + [3]                                   # [CLS] body [SEP], [UNK]=1, [SEP] kept
@@ -568,6 +572,7 @@ def test_hf_tokenizer_lengths_and_truncation(hf, words, max_len):
 
 
 def test_hf_tokenizer_errors(tmp_path, hf):
+    assert HFTokenizer(hf).max_len == 64 and HFTokenizer(hf, max_len=5).max_len == 5
     with pytest.raises(MissingFileError, match="does not exist"): HFTokenizer(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="cannot load a tokenizer"): HFTokenizer(tmp_path / "empty")
