@@ -988,3 +988,31 @@ def test_resume_refuses_callback_count_and_world_size_mismatch(tmp_path):
         Trainer(nn.Linear(3, 1), _mse, _data(), cfg).resume(tmp_path / "nothing")
     tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[EMA(0.5)])
     assert tr.resume(tmp_path).name == "step-00000002" and tr.step == 2     # the newest under out_dir/checkpoints
+
+
+def test_trainer_refuses_empty_data_gradless_loss_save_without_out_dir_and_shorter_data(tmp_path):
+    with pytest.raises(InputError, match="data produced no batches"):
+        Trainer(nn.Linear(3, 1), _mse, [], TrainConfig(max_steps=1, device="cpu")).fit()
+    with pytest.raises(InputError, match="did not produce a gradient for any trainable parameter"):
+        Trainer(nn.Linear(3, 1), lambda m, b: torch.ones((), requires_grad=True) * 2, _data(), TrainConfig(device="cpu")).fit()
+    with pytest.raises(ConfigError, match="Trainer.save: TrainConfig.out_dir is None"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu")).save()
+    cfg = TrainConfig(max_steps=3, device="cpu", out_dir=str(tmp_path), log_to=())
+    Trainer(nn.Linear(3, 1), _mse, _data(5), cfg).fit()                  # saved 3 batches into a 5-batch epoch
+    with pytest.raises(CheckpointError, match="the data has fewer than 3 batches per epoch"):
+        Trainer(nn.Linear(3, 1), _mse, _data(2), cfg).resume(tmp_path)
+
+
+def test_eval_callback_runs_in_eval_mode_without_grad_and_restores_training():
+    seen = []
+    def fn(model):
+        seen.append((model.training, torch.is_grad_enabled())); return {"n": torch.tensor(2.0), "k": 3}
+    hist = Trainer(nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5)), _mse, _data(), TrainConfig(max_steps=2, device="cpu"),
+                   callbacks=[EvalCallback(fn, prefix="val")]).fit()
+    assert seen == [(False, False)] and hist[-1] == {"step": 2, "val/n": 2.0, "val/k": 3.0}
+    modes = []
+    class Mode(Callback):
+        def on_step_start(self, t): modes.append(t.model.training)
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, eval_every=1, device="cpu"),
+            callbacks=[EvalCallback(lambda m: {}), Mode()]).fit()
+    assert modes == [True] * 4                                            # back in train mode after each evaluation
