@@ -802,3 +802,72 @@ def test_apply_mask_greys_exactly_the_hidden_patches(patch, fill):
 def test_apply_mask_bad_shapes():
     with pytest.raises(ShapeError, match="not divisible into 2x4 patches"): apply_mask(torch.rand(1, 4, 6), torch.zeros(3, dtype=torch.bool), (2, 4))
     with pytest.raises(ShapeError): apply_mask(torch.rand(1, 4, 6), torch.zeros(5, dtype=torch.bool), (2, 3))
+
+# ---------------------------------------------------------------- losses and models: hand-built cases and arguments honoured
+def test_scatter_tokens_by_hand():
+    m = mask_from_bool(torch.tensor([[False, True, True, False, True], [True, True, False, True, False]]))
+    vis = torch.tensor([[[1.0, 1.5], [2.0, 2.5]], [[3.0, 3.5], [4.0, 4.5]]]); tok = torch.tensor([-1.0, -2.0])
+    t = [-1.0, -2.0]
+    assert scatter_tokens(vis, m, tok).tolist() == [[[1.0, 1.5], t, t, [2.0, 2.5], t], [t, t, [3.0, 3.5], t, [4.0, 4.5]]]
+    with pytest.raises(ShapeError): scatter_tokens(vis[:, :1], m, tok)
+    with pytest.raises(ShapeError): scatter_tokens(vis, m, torch.zeros(3))
+
+def test_norm_patches_closed_form_and_eps():
+    t = torch.tensor([[0.0, 2.0], [3.0, 3.0], [0.0, 2e-3]], dtype=torch.float64)   # unbiased var 2, 0, 2e-6
+    out = norm_patches(t)
+    assert out[0].tolist() == pytest.approx([-1 / math.sqrt(2 + 1e-6), 1 / math.sqrt(2 + 1e-6)], rel=1e-12)
+    assert out[1].tolist() == [0.0, 0.0]
+    assert out[2].tolist() == pytest.approx([-1e-3 / math.sqrt(3e-6), 1e-3 / math.sqrt(3e-6)], rel=1e-12)
+    assert norm_patches(t, eps=2.0)[0].tolist() == pytest.approx([-0.5, 0.5], rel=1e-12)
+
+@pytest.mark.parametrize("rows", [[(1, 5), (0, 6)], [(0, 1, 2, 4, 5, 7), (1, 2, 3, 4, 6, 7)], [(3,), (0, 2, 5)]])
+def test_mae_and_simmim_losses_average_over_hidden_patches(rows):
+    "1/4, 3/4 and unequal masks (half masks hide a visible-count normaliser): float64 loops over the hidden patches."
+    g = _g(3); B, L, P = 2, 8, 4
+    pred, target = torch.randn(B, L, P, generator=g, dtype=torch.float64), torch.randn(B, L, P, generator=g, dtype=torch.float64)
+    mask = _bool_rows(rows, L); hid = [(b, i) for b in range(B) for i in range(L) if mask[b, i]]
+    assert mae_loss(pred, target, mask).item() == pytest.approx(ref_mae(pred, target, mask, False), rel=1e-12)
+    assert mae_loss(pred, target, mask, norm_pix=True).item() == pytest.approx(ref_mae(pred, target, mask, True), rel=1e-12)
+    l1 = sum(float((pred[b, i] - target[b, i]).abs().sum()) / P for b, i in hid) / len(hid)
+    assert simmim_loss(pred, target, mask).item() == pytest.approx(l1, rel=1e-12)
+    # only hidden patches count: changing visible predictions changes nothing
+    pred2 = torch.where(mask[..., None], pred, pred + 100)
+    assert mae_loss(pred2, target, mask).item() == mae_loss(pred, target, mask).item()
+    assert simmim_loss(pred2, target, mask).item() == simmim_loss(pred, target, mask).item()
+
+def test_mae_and_simmim_losses_with_nothing_hidden_are_zero():
+    x = torch.randn(2, 3, 4, dtype=torch.float64); none = torch.zeros(2, 3, dtype=torch.bool)
+    assert mae_loss(x, x + 1, none).item() == 0.0 and simmim_loss(x, x + 1, none).item() == 0.0
+
+def test_mae_model_honours_mask_ratio_and_norm_pix():
+    imgs = torch.rand(2, 3, 32, 32, generator=_g(0), dtype=torch.float64)
+    for ratio, norm_pix in [(0.25, False), (0.5, True)]:
+        mae = _tiny_mae(norm_pix, mask_ratio=ratio); out = mae(imgs, generator=_g(1))
+        assert out.mask.num_masked == round(ratio * 16)
+        assert torch.equal(out.mask.mask, random_mask(2, 16, ratio, generator=_g(1)).mask)
+        target = torch.stack([torch.stack([_patch(imgs, b, n) for n in range(16)]) for b in range(2)])
+        assert out.loss.item() == pytest.approx(ref_mae(out.pred.detach(), target, out.mask.mask, norm_pix), rel=1e-9)
+
+def test_simmim_model_honours_ratio_block_size_and_l1():
+    torch.manual_seed(0); sm = SimMIM(ViTEncoder(ViTConfig.preset("tiny", img_size=64)), mask_ratio=0.5, block_size=2).double().eval()
+    imgs = torch.rand(2, 3, 64, 64, generator=_g(0), dtype=torch.float64); out = sm(imgs, generator=_g(1))
+    assert torch.equal(out.mask.mask, block_mask(2, (8, 8), 0.5, block_size=2, generator=_g(1)).mask)
+    for row in _cells(out.mask, (8, 8), 2): assert all(h in (0, n) for h, n, _, _ in row)
+    hid = [(b, n) for b in range(2) for n in range(64) if out.mask.mask[b, n]]
+    l1 = sum(float((out.pred.detach()[b, n] - _patch(imgs, b, n, gw=8)).abs().mean()) for b, n in hid) / len(hid)
+    assert out.loss.item() == pytest.approx(l1, rel=1e-9)
+
+def test_hubert_model_honours_ratio_span_and_temperature():
+    torch.manual_seed(0)
+    enc = AudioEncoder(AudioConfig.preset("tiny", n_mels=32, patch_size=(32, 2), depth=1))
+    h = HuBERT(enc, num_units=7, mask_ratio=0.25, span=3, temperature=0.5).double().eval()
+    spec = torch.randn(2, 32, 40, generator=_g(0), dtype=torch.float64); y = torch.randint(0, 7, (2, 20), generator=_g(1))
+    o = h(spec, y, generator=_g(2))
+    assert torch.equal(o.mask.mask, span_mask(2, 20, 0.25, span=3, generator=_g(2)).mask) and o.mask.num_masked == 5
+    # logits = cosine(projected frame, unit embedding) / temperature, by a float64 loop
+    z = h.proj(h.hidden_states(spec, o.mask.mask)).detach(); e = h.unit_embed.detach()
+    for b, n, c in [(0, 0, 0), (1, 7, 3), (0, 19, 6)]:
+        cos = float(z[b, n] @ e[c]) / math.sqrt(float(z[b, n] @ z[b, n]) * float(e[c] @ e[c]))
+        assert o.logits[b, n, c].item() == pytest.approx(cos / 0.5, rel=1e-9)
+    assert o.logits.abs().max() <= 1 / 0.5 + 1e-9
+    assert o.loss.item() == pytest.approx(hubert_loss(o.logits, y, o.mask.mask).item(), rel=1e-12)
