@@ -825,6 +825,7 @@ def test_manifest_short_and_long_rows_and_jsonl(good):
     p.write_text('{"text": "a"}\n\n{"text": "b", "label": "-7"}\n{"text": "c", "label": "cat"}\n')
     ds = ManifestDataset(p)
     assert [r["line"] for r in ds.rows] == [1, 3, 4] and [ds[i].get("label") for i in range(3)] == [None, -7, "cat"]
+    assert ds[2]["attrs"] == {} and ds[2]["index"] == 2                     # the label is not an attribute
     (good / "e.csv").write_text("")
     with pytest.raises(DataError, match="no modality column"): ManifestDataset(good / "e.csv")
     with pytest.raises(DataError, match="no usable rows"): ManifestDataset(manifest(good, "h.csv", "text,label"))
@@ -876,3 +877,16 @@ def test_feature_cache_hits_misses_layout(tmp_path):
     fresh = FeatureCache(tmp_path)                                          # persists across instances
     assert torch.equal(fresh.get("h2", "k1", lambda: compute(0.0)), torch.full((2, 3), 2.0)) and fresh.hits == 1
     assert FeatureCache().root == get_settings().cache_dir / "features"
+
+
+def test_check_modalities_and_take():
+    from mmlab.data import MODALITIES, check_modalities, take
+    assert check_modalities(None) == MODALITIES == ("image", "audio", "text")
+    assert check_modalities(["text", "image"]) == ("image", "text") and check_modalities("audio") == ("audio",)
+    with pytest.raises(ConfigError, match="empty list of modalities"): check_modalities([])
+    batch = {"label": torch.tensor([5, 6, 7]), "image": torch.arange(6).reshape(3, 2), "caption": ["a", "b", "c"],
+             "mask": {"text": torch.tensor([True, False, True])}, "skipped": 2, "scale": torch.tensor(0.5)}
+    sub = take(batch, [2, 0])
+    assert sub["label"].tolist() == [7, 5] and sub["image"].tolist() == [[4, 5], [0, 1]] and sub["caption"] == ["c", "a"]
+    assert sub["mask"]["text"].tolist() == [True, True] and sub["skipped"] == 2 and sub["scale"] == 0.5
+    assert take(batch, torch.tensor([1]))["caption"] == ["b"] and take(batch, range(1, 3))["label"].tolist() == [6, 7]

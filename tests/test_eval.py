@@ -434,3 +434,14 @@ def test_retrieval_duplicate_ids_chunks_and_names_by_hand():
     assert (r["a_to_b"]["n"], r["a_to_b"]["n_missing"], r["a_to_b"]["gallery"]) == (2, 1, 3)
     with pytest.raises(InputError, match="pass both a_ids and b_ids"): retrieval_eval(a, b, a_ids=a_ids)
     with pytest.raises(ShapeError, match="a has 3 rows and b 4"): retrieval_eval(a, b)
+
+
+def test_present_is_the_and_of_masks():
+    m = {"image": torch.tensor([True, False, True, True]), "text": torch.tensor([True, True, False, True]),
+         "audio": torch.tensor([False, True, True, True])}
+    assert present(m, "image").tolist() == [True, False, True, True]
+    assert present(m, "image", "text").tolist() == [True, False, False, True]
+    assert present(m, "image", "text", "audio").tolist() == [False, False, False, True]
+    assert m["image"].tolist() == [True, False, True, True]                 # the batch's mask is not modified
+    with pytest.raises(InputError, match="name at least one modality"): present(m)
+    with pytest.raises(ShapeError, match="mask 'text' has shape"): present({"image": m["image"], "text": m["text"][:2]}, "image", "text")
