@@ -871,3 +871,41 @@ def test_hubert_model_honours_ratio_span_and_temperature():
         assert o.logits[b, n, c].item() == pytest.approx(cos / 0.5, rel=1e-9)
     assert o.logits.abs().max() <= 1 / 0.5 + 1e-9
     assert o.loss.item() == pytest.approx(hubert_loss(o.logits, y, o.mask.mask).item(), rel=1e-12)
+
+def _mmae_any(visible, **kw):
+    torch.manual_seed(0)
+    ad = {"image": ViTEncoder(ViTConfig.preset("tiny", depth=0, class_token=False, pool="mean")),
+          "audio": AudioEncoder(AudioConfig.preset("tiny", n_mels=32, patch_size=(16, 8), depth=0))}
+    return MultiModalMAE(ad, embed_dim=64, visible=visible, **kw).double().eval()
+
+def test_multimodal_mae_per_modality_losses_and_fractional_budget():
+    "visible=0.3 of 16+8 tokens -> 7 visible; each modality's loss is MAE's loss on its own patches, own norm_pix."
+    mm = _mmae_any(0.3, norm_pix={"image": True, "audio": False})
+    inp = {"image": torch.rand(3, 3, 32, 32, generator=_g(0), dtype=torch.float64),
+           "audio": torch.randn(3, 32, 32, generator=_g(1), dtype=torch.float64)}
+    o = mm(inp, generator=_g(2))
+    assert ((~o.masks["image"]).sum(1) + (~o.masks["audio"]).sum(1) == 7).all()
+    assert torch.equal(torch.cat([o.masks["image"], o.masks["audio"]], 1), o.mask.mask)
+    img_t = torch.stack([torch.stack([_patch(inp["image"], b, n) for n in range(16)]) for b in range(3)])
+    # audio tokens are time-major: token t' * F' + f' is mel rows f'*16.., frames t'*8.. (2 x 4 patches)
+    aud_t = torch.stack([torch.stack([inp["audio"][b, f * 16:(f + 1) * 16, t * 8:(t + 1) * 8].reshape(-1)
+                                      for t in range(4) for f in range(2)]) for b in range(3)])
+    ref_i = ref_mae(o.preds["image"].detach(), img_t, o.masks["image"], True)
+    ref_a = ref_mae(o.preds["audio"].detach(), aud_t, o.masks["audio"], False)
+    assert o.losses["image"].item() == pytest.approx(ref_i, rel=1e-9) and o.losses["audio"].item() == pytest.approx(ref_a, rel=1e-9)
+    assert o.loss.item() == pytest.approx(ref_i + ref_a, rel=1e-9)
+
+def test_multimodal_mae_contrastive_weight_and_equal_fractions():
+    mm = _mmae_any(12, contrastive_weight=0.5)          # 12 of 24 visible: each modality keeps half its tokens
+    inp = {"image": torch.rand(4, 3, 32, 32, generator=_g(0), dtype=torch.float64),
+           "audio": torch.randn(4, 32, 32, generator=_g(1), dtype=torch.float64)}
+    o = mm(inp, generator=_g(2))
+    assert ((~o.masks["image"]).sum(1) == 8).all() and ((~o.masks["audio"]).sum(1) == 4).all()
+    rec = o.losses["image"].item() + o.losses["audio"].item()
+    assert o.loss.item() == pytest.approx(rec + 0.5 * o.losses["contrastive"].item(), rel=1e-9)
+
+@pytest.mark.parametrize("visible", [0, 24, 30, 0.01, 0.99])
+def test_multimodal_mae_budget_must_leave_something_hidden_and_visible(visible):
+    mm = _mmae_any(visible)
+    inp = {"image": torch.rand(2, 3, 32, 32, dtype=torch.float64), "audio": torch.randn(2, 32, 32, dtype=torch.float64)}
+    with pytest.raises(ConfigError, match="visible budget"): mm(inp)
