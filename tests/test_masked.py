@@ -879,12 +879,12 @@ def _mmae_any(visible, **kw):
     return MultiModalMAE(ad, embed_dim=64, visible=visible, **kw).double().eval()
 
 def test_multimodal_mae_per_modality_losses_and_fractional_budget():
-    "visible=0.3 of 16+8 tokens -> 7 visible; each modality's loss is MAE's loss on its own patches, own norm_pix."
-    mm = _mmae_any(0.3, norm_pix={"image": True, "audio": False})
+    "visible=0.32 of 16+8 tokens -> round(7.68) = 8 visible; each modality's loss is MAE's loss on its own patches, own norm_pix."
+    mm = _mmae_any(0.32, norm_pix={"image": True, "audio": False})
     inp = {"image": torch.rand(3, 3, 32, 32, generator=_g(0), dtype=torch.float64),
            "audio": torch.randn(3, 32, 32, generator=_g(1), dtype=torch.float64)}
     o = mm(inp, generator=_g(2))
-    assert ((~o.masks["image"]).sum(1) + (~o.masks["audio"]).sum(1) == 7).all()
+    assert ((~o.masks["image"]).sum(1) + (~o.masks["audio"]).sum(1) == 8).all()
     assert torch.equal(torch.cat([o.masks["image"], o.masks["audio"]], 1), o.mask.mask)
     img_t = torch.stack([torch.stack([_patch(inp["image"], b, n) for n in range(16)]) for b in range(3)])
     # audio tokens are time-major: token t' * F' + f' is mel rows f'*16.., frames t'*8.. (2 x 4 patches)
