@@ -369,8 +369,8 @@ def test_siglip_sums_without_grad_and_only_bias_grad():
     assert abs(K._SigLIPSums.apply(a, b, s, t, 4).item() - want) < 1e-12     # no input needs a gradient
     t = leaf(t)
     sp = K._SigLIPSums.apply(a, b, s, t, 4)
-    gt, = torch.autograd.grad(sp, t)
-    assert abs(gt.item() - float(torch.sigmoid(L).sum())) < 1e-12            # d/dt sum softplus = sum sigmoid
+    gt, = torch.autograd.grad(3.0 * sp, t)                                   # a non-unit upstream gradient
+    assert abs(gt.item() - 3.0 * float(torch.sigmoid(L).sum())) < 1e-12      # d/dt sum softplus = sum sigmoid
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 12))
@@ -473,6 +473,9 @@ def test_build_extension_cuda_env_name_cache_and_restore(fresh_builder, monkeypa
     assert c["functions"] == K.CUDA_FUNCTIONS and c["cuda_sources"] == K.CUDA_SOURCE
     assert "CUDA_HOME" not in os.environ and "TORCH_CUDA_ARCH_LIST" not in os.environ   # the environment is restored
     K.build_extension("cuda", arch="8.0"); assert len(calls) == 2 and calls[1]["name"].endswith("_8_0")
+    monkeypatch.setattr(K, "local_cuda_arch", lambda: "8.9")              # no arch given: the local GPU's
+    K.build_extension("cuda")
+    assert calls[2]["name"].endswith("_8_9") and calls[2]["env"]["TORCH_CUDA_ARCH_LIST"] == "8.9"
 
 def test_build_extension_failure_cached_and_reported(fresh_builder, monkeypatch, tmp_path):
     monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))
