@@ -909,3 +909,9 @@ def test_multimodal_mae_budget_must_leave_something_hidden_and_visible(visible):
     mm = _mmae_any(visible)
     inp = {"image": torch.rand(2, 3, 32, 32, dtype=torch.float64), "audio": torch.randn(2, 32, 32, dtype=torch.float64)}
     with pytest.raises(ConfigError, match="visible budget"): mm(inp)
+
+def test_kmeans_refuses_fewer_than_one_iteration():
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="iters must be an integer >= 1"): kmeans(x, 2, iters=bad)
+    assert kmeans(x, 2, iters=1).n_iter == 1

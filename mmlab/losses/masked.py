@@ -298,6 +298,8 @@ def kmeans(x:Tensor,          # (N, D) features
     dims = check_shape(x, "x", ("N", "D"))
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dims["N"]:
         raise InputError(f"kmeans: k must be an integer in [1, N={dims['N']}], got {k!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise InputError(f"kmeans: iters must be an integer >= 1, got {iters!r}")
     c = kmeans_plusplus(x, k, generator) if init is None else init.to(x).clone()
     check_shape(c, "init", (k, dims["D"]))
     labels = None
