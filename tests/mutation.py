@@ -67,11 +67,12 @@ def choose(names:list, args) -> list:
 
 def run(names:list, rerun:bool, children:int):
     "Test the mutants that have no result yet (with --rerun: also the survivors)."
-    codes = exit_codes()
-    todo = [n for n in names if codes[n] is None or (rerun and status(codes[n]) not in KILLED)]
-    print(f"{len(names)} mutants chosen, {len(todo)} to test", flush=True)
-    for i in range(0, len(todo), 200):                   # keep each command line short
-        mutmut("run", "--max-children", str(children), *todo[i:i + 200], check=False)
+    for attempt in range(2):    # mutmut may reset cached results when tests change: test those too, once
+        codes = exit_codes()
+        todo = [n for n in names if codes[n] is None or (rerun and attempt == 0 and status(codes[n]) not in KILLED)]
+        print(f"{len(names)} mutants chosen, {len(todo)} to test", flush=True)
+        for i in range(0, len(todo), 200):               # keep each command line short
+            mutmut("run", "--max-children", str(children), *todo[i:i + 200], check=False)
 
 
 def diff_of(name:str) -> str:
