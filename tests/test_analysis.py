@@ -247,7 +247,7 @@ def test_pca_vs_sklearn():
     for j in range(3): assert np.allclose(ours[:, j], ref[:, j]) or np.allclose(ours[:, j], -ref[:, j])
 
 
-@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+@pytest.mark.parametrize("method", ["pca", "tsne", pytest.param("umap", marks=pytest.mark.mutation_heavy)])
 def test_reduce_embeddings_split(method):
     x, y = unit(25, 6, 0, 1.0), unit(20, 6, 1, -1.0)
     out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0)

@@ -128,6 +128,7 @@ while True:
 '''
 
 
+@pytest.mark.mutation_heavy
 def test_kill_during_save_never_corrupts_latest(tmp_path):
     (tmp_path / "saver.py").write_text(SAVER)
     d = tmp_path / "ckpts"; rng = random.Random(0); interrupted = 0; steps = []
@@ -454,6 +455,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.mutation_heavy
 def test_two_process_resume_is_bit_identical(tmp_path):
     import socket
     (tmp_path / "job.py").write_text(DDP_RESUME_JOB)
@@ -570,6 +572,7 @@ class _Net(nn.Module):
     def forward(self, x): return self.net(x)
 
 
+@pytest.mark.mutation_heavy
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # inside inductor
 def test_compiled_run_matches_eager_and_its_checkpoint_loads_eagerly(tmp_path):
     from torch._dynamo.utils import counters
