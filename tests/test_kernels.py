@@ -206,6 +206,16 @@ def test_cuda_home_from_real_path_of_nvcc(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", "/opt/somewhere")
     assert K.cuda_home() == "/opt/somewhere"
 
+def test_cuda_home_finds_the_nvcc_on_path_first(tmp_path, monkeypatch):
+    "The nvcc found on PATH wins over the default /usr/local/cuda (a fake toolkit: no CUDA needed)."
+    monkeypatch.delenv("CUDA_HOME", raising=False); monkeypatch.delenv("CUDA_PATH", raising=False)
+    tk = tmp_path / "toolkit"
+    (tk / "bin").mkdir(parents=True); (tk / "include").mkdir()
+    (tk / "include" / "cuda_runtime.h").write_text("")
+    (tk / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n"); (tk / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tk / 'bin'}:/usr/bin:/bin")
+    assert K.cuda_home() == str(tk)
+
 @slow
 def test_compile_error_raises_kernel_build_error_with_log(fresh_builder, monkeypatch, tmp_path):
     monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))
