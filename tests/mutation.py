@@ -11,11 +11,12 @@ Results stay in `mutants/` (ignored by git), so a rerun only re-tests mutants wh
 `--rerun` to re-test the sample's survivors after adding tests.
 
 A mutant counts as killed when a test fails, errors, times out or crashes. Survivors that cannot change
-behaviour are listed, with the reason, in tests/mutation_equivalent.toml; the score is
+behaviour are listed, with the reason, in tests/mutation_equivalent.toml (mutants that only edit a docstring are
+recognised as equivalent without a listing); the score is
 killed / (sampled - equivalent). The report (per-module scores, every survivor with its diff) goes to
 `mutants/mutation-report.md` and `.json`; `--out FILE.md` writes the markdown elsewhere too.
 """
-import argparse, json, os, random, subprocess, sys, tomllib
+import argparse, functools, json, os, random, subprocess, sys, tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -81,8 +82,30 @@ def diff_of(name:str) -> str:
     return "\n".join(lines) or r.stdout.strip()
 
 
+@functools.lru_cache(None)
+def docstring_lines(module:str) -> set:
+    "Source lines (stripped) of every docstring in the checkout's `mmlab.<module>`."
+    import ast
+    path = ROOT / "mmlab" / (module.replace(".", "/") + ".py")
+    src = path.read_text(); lines = src.splitlines(); out = set()
+    for node in ast.walk(ast.parse(src)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            out |= {lines[i].strip() for i in range(body[0].lineno - 1, body[0].end_lineno)}
+    return out
+
+
+def only_docstring(name:str, diff:str) -> bool:
+    "True when the mutant edits nothing but docstring text (mutmut mutates docstrings as strings)."
+    removed = [l[1:].strip() for l in diff.splitlines() if l.startswith("-")]
+    return bool(removed) and all(l in docstring_lines(module_of(name)) for l in removed)
+
+
 def report(names:list, args) -> dict:
     codes, equivalent = exit_codes(), tomllib.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+    diffs = {n: diff_of(n) for n in names if status(codes[n]) not in KILLED}
+    equivalent |= {n: "docstring text only" for n, d in diffs.items() if n not in equivalent and only_docstring(n, d)}
     rows = {n: status(codes[n]) for n in names}
     per_module = {}
     for n, s in rows.items():
@@ -106,7 +129,7 @@ def report(names:list, args) -> dict:
     lines += ["", "## Not killed", ""]
     for n in lost:
         why = f"equivalent: {equivalent[n]}" if n in equivalent else rows[n]
-        lines += [f"### {n} ({why})", "```diff", diff_of(n), "```", ""]
+        lines += [f"### {n} ({why})", "```diff", diffs[n], "```", ""]
     md = "\n".join(lines) + "\n"
     (MUTANTS / "mutation-report.md").write_text(md)
     result = {"command": sys.argv[1:], "per_module": {m: dict(c) for m, c in per_module.items()},
