@@ -306,23 +306,23 @@ class BundledDataset(Dataset):
         self.audio_features, self.transforms = audio_features, _check_transforms(transforms)
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         self.label_names, self.vocab = meta["label_names"], meta.get("vocab", {})
-        try: z = np.load(self.path, allow_pickle=False)
+        try:   # reading the members inside the try: a damaged member (bad CRC, pickled object array) is a DataError too
+            with np.load(self.path, allow_pickle=False) as z:
+                keys = set(z.files)
+                self.labels = z["label"]
+                self.attrs = {k[5:]: z[k] for k in sorted(keys) if k.startswith("attr_")}
+                self.images = z["image"] if "image" in self.modalities else None
+                self.texts = z["text"] if "text" in self.modalities else None
+                if "audio" in self.modalities:
+                    self.audio_bytes, self.audio_offsets = z["audio_bytes"], z["audio_offsets"]
+                # digits: the clip paired with each image, and the clips' own attributes
+                self.clip = z["clip"] if "clip" in keys else np.arange(len(self.labels))
+                for k in ("speaker", "speed", "pitch"):
+                    if f"clip_{k}" in keys: self.attrs[k] = z[f"clip_{k}"][self.clip]
+                if "clip" in keys: self.attrs["clip"] = self.clip
         except Exception as e:
             raise DataError(f"{self.path}: cannot read the dataset file ({type(e).__name__}: {e}); expected an "
                             f"uncorrupted .npz (compare its sha256 with datasets_small/DATASHEET.md)") from e
-        with z:
-            keys = set(z.files)
-            self.labels = z["label"]
-            self.attrs = {k[5:]: z[k] for k in sorted(keys) if k.startswith("attr_")}
-            self.images = z["image"] if "image" in self.modalities else None
-            self.texts = z["text"] if "text" in self.modalities else None
-            if "audio" in self.modalities:
-                self.audio_bytes, self.audio_offsets = z["audio_bytes"], z["audio_offsets"]
-            # digits: the clip paired with each image, and the clips' own attributes
-            self.clip = z["clip"] if "clip" in keys else np.arange(len(self.labels))
-            for k in ("speaker", "speed", "pitch"):
-                if f"clip_{k}" in keys: self.attrs[k] = z[f"clip_{k}"][self.clip]
-            if "clip" in keys: self.attrs["clip"] = self.clip
         self._hashes = {}
     def __len__(self): return len(self.labels)
     def clip_bytes(self, i:int) -> bytes:

@@ -890,3 +890,86 @@ def test_check_modalities_and_take():
     assert sub["label"].tolist() == [7, 5] and sub["image"].tolist() == [[4, 5], [0, 1]] and sub["caption"] == ["c", "a"]
     assert sub["mask"]["text"].tolist() == [True, True] and sub["skipped"] == 2 and sub["scale"] == 0.5
     assert take(batch, torch.tensor([1]))["caption"] == ["b"] and take(batch, range(1, 3))["label"].tolist() == [6, 7]
+
+
+# ---------------------------------------------------------------- mutation survivors (issue 14, second pass)
+
+def test_modality_errors_name_where_and_the_full_expected_set(good):
+    from mmlab.data import check_modalities
+    expect = "expected a subset of image, audio, text$"
+    with pytest.raises(ConfigError, match="^where: empty list of modalities; " + expect): check_modalities([], "where")
+    with pytest.raises(ConfigError, match="^modalities: unknown modality 'video'; " + expect): check_modalities(["video"])
+    # a bad transforms key is reported as such, not as a bad `modalities` argument
+    with pytest.raises(ConfigError, match="^transforms: unknown modality 'video'; " + expect):
+        load_dataset("shapes", "val", ["text"], transforms={"video": str}, cache=False)
+    with pytest.raises(ConfigError, match="^transforms: unknown modality 'txt'"):
+        ManifestDataset(manifest(good, "m.csv", "image,text", "ok.png,hi"), transforms={"txt": str})
+
+
+def test_collate_padding_keeps_the_items_dtype():
+    # an int pad value must not turn float audio into integers (nor float64 into float32), nor int32 ids into int64
+    a64 = torch.tensor([0.25, -1.5, 3.75], dtype=torch.float64)
+    bt = collate([{"audio": a64}, {"audio": a64[:1]}], audio_pad=0)
+    assert bt["audio"].dtype == torch.float64
+    assert bt["audio"].tolist() == [[0.25, -1.5, 3.75], [0.25, 0.0, 0.0]]
+    h = collate([{"audio": torch.tensor([[0.5, 1.5]], dtype=torch.float16)}, {"audio": None}])["audio"]
+    assert h.dtype == torch.float16 and h.tolist() == [[[0.5, 1.5]], [[0.0, 0.0]]]
+    t = collate([{"text": torch.tensor([4, 5], dtype=torch.int32)}, {"text": torch.tensor([6], dtype=torch.int32)}], pad_id=1)
+    assert t["text"].dtype == torch.int32 and t["text"].tolist() == [[4, 5], [6, 1]]
+
+
+def test_make_loader_batch_size_one_and_in_process_default():
+    ds = [{"text": torch.arange(2), "index": i} for i in range(3)]
+    dl = make_loader(ds, 1, shuffle=False)
+    assert [b["index"].tolist() for b in dl] == [[0], [1], [2]]
+    assert make_loader(ds).num_workers == 0 and not make_loader(ds).persistent_workers   # no worker processes unless asked
+    with pytest.raises(ConfigError, match=r"batch_size must be an int >= 1, got 0$"): make_loader(ds, 0)
+
+
+def test_bundled_dataset_keeps_vocab_and_the_digits_clip_index():
+    for name in ("shapes", "digits"):
+        ds = load_dataset(name, "val", ["text"], cache=False)
+        meta = dataset_meta(name)
+        assert ds.vocab == meta["vocab"] and ds.vocab and ds.label_names == meta["label_names"]
+    with np.load(DATA / "digits" / "val.npz") as z: clip, speaker = z["clip"], z["clip_speaker"]
+    ds = load_dataset("digits", "val", ["text"], cache=False)
+    assert np.array_equal(ds.attrs["clip"], clip) and not np.array_equal(clip, np.arange(len(clip)))
+    for i in (0, 7, len(ds) - 1):
+        assert ds[i]["attrs"]["clip"] == int(clip[i]) and ds[i]["attrs"]["speaker"] == int(speaker[clip[i]])
+    assert "clip" not in load_dataset("shapes", "val", ["text"], cache=False)[0]["attrs"]   # shapes: one clip per item
+
+
+def test_bundled_file_with_a_damaged_member_raises_data_error(tmp_path):
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "meta.json").write_text((DATA / "shapes" / "meta.json").read_text())
+    p = tmp_path / "shapes" / "val.npz"
+    good = dict(label=np.arange(4), image=np.full((4, 2, 2, 3), 7, np.uint8), text=np.array(["a"] * 4))
+    np.savez(p, **good)
+    assert len(load_dataset("shapes", "val", ["image", "text"], root=tmp_path, cache=False)) == 4
+    raw = bytearray(p.read_bytes()); k = raw.index(bytes(good["image"].ravel())); raw[k] ^= 0xFF
+    p.write_bytes(bytes(raw))                                                   # one flipped bit: bad CRC
+    cases = {"BadZipFile": None, "ValueError": dict(good, label=np.arange(4).astype(object)),   # pickled array
+             "KeyError": {k: v for k, v in good.items() if k != "label"}}
+    for err, arrays in cases.items():
+        if arrays is not None: np.savez(p, **arrays)
+        with pytest.raises(DataError, match=re.escape(f"{p}: cannot read the dataset file ({err}")):
+            load_dataset("shapes", "val", ["image", "text"], root=tmp_path, cache=False)
+
+
+def test_manifest_load_time_errors_name_the_row_and_accumulate_the_count(good):
+    for n in ("late1", "late2"): Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(good / f"{n}.png")
+    p = manifest(good, "m.csv", "image,text", "ok.png,a", "late1.png,c", "late2.png,d")
+    strict = ManifestDataset(p, cache=False)
+    p = manifest(good, "s.csv", "image,text", "ok.png,a", "missing.png,b", "late1.png,c", "late2.png,d")
+    with pytest.warns(UserWarning, match="skipped 1 of 4 rows"):
+        skip = ManifestDataset(p, cache=False, on_error="skip")
+    assert skip.skipped == 1
+    (good / "late1.png").write_bytes(b"not a png")                             # broken after the checks
+    (good / "late2.png").unlink()
+    m = strict.path
+    with pytest.raises(DataError, match=re.escape(f"{m} row 3: cannot decode image")): strict[1]
+    with pytest.raises(MissingFileError, match=re.escape(f"{m} row 4: image file")): strict[2]
+    with pytest.warns(UserWarning, match="skipping row"):
+        assert skip[1] is None and skip[2] is None
+    assert skip.skipped == 3 and skip.report().startswith("3 row(s) skipped") and len(skip.skip_reasons) == 3
+    assert skip[0]["image"].shape == (3, 8, 8)
