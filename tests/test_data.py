@@ -973,3 +973,12 @@ def test_manifest_load_time_errors_name_the_row_and_accumulate_the_count(good):
         assert skip[1] is None and skip[2] is None
     assert skip.skipped == 3 and skip.report().startswith("3 row(s) skipped") and len(skip.skip_reasons) == 3
     assert skip[0]["image"].shape == (3, 8, 8)
+
+
+def test_dataset_meta_reads_the_given_root(tmp_path):
+    meta = json.loads((DATA / "shapes" / "meta.json").read_text()); meta["label_names"] = ["only", "mine"]
+    (tmp_path / "shapes").mkdir(); (tmp_path / "shapes" / "meta.json").write_text(json.dumps(meta))
+    assert dataset_meta("shapes", tmp_path)["label_names"] == ["only", "mine"]
+    assert dataset_meta("shapes", str(tmp_path)) == meta and dataset_meta("shapes")["label_names"] != ["only", "mine"]
+    with pytest.raises(MissingFileError, match=re.escape(f"{tmp_path / 'digits' / 'meta.json'} does not exist")):
+        dataset_meta("digits", tmp_path)
