@@ -250,7 +250,8 @@ def test_pca_vs_sklearn():
 @pytest.mark.parametrize("method", ["pca", "tsne", pytest.param("umap", marks=pytest.mark.mutation_heavy)])
 def test_reduce_embeddings_split(method):
     x, y = unit(25, 6, 0, 1.0), unit(20, 6, 1, -1.0)
-    out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0)
+    fast = {"max_iter": 250} if method == "tsne" else {}                    # sklearn's fewest iterations
+    out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0, **fast)
     assert out["image"].shape == (25, 2) and out["text"].shape == (20, 2)
     if method == "pca":   # fitted jointly: the same map as PCA of the concatenation
         Z = torch.cat([x, y]); ref = pca_transform(Z, *fit_pca(Z, 2))
@@ -391,3 +392,101 @@ def test_fit_pca_matches_numpy_svd_with_sign_rule():
     assert fit_pca(torch.from_numpy(X).float(), 5)[1].shape == (5, 5)
     with pytest.raises(InputError, match=r"dim must be in \[1, 5\], got 6"): fit_pca(X, 6)
     with pytest.raises(InputError, match="got 0"): fit_pca(X, 0)
+
+
+def test_batch_size_of_each_entry():
+    from mmlab.analysis import batch_size_of
+    # label first, then index, then the first modality present; audio-only and text-only batches count too
+    assert batch_size_of({"label": torch.zeros(3), "image": torch.zeros(5, 1)}) == 3
+    assert batch_size_of({"index": torch.zeros(4), "audio": torch.zeros(6, 2)}) == 4
+    assert batch_size_of({"audio": torch.zeros(6, 2), "text": torch.zeros(2, 9), "mask": {}}) == 6
+    assert batch_size_of({"image": None, "audio": torch.zeros(7, 2)}) == 7
+    assert batch_size_of({"text": torch.zeros(2, 9), "mask": {}}) == 2
+    with pytest.raises(InputError, match=r"batch_size_of: .*keys: \['mask'\]"): batch_size_of({"mask": {}})
+
+
+def test_uniformity_and_relative_gap_check_y_against_x():
+    x = unit(5, 3, 0)
+    for bad, what in ((unit(4, 3, 1), "N=5"), (unit(5, 4, 1), "D=3")):
+        with pytest.raises(ShapeError, match=rf"^y: .*{what}"): uniformity(x, bad)
+        with pytest.raises(ShapeError, match=rf"^y: .*{what}"): relative_gap(x, bad)
+    # each message names the offending argument
+    with pytest.raises(InputError, match=r"^x: rows must be L2-normalised"): relative_gap(2 * x, x)
+    with pytest.raises(InputError, match=r"^y: rows must be L2-normalised"): relative_gap(x, 2 * x)
+    with pytest.raises(ShapeError, match=r"^x: expected 2-D"): relative_gap(x[0], x)
+    with pytest.raises(InputError, match=r"^y: rows must be L2-normalised"): uniformity(x, 2 * x)
+
+
+def test_separability_single_held_out_pair():
+    # N=10, test_size=0.1: exactly one held-out pair (two points) is allowed -> accuracy in {0, 0.5, 1}
+    x = unit(10, 4, 0, 0.3); y = unit(10, 4, 1, -0.3)
+    assert separability(x, y, test_size=0.1) in (0.0, 0.5, 1.0)
+    assert separability(x, y, test_size=0.9) in {i / 18 for i in range(19)}   # one training pair
+
+
+def test_token_relevance_mean_pool_one_or_no_real_token():
+    g = torch.Generator().manual_seed(0)
+    R = torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[False, True, False], [False, False, False]])
+    mean = token_relevance(R, 1, "mean", mask)
+    assert torch.allclose(mean[0], R[0, 2, 1:] * mask[0])                # the mean over one row is that row
+    assert torch.equal(mean[1], torch.zeros(3, dtype=torch.float64))      # nothing real: all zero, no NaN
+
+
+def test_tsne_defaults_match_sklearn_directly():
+    from sklearn.manifold import TSNE
+    x, y = unit(6, 30, 0, 1.0), unit(6, 30, 1, -1.0); Z = torch.cat([x, y]).numpy()
+    # default perplexity (n - 1) / 3 over all n = 12 rows; seed -> random_state; dim -> n_components; kwargs passed on
+    out = reduce_embeddings({"image": x, "text": y}, "tsne", dim=3, seed=3, max_iter=250)
+    ref = TSNE(n_components=3, perplexity=11 / 3, init="pca", random_state=3, max_iter=250).fit_transform(Z)
+    assert out["image"].shape == (6, 3)
+    np.testing.assert_allclose(np.concatenate([out["image"], out["text"]]), ref, atol=1e-6)
+
+
+def test_umap_arguments(monkeypatch):
+    # the UMAP class replaced by a recorder (the real fit is the slow, mutation_heavy case above)
+    import sys, types
+    seen = []
+    class FakeUMAP:
+        def __init__(self, **kw): seen.append(kw)
+        def fit_transform(self, Z): return Z[:, :seen[-1]["n_components"]] * 2
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    x, y = unit(4, 20, 0), unit(3, 20, 1)
+    out = reduce_embeddings({"image": x, "text": y}, "umap", dim=3, seed=5)
+    # n_neighbors is capped by the 7 rows; n_jobs=1 because a seeded UMAP runs single-threaded (else it warns)
+    assert seen[-1] == dict(n_components=3, n_neighbors=6, random_state=5, n_jobs=1)
+    assert np.array_equal(out["image"], 2 * x[:, :3].numpy()) and np.array_equal(out["text"], 2 * y[:, :3].numpy())
+    reduce_embeddings({"image": unit(40, 4, 2)}, "umap", n_neighbors=5, metric="cosine")
+    assert seen[-1] == dict(n_components=2, n_neighbors=5, random_state=0, n_jobs=1, metric="cosine")
+    reduce_embeddings({"image": unit(40, 4, 2)}, "umap")
+    assert seen[-1]["n_neighbors"] == 15
+
+
+def test_tiny_image_text_model_arguments():
+    from mmlab.analysis import tiny_image_text_model
+    m = tiny_image_text_model(vocab_size=37, img_size=16, embed_dim=24, seed=1, max_len=11)
+    txt, img = m.towers["text"], m.towers["image"]
+    assert txt.config.vocab_size == 37 and txt.config.max_len == 11 and img.config.img_size == (16, 16)
+    ids = torch.tensor([[36, 5, 2]]); out = m({"image": torch.rand(1, 3, 16, 16), "text": ids})
+    assert out["image"].shape == (1, 24) and out["text"].shape == (1, 24)
+    with pytest.raises(InputError, match=r"\[0, 37\)"): m({"text": torch.tensor([[37]])})   # past the vocabulary
+    same = tiny_image_text_model(vocab_size=37, img_size=16, embed_dim=24, seed=1, max_len=11)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), same.state_dict().values()))
+
+
+def test_train_clip_default_batch_of_64_pairs():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.a = torch.nn.Linear(4, 3); self.b = torch.nn.Linear(4, 3)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0))); self.rows = []
+        def forward(self, batch):
+            self.rows.append(len(batch["image"]))
+            return {"image": F.normalize(self.a(batch["image"]), dim=-1), "text": F.normalize(self.b(batch["text"]), dim=-1),
+                    "logit_scale": self.logit_scale.exp()}
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "mask": {}}
+    model = Recorder()
+    hist = train_clip(model, batch, 3)
+    assert model.rows == [64, 64, 64] and [r["step"] for r in hist] == [1, 2, 3]
+    model.rows.clear(); train_clip(model, take(batch, range(40)), 2)
+    assert model.rows == [40, 40]                                         # fewer rows than a batch: all of them

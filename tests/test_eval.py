@@ -172,7 +172,7 @@ def test_bad_inputs():
     with pytest.raises(InputTypeError, match="bool tensor"): zero_shot_eval(x, x[:2], y, mask=torch.ones(5))
     with pytest.raises(InputError, match="no rows"): knn_eval(torch.randn(0, 3), y[:0], x, y, k=1)
     with pytest.raises(InputError, match="empty class"): class_embeddings([torch.randn(2, 3), torch.randn(0, 3)])
-    with pytest.raises(InputError, match="non-finite"): retrieval_eval(x, x.masked_fill(x > 1, float("nan")))
+    with pytest.raises(InputError, match="retrieval_eval: b: 1 non-finite"): retrieval_eval(x, x.index_put((torch.tensor(2), torch.tensor(1)), torch.tensor(float("nan"))))
     with pytest.raises(InputError, match="ks must be integers"): retrieval_eval(x, x, ks=(0,))
     with pytest.raises(InputError, match="no mask for modality"): present({"image": torch.ones(2, dtype=torch.bool)}, "audio")
     # errors are also the builtin types, so plain-Python handlers keep working
@@ -389,6 +389,12 @@ def test_few_shot_subset_seeds_and_errors():
     assert few_shot_subset(y, 3, 2).tolist() == few_shot_subset(y, 3, 2).tolist()
     for bad in (0, -1, 2.0):
         with pytest.raises(InputError, match="n_per_class must be an integer >= 1"): few_shot_subset(y, bad)
+    # label errors name the function and argument
+    with pytest.raises(InputTypeError, match=r"^few_shot_subset: labels: class labels must be an integer tensor"):
+        few_shot_subset(torch.tensor([0.0, 1.0]), 1)
+    with pytest.raises(InputTypeError, match=r"^few_shot_subset: labels: expected an int64 tensor"): few_shot_subset([0, 1], 1)
+    with pytest.raises(ShapeError, match=r"^few_shot_subset: labels: expected shape \(2,\)"): few_shot_subset(torch.zeros(2, 1, dtype=torch.long), 1)
+    with pytest.raises(InputError, match=r"^few_shot_subset: labels: labels must be >= 0, got -1"): few_shot_subset(torch.tensor([0, -1]), 1)
 
 
 def test_label_efficiency_mean_std_by_hand():
