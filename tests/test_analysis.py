@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from mmlab.analysis import (attention_map, attention_rollout, effective_rank, fit_pca, gap_metrics, gap_vector,
                             mean_pairwise_cosine, pca_transform, reduce_embeddings, relative_gap, separability,
@@ -251,7 +252,8 @@ def test_pca_vs_sklearn():
 def test_reduce_embeddings_split(method):
     x, y = unit(25, 6, 0, 1.0), unit(20, 6, 1, -1.0)
     fast = {"max_iter": 250} if method == "tsne" else {}                    # sklearn's fewest iterations
-    out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0, **fast)
+    with threadpool_limits(1):                  # OpenMP threads only slow t-SNE down on a few points (10x on a busy box)
+        out = reduce_embeddings({"image": x, "text": y}, method, dim=2, seed=0, **fast)
     assert out["image"].shape == (25, 2) and out["text"].shape == (20, 2)
     if method == "pca":   # fitted jointly: the same map as PCA of the concatenation
         Z = torch.cat([x, y]); ref = pca_transform(Z, *fit_pca(Z, 2))
@@ -437,8 +439,9 @@ def test_tsne_defaults_match_sklearn_directly():
     from sklearn.manifold import TSNE
     x, y = unit(6, 30, 0, 1.0), unit(6, 30, 1, -1.0); Z = torch.cat([x, y]).numpy()
     # default perplexity (n - 1) / 3 over all n = 12 rows; seed -> random_state; dim -> n_components; kwargs passed on
-    out = reduce_embeddings({"image": x, "text": y}, "tsne", dim=3, seed=3, max_iter=250)
-    ref = TSNE(n_components=3, perplexity=11 / 3, init="pca", random_state=3, max_iter=250).fit_transform(Z)
+    with threadpool_limits(1):
+        out = reduce_embeddings({"image": x, "text": y}, "tsne", dim=3, seed=3, max_iter=250)
+        ref = TSNE(n_components=3, perplexity=11 / 3, init="pca", random_state=3, max_iter=250).fit_transform(Z)
     assert out["image"].shape == (6, 3)
     np.testing.assert_allclose(np.concatenate([out["image"], out["text"]]), ref, atol=1e-6)
 
