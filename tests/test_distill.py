@@ -449,3 +449,13 @@ def test_caption_decoder_max_len_boundary():
     assert dec(torch.ones(2, 5, dtype=torch.long), ctx).shape == (2, 5, 7)          # T == max_len is fine
     with pytest.raises(ShapeError, match="6 tokens exceed max_len=5"): dec(torch.ones(2, 6, dtype=torch.long), ctx)
     with pytest.raises(ShapeError, match="context"): dec(torch.ones(2, 5, dtype=torch.long), torch.randn(3, 3, 4))
+
+def test_ema_teacher_forwards_keyword_arguments():
+    "The teacher is called exactly like the student: positional and keyword arguments reach the wrapped module."
+    class Scaled(nn.Module):
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        def forward(self, x, scale=1.0, *, shift=0.0): return self.w * x * scale + shift
+    s = Scaled(); t = EMATeacher(s); x = torch.arange(3, dtype=torch.float64)
+    assert t(x, scale=3.0, shift=1.0).tolist() == [1.0, 7.0, 13.0]
+    assert t(x, 3.0, shift=-1.0).tolist() == s(x, 3.0, shift=-1.0).tolist()
+    assert not t(x, scale=3.0).requires_grad                            # still under no_grad

@@ -915,3 +915,100 @@ def test_kmeans_refuses_fewer_than_one_iteration():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError, match="iters must be an integer >= 1"): kmeans(x, 2, iters=bad)
     assert kmeans(x, 2, iters=1).n_iter == 1
+
+# ---------------------------------------------------------------- issue 14: shape messages, documented defaults, devices
+@pytest.mark.parametrize("loss", [mae_loss, simmim_loss])
+def test_mae_and_simmim_shape_errors_name_the_mismatched_argument(loss):
+    "Batch or token count disagreeing with `pred` is caught (not broadcast) and the message names the argument and size."
+    pred = torch.zeros(2, 4, 3)
+    with pytest.raises(ShapeError, match=r"^target: expected shape \(B, L, P\) with B=2 "):
+        loss(pred, torch.zeros(3, 4, 3), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^target: expected shape \(B, L, P\) with B=2 "):   # B=1 would broadcast
+        loss(pred, torch.zeros(1, 4, 3), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^mask: expected shape \(B, L\) with L=4 "):        # (2, 1) would broadcast
+        loss(pred, torch.zeros(2, 4, 3), torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^mask: expected shape \(B, L\) with B=2 "):
+        loss(pred, torch.zeros(2, 4, 3), torch.ones(1, 4, dtype=torch.bool))
+
+def test_hubert_loss_shape_errors_name_the_mismatched_argument():
+    logits = torch.zeros(2, 4, 3)
+    with pytest.raises(ShapeError, match=r"^targets: expected shape \(B, N\) with N=4 "):
+        hubert_loss(logits, torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^targets: expected shape \(B, N\) with B=2 "):
+        hubert_loss(logits, torch.zeros(1, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^mask: expected shape \(B, N\) with N=4 "):
+        hubert_loss(logits, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool))
+
+def test_mae_documented_defaults():
+    "MAE(encoder): decoder 128 wide, 2 blocks of 4 heads, mask_ratio 0.75, norm_pix True."
+    mae = MAE(_tiny_vit())
+    dec = mae.decoder
+    assert len(dec.blocks) == 2 and dec.decoder_dim == 128 and dec.mask_token.shape == (128,)
+    assert all(b.attn.num_heads == 4 for b in dec.blocks)
+    assert mae.mask_ratio == 0.75 and mae.norm_pix is True
+    out = mae(torch.rand(2, 3, 32, 32, generator=_g(0)), generator=_g(1))
+    assert out.mask.num_masked == 12                                        # round(0.75 * 16)
+
+def test_multimodal_mae_documented_defaults():
+    """MultiModalMAE(adapters): 2 shared blocks of 2 heads, one-block decoders 64 wide, norm_pix on for every modality,
+    and with the contrastive term a learnable log-scale starting at log(1/0.07) (CLIP's temperature 0.07)."""
+    torch.manual_seed(0)
+    ad = {"image": ViTEncoder(ViTConfig.preset("tiny", depth=0, class_token=False, pool="mean")),
+          "audio": AudioEncoder(AudioConfig.preset("tiny", n_mels=32, patch_size=(16, 8), depth=0))}
+    mm = MultiModalMAE(ad).double().eval()
+    assert len(mm.blocks) == 2 and all(b.attn.num_heads == 2 for b in mm.blocks)
+    for n in ad:
+        d = mm.decoders[n]
+        assert len(d.blocks) == 1 and d.decoder_dim == 64 and all(b.attn.num_heads == 2 for b in d.blocks)
+    assert mm.norm_pix == {"image": True, "audio": True} and mm.visible == 0.25 and mm.contrastive_weight == 0.0
+    assert not hasattr(mm, "log_scale")
+    # default norm_pix is what the losses use: each modality's loss is MAE's loss on standardised patches
+    inp = {"image": torch.rand(2, 3, 32, 32, generator=_g(0), dtype=torch.float64),
+           "audio": torch.randn(2, 32, 32, generator=_g(1), dtype=torch.float64)}
+    o = mm(inp, generator=_g(2))
+    for n in ad:
+        want = ref_mae(o.preds[n].detach(), ad[n].patchify(inp[n]).double(), o.masks[n], True)
+        assert o.losses[n].item() == pytest.approx(want, rel=1e-9)
+    assert MultiModalMAE(ad, norm_pix=False).norm_pix == {"image": False, "audio": False}
+    mc = MultiModalMAE(ad, contrastive_weight=0.5)
+    assert mc.log_scale.requires_grad and mc.log_scale.shape == ()
+    assert mc.log_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    assert mc.log_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
+
+def test_apply_mask_wrong_mask_length_names_mask():
+    with pytest.raises(ShapeError, match=r"^mask: expected size 6 in dimension 0 of \(6\), got shape \(5\)"):
+        apply_mask(torch.rand(1, 4, 6), torch.zeros(5, dtype=torch.bool), (2, 2))
+
+def test_span_and_tube_mask_documented_default_ratios():
+    "span_mask hides half the frames by default (wav2vec 2.0 / HuBERT), tube_mask 90% of each frame (VideoMAE)."
+    s = span_mask(3, 40, span=4, generator=_g(0))
+    assert (s.mask.sum(1) == 20).all() and torch.equal(s.mask, span_mask(3, 40, 0.5, span=4, generator=_g(0)).mask)
+    t = tube_mask(2, 3, 10, generator=_g(0))
+    assert (t.mask.view(2, 3, 10).sum(2) == 9).all() and t.num_masked == 27
+    assert torch.equal(t.mask, tube_mask(2, 3, 10, 0.9, generator=_g(0)).mask)
+
+_DEVICE_GENERATORS = {
+    "random": lambda dev: random_mask(2, 12, 0.5, device=dev),
+    "block_beit": lambda dev: block_mask(2, (4, 4), 0.4, min_area=2, device=dev),
+    "block_simmim": lambda dev: block_mask(2, (4, 4), 0.5, block_size=2, device=dev),
+    "tube": lambda dev: tube_mask(2, 3, 8, 0.5, device=dev),
+    "span": lambda dev: span_mask(2, 20, 0.5, span=3, device=dev),
+    "noise": lambda dev: noise_mask(2, (4, 4), 0.5, device=dev),
+}
+
+@pytest.mark.parametrize("name", list(_DEVICE_GENERATORS))
+def test_mask_generators_draw_on_the_requested_device(name, monkeypatch):
+    "Every random draw is made on `device` (so GPU masks are built on the GPU): checked on CPU by recording torch.rand's device."
+    seen, rand = [], torch.rand
+    def spy(*a, **kw): seen.append(kw.get("device")); return rand(*a, **kw)
+    monkeypatch.setattr(torch, "rand", spy)
+    m = _DEVICE_GENERATORS[name](torch.device("cpu"))
+    assert seen and all(d is not None and torch.device(d) == torch.device("cpu") for d in seen), seen
+    assert m.mask.device.type == "cpu"
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(_DEVICE_GENERATORS))
+def test_mask_generators_honour_cuda_device(name):
+    m = _DEVICE_GENERATORS[name]("cuda")
+    assert m.mask.is_cuda and m.visible.is_cuda and m.masked.is_cuda
