@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import mmlab.train as train_mod
 from mmlab.core import CheckpointError, ConfigError, NonFiniteError
-from mmlab.train import (Callback, CSVLogger, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
+from mmlab.train import (Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +524,16 @@ def test_metric_files_agree_and_a_resume_drops_torn_and_later_records(tmp_path):
         assert [(e.step, e.value) for e in ea.Scalars(k)] == [(r["step"], float(np.float32(r[k]))) for r in jsonl if k in r]
 
 
+def test_metric_loggers_treat_a_trainer_without_rank_as_rank_0(tmp_path):
+    "Callbacks also serve hand-written loops: an object without `rank` is the only process, so it writes."
+    bare = SimpleNamespace(step=0)
+    for cb in (CSVLogger(tmp_path / "m.csv"), JSONLLogger(tmp_path / "m.jsonl"), TensorBoardLogger(tmp_path / "tb")):
+        cb.on_fit_start(bare); cb.on_log(bare, {"step": 1, "loss": 0.5}); cb.on_fit_end(bare)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.jsonl", "tb"]
+    assert CSVLogger(tmp_path / "m.csv").read() == JSONLLogger(tmp_path / "m.jsonl").read() == [{"step": 1, "loss": 0.5}]
+    assert CSVLogger(tmp_path / "e.csv").render([]) == ""              # no records: an empty file, no header
+
+
 def test_missing_tensorboard_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)               # import fails as if not installed
     with pytest.raises(ConfigError, match="pip install tensorboard"):
@@ -926,6 +936,31 @@ def test_log_eval_and_checkpoint_cadence(tmp_path):
     Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", out_dir=str(out2)), callbacks=[Rec()]).fit()
     assert saves == [(4, "step-00000004")]                            # ckpt_every None: only at the end
     assert [json.loads(l)["step"] for l in open(out2 / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_trainer_save_returns_and_announces_the_checkpoint_it_wrote(tmp_path):
+    seen = []
+    class Rec(Callback):
+        def on_checkpoint(self, t, path): seen.append(path)
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path), log_to=()),
+                 callbacks=[Rec()])
+    tr.fit()
+    assert seen == [tmp_path / "checkpoints" / "step-00000002"] and seen[0].is_dir()
+    assert tr.save() == latest_checkpoint(tmp_path / "checkpoints") == seen[-1]
+    assert load_checkpoint(seen[-1])[1]["step"] == 2
+
+
+def test_save_checkpoint_removes_what_a_killed_delete_left_behind(tmp_path):
+    for stale in (tmp_path / ".trash-step-00000001-123-456", tmp_path / ".tmp-step-00000003-99"):   # a delete, a write
+        (stale / "inner").mkdir(parents=True); (stale / "inner" / "model.safetensors").write_text("half done")
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {"step": 2}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]
+
+
+def test_progress_bar_counts_the_steps_and_shows_the_loss(capsys):
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=3, device="cpu", log_to=()), callbacks=[ProgressBar()]).fit()
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert err[-1].startswith("train: 100%") and "3/3" in err[-1] and "loss=" in err[-1]
 
 
 def test_make_optimizer_groups_and_hyperparameters():
