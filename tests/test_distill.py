@@ -459,3 +459,13 @@ def test_ema_teacher_forwards_keyword_arguments():
     assert t(x, scale=3.0, shift=1.0).tolist() == [1.0, 7.0, 13.0]
     assert t(x, 3.0, shift=-1.0).tolist() == s(x, 3.0, shift=-1.0).tolist()
     assert not t(x, scale=3.0).requires_grad                            # still under no_grad
+
+def test_caption_loss_shape_errors_name_the_argument():
+    "tokens (B, T) and logits (B, T, V) must agree; the message names the tensor and the size it disagreed on."
+    logits = torch.zeros(2, 5, 7)
+    with pytest.raises(ShapeError, match=r"^logits: expected shape \(B, T, None\) with T=4 "):
+        caption_loss(logits, torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"^logits: expected shape \(B, T, None\) with B=1 "):
+        caption_loss(logits, torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"^tokens: expected 2-D tensor"):
+        caption_loss(logits, torch.ones(2, 5, 1, dtype=torch.long))

@@ -925,6 +925,8 @@ def test_mae_and_simmim_shape_errors_name_the_mismatched_argument(loss):
         loss(pred, torch.zeros(3, 4, 3), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ShapeError, match=r"^target: expected shape \(B, L, P\) with B=2 "):   # B=1 would broadcast
         loss(pred, torch.zeros(1, 4, 3), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ShapeError, match=r"^target: expected shape \(B, L, P\) with L=4 "):   # L=1 would broadcast
+        loss(pred, torch.zeros(2, 1, 3), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ShapeError, match=r"^mask: expected shape \(B, L\) with L=4 "):        # (2, 1) would broadcast
         loss(pred, torch.zeros(2, 4, 3), torch.ones(2, 1, dtype=torch.bool))
     with pytest.raises(ShapeError, match=r"^mask: expected shape \(B, L\) with B=2 "):
@@ -978,6 +980,16 @@ def test_multimodal_mae_documented_defaults():
 def test_apply_mask_wrong_mask_length_names_mask():
     with pytest.raises(ShapeError, match=r"^mask: expected size 6 in dimension 0 of \(6\), got shape \(5\)"):
         apply_mask(torch.rand(1, 4, 6), torch.zeros(5, dtype=torch.bool), (2, 2))
+
+@pytest.mark.parametrize("name,call", [
+    ("random_mask", lambda: random_mask(2, 16, 0.01)),
+    ("block_mask", lambda: block_mask(2, (4, 4), 0.01)),
+    ("block_mask", lambda: block_mask(2, (4, 4), 0.01, block_size=2)),
+    ("span_mask", lambda: span_mask(2, 16, 0.01, span=2)),
+    ("noise_mask", lambda: noise_mask(2, (4, 4), 0.01)),
+])
+def test_generator_ratio_errors_name_the_generator(name, call):
+    with pytest.raises(InputError, match=rf"^{name}: ratio 0.01 of L=16 tokens hides k=0;"): call()
 
 def test_span_and_tube_mask_documented_default_ratios():
     "span_mask hides half the frames by default (wav2vec 2.0 / HuBERT), tube_mask 90% of each frame (VideoMAE)."
