@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, check_shape, get_settings
+from .core import CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, get_settings
 from .data import MODALITIES, take
 from .encoders import (AudioConfig, AudioEncoder, MultiModalModel, TextConfig, TextEncoder, ViTConfig,
                             ViTEncoder)
@@ -28,45 +28,14 @@ from .losses.distill import DINOLoss, EMATeacher, MLPHead, byol_loss
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
-           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'soft_targets', 'soft_clip_loss', 'soft_siglip_loss', 'RunFields',
-           'recipe_fields', 'ClipRecipe', 'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex',
-           'split_dataset', 'load_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
-           'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes', 'evaluate', 'chunked', 'knn_metrics',
-           'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DINOHead', 'DINOModel',
-           'DinoRecipe', 'HubertModel', 'HubertRecipe', 'mmae_features', 'AvMaeRecipe', 'RunResult', 'train_config',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides', 'export_manifest', 'loss_figure',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'LitRecipe']
-
-# %% ../nbs/07a_recipes.ipynb #b101b2c3
-def soft_targets(labels:Tensor,   # (B,) int class labels of the batch
-                ) -> Tensor:      # (B, B) rows sum to 1: P_ij = 1[y_i = y_j] / n_i
-    "Label-aware targets: every sample of the same class is a positive, with equal weight."
-    same = (labels[:, None] == labels[None, :]).float()
-    return same / same.sum(1, keepdim=True)
-
-def soft_clip_loss(a:Tensor,            # (B, D) L2-normalised embeddings of modality A
-                   b:Tensor,            # (B, D) L2-normalised embeddings of modality B; b[i] pairs with a[i]
-                   logit_scale,         # multiplier 1/temperature (float or 0-d tensor)
-                   labels:Tensor,       # (B,) int class labels; equal labels mark extra positives
-                  ) -> Tensor:          # scalar mean loss
-    "CLIP's symmetric cross-entropy against label-aware soft targets (equals `clip_loss` when labels are distinct)."
-    check_shape(labels, "soft_clip_loss: labels", ("B",), {"B": a.shape[0]})
-    dt = torch.promote_types(a.dtype, torch.float32)                        # fp32 at least (bf16 autocast)
-    logits = logit_scale * a.to(dt) @ b.to(dt).T                            # (B, B)
-    P = soft_targets(labels.to(a.device))                                   # symmetric, so P.T = P
-    return (-(P * logits.log_softmax(1)).sum(1).mean() - (P * logits.log_softmax(0)).sum(0).mean()) / 2
-
-def soft_siglip_loss(a:Tensor, b:Tensor,  # (B, D) L2-normalised paired embeddings
-                     logit_scale, logit_bias, # multiplier s and bias t
-                     labels:Tensor,       # (B,) int class labels; equal labels are positives (z_ij = +1)
-                    ) -> Tensor:          # scalar: sum over the B*B pairs divided by B
-    "SigLIP's pairwise sigmoid loss with z_ij = +1 for every same-label pair (not only i = j)."
-    check_shape(labels, "soft_siglip_loss: labels", ("B",), {"B": a.shape[0]})
-    z = 2 * (labels[:, None] == labels[None, :]).to(a.device, torch.promote_types(a.dtype, torch.float32)) - 1
-    dt = torch.promote_types(a.dtype, torch.float32)
-    logits = logit_scale * a.to(dt) @ b.to(dt).T + logit_bias
-    return -F.logsigmoid(z * logits).sum() / a.shape[0]
+           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
+           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
+           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes',
+           'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'BYOLModel', 'TeacherUpdate', 'augment_views',
+           'ByolRecipe', 'DINOHead', 'DINOModel', 'DinoRecipe', 'HubertModel', 'HubertRecipe', 'mmae_features',
+           'AvMaeRecipe', 'RunResult', 'train_config', 'run_recipe', 'recipe_dict', 'get_recipe', 'parse_overrides',
+           'export_manifest', 'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'LitRecipe']
 
 # %% ../nbs/07a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -254,8 +223,8 @@ def build_model(recipe) -> MultiModalModel:
 def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip") -> Tensor:
     "The loss of one modality pair: plain diagonal targets when `labels` is None, label-aware otherwise."
     s, t = out["logit_scale"], out.get("logit_bias")
-    if loss == "clip": return clip_loss(a, b, s) if labels is None else soft_clip_loss(a, b, s, labels)
-    if loss == "siglip": return siglip_loss(a, b, s, t) if labels is None else soft_siglip_loss(a, b, s, t, labels)
+    if loss == "clip": return clip_loss(a, b, s, labels=labels)
+    if loss == "siglip": return siglip_loss(a, b, s, t, labels=labels)
     raise ConfigError(f"pair_loss: loss={loss!r}; expected clip or siglip")
 
 def contrastive_loss_fn(recipe):

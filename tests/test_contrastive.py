@@ -626,7 +626,10 @@ def _loss(name, a, b, s, t, **kw):
     if name == "clip": return clip_loss(a, b, s, t, 0.1, chunk_size=2, **kw)
     return siglip_loss(a, b, s, t, chunk_size=2, **kw)
 
-def _dist_worker(rank, port, out):
+# labels of the whole batch for the label-aware runs: class 0 and 1 repeat within and across the two ranks
+LABELS_ALL = torch.tensor([0, 1, 0, 1, 2, 0])
+
+def _dist_worker(rank, port, out, with_labels=False):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -634,31 +637,37 @@ def _dist_worker(rank, port, out):
     try:
         xa, xb = _data()
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        kw = dict(labels=LABELS_ALL[sl]) if with_labels else {}
         res = {}
         for name, impl, local in CASES:
             model = DDP(_Towers())                                   # averages gradients over ranks
             a, b, s, t = model(xa[sl], xb[sl])
-            loss = _loss(name, a, b, s, t, impl=impl, distributed=True, local_loss=local)
+            loss = _loss(name, a, b, s, t, impl=impl, distributed=True, local_loss=local, **kw)
             loss.backward()
             mean_loss = loss.detach().clone(); dist.all_reduce(mean_loss); mean_loss /= WORLD
             res[(name, impl, local)] = (loss.item(), mean_loss.item(), {k: p.grad.clone() for k, p in model.module.named_parameters()})
-        # unequal shapes are refused with a clear error
+        # unequal shapes are refused with a clear error (embeddings, and labels when given)
         try: gather_with_grad(torch.zeros(rank + 1, 2, dtype=DT)); res["unequal"] = None
         except ShapeError as e: res["unequal"] = str(e)
+        if with_labels:
+            try: C._gather_labels(torch.zeros(rank + 1, dtype=torch.long), None, "clip_loss"); res["unequal_labels"] = None
+            except ShapeError as e: res["unequal_labels"] = str(e)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
-def test_distributed_gloo_matches_single_process(tmp_path):
+def _check_gloo_against_single_process(tmp_path, with_labels):
+    "Run the two-process worker; every case's mean loss and DDP gradients equal the single-process loss on the whole batch."
     import torch.multiprocessing as mp
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path), with_labels), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     xa, xb = _data()
+    kw = dict(labels=LABELS_ALL) if with_labels else {}
     for case in CASES:
         name, impl, local = case
         model = _Towers()
         a, b, s, t = model(xa, xb)
-        ref = _loss(name, a, b, s, t, impl="naive")               # single process, concatenated batch
+        ref = _loss(name, a, b, s, t, impl="naive", **kw)         # single process, concatenated batch
         ref.backward()
         for r in range(WORLD):
             loss, mean_loss, grads = res[r][case]
@@ -667,6 +676,19 @@ def test_distributed_gloo_matches_single_process(tmp_path):
             for k, p in model.named_parameters():
                 assert (grads[k] - p.grad).abs().max().item() < 1e-12, (case, r, k)
     for r in range(WORLD): assert res[r]["unequal"] is not None and "same shape" in res[r]["unequal"]
+    return res, xa, xb
+
+def test_distributed_gloo_matches_single_process(tmp_path):
+    _check_gloo_against_single_process(tmp_path, with_labels=False)
+
+def test_distributed_gloo_labels_match_single_process(tmp_path):
+    "Labels gathered over two real gloo ranks: global and local label-aware losses and gradients = one process on the whole batch."
+    res, xa, xb = _check_gloo_against_single_process(tmp_path, with_labels=True)
+    for r in range(WORLD):
+        assert res[r]["unequal_labels"] is not None and "clip_loss: labels: every rank must pass the same shape" in res[r]["unequal_labels"]
+    # the labels matter: the label-aware single-process loss differs from the plain one on this batch
+    a, b, s, t = _Towers()(xa, xb)
+    assert abs(_loss("clip", a, b, s, t, labels=LABELS_ALL) - _loss("clip", a, b, s, t)).item() > 1e-3
 
 def test_distributed_flag_without_process_group_is_plain_loss():
     a, b = pair(5, 4, seed=26)
@@ -994,3 +1016,159 @@ def test_symile_needs_two_modalities():
     a, _ = pair(3, 4, seed=59)
     with pytest.raises(InputTypeError, match="at least 2"): symile_loss([a], 5.0)
     assert torch.isfinite(symile_loss((a, a), 5.0))                           # a tuple works too
+
+# ============================================================================= label-aware targets (labels=)
+# References written from the formulas with plain loops (no library code): with labels y, every pair
+# (i, j) with y_i = y_j is a positive. CLIP rows: targets (1 - eps) 1[ya_i = yb_j] / n_i + eps / Bb with
+# n_i = #{j: yb_j = ya_i}; the columns of S are the rows of S^T, i.e. the same rows with a and b swapped.
+def ref_label_rows(a, b, s, t, eps, ya, yb):
+    "Rows-only label-aware CLIP: mean over rows i of a of sum_j T_ij (lse_i - S_ij) against all rows of b."
+    Ba, Bb = len(a), len(b); tot = 0.0
+    for i in range(Ba):
+        S = [s * dot(a[i], b[j]) + t for j in range(Bb)]
+        lse = logsumexp(S)
+        same = [1.0 if int(yb[j]) == int(ya[i]) else 0.0 for j in range(Bb)]
+        n = sum(same)
+        tot = tot + sum(((1 - eps) * same[j] / n + eps / Bb) * (lse - S[j]) for j in range(Bb))
+    return tot / Ba
+
+def ref_label_clip(a, b, s, t, eps, y):
+    "Label-aware CLIP: (row cross-entropies of S + those of S^T) / 2, targets 1[y_i = y_j] / n_i."
+    return (ref_label_rows(a, b, s, t, eps, y, y) + ref_label_rows(b, a, s, t, eps, y, y)) / 2
+
+def ref_label_siglip_rows(a, b, s, t, ya, yb):
+    "Label-aware SigLIP: 1/Ba sum_ij log(1 + exp(-z_ij S_ij)), z_ij = +1 iff ya_i = yb_j."
+    tot = 0.0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            z = 1.0 if int(ya[i]) == int(yb[j]) else -1.0
+            tot = tot + torch.log1p(torch.exp(-z * (s * dot(a[i], b[j]) + t)))
+    return tot / len(a)
+
+YS = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1])          # repeated labels: classes of size 3, 3, 1, 1
+LABEL_GRID = [(5, 16, 10.0), (8, 3, 50.0), (7, 1, 1.0)]
+
+@pytest.mark.parametrize("B,D,s", LABEL_GRID)
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_clip_labels_match_reference(B, D, s, impl):
+    "Value and gradients (a, b, scale, bias) against the loop reference, with/without smoothing and bias; chunk 3 does not divide B."
+    a, b = pair(B, D, seed=B * 100 + D + 7)
+    y = YS[:B]
+    for eps, t in ((0.0, None), (0.1, -2.0), (0.3, 1.5)):
+        f = lambda a, b, s_, t_: clip_loss(a, b, s_, None if t is None else t_, eps, labels=y, impl=impl, chunk_size=3)
+        r = lambda a, b, s_, t_: ref_label_clip(a, b, s_, t_, eps, y)
+        assert_match(f, r, a, b, sc(s), sc(0.0 if t is None else t))
+
+@pytest.mark.parametrize("B,D,s", LABEL_GRID)
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_siglip_labels_match_reference(B, D, s, impl):
+    a, b = pair(B, D, seed=B * 100 + D + 8)
+    y = YS[:B]
+    for t in (-10.0, 0.0, 3.0):
+        assert_match(lambda a, b, s_, t_: siglip_loss(a, b, s_, t_, labels=y, impl=impl, chunk_size=3),
+                     lambda a, b, s_, t_: ref_label_siglip_rows(a, b, s_, t_, y, y), a, b, sc(s), sc(t))
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 9), st.integers(1, 4), st.integers(1, 10), st.integers(0, 10 ** 6))
+def test_labels_repeated_any_chunk_match_reference(B, n_classes, chunk, seed):
+    "Random repeated labels (one class is allowed: every pair positive) and chunk sizes that need not divide B."
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(B, 3, generator=g, dtype=DT), dim=-1)
+    b = F.normalize(torch.randn(B, 3, generator=g, dtype=DT), dim=-1)
+    y = torch.randint(0, n_classes, (B,), generator=g)
+    for impl in ("naive", "chunked"):
+        assert_match(lambda a, b, s, t: clip_loss(a, b, s, t, 0.2, labels=y, impl=impl, chunk_size=chunk),
+                     lambda a, b, s, t: ref_label_clip(a, b, s, t, 0.2, y), a, b, sc(7.0), sc(-1.0))
+        assert_match(lambda a, b, s, t: siglip_loss(a, b, s, t, labels=y, impl=impl, chunk_size=chunk),
+                     lambda a, b, s, t: ref_label_siglip_rows(a, b, s, t, y, y), a, b, sc(7.0), sc(-1.0))
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_distinct_labels_equal_the_plain_loss(impl):
+    a, b = pair(9, 4, seed=60)
+    y = torch.randperm(9, generator=torch.Generator().manual_seed(1)) * 7 - 20     # distinct, some negative
+    for lab in (y, y.int()):
+        for f in (lambda a, b, s, t, **kw: clip_loss(a, b, s, t, 0.1, impl=impl, chunk_size=4, **kw),
+                  lambda a, b, s, t, **kw: siglip_loss(a, b, s, t, impl=impl, chunk_size=4, **kw)):
+            v0, g0 = value_and_grads(f, a, b, sc(6.0), sc(-1.0))
+            v1, g1 = value_and_grads(lambda *xs: f(*xs, labels=lab), a, b, sc(6.0), sc(-1.0))
+            assert abs(v0 - v1).item() < 1e-12
+            for x, z in zip(g0, g1): assert (x - z).abs().max().item() < 1e-12
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_label_targets_closed_forms(impl):
+    "All embeddings equal: every softmax is uniform, so label-aware CLIP is log B exactly (only if each row of P sums to 1)."
+    x = F.normalize(torch.ones(6, 3, dtype=DT), dim=-1)
+    y = torch.tensor([0, 0, 0, 1, 1, 2])                       # same-label (ordered) pairs: 9 + 4 + 1 = 14 of 36
+    for eps in (0.0, 0.3):
+        assert abs(clip_loss(x, x, 7.0, None, eps, labels=y, impl=impl, chunk_size=4).item() - math.log(6)) < 1e-12
+    S = 7.0 - 2.0                                              # every logit s a.b + t
+    want = (14 * math.log1p(math.exp(-S)) + 22 * math.log1p(math.exp(S))) / 6
+    assert abs(siglip_loss(x, x, 7.0, -2.0, labels=y, impl=impl, chunk_size=4).item() - want) < 1e-12
+    # one class: every pair is a positive
+    assert abs(siglip_loss(x, x, 7.0, -2.0, labels=torch.zeros(6, dtype=torch.long), impl=impl, chunk_size=4).item()
+               - 6 * math.log1p(math.exp(-S))) < 1e-12
+
+def test_labels_never_use_the_fused_kernels(monkeypatch):
+    calls = []
+    a, b = pair(6, 4, seed=61); y = torch.tensor([0, 1, 0, 1, 2, 2])
+    for available in (True, False):                        # refused whether or not the kernels exist: never a silent swap
+        _fake_kernels(monkeypatch, available, calls)
+        with pytest.raises(InputError, match=r"clip_loss: impl='fused' does not support labels.*impl='chunked'"):
+            clip_loss(a, b, 5.0, labels=y, impl="fused")
+        with pytest.raises(InputError, match=r"siglip_loss: impl='fused' does not support labels.*impl='chunked'"):
+            siglip_loss(a, b, 5.0, -1.0, labels=y, impl="fused")
+    _fake_kernels(monkeypatch, True, calls)
+    cuda = torch.device("cuda")                            # _pick_impl only inspects the device type
+    assert C._pick_impl("auto", 4096, None, cuda, "t") == "fused"                 # without labels auto takes it ...
+    assert C._pick_impl("auto", 4096, None, cuda, "t", labels=True) == "chunked"  # ... with labels never
+    assert C._pick_impl("auto", 8, None, cuda, "t", labels=True) == "naive"
+    assert C._pick_impl("chunked", 8, None, cuda, "t", labels=True) == "chunked"
+    assert calls == []
+
+@pytest.mark.parametrize("name", ["clip_loss", "siglip_loss"])
+def test_bad_labels_refused_naming_labels(name):
+    a, b = pair(6, 3, seed=62)
+    f = (lambda y: clip_loss(a, b, 5.0, labels=y)) if name == "clip_loss" else (lambda y: siglip_loss(a, b, 5.0, -1.0, labels=y))
+    want = rf"{name}: labels must be a \(B,\) = \(6,\) tensor of integer class ids"
+    with pytest.raises(ShapeError, match=want + r".*got shape \(5,\)"): f(torch.arange(5))                 # wrong length
+    with pytest.raises(ShapeError, match=want + r".*got shape \(6, 1\)"): f(torch.arange(6)[:, None])     # 2-D
+    with pytest.raises(ShapeError, match=want + r".*got shape \(\)"): f(torch.tensor(3))                  # 0-D
+    with pytest.raises(InputError, match=want + r".*dtype torch.float32 with shape \(6,\)"): f(torch.zeros(6))
+    with pytest.raises(InputError, match=want + r".*dtype torch.bool with shape \(6,\)"): f(torch.ones(6, dtype=torch.bool))
+    with pytest.raises(InputTypeError, match=want + r".*got list"): f([0, 1, 0, 1, 2, 2])
+    for dt in (torch.int32, torch.int16, torch.uint8):                                                   # any integer dtype
+        assert torch.isfinite(f(torch.tensor([0, 1, 0, 1, 2, 2], dtype=dt)))
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_distributed_labels_with_simulated_gather(monkeypatch, impl):
+    "Rank 1 of 2: labels are gathered too; local rows use n_i counted over both ranks; global = the gathered batch's loss."
+    a, b = pair(3, 4, seed=63); ao, bo = pair(3, 4, seed=64)
+    y, yo = torch.tensor([2, 0, 2]), torch.tensor([0, 1, 2])          # class 2 on both ranks, class 1 only on the other
+    _fake_rank1_of_2(monkeypatch, a, b, ao, bo)
+    monkeypatch.setattr(C, "_gather_labels", lambda x, group, where: torch.cat([yo, x]))
+    Y, A, B_ = torch.cat([yo, y]), torch.cat([ao, a]), torch.cat([bo, b])
+    kw = dict(impl=impl, chunk_size=2, distributed=True, labels=y)
+    assert_match(lambda a, b: clip_loss(a, b, 5.0, -1.0, 0.1, local_loss=True, **kw),
+                 lambda a_, b_: (ref_label_rows(a_, torch.cat([bo, b_]), 5.0, -1.0, 0.1, y, Y)
+                                 + ref_label_rows(b_, torch.cat([ao, a_]), 5.0, -1.0, 0.1, y, Y)) / 2, a, b)
+    assert_match(lambda a, b: siglip_loss(a, b, 5.0, -1.0, local_loss=True, **kw),
+                 lambda a_, b_: ref_label_siglip_rows(a_, torch.cat([bo, b_]), 5.0, -1.0, y, Y), a, b)
+    assert abs(clip_loss(a, b, 5.0, -1.0, 0.1, **kw).item() - float(ref_label_clip(A, B_, 5.0, -1.0, 0.1, Y))) < 1e-10
+    assert abs(siglip_loss(a, b, 5.0, -1.0, **kw).item() - float(ref_label_siglip_rows(A, B_, 5.0, -1.0, Y, Y))) < 1e-10
+
+def test_chunked_labels_build_targets_per_block(monkeypatch):
+    "With labels the chunked forms save only O(B*D) tensors and build every target block with at most chunk rows."
+    B, D, chunk = 256, 8, 16
+    a, b = (x.requires_grad_() for x in pair(B, D, seed=65))
+    y = torch.arange(B) % 10
+    rows, sizes = [], []
+    for name in ("_same_label", "_label_targets"):
+        f = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda ya, yb, dtype, f=f: rows.append(len(ya)) or f(ya, yb, dtype))
+    def pack(t): sizes.append(t.numel()); return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        (clip_loss(a, b, 10.0, labels=y, impl="chunked", chunk_size=chunk)
+         + siglip_loss(a, b, 10.0, -5.0, labels=y, impl="chunked", chunk_size=chunk)).backward()
+    assert max(sizes) <= B * D
+    assert rows and max(rows) <= chunk                         # forward and backward: one block of rows at a time
+    assert len(rows) == 6 * (B // chunk)                       # clip fw + bw (P and its 1[.] inside), siglip fw + bw

@@ -76,23 +76,39 @@ def _scalar(x, ref:Tensor, name:str, where:str="loss") -> Tensor:
 
 # %% ../../nbs/03_contrastive.ipynb #ffdc5019
 def _clip_naive(a:Tensor, b:Tensor, scale:Tensor, bias:Tensor|None, label_smoothing:float, offset:int=0,
-                both:bool=True) -> Tensor:
-    "CLIP loss with the full logits; `offset`/`both=False` give the rows-only (local) form."
+                both:bool=True, ya:Tensor|None=None, yb:Tensor|None=None) -> Tensor:
+    "CLIP loss with the full logits; `offset`/`both=False` give the rows-only (local) form; labels `ya` (rows), `yb` (columns) give label-aware targets."
     logits = scale * (a @ b.T)                                    # (Ba, Bb)
     if bias is not None: logits = logits + bias
+    if ya is not None:                                            # probability targets P (rows) and P^T's rows (columns)
+        rows = F.cross_entropy(logits, _label_targets(ya, yb, logits.dtype), label_smoothing=label_smoothing)
+        if not both: return rows
+        return (rows + F.cross_entropy(logits.T, _label_targets(yb, ya, logits.dtype), label_smoothing=label_smoothing)) / 2
     labels = torch.arange(a.shape[0], device=a.device) + offset
     rows = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if not both: return rows
     return (rows + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 # %% ../../nbs/03_contrastive.ipynb #aab941d2
-def _siglip_naive(a:Tensor, b:Tensor, scale:Tensor, bias:Tensor, offset:int=0) -> Tensor:
-    "SigLIP loss with the full logits; rows of `a` have their positive at column `i + offset` of `b`."
+def _siglip_naive(a:Tensor, b:Tensor, scale:Tensor, bias:Tensor, offset:int=0,
+                  ya:Tensor|None=None, yb:Tensor|None=None) -> Tensor:
+    "SigLIP loss with the full logits; rows of `a` have their positive at column `i + offset` of `b` (or, with labels, at every same-label column)."
     logits = scale * (a @ b.T) + bias                             # (Ba, Bb)
+    if ya is not None: return -F.logsigmoid((2 * _same_label(ya, yb, logits.dtype) - 1) * logits).sum() / a.shape[0]
     z = -torch.ones_like(logits)
     idx = torch.arange(a.shape[0], device=a.device)
     z[idx, idx + offset] = 1.0                                    # +1 on the positives, -1 elsewhere
     return -F.logsigmoid(z * logits).sum() / a.shape[0]
+
+# %% ../../nbs/03_contrastive.ipynb #225b2472
+def _same_label(ya:Tensor, yb:Tensor, dtype) -> Tensor:
+    "(Ba, Bb) matrix 1[ya_i = yb_j] in `dtype`: the positives of rows with labels `ya` against columns with labels `yb`."
+    return (ya[:, None] == yb[None, :]).to(dtype)
+
+def _label_targets(ya:Tensor, yb:Tensor, dtype) -> Tensor:
+    "Label-aware targets P_ij = 1[ya_i = yb_j] / n_i with n_i = #{j: yb_j = ya_i}: each row sums to 1."
+    same = _same_label(ya, yb, dtype)
+    return same / same.sum(1, keepdim=True)
 
 # %% ../../nbs/03_contrastive.ipynb #462f16c8
 DEFAULT_CHUNK = 512   # rows per block: 512 x B float32 logits = 16 MiB at B = 8192
@@ -106,28 +122,38 @@ def _diag(blk:slice, offset:int, device) -> tuple[Tensor, Tensor]:
     r = torch.arange(blk.stop - blk.start, device=device)
     return r, r + blk.start + offset
 
+# %% ../../nbs/03_contrastive.ipynb #d4dcbf41
 class ChunkedClipLoss(torch.autograd.Function):
     "CLIP/InfoNCE loss computed in row blocks; backward recomputes each block (no B x B tensor is kept)."
-    # A constant bias cancels in every softmax, so it is left out of the blocks: the loss does not
-    # depend on it and its gradient is exactly 0.
+    # A constant bias cancels in every softmax (each row of targets sums to 1), so it is left out of the
+    # blocks: the loss does not depend on it and its gradient is exactly 0. With labels `ya` (rows) and
+    # `yb` (columns) the one-hot target becomes P_ij = 1[ya_i = yb_j] / n_i, built one block at a time;
+    # with `both`, rows and columns share one label vector, so P is symmetric.
     @staticmethod
-    def forward(ctx, a, b, scale, bias, label_smoothing:float, chunk:int, offset:int=0, both:bool=True):
+    def forward(ctx, a, b, scale, bias, label_smoothing:float, chunk:int, offset:int=0, both:bool=True,
+                ya=None, yb=None):
         Ba, Bb = a.shape[0], b.shape[0]
         eps = label_smoothing
         lse_r = a.new_empty(Ba); lse_c = a.new_full((Bb,), -math.inf) if both else None
+        if ya is not None: pos, pos_c = a.new_empty(Ba), a.new_zeros(Bb)
         for blk in _blocks(Ba, chunk):
             s = (scale * a[blk]) @ b.T                                         # (chunk, Bb) logits of the block
             lse_r[blk] = torch.logsumexp(s, 1)
             if both: lse_c = torch.logaddexp(lse_c, torch.logsumexp(s, 0))
-        idx = torch.arange(Ba, device=a.device)
-        pos = scale * (a * b[idx + offset]).sum(1)                            # S_{i, i+offset}
+            if ya is not None:
+                PS = _label_targets(ya[blk], yb, s.dtype).mul_(s)
+                pos[blk] = PS.sum(1)                                           # sum_j P_ij S_ij
+                if both: pos_c += PS.sum(0)                                    # sum_i P_ij S_ij (P symmetric)
+        if ya is None:
+            idx = torch.arange(Ba, device=a.device)
+            pos = pos_c = scale * (a * b[idx + offset]).sum(1)                # S_{i, i+offset}
         row_sum = scale * (a @ b.sum(0))                                      # sum_j S_ij
         loss = (lse_r - (1 - eps) * pos - eps / Bb * row_sum).mean()
         if both:
             col_sum = scale * (b @ a.sum(0))                                  # sum_i S_ij
-            loss = (loss + (lse_c - (1 - eps) * pos - eps / Ba * col_sum).mean()) / 2
+            loss = (loss + (lse_c - (1 - eps) * pos_c - eps / Ba * col_sum).mean()) / 2
         ctx.save_for_backward(a, b, scale, bias, lse_r, lse_c if both else lse_r)
-        ctx.cfg = (eps, chunk, offset, both)
+        ctx.cfg, ctx.labels = (eps, chunk, offset, both), (ya, yb)
         return loss
 
     @staticmethod
@@ -137,7 +163,7 @@ class ChunkedClipLoss(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g, a, b, scale, bias, lse_r, lse_c):
-        eps, chunk, offset, both = ctx.cfg
+        (eps, chunk, offset, both), (ya, yb) = ctx.cfg, ctx.labels
         Ba, Bb = a.shape[0], b.shape[0]
         k = g * (0.5 if both else 1.0) / Ba                                   # d loss / d (sum of a block's terms)
         ga, gb = torch.empty_like(a), torch.zeros_like(b)
@@ -148,26 +174,33 @@ class ChunkedClipLoss(torch.autograd.Function):
             if both: G.add_(s.sub_(lse_c[None, :]).exp_())                     # + column softmax
             G.mul_(k)
             if eps: G.sub_(k * eps * (2 / Ba if both else 1 / Bb))            # smoothed targets (uniform part)
-            G[_diag(blk, offset, a.device)] -= k * (1 - eps) * (2 if both else 1)   # one-hot part
+            w = k * (1 - eps) * (2 if both else 1)
+            if ya is None: G[_diag(blk, offset, a.device)] -= w              # one-hot part
+            else: G.sub_(_label_targets(ya[blk], yb, G.dtype).mul_(w))       # label-aware part: P of the block
             Gb = G @ b                                                         # (chunk, D)
             ga[blk] = scale * Gb
             if ctx.needs_input_grad[2]: gs += (a[blk] * Gb).sum()             # sum_ij G_ij a_i.b_j
             gb.addmm_(G.T, a[blk])
         gb.mul_(scale)
-        return ga, gb, gs, torch.zeros_like(bias), None, None, None, None
+        return ga, gb, gs, torch.zeros_like(bias), None, None, None, None, None, None
 
+# %% ../../nbs/03_contrastive.ipynb #29c790b3
 class ChunkedSiglipLoss(torch.autograd.Function):
     "SigLIP loss computed in row blocks; backward recomputes each block (no B x B tensor is kept)."
+    # With labels `ya` (rows) and `yb` (columns), z_ij = +1 for every same-label pair, built per block.
     @staticmethod
-    def forward(ctx, a, b, scale, bias, chunk:int, offset:int=0):
+    def forward(ctx, a, b, scale, bias, chunk:int, offset:int=0, ya=None, yb=None):
         total = a.new_zeros(())
         for blk in _blocks(a.shape[0], chunk):
-            t = torch.addmm(bias.expand(1, 1), scale * a[blk], b.T).neg_()   # z_ij S_ij with z = -1 ...
-            d = _diag(blk, offset, a.device)
-            t[d] = -t[d]                                                      # ... and z = +1 on the positives
+            t = torch.addmm(bias.expand(1, 1), scale * a[blk], b.T)          # S_ij of the block
+            if ya is not None: t.mul_(2 * _same_label(ya[blk], yb, t.dtype) - 1)   # z_ij S_ij, z = +-1 by label
+            else:
+                t.neg_()                                                      # z_ij S_ij with z = -1 ...
+                d = _diag(blk, offset, a.device)
+                t[d] = -t[d]                                                  # ... and z = +1 on the positives
             total -= F.logsigmoid(t).sum()
         ctx.save_for_backward(a, b, scale, bias)
-        ctx.cfg = (chunk, offset)
+        ctx.cfg, ctx.labels = (chunk, offset), (ya, yb)
         return total / a.shape[0]
 
     @staticmethod
@@ -177,14 +210,15 @@ class ChunkedSiglipLoss(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g, a, b, scale, bias):
-        chunk, offset = ctx.cfg
+        (chunk, offset), (ya, yb) = ctx.cfg, ctx.labels
         k = g / a.shape[0]
         ga, gb = torch.empty_like(a), torch.zeros_like(b)
         gs, gt = torch.zeros_like(scale), torch.zeros_like(bias)
         for blk in _blocks(a.shape[0], chunk):
             # d/dS of -log sigmoid(z S) = sigmoid(S) - [z = +1]
             G = torch.addmm(bias.expand(1, 1), scale * a[blk], b.T).sigmoid_()
-            G[_diag(blk, offset, a.device)] -= 1
+            if ya is None: G[_diag(blk, offset, a.device)] -= 1
+            else: G.sub_(_same_label(ya[blk], yb, G.dtype))
             G.mul_(k)
             Gb = G @ b
             ga[blk] = scale * Gb
@@ -192,7 +226,7 @@ class ChunkedSiglipLoss(torch.autograd.Function):
             if ctx.needs_input_grad[3]: gt += G.sum()
             gb.addmm_(G.T, a[blk])
         gb.mul_(scale)
-        return ga, gb, gs, gt, None, None
+        return ga, gb, gs, gt, None, None, None, None
 
 # %% ../../nbs/03_contrastive.ipynb #d21a8300
 AUTO_CHUNK_MIN_BATCH = 4096    # "auto" switches from the naive to the chunked/fused forms here
@@ -211,16 +245,19 @@ def _fused_kernels(device, where:str, warn:bool) -> object|None:
     # `fused_available` builds the extension on first use and warns once itself when it returns False
     return kernels if kernels.fused_available(device) else None
 
-def _pick_impl(impl:str, B:int, chunk_size, device, where:str) -> str:
-    "Resolve `impl` to 'naive', 'chunked' or 'fused'."
+def _pick_impl(impl:str, B:int, chunk_size, device, where:str, labels:bool=False) -> str:
+    "Resolve `impl` to 'naive', 'chunked' or 'fused' (never 'fused' with label-aware targets: the kernels have none)."
     if impl not in IMPLS: raise InputError(f"{where}: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if impl == "fused" and labels:
+        raise InputError(f"{where}: impl='fused' does not support labels (the fused kernels have no label-aware "
+                         f"targets); use impl='chunked' (the same memory bound) or impl='auto'")
     if impl == "auto":
         if chunk_size is not None: return "chunked"
         if B < AUTO_CHUNK_MIN_BATCH: return "naive"
         on_gpu = torch.device(device).type == "cuda"      # never compile a CPU extension behind the user's back
-        return "fused" if on_gpu and _fused_kernels(device, where, warn=False) is not None else "chunked"
+        return "fused" if on_gpu and not labels and _fused_kernels(device, where, warn=False) is not None else "chunked"
     if impl == "fused" and _fused_kernels(device, where, warn=True) is None: return "chunked"
     return impl
 
@@ -249,95 +286,125 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
         return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
+# %% ../../nbs/03_contrastive.ipynb #28240c83
+def _check_same_shape(x:Tensor, group, where:str):
+    "Raise `ShapeError` unless every rank of `group` passes a tensor of the same shape."
+    import torch.distributed as dist
+    shapes = [None] * _dist_info(group)[0]
+    dist.all_gather_object(shapes, tuple(x.shape), group=group)
+    if len(set(shapes)) != 1:
+        raise ShapeError(f"{where}: every rank must pass the same shape, got {shapes} (rank order); "
+                         f"drop the last incomplete batch (drop_last=True) or pad")
+
 def gather_with_grad(x:Tensor,        # (B, ...) this rank's tensor; every rank must have the same shape
                      group=None,       # process group (None: the default group)
                     ) -> Tensor:       # (R*B, ...) all ranks' tensors in rank order
     "All-gather `x` from every rank, keeping the autograd graph (backward sums over ranks)."
-    ws, _ = _dist_info(group)
-    if ws == 1: return x
-    import torch.distributed as dist
-    shapes = [None] * ws
-    dist.all_gather_object(shapes, tuple(x.shape), group=group)
-    if len(set(shapes)) != 1:
-        raise ShapeError(f"gather_with_grad: every rank must pass the same shape, got {shapes} (rank order); "
-                         f"drop the last incomplete batch (drop_last=True) or pad")
+    if _dist_info(group)[0] == 1: return x
+    _check_same_shape(x, group, "gather_with_grad")
     return _GatherWithGrad.apply(x, group)
 
+def _gather_labels(y:Tensor, group, where:str) -> Tensor:
+    "All-gather the (B,) int64 labels of every rank in rank order (no gradient), with the same shape check."
+    ws, _ = _dist_info(group)
+    if ws == 1: return y
+    import torch.distributed as dist
+    _check_same_shape(y, group, f"{where}: labels")
+    parts = [torch.empty_like(y) for _ in range(ws)]
+    dist.all_gather(parts, y.contiguous(), group=group)
+    return torch.cat(parts)
+
 # %% ../../nbs/03_contrastive.ipynb #236e8715
+def _check_labels(labels, B:int, device, where:str) -> Tensor|None:
+    "`labels` as a (B,) int64 tensor on `device` (None stays None); bool, float or wrongly shaped labels are refused."
+    if labels is None: return None
+    want = f"a (B,) = ({B},) tensor of integer class ids, one per row of a and b"
+    if not isinstance(labels, Tensor): raise InputTypeError(f"{where}: labels must be {want}, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != B:
+        raise ShapeError(f"{where}: labels must be {want}, got shape {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise InputError(f"{where}: labels must be {want} (e.g. int64), got dtype {labels.dtype} with shape {tuple(labels.shape)}")
+    return labels.to(device=device, dtype=torch.long)
+
+def _prepare(where:str, a, b, logit_scale, logit_bias, labels, chunk_size, impl, distributed, group,
+             need_bias:bool=False) -> tuple:
+    "Validate and upcast the inputs of CLIP/SigLIP, resolve `impl`: (a, b, scale, bias, labels, world, rank, kind, chunk)."
+    _check_embeddings({"a": a, "b": b}, min_batch=1 if distributed else 2, where=where)
+    a, b = _f32(a, b)
+    scale = _scalar(logit_scale, a, "logit_scale", where)
+    bias = None if logit_bias is None and not need_bias else _scalar(logit_bias, a, "logit_bias", where)
+    y = _check_labels(labels, a.shape[0], a.device, where)
+    ws, rank = _dist_info(group) if distributed else (1, 0)
+    B_total = a.shape[0] * ws
+    if B_total < 2: raise InputError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B_total}")
+    kind = _pick_impl(impl, B_total, chunk_size, a.device, where, labels=y is not None)
+    return a, b, scale, bias, y, ws, rank, kind, chunk_size or DEFAULT_CHUNK
+
+# %% ../../nbs/03_contrastive.ipynb #23e46b1c
 @_full_precision
 def clip_loss(a:Tensor,                 # (B, D) L2-normalised embeddings of modality A (e.g. images)
               b:Tensor,                 # (B, D) L2-normalised embeddings of modality B; b[i] pairs with a[i]
               logit_scale,              # multiplier 1/temperature: float or 0-d tensor (may require grad)
               logit_bias=None,          # optional float/0-d tensor added to every logit (cancels in softmax)
-              label_smoothing:float=0.0,# epsilon of the smoothed one-hot targets
-              *, chunk_size:int|None=None,  # rows per block for the chunked form (None: 512)
-              impl:str="auto",          # "auto" | "naive" | "chunked" | "fused"
-              distributed:bool=False,   # all-gather a, b over torch.distributed ranks (with gradient)
+              label_smoothing:float=0.0,# epsilon of the smoothed targets
+              *, labels:Tensor|None=None,   # (B,) int class ids: every same-label pair is a positive (targets 1[y_i = y_j] / n_i)
+              chunk_size:int|None=None, # rows per block for the chunked form (None: 512)
+              impl:str="auto",          # "auto" | "naive" | "chunked" | "fused" (fused: not with labels)
+              distributed:bool=False,   # all-gather a, b (with gradient) and labels over torch.distributed ranks
               local_loss:bool=False,    # with `distributed`: only this rank's rows (mean over ranks = global)
               group=None,               # process group for `distributed`
              ) -> Tensor:               # scalar mean loss
     "Symmetric InfoNCE of CLIP (Radford et al. 2021): mean of the row and column cross-entropies of S = s a b^T + t."
     where = "clip_loss"
-    _check_embeddings({"a": a, "b": b}, min_batch=1 if distributed else 2, where=where)
-    a, b = _f32(a, b)
-    scale = _scalar(logit_scale, a, "logit_scale", where)
-    bias = None if logit_bias is None else _scalar(logit_bias, a, "logit_bias", where)
-    if not 0.0 <= label_smoothing < 1.0:
-        raise InputError(f"{where}: label_smoothing must be in [0, 1), got {label_smoothing}")
-    ws, rank = _dist_info(group) if distributed else (1, 0)
-    B_total = a.shape[0] * ws
-    if B_total < 2: raise InputError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B_total}")
-    kind = _pick_impl(impl, B_total, chunk_size, a.device, where)
-    chunk = chunk_size or DEFAULT_CHUNK
+    a, b, scale, bias, y, ws, rank, kind, chunk = _prepare(where, a, b, logit_scale, logit_bias, labels, chunk_size,
+                                                           impl, distributed, group)
+    eps = label_smoothing
+    if not 0.0 <= eps < 1.0: raise InputError(f"{where}: label_smoothing must be in [0, 1), got {eps}")
+    t = scale.new_zeros(()) if bias is None else bias             # the chunked form's bias (it cancels)
     if ws > 1:
         a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
+        y_all = None if y is None else _gather_labels(y, group, where)
         if local_loss:   # this rank's a rows vs all b, and this rank's b rows vs all a (rectangular: never fused)
             off = rank * a.shape[0]
             if kind == "naive":
-                return (_clip_naive(a, b_all, scale, bias, label_smoothing, off, both=False)
-                        + _clip_naive(b, a_all, scale, bias, label_smoothing, off, both=False)) / 2
-            t = scale.new_zeros(()) if bias is None else bias
-            return (ChunkedClipLoss.apply(a, b_all, scale, t, label_smoothing, chunk, off, False)
-                    + ChunkedClipLoss.apply(b, a_all, scale, t, label_smoothing, chunk, off, False)) / 2
-        a, b = a_all, b_all
-    if kind == "naive": return _clip_naive(a, b, scale, bias, label_smoothing)
+                return (_clip_naive(a, b_all, scale, bias, eps, off, False, y, y_all)
+                        + _clip_naive(b, a_all, scale, bias, eps, off, False, y, y_all)) / 2
+            return (ChunkedClipLoss.apply(a, b_all, scale, t, eps, chunk, off, False, y, y_all)
+                    + ChunkedClipLoss.apply(b, a_all, scale, t, eps, chunk, off, False, y, y_all)) / 2
+        a, b, y = a_all, b_all, y_all
+    if kind == "naive": return _clip_naive(a, b, scale, bias, eps, 0, True, y, y)
     if kind == "fused":
         from mmlab.kernels import fused_clip_loss
-        return fused_clip_loss(a, b, scale, logit_bias=bias, label_smoothing=label_smoothing)
-    t = scale.new_zeros(()) if bias is None else bias
-    return ChunkedClipLoss.apply(a, b, scale, t, label_smoothing, chunk, 0, True)
+        return fused_clip_loss(a, b, scale, logit_bias=bias, label_smoothing=eps)
+    return ChunkedClipLoss.apply(a, b, scale, t, eps, chunk, 0, True, y, y)
 
+# %% ../../nbs/03_contrastive.ipynb #98bda65f
 @_full_precision
 def siglip_loss(a:Tensor,               # (B, D) L2-normalised embeddings of modality A
                 b:Tensor,               # (B, D) L2-normalised embeddings of modality B; b[i] pairs with a[i]
                 logit_scale,            # multiplier s: float or 0-d tensor (may require grad)
                 logit_bias,             # bias t: float or 0-d tensor (SigLIP initialises it at -10)
-                *, chunk_size:int|None=None, impl:str="auto", distributed:bool=False,
+                *, labels:Tensor|None=None,  # (B,) int class ids: z_ij = +1 for every same-label pair
+                chunk_size:int|None=None, impl:str="auto", distributed:bool=False,
                 local_loss:bool=False, group=None,
                ) -> Tensor:             # scalar: sum over the B*B pairs divided by B
     "Pairwise sigmoid loss of SigLIP (Zhai et al. 2023): -1/B sum_ij log sigmoid(z_ij (s a_i.b_j + t))."
     where = "siglip_loss"
-    _check_embeddings({"a": a, "b": b}, min_batch=1 if distributed else 2, where=where)
-    a, b = _f32(a, b)
-    scale = _scalar(logit_scale, a, "logit_scale", where)
-    bias = _scalar(logit_bias, a, "logit_bias", where)
-    ws, rank = _dist_info(group) if distributed else (1, 0)
-    B_total = a.shape[0] * ws
-    if B_total < 2: raise InputError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B_total}")
-    kind = _pick_impl(impl, B_total, chunk_size, a.device, where)
-    chunk = chunk_size or DEFAULT_CHUNK
+    a, b, scale, bias, y, ws, rank, kind, chunk = _prepare(where, a, b, logit_scale, logit_bias, labels, chunk_size,
+                                                           impl, distributed, group, need_bias=True)
     if ws > 1:
         b_all = gather_with_grad(b, group)
+        y_all = None if y is None else _gather_labels(y, group, where)
         if local_loss:   # this rank's rows against all columns; mean over ranks = global loss
             off = rank * a.shape[0]
-            if kind == "naive": return _siglip_naive(a, b_all, scale, bias, off)
-            return ChunkedSiglipLoss.apply(a, b_all, scale, bias, chunk, off)
-        a, b = gather_with_grad(a, group), b_all
-    if kind == "naive": return _siglip_naive(a, b, scale, bias)
+            if kind == "naive": return _siglip_naive(a, b_all, scale, bias, off, y, y_all)
+            return ChunkedSiglipLoss.apply(a, b_all, scale, bias, chunk, off, y, y_all)
+        a, b, y = gather_with_grad(a, group), b_all, y_all
+    if kind == "naive": return _siglip_naive(a, b, scale, bias, 0, y, y)
     if kind == "fused":
         from mmlab.kernels import fused_siglip_loss
         return fused_siglip_loss(a, b, scale, bias)
-    return ChunkedSiglipLoss.apply(a, b, scale, bias, chunk, 0)
+    return ChunkedSiglipLoss.apply(a, b, scale, bias, chunk, 0, y, y)
 
 # %% ../../nbs/03_contrastive.ipynb #03aa59ee
 class ClipLoss(nn.Module):
