@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import mmlab.train as train_mod
-from mmlab.core import CheckpointError, ConfigError, NonFiniteError
+from mmlab.core import CheckpointError, ConfigError, DeviceError, NonFiniteError
 from mmlab.train import (Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
@@ -550,6 +550,11 @@ def test_liveplot_outside_ipython_only_collects_the_curves(monkeypatch):
     assert [t.name for t in fig.data] == ["loss", "eval/w"]
     assert list(fig.data[0].y) == [r["loss"] for r in hist if "loss" in r]
     assert list(fig.data[1].x) == [2, 4]
+    assert (fig.data[0].xaxis, fig.data[1].xaxis) == ("x", "x2")                     # training left, evaluation right
+    assert (fig.data[0].line.color, fig.data[0].line.width, fig.data[0].line.dash) == ("black", 1, "dot")   # the sum
+    last = [r for r in hist if "loss" in r][-1]
+    assert fig.layout.title.text == f"update {last['step']}: loss {last['loss']:.4g}" and last['step'] == 4
+    assert LivePlot().figure().layout.title.text == "no training record yet"
     with pytest.raises(ConfigError, match="LivePlot: every=0"): LivePlot(every=0)
 
 
@@ -794,8 +799,14 @@ def test_trainer_lr_follows_the_closed_form_each_step():
     ("compile", True, 1),
 ])
 def test_trainconfig_boundaries(field, ok, bad):
+    want = {"max_steps": "an integer >= 1", "grad_accum": "an integer >= 1", "log_every": "an integer >= 1",
+            "keep_last": "an integer >= 1", "eval_every": "None or an integer >= 1", "ckpt_every": "None or an integer >= 1",
+            "warmup_steps": "an integer >= 0", "lr": "a learning rate > 0", "weight_decay": "a value >= 0",
+            "min_lr_ratio": "a fraction in [0, 1]", "clip_grad_norm": "None or a norm > 0", "betas": "two values in [0, 1)",
+            "compile": "True or False"}[field]
     assert getattr(TrainConfig(**{field: ok}), field) == ok
-    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}=.*: expected"): TrainConfig(**{field: bad})
+    with pytest.raises(ConfigError) as e: TrainConfig(**{field: bad})
+    assert str(e.value) == f"TrainConfig.{field}={bad!r}: expected {want}"
 
 
 def test_trainconfig_defaults_and_betas_become_a_tuple():
@@ -963,6 +974,25 @@ def test_progress_bar_counts_the_steps_and_shows_the_loss(capsys):
     assert err[-1].startswith("train: 100%") and "3/3" in err[-1] and "loss=" in err[-1]
 
 
+def test_epochs_count_up_and_reach_the_sampler():
+    class Sampler(torch.utils.data.Sampler):
+        def __init__(self): self.epochs = []
+        def set_epoch(self, e): self.epochs.append(e)
+        def __iter__(self): return iter(range(4))
+        def __len__(self): return 4
+    sampler = Sampler(); x = torch.randn(4, 3, dtype=torch.float64)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=2, sampler=sampler)
+    tr = Trainer(nn.Linear(3, 1).double(), _mse, data, TrainConfig(max_steps=7, device="cpu", log_to=()))
+    tr.fit()
+    assert tr.epoch == 3 and sampler.epochs == [0, 1, 2, 3]                        # 2 batches an epoch, 7 updates
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_trainer_uses_the_configured_device_and_refuses_a_missing_one():
+    with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cuda"))
+
+
 def test_make_optimizer_groups_and_hyperparameters():
     m = nn.ModuleDict({"conv": nn.Conv2d(2, 3, 3), "lin": nn.Linear(3, 4), "norm": nn.LayerNorm(4),
                        "frozen": nn.Linear(4, 4)})
@@ -976,7 +1006,7 @@ def test_make_optimizer_groups_and_hyperparameters():
     assert isinstance(opt, torch.optim.AdamW)
     only_1d = make_optimizer(nn.LayerNorm(4), TrainConfig())
     assert len(only_1d.param_groups) == 1 and only_1d.param_groups[0]["weight_decay"] == 0.0
-    with pytest.raises(InputError, match="no trainable parameters"): make_optimizer(nn.Linear(2, 2).requires_grad_(False), TrainConfig())
+    with pytest.raises(InputError, match="^Trainer: the model has no trainable parameters"): make_optimizer(nn.Linear(2, 2).requires_grad_(False), TrainConfig())
 
 
 @settings(max_examples=40, deadline=None)
