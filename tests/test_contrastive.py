@@ -1172,3 +1172,50 @@ def test_chunked_labels_build_targets_per_block(monkeypatch):
     assert max(sizes) <= B * D
     assert rows and max(rows) <= chunk                         # forward and backward: one block of rows at a time
     assert len(rows) == 6 * (B // chunk)                       # clip fw + bw (P and its 1[.] inside), siglip fw + bw
+
+
+# ----------------------------------------------------------------------------- names in messages, quiet dispatch, dtypes
+@pytest.mark.parametrize("name", ["clip_loss", "siglip_loss"])
+def test_shape_errors_name_the_loss_and_the_argument(name):
+    f = {"clip_loss": lambda x, y: clip_loss(x, y, 5.0), "siglip_loss": lambda x, y: siglip_loss(x, y, 5.0, -1.0)}[name]
+    a, b = pair(4, 3, seed=31)
+    with pytest.raises(ShapeError, match=rf"^{name}: a: expected 2-D"): f(a[0], b)
+    with pytest.raises(ShapeError, match=rf"^{name}: b: expected 2-D"): f(a, b[0])
+    with pytest.raises(ShapeError, match=rf"^{name}: b: expected shape \(B, D\) with B=4"): f(a, b[:3])
+
+def test_auto_dispatch_never_warns_when_the_kernels_cannot_be_imported(monkeypatch):
+    "impl='auto' is a silent choice: only an explicit impl='fused' warns that it falls back."
+    monkeypatch.setitem(sys.modules, "mmlab.kernels", None)           # `import mmlab.kernels` fails
+    monkeypatch.delattr(mmlab, "kernels", raising=False)
+    monkeypatch.setattr(C, "_warned_fused", set())
+    cuda = torch.device("cuda")                                        # only the device type is inspected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert C._pick_impl("auto", 4096, None, cuda, "clip_loss") == "chunked"
+    with pytest.warns(UserWarning, match="clip_loss: impl='fused' needs mmlab.kernels"):
+        assert C._pick_impl("fused", 8, None, cuda, "clip_loss") == "chunked"
+
+def test_isogclr_returns_the_embeddings_dtype_whatever_its_buffers_hold():
+    a, b = pair(4, 3, seed=32); a, b = a.float(), b.float()
+    idx = torch.tensor([0, 1, 2, 3])
+    ref = IndividualTemperatureLoss(6, gamma=0.5, tau_init=0.1)
+    wide = IndividualTemperatureLoss(6, gamma=0.5, tau_init=0.1).double()    # float64 state, float32 inputs
+    for _ in range(2): want, got = ref(a, b, idx), wide(a, b, idx)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+def test_gather_with_grad_in_a_one_rank_group(one_rank_group):
+    "The gather autograd function itself (the 2-process tests run it in subprocesses): identity forward, summed backward."
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    y = C._GatherWithGrad.apply(x, None)
+    assert torch.equal(y, x.detach())
+    w = torch.randn(3, 2, dtype=torch.float64)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, w)                                      # all-reduce over one rank leaves the gradient
