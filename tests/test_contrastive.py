@@ -1219,3 +1219,20 @@ def test_gather_with_grad_in_a_one_rank_group(one_rank_group):
     w = torch.randn(3, 2, dtype=torch.float64)
     (y * w).sum().backward()
     assert torch.equal(x.grad, w)                                      # all-reduce over one rank leaves the gradient
+
+def test_dist_info_outside_a_process_group_is_one_rank_of_index_0():
+    assert C._dist_info() == (1, 0)
+
+def test_label_gather_and_shape_check_with_a_simulated_second_rank(monkeypatch):
+    "The gathering logic in-process (the real collectives run in the 2-process gloo tests)."
+    import torch.distributed as dist
+    other = {"labels": torch.tensor([7, 8, 9])}
+    def all_gather_object(out, obj, group=None): out[0], out[1] = obj, tuple(other["labels"].shape)
+    def all_gather(parts, x, group=None): parts[0].copy_(x); parts[1].copy_(other["labels"])
+    monkeypatch.setattr(C, "_dist_info", lambda group=None: (2, 0))
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    assert torch.equal(C._gather_labels(torch.tensor([1, 2, 3]), None, "clip_loss"), torch.tensor([1, 2, 3, 7, 8, 9]))
+    other["labels"] = torch.tensor([7, 8, 9, 10])
+    with pytest.raises(ShapeError, match=r"^clip_loss: labels: every rank must pass the same shape, got \[\(3,\), \(4,\)\]"):
+        C._gather_labels(torch.tensor([1, 2, 3]), None, "clip_loss")

@@ -451,3 +451,18 @@ def test_present_is_the_and_of_masks():
     assert m["image"].tolist() == [True, False, True, True]                 # the batch's mask is not modified
     with pytest.raises(InputError, match="name at least one modality"): present(m)
     with pytest.raises(ShapeError, match="mask 'text' has shape"): present({"image": m["image"], "text": m["text"][:2]}, "image", "text")
+
+
+def test_zero_shot_errors_name_the_function_and_the_argument():
+    g = torch.Generator().manual_seed(5)
+    q, c, y = F.normalize(torch.randn(4, 3, generator=g), dim=-1), F.normalize(torch.randn(2, 3, generator=g), dim=-1), torch.tensor([0, 1, 0, 1])
+    q0, c0 = q.clone(), c.clone(); q0[1] = 0; c0[1] = 0
+    with pytest.raises(InputError, match=r"^zero_shot_eval: query: row 1 is all zeros"): zero_shot_eval(q0, c, y)
+    with pytest.raises(InputError, match=r"^zero_shot_eval: class_emb: row 1 is all zeros"): zero_shot_eval(q, c0, y)
+    with pytest.raises(InputError, match=r"^zero_shot_eval: label 5 >= C=2 classes"): zero_shot_eval(q, c, torch.tensor([0, 5, 0, 1]))
+
+
+@pytest.mark.parametrize("bad", [[], (), "ab", 3])
+def test_class_embeddings_refuses_an_empty_or_foreign_ensemble(bad):
+    with pytest.raises(InputError, match=r"^class_embeddings: expected a \(C, T, D\) tensor or a non-empty list"):
+        class_embeddings(bad)

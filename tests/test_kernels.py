@@ -216,6 +216,13 @@ def test_cuda_home_finds_the_nvcc_on_path_first(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tk / 'bin'}:/usr/bin:/bin")
     assert K.cuda_home() == str(tk)
 
+def test_cuda_home_falls_back_to_usr_local_cuda_when_nvcc_is_not_on_path(tmp_path, monkeypatch):
+    real = Path("/usr/local/cuda/bin/nvcc")
+    if not real.exists(): pytest.skip("no CUDA toolkit at /usr/local/cuda")
+    monkeypatch.delenv("CUDA_HOME", raising=False); monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))                 # an empty folder: no nvcc on PATH
+    assert K.cuda_home() == str(real.resolve().parent.parent)
+
 @slow
 def test_compile_error_raises_kernel_build_error_with_log(fresh_builder, monkeypatch, tmp_path):
     monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))
@@ -292,6 +299,19 @@ def test_cuda_16bit_error_at_most_twice_naive(dt, n, d, s):
     a3 = leaf(a16.double())
     gw = torch.autograd.grad(_naive_clip(a3, b16.double(), s), a3)[0]
     assert (ga - gw).norm() <= 2 * (gn - gw).norm() + 1e-9
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_cuda_16bit_label_smoothing_matches_float64(dt):
+    "Label smoothing's row means run in the accumulation dtype (float32) on 16-bit CUDA inputs."
+    a0, b0 = pair(256, 64, seed=13)
+    a16, b16 = a0.to("cuda", dt), b0.to("cuda", dt)
+    L = 20.0 * a16.double() @ b16.double().T
+    y = torch.arange(len(L), device=L.device)
+    want = (F.cross_entropy(L, y, label_smoothing=0.1) + F.cross_entropy(L.T, y, label_smoothing=0.1)).item() / 2
+    got = K.fused_clip_loss(a16, b16, 20.0, label_smoothing=0.1)
+    assert got.dtype == torch.float32 and abs(got.item() - want) < 1e-3
 
 @needs_cuda
 @pytest.mark.cuda
