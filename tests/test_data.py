@@ -982,3 +982,16 @@ def test_dataset_meta_reads_the_given_root(tmp_path):
     assert dataset_meta("shapes", str(tmp_path)) == meta and dataset_meta("shapes")["label_names"] != ["only", "mine"]
     with pytest.raises(MissingFileError, match=re.escape(f"{tmp_path / 'digits' / 'meta.json'} does not exist")):
         dataset_meta("digits", tmp_path)
+
+
+def test_resized_white_images_stay_in_the_unit_range(tmp_path):
+    "Bilinear resizing can round a white pixel to 1 + 1e-7; images are promised in [0, 1] (sizes chosen to hit it)."
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "meta.json").write_text((DATA / "shapes" / "meta.json").read_text())
+    np.savez(tmp_path / "shapes" / "val.npz", label=np.arange(2), image=np.full((2, 5, 5, 3), 255, np.uint8),
+             text=np.array(["a", "b"]))
+    x = load_dataset("shapes", "val", ["image", "text"], image_size=24, root=tmp_path, cache=False)[0]["image"]
+    assert x.shape == (3, 24, 24) and x.min() >= 0 and x.max() <= 1 and x.max() > 1 - 1e-6
+    Image.fromarray(np.full((25, 25, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    x = ManifestDataset(manifest(tmp_path, "m.csv", "image,text", "white.png,a"), image_size=24, cache=False)[0]["image"]
+    assert x.shape == (3, 24, 24) and x.min() >= 0 and x.max() <= 1 and x.max() > 1 - 1e-6
