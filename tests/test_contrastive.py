@@ -1236,3 +1236,8 @@ def test_label_gather_and_shape_check_with_a_simulated_second_rank(monkeypatch):
     other["labels"] = torch.tensor([7, 8, 9, 10])
     with pytest.raises(ShapeError, match=r"^clip_loss: labels: every rank must pass the same shape, got \[\(3,\), \(4,\)\]"):
         C._gather_labels(torch.tensor([1, 2, 3]), None, "clip_loss")
+
+def test_unknown_impl_lists_the_choices():
+    a, b = pair(4, 3, seed=33)
+    with pytest.raises(InputError, match=r"^clip_loss: impl must be one of auto, naive, chunked, fused, got 'fast'$"):
+        clip_loss(a, b, 5.0, impl="fast")

@@ -469,3 +469,9 @@ def test_caption_loss_shape_errors_name_the_argument():
         caption_loss(logits, torch.ones(1, 5, dtype=torch.long))
     with pytest.raises(ShapeError, match=r"^tokens: expected 2-D tensor"):
         caption_loss(logits, torch.ones(2, 5, 1, dtype=torch.long))
+
+
+def test_negative_cosine_shape_errors_name_the_loss_and_the_argument():
+    p = torch.randn(4, 3)
+    with pytest.raises(ShapeError, match=r"^negative_cosine: p: expected 2-D"): negative_cosine(p[0], p)
+    with pytest.raises(ShapeError, match=r"^negative_cosine: z: expected shape \(B, D\) with B=4"): negative_cosine(p, p[:3])

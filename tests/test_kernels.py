@@ -501,11 +501,19 @@ def test_build_extension_cuda_env_name_cache_and_restore(fresh_builder, monkeypa
     assert c["name"].startswith("mmlab_kernels_cuda_") and c["name"].endswith("_9_0")
     assert Path(c["build_directory"]) == tmp_path / c["name"] and Path(c["build_directory"]).is_dir()
     assert c["functions"] == K.CUDA_FUNCTIONS and c["cuda_sources"] == K.CUDA_SOURCE
+    assert c["cpp_sources"] == K.CUDA_DECLS and c["extra_cflags"] == ["-O3"]
+    assert c["extra_cuda_cflags"] == ["-O3", "-std=c++17"]
     assert "CUDA_HOME" not in os.environ and "TORCH_CUDA_ARCH_LIST" not in os.environ   # the environment is restored
     K.build_extension("cuda", arch="8.0"); assert len(calls) == 2 and calls[1]["name"].endswith("_8_0")
     monkeypatch.setattr(K, "local_cuda_arch", lambda: "8.9")              # no arch given: the local GPU's
     K.build_extension("cuda")
     assert calls[2]["name"].endswith("_8_9") and calls[2]["env"]["TORCH_CUDA_ARCH_LIST"] == "8.9"
+
+def test_a_tensor_picks_the_extension_of_its_device(monkeypatch):
+    kinds = []
+    monkeypatch.setattr(K, "build_extension", lambda kind: kinds.append(kind) or kind)
+    assert K._ext_for(torch.zeros(1)) == "cpu"
+    assert K._ext_for(types.SimpleNamespace(is_cuda=True)) == "cuda" and kinds == ["cpu", "cuda"]
 
 def test_build_extension_failure_cached_and_reported(fresh_builder, monkeypatch, tmp_path):
     monkeypatch.setenv("MMLAB_KERNEL_BUILD_DIR", str(tmp_path))

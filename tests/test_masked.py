@@ -1011,11 +1011,13 @@ _DEVICE_GENERATORS = {
 @pytest.mark.parametrize("name", list(_DEVICE_GENERATORS))
 def test_mask_generators_draw_on_the_requested_device(name, monkeypatch):
     "Every random draw is made on `device` (so GPU masks are built on the GPU): checked on CPU by recording torch.rand's device."
-    seen, rand = [], torch.rand
+    seen, made, rand, arange = [], [], torch.rand, torch.arange
     def spy(*a, **kw): seen.append(kw.get("device")); return rand(*a, **kw)
-    monkeypatch.setattr(torch, "rand", spy)
+    def spy_arange(*a, **kw): made.append(kw.get("device")); return arange(*a, **kw)
+    monkeypatch.setattr(torch, "rand", spy); monkeypatch.setattr(torch, "arange", spy_arange)
     m = _DEVICE_GENERATORS[name](torch.device("cpu"))
     assert seen and all(d is not None and torch.device(d) == torch.device("cpu") for d in seen), seen
+    assert all(d is not None and torch.device(d) == torch.device("cpu") for d in made), made   # index grids too
     assert m.mask.device.type == "cpu"
 
 @pytest.mark.cuda
@@ -1024,3 +1026,12 @@ def test_mask_generators_draw_on_the_requested_device(name, monkeypatch):
 def test_mask_generators_honour_cuda_device(name):
     m = _DEVICE_GENERATORS[name]("cuda")
     assert m.mask.is_cuda and m.visible.is_cuda and m.masked.is_cuda
+
+
+def test_check_mask_partition_refuses_a_map_that_disagrees_with_the_indices():
+    from mmlab.masking import check_mask_partition
+    idx = dict(masked=torch.tensor([[0, 1]]), visible=torch.tensor([[2, 3]]))
+    check_mask_partition(Mask(torch.tensor([[True, True, False, False]]), **idx))
+    for bad in ([True, True, True, False], [True, False, False, False]):     # a visible token hidden; a hidden one shown
+        with pytest.raises(InputError, match="^Mask: boolean map disagrees with the indices"):
+            check_mask_partition(Mask(torch.tensor([bad]), **idx))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import mmlab.train as train_mod
 from mmlab.core import CheckpointError, ConfigError, DeviceError, NonFiniteError
-from mmlab.train import (Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
+from mmlab.train import (EMA, Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +257,9 @@ def test_resume_refuses_mismatched_model(tmp_path):
     Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path))).fit()
     other = Trainer(nn.Linear(3, 2), _mse, _data(), TrainConfig(max_steps=2, device="cpu"))
     with pytest.raises(CheckpointError, match="model does not match"): other.resume(tmp_path)
+    frozen = nn.Linear(3, 1); frozen.bias.requires_grad_(False)          # same weights, one parameter fewer to optimise
+    with pytest.raises(CheckpointError, match=r"step-00000002: optimiser state does not match: .*parameter group"):
+        Trainer(frozen, _mse, _data(), TrainConfig(max_steps=2, device="cpu")).resume(tmp_path)
     (latest_checkpoint(tmp_path / "checkpoints") / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json is corrupt"):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu")).resume(tmp_path)
@@ -991,6 +994,26 @@ def test_epochs_count_up_and_reach_the_sampler():
 def test_trainer_uses_the_configured_device_and_refuses_a_missing_one():
     with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cuda"))
+
+
+def test_pruning_a_checkpoint_that_cannot_be_fully_deleted_does_not_fail_the_save(tmp_path, monkeypatch):
+    "keep_last deletes old folders best-effort: the new checkpoint is already in place, so a stuck file must not crash."
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {"step": 1}, keep_last=1)
+    unlink = os.unlink
+    def stuck(name, *a, **kw):
+        if str(name).endswith("tensors.safetensors"): raise PermissionError(f"[fake] cannot delete {name}")
+        return unlink(name, *a, **kw)
+    monkeypatch.setattr(os, "unlink", stuck)
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(1)}, {"step": 2}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002"]
+    assert load_checkpoint(tmp_path / "step-00000002")[1]["step"] == 2
+
+
+def test_ema_default_decay_and_logger_creates_missing_folders(tmp_path):
+    assert EMA().decay == 0.999
+    log = JSONLLogger(tmp_path / "a" / "b" / "metrics.jsonl"); at = SimpleNamespace(rank=0, step=0)
+    log.on_fit_start(at); log.on_log(at, {"step": 1, "loss": 0.5}); log.on_fit_end(at)
+    assert log.read() == [{"step": 1, "loss": 0.5}]
 
 
 def test_make_optimizer_groups_and_hyperparameters():
