@@ -845,7 +845,8 @@ def test_unit_norm_tolerance_by_dtype_and_scalar_kinds():
     ah, bh = (a * (1 + 5e-3)).bfloat16(), b.bfloat16()                              # 16-bit: 1e-2 tolerance
     assert torch.isfinite(clip_loss(ah, bh, 5.0))
     with pytest.raises(InputError, match="L2-normalised"): clip_loss((a * 1.03).bfloat16(), bh, 5.0)
-    with pytest.raises(InputError, match="L2-normalised"): clip_loss(a.float() * (1 + 5e-3), b.float(), 5.0)
+    assert torch.isfinite(clip_loss(a.float() * (1 + 5e-3), b.float(), 5.0))       # float32: may be upcast bf16 values
+    with pytest.raises(InputError, match="L2-normalised"): clip_loss(a.float() * (1 + 2e-2), b.float(), 5.0)
     assert torch.isfinite(clip_loss(a, b, 5))                                       # an int scale is a number
     assert abs(clip_loss(a, b, torch.tensor([5.0])).item() - clip_loss(a, b, 5.0).item()) < 1e-15   # 1-element tensor
     with pytest.raises(InputTypeError, match="logit_scale must be a float"): clip_loss(a, b, True)

@@ -1015,6 +1015,9 @@ def test_mask_generators_draw_on_the_requested_device(name, monkeypatch):
     def spy(*a, **kw): seen.append(kw.get("device")); return rand(*a, **kw)
     def spy_arange(*a, **kw): made.append(kw.get("device")); return arange(*a, **kw)
     monkeypatch.setattr(torch, "rand", spy); monkeypatch.setattr(torch, "arange", spy_arange)
+    for f in ("fftfreq", "rfftfreq"):                                          # the noise mask's frequency grids
+        def spy_freq(*a, _f=getattr(torch.fft, f), **kw): made.append(kw.get("device")); return _f(*a, **kw)
+        monkeypatch.setattr(torch.fft, f, spy_freq)
     m = _DEVICE_GENERATORS[name](torch.device("cpu"))
     assert seen and all(d is not None and torch.device(d) == torch.device("cpu") for d in seen), seen
     assert all(d is not None and torch.device(d) == torch.device("cpu") for d in made), made   # index grids too
@@ -1035,3 +1038,23 @@ def test_check_mask_partition_refuses_a_map_that_disagrees_with_the_indices():
     for bad in ([True, True, True, False], [True, False, False, False]):     # a visible token hidden; a hidden one shown
         with pytest.raises(InputError, match="^Mask: boolean map disagrees with the indices"):
             check_mask_partition(Mask(torch.tensor([bad]), **idx))
+
+
+def test_scatter_and_mask_from_bool_messages_name_the_argument():
+    m = mask_from_bool(torch.tensor([[True, False, False, True]]))
+    with pytest.raises(ShapeError, match=r"^visible: expected size 2 in dimension 1"): scatter_tokens(torch.zeros(1, 3, 2), m, torch.zeros(2))
+    with pytest.raises(ShapeError, match=r"^mask: expected 2-D"): mask_from_bool(torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(InputError, match=r"^mask: ratio must be a float in \(0, 1\)"): num_masked(10, 1.5)   # the default name
+
+
+def test_mask_from_bool_of_an_empty_batch():
+    m = mask_from_bool(torch.zeros(0, 5, dtype=torch.bool))
+    assert m.visible.shape == (0, 5) and m.masked.shape == (0, 0)
+
+
+def test_block_priorities_rank_covered_tokens_by_position_above_the_rest_on_large_grids():
+    "The position tie-break stays below 1e-9, so covered tokens keep their order and stay above uncovered ones (0..0.5)."
+    from mmlab.masking import _priority_scores
+    L = 40_000                                                                 # a 200 x 200 token grid
+    s = _priority_scores(torch.ones(1, L), torch.Generator().manual_seed(0), torch.device("cpu"))[0]
+    assert (s.diff() < 0).all() and s.min() > 1 - 1e-9 and s.max() <= 1 + 1e-9

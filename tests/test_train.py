@@ -328,6 +328,18 @@ def test_gradcache_in_trainer_with_accumulation_matches_plain_loss():
                                atol=1e-5, rtol=0)
 
 
+def test_gradcache_in_trainer_embeds_under_the_run_precision():
+    "With precision='bf16' the Trainer hands GradCache its autocast: the towers run in bf16, the loss in fp32."
+    seen = []
+    def embed(m, c):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return _embed(m, c)
+    data = [{k: v for k, v in _batch(8, seed=s, dtype=torch.float32).items()} for s in range(2)]
+    torch.manual_seed(0)
+    Trainer(_Towers(0.0), GradCache(embed, _loss, 4), data, TrainConfig(max_steps=2, precision="bf16", device="cpu")).fit()
+    assert seen and all(on and dt == torch.bfloat16 for on, dt in seen), seen
+
+
 def test_gradcache_bad_input():
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"): GradCache(_embed, _loss, 0)
     with pytest.raises(TypeError, match="embed_fn must return a dict"):
@@ -554,6 +566,10 @@ def test_liveplot_outside_ipython_only_collects_the_curves(monkeypatch):
     assert list(fig.data[0].y) == [r["loss"] for r in hist if "loss" in r]
     assert list(fig.data[1].x) == [2, 4]
     assert (fig.data[0].xaxis, fig.data[1].xaxis) == ("x", "x2")                     # training left, evaluation right
+    assert (fig.data[0].mode, fig.data[1].mode) == ("lines", "lines+markers")
+    assert fig.layout.yaxis.type == "log"                                            # positive losses: log scale
+    signed = LivePlot(); signed.on_log(None, {"step": 1, "loss": -0.5}); signed.on_log(None, {"step": 2, "loss": 0.5})
+    assert signed.figure().layout.yaxis.type != "log"                                 # a negative loss: linear
     assert (fig.data[0].line.color, fig.data[0].line.width, fig.data[0].line.dash) == ("black", 1, "dot")   # the sum
     last = [r for r in hist if "loss" in r][-1]
     assert fig.layout.title.text == f"update {last['step']}: loss {last['loss']:.4g}" and last['step'] == 4
@@ -576,6 +592,7 @@ def test_liveplot_updates_one_output_in_place_and_draws_once_when_captured():
                        callbacks=[LivePlot(every=3)]).fit()
         assert len({c[0] for c in rec.calls}) == 1 and rec.calls[0][0] is not None   # one output ...
         assert [c[1] for c in rec.calls] == [False, True, True, True]                # shown at record 1; updated at 3, 6, end
+        assert len(rec.calls[0][2]["application/vnd.plotly.v1+json"]["data"][0]["y"]) == 1   # at once: the first record
         final = rec.calls[-1][2]["application/vnd.plotly.v1+json"]                   # show_fig's bundle
         assert list(final["data"][0]["y"]) == [r["loss"] for r in hist]
         with capture_output() as cap:                                                # nbdev's runner, mmlab-docs --execute
@@ -1107,3 +1124,35 @@ def test_eval_callback_runs_in_eval_mode_without_grad_and_restores_training():
     Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, eval_every=1, device="cpu"),
             callbacks=[EvalCallback(lambda m: {}), Mode()]).fit()
     assert modes == [True] * 4                                            # back in train mode after each evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only (run through the device tool): fp16 with GradScaler, checkpoints of GPU tensors
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fp16_accumulated_gradient_is_the_full_batch_gradient():
+    "fp16 scales the loss (GradScaler) after dividing by K: unscaled, the gradient is the full-batch mean's."
+    data = [(x.cuda(), y.cuda()) for x, y in _data(4)]
+    class Check(Callback):
+        n = 0
+        def on_after_backward(self, t):
+            got = [p.grad.double().cpu() / t.scaler.get_scale() for p in t.model.parameters()]
+            rows = [tuple(r.cpu() for r in data[(t.step * 2 + i) % 4]) for i in range(2)]
+            want = _naive_linear_grad([p.cpu() for p in t.model.parameters()], rows)
+            for g, w in zip(got, want): torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)
+            self.n += 1
+    cb = Check()
+    Trainer(nn.Linear(3, 1), _mse, data, TrainConfig(max_steps=2, grad_accum=2, precision="fp16", device="cuda"),
+            callbacks=[cb]).fit()
+    assert cb.n == 2
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_encode_state_moves_gpu_tensors_to_the_cpu():
+    tensors = {}
+    state = encode_state({"w": torch.ones(2, device="cuda")}, tensors)
+    assert state == {"w": {"__tensor__": "/w"}} and tensors["/w"].device.type == "cpu"
