@@ -72,8 +72,8 @@ def run(names:list, rerun:bool, children:int):
         codes = exit_codes()
         todo = [n for n in names if codes[n] is None or (rerun and attempt == 0 and status(codes[n]) not in KILLED)]
         print(f"{len(names)} mutants chosen, {len(todo)} to test", flush=True)
-        for i in range(0, len(todo), 200):               # keep each command line short
-            mutmut("run", "--max-children", str(children), *todo[i:i + 200], check=False)
+        for i in range(0, len(todo), 1000):              # each call re-runs the clean tests: few, long calls
+            mutmut("run", "--max-children", str(children), *todo[i:i + 1000], check=False)
 
 
 def diff_of(name:str) -> str:
