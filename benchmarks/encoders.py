@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmlab.encoders import capture_attention, count_flops, count_params, create_model, set_fused_attn
+from mmlab.encoders import capture_attention, count_flops, count_params, set_fused_attn
+from mmlab.models import create_model
 
 def make_inputs(name:str, batch:int, smoke:bool, g:torch.Generator) -> dict:
     "Inputs of the benchmark size for tower `name` (audio: 2 s; text: 32 tokens with some padding)."

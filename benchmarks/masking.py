@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mmlab.masking import random_mask, block_mask, tube_mask, span_mask, noise_mask   # noqa: E402
 from mmlab.encoders import gather_tokens                                              # noqa: E402
-from mmlab.losses.masked import scatter_tokens                                        # noqa: E402
+from mmlab.models import scatter_tokens                                               # noqa: E402
 
 def median_time(fn, repeats:int) -> float:
     "Median wall time of `fn()` in seconds over `repeats` calls after one warm-up call."

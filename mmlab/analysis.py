@@ -255,7 +255,8 @@ def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
                           max_len:int=32,   # longest caption (tokens)
                          ):
     "A seeded tiny CLIP (2-block ViT + 2-block text Transformer) for CPU experiments."
-    from mmlab.encoders import MultiModalModel, TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.models import MultiModalModel
     torch.manual_seed(seed)
     towers = {"image": ViTEncoder(ViTConfig.preset("tiny", img_size=img_size)),
               "text": TextEncoder(TextConfig.preset("tiny", vocab_size=vocab_size, max_len=max_len))}

@@ -262,7 +262,8 @@ def test_reduce_embeddings_split(method):
 
 
 def test_train_clip_fixed_temperature_and_embed():
-    from mmlab.encoders import MultiModalModel, TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.models import MultiModalModel
     torch.manual_seed(0)
     model = MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
                              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from mmlab.core import MMLabError, CheckpointError
 from mmlab.encoders import (
     Attention, AudioConfig, AudioEncoder, Block, CrossAttention, FusionConfig, FusionEncoder, HFEncoder, MoMEBlock,
-    MultiModalModel, TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention,
-    check_model_contract, count_flops, create_model, gather_tokens, list_models, load_model, model_config,
-    model_from_config, patchify, patchify_spec, save_model, set_fused_attn, unpatchify, unpatchify_spec)
+    TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention, count_flops, gather_tokens,
+    patchify, patchify_spec, set_fused_attn, unpatchify, unpatchify_spec)
+from mmlab.models import (MultiModalModel, check_model_contract, create_model, list_models, load_model, model_config,
+                          model_from_config, save_model)
 
 SLOW = "slow" in os.environ.get("MMLAB_TEST_FLAGS", "")
 

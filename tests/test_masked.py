@@ -13,8 +13,9 @@ from mmlab.core import MMLabError, InputError, ShapeError
 from mmlab.masking import (Mask, mask_from_bool, mask_from_scores, num_masked, random_mask, block_mask, tube_mask,
                            span_mask, noise_mask, filtered_noise, dirichlet_budget, multimodal_mask, check_mask_partition,
                            neighbour_agreement, NOISE_COLORS)
-from mmlab.losses.masked import (scatter_tokens, norm_patches, mae_loss, simmim_loss, hubert_loss, kmeans,
-                                 kmeans_plusplus, kmeans_targets, MAE, SimMIM, MultiModalMAE, HuBERT)
+from mmlab.losses.masked import (norm_patches, mae_loss, simmim_loss, hubert_loss, kmeans, kmeans_plusplus,
+                                 kmeans_targets)
+from mmlab.models import scatter_tokens, MAE, SimMIM, MultiModalMAE, HuBERT
 from mmlab.encoders import ViTEncoder, ViTConfig, AudioEncoder, AudioConfig, gather_tokens
 
 def _g(seed): return torch.Generator().manual_seed(seed)
@@ -252,7 +253,7 @@ def test_mae_no_leakage_and_visible_only():
 def test_mae_loss_equals_reference_on_model_output():
     mae = MAE(_tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix=True).eval()
     imgs = torch.rand(2, 3, 32, 32, generator=_g(0)); out = mae(imgs, generator=_g(1))
-    target = mae.encoder.patchify(imgs)
+    target = mae.encoder("image").patchify(imgs)
     assert out.loss.item() == pytest.approx(ref_mae(out.pred.detach().double(), target.double(), out.mask.mask, True), rel=1e-5)
 
 def test_simmim_sees_visible_only_through_mask_tokens():
@@ -316,7 +317,7 @@ def test_span_mask_matches_broadcast_reference():
 from hypothesis import given, settings, strategies as st
 from mmlab.core import InputTypeError, ConfigError
 from mmlab.masking import apply_mask, _largest_remainder
-from mmlab.losses.masked import MAEOutput
+from mmlab.models import MAEOutput
 
 _FAST = settings(max_examples=30, deadline=None, derandomize=True)
 

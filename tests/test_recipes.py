@@ -108,7 +108,7 @@ def test_mae_recipe_loss_decreases_and_evaluates(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
     m = res.metrics
     assert m["knn/image/chance"] == 0.1
-    assert_knn_metric(res, r, pooled(res.model.encoder), "knn/image/accuracy", 64, 40)
+    assert_knn_metric(res, r, pooled(res.model.encoder("image")), "knn/image/accuracy", 64, 40)
     recipe, model = load_run(tmp_path / "mae")          # rebuilt from recipe.json + the checkpoint
     assert recipe.name == "mae" and recipe.steps == 30
     for (n, p), q in zip(res.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), n
@@ -158,7 +158,7 @@ def test_hubert_recipe_loss_decreases(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
     def frames_mean(b):                                   # mean of the encoder's frames over the unpadded ones
         res.model.eval(); h = res.model.hubert.hidden_states(b["audio"]); res.model.train()
-        pt = res.model.hubert.encoder.config.patch_size[1]       # log-mel columns per frame
+        pt = res.model.encoder("audio").config.patch_size[1]       # log-mel columns per frame
         frames = torch.arange(h.shape[1])[None] < torch.ceil(b["audio_lengths"][:, None] / pt)
         assert torch.equal(frames, res.model.valid_frames(b))
         return (h * frames[..., None]).sum(1) / frames.sum(1, keepdim=True)
@@ -193,7 +193,7 @@ def test_av_mae_recipe_loss_decreases(tmp_path):
     assert set(res.history[0]) >= {"image", "audio"}                         # one term per modality
     losses = [h["loss"] for h in res.history]
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
-    from mmlab.recipes import mmae_features
+    from mmlab.models import mmae_features
     for m in ("image", "audio"):
         assert f"av-mae/{m}/masked_mse" in res.metrics
         assert_knn_metric(res, r, lambda b: (res.model.eval(), mmae_features(res.model, b, m), res.model.train())[1],

@@ -112,8 +112,8 @@ def test_training_dashboard_with_trainer():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from mmlab.encoders import (AudioConfig, AudioEncoder, MultiModalModel, TextConfig, TextEncoder, ViTConfig,
-                                ViTEncoder)
+    from mmlab.encoders import AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
+    from mmlab.models import MultiModalModel
     torch.manual_seed(0)
     return MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
                             "audio": AudioEncoder(AudioConfig.preset("tiny")),

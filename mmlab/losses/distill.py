@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05_distill.ipynb #1414630f
 from __future__ import annotations
-import copy, math
+import math
 
 import torch
 import torch.nn as nn
@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import InputError, InputTypeError, ShapeError, check_shape, check_finite
-from ..encoders import Attention, CrossAttention, Mlp
 from .contrastive import clip_loss
 
 # %% auto #0
-__all__ = ['momentum_schedule', 'ema_update', 'EMATeacher', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss',
-           'byol_loss', 'MLPHead', 'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss',
-           'CaptionBlock', 'CaptionDecoder', 'caption_loss', 'coca_loss']
+__all__ = ['momentum_schedule', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
+           'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss', 'caption_loss', 'coca_loss']
 
 # %% ../../nbs/05_distill.ipynb #1111b94e
 def momentum_schedule(step:int,         # current step k
@@ -50,22 +48,6 @@ def ema_update(teacher:nn.Module, # updated in place
     sb = dict(student.named_buffers())
     for name, b in teacher.named_buffers():
         if name in sb: b.copy_(sb[name])
-
-class EMATeacher(nn.Module):
-    "A frozen copy of a student updated by EMA with a cosine momentum schedule."
-    def __init__(self, student:nn.Module, # the network to track
-                 base:float=0.996,        # momentum at step 0
-                 final:float=1.0,         # momentum at the last step
-                 total_steps:int=1000):   # length of the schedule
-        super().__init__()
-        self.module = copy.deepcopy(student).requires_grad_(False)
-        self.base, self.final, self.total_steps = base, final, total_steps
-    def forward(self, *args, **kwargs):
-        with torch.no_grad(): return self.module(*args, **kwargs)
-    def update(self, student:nn.Module, step:int) -> float:
-        "One EMA step at schedule position `step`; returns the momentum used."
-        m = momentum_schedule(step, self.total_steps, self.base, self.final)
-        ema_update(self.module, student, m); return m
 
 # %% ../../nbs/05_distill.ipynb #092e10b6
 def _check_views(x, name, dims=None):
@@ -135,14 +117,6 @@ def byol_loss(p1:Tensor, p2:Tensor, # (B, D) online predictions of views 1 and 2
              ) -> Tensor:
     "BYOL (Grill et al. 2020, eq. 2): (2 - 2 cos(p1, t2)) + (2 - 2 cos(p2, t1)), averaged over the batch."
     return (2 + 2 * negative_cosine(p1, t2)) + (2 + 2 * negative_cosine(p2, t1))
-
-class MLPHead(nn.Module):
-    "Projector / predictor MLP of BYOL and SimSiam: Linear-BN-ReLU-Linear."
-    def __init__(self, in_dim:int, hidden_dim:int, out_dim:int, norm:bool=True):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim) if norm else nn.Identity(),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-    def forward(self, x): return self.net(x)
 
 # %% ../../nbs/05_distill.ipynb #5c54841c
 def _off_diagonal(c:Tensor) -> Tensor:
@@ -215,45 +189,6 @@ def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modal
     return 0.5 * (_soft_ce(logits, t_i2t) + _soft_ce(logits.T, t_t2i))
 
 # %% ../../nbs/05_distill.ipynb #bc5bccdf
-class CaptionBlock(nn.Module):
-    "Pre-norm decoder block: causal self-attention, cross-attention to context tokens, MLP."
-    def __init__(self, dim:int, num_heads:int, context_dim:int|None=None, mlp_ratio:float=4.0):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, num_heads)                       # chapter 02's attention modules
-        self.cross_attn = CrossAttention(dim, num_heads, context_dim=context_dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-    def forward(self, x:Tensor,        # (B, T, D) text tokens
-                context:Tensor,        # (B, N, C) image/audio tokens
-               ) -> Tensor:
-        T = x.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()   # token t sees tokens <= t
-        x = x + self.self_attn(self.norm1(x), attn_mask=causal)
-        x = x + self.cross_attn(self.norm2(x), context)
-        return x + self.mlp(self.norm3(x))
-
-class CaptionDecoder(nn.Module):
-    "CoCa's multimodal text decoder: token + position embeddings, `depth` CaptionBlocks, LM head."
-    def __init__(self, vocab_size:int,   # V
-                 context_dim:int,        # width of the image/audio tokens attended to
-                 dim:int=128, depth:int=2, num_heads:int=4,
-                 max_len:int=64):        # longest caption, in tokens
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, dim); self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
-        nn.init.normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(CaptionBlock(dim, num_heads, context_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim); self.head = nn.Linear(dim, vocab_size)
-        self.max_len = max_len
-    def forward(self, tokens:Tensor,   # (B, T) long token ids, padded on the right
-                context:Tensor,        # (B, N, C) image or audio tokens
-               ) -> Tensor:            # (B, T, V) next-token logits
-        check_shape(tokens, "tokens", ("B", "T")); check_shape(context, "context", (tokens.shape[0], None, None))
-        if tokens.shape[1] > self.max_len:
-            raise ShapeError(f"CaptionDecoder: {tokens.shape[1]} tokens exceed max_len={self.max_len}")
-        x = self.tok(tokens) + self.pos[:, :tokens.shape[1]]
-        for blk in self.blocks: x = blk(x, context)
-        return self.head(self.norm(x))
-
 def caption_loss(logits:Tensor, # (B, T, V) decoder outputs at positions 0..T-1
                  tokens:Tensor, # (B, T) the caption; position t predicts token t+1
                  pad_id:int=0,  # ignored in the targets
