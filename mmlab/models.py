@@ -19,7 +19,7 @@ from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttenti
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
                             gather_tokens, sincos_2d, tower_inputs)
 from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, random_mask, span_mask
-from .losses import (DINOLoss, byol_loss, clip_loss, ema_update, hubert_loss, kmeans_targets, mae_loss,
+from .losses import (DINOLoss, byol_loss, clip_loss, dino_loss, ema_update, hubert_loss, kmeans_targets, mae_loss,
                           momentum_schedule, simmim_loss)
 
 # %% auto #0
@@ -258,10 +258,13 @@ def check_model_contract(model:nn.Module, batch_size:int=2, seed:int=0) -> dict:
     "Shapes, finiteness, eval determinism and gradient flow on `model.example_inputs`; returns output shapes."
     g = torch.Generator().manual_seed(seed)
     inputs = model.example_inputs(batch_size, g)
-    def flat(y):
+    def flat(y, pre=""):     # every tensor of the output (named tuples, dicts and masks opened), by dotted name
         if isinstance(y, EncoderOutput): return {"tokens": y.tokens, "pooled": y.pooled}
-        if isinstance(y, dict): return {k: v for k, v in y.items() if isinstance(v, torch.Tensor)}
-        return {"out": y}
+        if isinstance(y, torch.Tensor): return {pre or "out": y}
+        if isinstance(y, Mask): y = {"mask": y.mask}
+        elif hasattr(y, "_asdict"): y = y._asdict()
+        if not isinstance(y, dict): return {}
+        return {k2: v2 for k, v in y.items() for k2, v2 in flat(v, f"{pre}.{k}" if pre else k).items()}
     model.eval()
     y1, y2 = flat(model(**inputs)), flat(model(**inputs))
     for k, v in y1.items():
@@ -273,7 +276,7 @@ def check_model_contract(model:nn.Module, batch_size:int=2, seed:int=0) -> dict:
     elif "pooled" in y1: check_shape(y1["pooled"], "pooled", (batch_size, model.embed_dim))
     model.train(); model.zero_grad()
     w = torch.Generator().manual_seed(seed + 1)
-    loss = sum((v * torch.randn(v.shape, generator=w)).sum() for v in flat(model(**inputs)).values())
+    loss = sum((v * torch.randn(v.shape, generator=w)).sum() for v in flat(model(**inputs)).values() if v.is_floating_point())
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()
                                                                             or p.grad.abs().sum() == 0)]
@@ -371,6 +374,11 @@ class MAE(Model):
         pred = self.decoder(feats[:, P:], m, self.grid, prefix=feats[:, :P] if P else None)
         return MAEOutput(mae_loss(pred, self.tower.patchify(imgs), m.mask, self.norm_pix), pred, m)
 
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Random images and a fixed random mask at `mask_ratio`, as keyword arguments of `forward` (reusable: no RNG inside)."
+        imgs = self.tower.example_inputs(batch_size, generator)["x"]
+        return dict(imgs=imgs, mask=random_mask(batch_size, self.grid[0] * self.grid[1], self.mask_ratio, generator=generator))
+
     @torch.no_grad()
     def reconstruct(self, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W)
         "Image from the predictions (de-normalised with each true patch's statistics when norm_pix), visible patches pasted back."
@@ -396,6 +404,11 @@ class SimMIM(Model):
 
     def parts(self) -> dict: return {"encoder": self.tower}
     def encoders(self) -> dict: return {"image": self.tower}
+
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Random images and a fixed block mask, as keyword arguments of `forward`."
+        return dict(imgs=self.tower.example_inputs(batch_size, generator)["x"],
+                    mask=block_mask(batch_size, self.grid, self.mask_ratio, self.block_size, generator=generator))
 
     def forward(self, imgs:Tensor, mask:Mask|None=None, generator:torch.Generator|None=None) -> MAEOutput:
         check_shape(imgs, "imgs", ("B", self.tower.config.in_chans, *self.tower.config.img_size))
@@ -445,6 +458,8 @@ class MultiModalMAE(Model):
         if contrastive_weight > 0 and len(adapters) < 2:
             raise ConfigError("MultiModalMAE: the contrastive term needs at least two modalities")
         self.adapters = nn.ModuleDict(adapters)
+        for t in adapters.values():                      # a tower's final norm is unused here (the shared encoder
+            if getattr(t, "norm", None) is not None: t.norm.requires_grad_(False)   # has its own): frozen
         self.modality_embed = nn.ParameterDict({n: nn.Parameter(torch.zeros(embed_dim)) for n in adapters})
         for p in self.modality_embed.values(): nn.init.normal_(p, std=0.02)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -482,8 +497,16 @@ class MultiModalMAE(Model):
             return mask_from_bool(torch.cat(list(per.values()), 1)), per
         return multimodal_mask(B, sizes, n, self.alpha, generator=generator, device=device)
 
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Random inputs of every adapter (spectrograms of 100 frames) and a fixed mask, as keyword arguments of `forward`."
+        inputs = {n: t.example_inputs(batch_size, generator)["x"] for n, t in self.adapters.items()}
+        with torch.no_grad(): sizes = {n: t.embed(inputs[n])[0].shape[1] for n, t in self.adapters.items()}
+        return dict(inputs=inputs, mask=self.make_mask(batch_size, sizes, generator))
+
     def forward(self, inputs:dict,                         # modality -> (B, C, H, W) image or (B, F, T) log-mel
-                generator:torch.Generator|None=None) -> MultiModalMAEOutput:
+                generator:torch.Generator|None=None,
+                mask:tuple|None=None,                  # (Mask, modality -> hidden map) from `make_mask`; None: drawn
+               ) -> MultiModalMAEOutput:
         names = list(self.adapters)
         missing = [n for n in names if n not in inputs]
         if missing: raise InputError(f"MultiModalMAE: inputs lack modalities {missing}; expected {names}")
@@ -495,7 +518,7 @@ class MultiModalMAE(Model):
         B = next(iter(toks.values())).shape[0]
         for n in names: check_shape(toks[n], f"inputs[{n!r}] tokens", (B, None, None))
         sizes = {n: toks[n].shape[1] for n in names}
-        m, per = self.make_mask(B, sizes, generator, next(iter(toks.values())).device)
+        m, per = mask if mask is not None else self.make_mask(B, sizes, generator, next(iter(toks.values())).device)
         x = gather_tokens(torch.cat([toks[n] for n in names], 1), m.visible)        # (B, N_vis, D)
         for blk in self.blocks: x = blk(x)
         enc = self.norm(x)
@@ -597,10 +620,16 @@ class HubertModel(Model):
         spec = batch["audio"]; pt = self.hubert.tower.config.patch_size[1]; N = math.ceil(spec.shape[-1] / pt)
         lengths = batch.get("audio_lengths", torch.full((len(spec),), spec.shape[-1])).to(spec.device)
         return torch.arange(N, device=spec.device)[None] < (lengths[:, None] + pt - 1) // pt
-    def forward(self, batch:dict) -> Tensor:
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "A batch of log-mels (100 and 61 frames) and a fixed span mask, as keyword arguments of `forward`."
+        x = self.hubert.tower.example_inputs(batch_size, generator)
+        N = math.ceil(x["x"].shape[-1] / self.hubert.tower.config.patch_size[1])
+        return dict(batch={"audio": x["x"], "audio_lengths": x["lengths"]},
+                    mask=span_mask(batch_size, N, self.hubert.mask_ratio, self.hubert.span, generator=generator))
+    def forward(self, batch:dict, mask:Mask|None=None) -> Tensor:   # mask: None draws span masks
         spec = batch["audio"]
         targets = kmeans_targets(self.hubert.frame_features(spec), self.centroids)
-        out = self.hubert(spec, targets)
+        out = self.hubert(spec, targets, mask)
         return hubert_loss(out.logits, targets, out.mask.mask & self.valid_frames(batch))
 
 # %% ../nbs/05b_models.ipynb #8ed1dd82
@@ -640,6 +669,10 @@ class BYOLModel(Model):
     def parts(self) -> dict: return {"encoder": self.online["encoder"]}
     def encoders(self) -> dict: return {"image": self.online["encoder"]}
     def project(self, net, x): return net["projector"](net["encoder"](x).pooled)
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Two random views, as keyword arguments of `forward`."
+        enc = self.online["encoder"]
+        return dict(v1=enc.example_inputs(batch_size, generator)["x"], v2=enc.example_inputs(batch_size, generator)["x"])
     def forward(self, v1:Tensor, v2:Tensor) -> Tensor:   # (B, C, H, W) two views -> scalar loss
         p1, p2 = self.predictor(self.project(self.online, v1)), self.predictor(self.project(self.online, v2))
         with torch.no_grad(): t1, t2 = self.project(self.teacher.module, v1), self.project(self.teacher.module, v2)
@@ -677,7 +710,13 @@ class DINOModel(Model):
     def forward(self, global_views:list, local_views:list=()) -> Tensor:
         student = self.logits(self.online, list(global_views) + list(local_views))
         with torch.no_grad(): teacher = self.logits(self.teacher.module, list(global_views))
-        return self.criterion(student, teacher)                 # also moves the centre towards the teacher's mean
+        if self.training: return self.criterion(student, teacher)   # also moves the centre towards the teacher's mean
+        c = self.criterion                                      # eval: the same loss, the centre left where it is
+        return dino_loss(student, teacher, c.center, c.student_temp, c.teacher_temp)
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Two global and two local random views (all at the tower's size), as keyword arguments of `forward`."
+        view = lambda: self.online["encoder"].example_inputs(batch_size, generator)["x"]
+        return dict(global_views=[view(), view()], local_views=[view(), view()])
 
 # %% ../nbs/05b_models.ipynb #12b2b42c
 class CaptionBlock(nn.Module):
@@ -718,3 +757,43 @@ class CaptionDecoder(nn.Module):
         x = self.tok(tokens) + self.pos[:, :tokens.shape[1]]
         for blk in self.blocks: x = blk(x, context)
         return self.head(self.norm(x))
+
+# %% ../nbs/05b_models.ipynb #ecbae74d
+def _preset(name, doc):
+    def deco(fn):
+        fn.__name__ = fn.__qualname__ = name; fn.__doc__ = doc
+        return register_model(fn)
+    return deco
+
+def _vit(size, **kw): return ViTEncoder(ViTConfig.preset(size, **kw))
+
+for _s in ("tiny", "small"):
+    _preset(f"mae_{_s}", f"MAE on the {_s} ViT: decoder 64 wide, 1 block, 2 heads, 75 % hidden (the mae recipe's defaults).")(
+        lambda size=_s, **kw: MAE(_vit(size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
+                                                        norm_pix=True), **kw}))
+    _preset(f"simmim_{_s}", f"SimMIM on the {_s} ViT: 60 % hidden in 2x2-token blocks, linear pixel head.")(
+        lambda size=_s, **kw: SimMIM(_vit(size), **kw))
+    _preset(f"byol_{_s}", f"BYOL on the {_s} ViT: projection 64, hidden 128, momentum 0.99 over 200 steps (the byol recipe's defaults).")(
+        lambda size=_s, **kw: BYOLModel(_vit(size), **{**dict(dim=64, hidden=128, total_steps=200, base_momentum=0.99), **kw}))
+    _preset(f"dino_{_s}", f"DINO on the {_s} ViT: 256 prototypes, BatchNorm head, momentum 0.99 over 200 steps (the dino recipe's defaults).")(
+        lambda size=_s, **kw: DINOModel(_vit(size), **{**dict(out_dim=256, hidden=128, bottleneck=64, total_steps=200,
+                                                              base_momentum=0.99, head_bn=True), **kw}))
+
+def _hubert(size, n_mels=32, frame_hop=4, num_units=32, mask_ratio=0.5, span=3, **kw):
+    enc = AudioEncoder(AudioConfig.preset(size, n_mels=n_mels, patch_size=(n_mels, frame_hop)))
+    hub = HuBERT(enc, num_units, mask_ratio=mask_ratio, span=span, **kw)
+    return HubertModel(hub, torch.zeros(num_units, n_mels * frame_hop))   # zero centroids: k-means needs data
+
+def _av_mae(size, n_mels=32, decoder_dim=64, **kw):
+    v = ViTConfig.preset(size); width = dict(embed_dim=v.embed_dim, num_heads=v.num_heads)
+    adapters = {"image": _vit(size, depth=0, class_token=False, pool="mean"),
+                "audio": AudioEncoder(AudioConfig.preset(size, n_mels=n_mels, depth=0, **width))}
+    return MultiModalMAE(adapters, **{**dict(depth=v.depth, decoder_dim=decoder_dim, decoder_depth=1,
+                                             decoder_heads=max(1, decoder_dim // 32), visible=0.25, alpha=1.0,
+                                             contrastive_weight=0.0, norm_pix=True), **width, **kw})
+
+for _s in ("tiny", "small"):
+    _preset(f"hubert_{_s}", f"HuBERT on the {_s} audio tower, 32 mels in frames of 4, K=32 units, zero centroids (the hubert recipe's defaults).")(
+        lambda size=_s, **kw: _hubert(size, **kw))
+    _preset(f"av_mae_{_s}", f"Audio-visual MAE: {_s} image and audio adapters, a shared encoder of the {_s} ViT's width and depth (the av-mae recipe's defaults).")(
+        lambda size=_s, **kw: _av_mae(size, **kw))

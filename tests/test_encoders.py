@@ -341,7 +341,7 @@ def test_save_load_identical(name, tmp_path):
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
     y, y2 = m(**inp), m2(**inp)
     flat = lambda o: [o.tokens, o.pooled] if hasattr(o, "pooled") else ([o] if torch.is_tensor(o) else
-                                                                       [v for v in o.values() if torch.is_tensor(v)])
+                                                                       [v for v in getattr(o, "_asdict", lambda: o)().values() if torch.is_tensor(v)])
     for a, b in zip(flat(y), flat(y2)): assert torch.equal(a, b)
     # from_config rebuilds the same architecture (fresh weights)
     fresh = model_from_config(model_config(m))

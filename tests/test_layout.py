@@ -182,3 +182,59 @@ def test_every_recipe_model_hands_back_its_towers(name):
         fresh = model_from_config(model_config(tower))
         fresh.load_state_dict(tower.state_dict(), strict=True)
         with pytest.raises(InputError, match="no 'video' tower"): model.encoder("video")
+
+
+# ---------------------------------------------------------------- every registered preset: build, save, load, encoder()
+def _tensors(y, pre="") -> dict:
+    "Every tensor of a model output (named tuples, dicts, masks opened), by dotted name."
+    from mmlab.masking import Mask
+    if torch.is_tensor(y): return {pre or "out": y}
+    if isinstance(y, Mask): y = {"mask": y.mask}
+    elif hasattr(y, "_asdict"): y = y._asdict()
+    if not isinstance(y, dict): return {}
+    return {k2: v2 for k, v in y.items() for k2, v2 in _tensors(v, f"{pre}.{k}" if pre else k).items()}
+
+
+def _presets():
+    from mmlab.models import list_models
+    return [n for n in list_models() if not n.endswith("_base")]   # base towers: minutes on 2 cores (test_encoders, slow flag)
+
+
+@pytest.mark.parametrize("name", _presets())
+def test_every_preset_saves_loads_and_hands_back_its_towers(name, tmp_path):
+    from mmlab.core import InputError
+    from mmlab.models import Model, MultiModalMAE, create_model, load_model, model_config, model_from_config, save_model
+    torch.manual_seed(0)
+    model = create_model(name)
+    with torch.no_grad():                                   # not the init: the weights must really load
+        for p in model.parameters(): p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    loaded = load_model(save_model(model, tmp_path / name))
+    assert type(loaded) is type(model) and model_config(loaded) == model_config(model)
+    run = lambda m: _tensors(m(**m.example_inputs(2, torch.Generator().manual_seed(0))))
+    with torch.no_grad(): a, b = run(model), run(loaded)
+    assert a and a.keys() == b.keys()
+    for k in a: assert torch.equal(a[k], b[k]), (name, k)
+    if not isinstance(model, Model): return                 # a tower: it is its own encoder
+    if isinstance(model, MultiModalMAE):                     # one encoder shared by every modality: no single tower
+        for m in model.adapters:
+            with pytest.raises(InputError, match="no stand-alone .* tower; use mmae_features"): model.encoder(m)
+        return
+    assert model.encoders(), name
+    for m in model.encoders():
+        tower = model.encoder(m)
+        assert any(tower is t for t in model.modules())
+        model_from_config(model_config(tower)).load_state_dict(tower.state_dict(), strict=True)
+
+
+PRESET_OF_RECIPE = {"mae": "mae_tiny", "byol": "byol_tiny", "dino": "dino_tiny", "hubert": "hubert_tiny", "av-mae": "av_mae_tiny"}
+
+@pytest.mark.parametrize("recipe_name", list(PRESET_OF_RECIPE))
+def test_recipe_models_are_the_presets(recipe_name):
+    "A recipe at its defaults (size tiny) builds the architecture of its preset: the same model_config."
+    from mmlab.models import create_model, model_config
+    from mmlab.recipes import RECIPES
+    recipe = RECIPES[recipe_name]()
+    model = recipe.make_model(centroids=torch.zeros(recipe.num_units, recipe.n_mels * recipe.frame_hop)) \
+        if recipe_name == "hubert" else recipe.make_model()
+    assert model_config(model) == model_config(create_model(PRESET_OF_RECIPE[recipe_name]))
