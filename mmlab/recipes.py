@@ -5,7 +5,7 @@
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
 import argparse, json, math, sys, time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .core import CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, get_settings
+from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, get_device,
+                        get_precision, get_settings)
 from .data import MODALITIES, take
 from .encoders import AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
@@ -25,21 +26,26 @@ from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, l
 from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
-           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
-           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
-           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes',
-           'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
-           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'run_recipe', 'recipe_dict',
-           'get_recipe', 'parse_overrides', 'export_manifest', 'loss_figure', 'embedding_figure', 'metrics_tables',
-           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
-           'LitRecipe']
+__all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES',
+           'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe',
+           'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
+           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
+           'text_classes', 'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views',
+           'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
+           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
+           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
+           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
 TARGETS = ("label", "diagonal")
 SIZES = ("tiny", "small", "base")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+FROM_SETTINGS = ("device", "precision", "seed")   # fields whose default is the setting of the same name (MMLAB_*)
+
+def _setting(key:str):
+    "A dataclass field whose default is read from the settings (settings.ini, `MMLAB_<KEY>`) when a recipe is made."
+    return field(default_factory=lambda: getattr(get_settings(), key))
 
 @dataclass
 class RunFields:
@@ -52,10 +58,10 @@ class RunFields:
     lr: float = 1e-3              # peak AdamW rate
     warmup_steps: int = 20        # linear warmup, then cosine decay
     weight_decay: float = 0.05
-    precision: str = "fp32"       # fp32 | bf16 (autocast) | fp16 (CUDA + GradScaler) | auto
+    precision: str = _setting("precision")  # fp32 | bf16 (autocast) | fp16 (CUDA + GradScaler) | auto
     compile: bool = False         # torch.compile the model (pays off on a GPU and long runs)
-    seed: int = 0                 # weights and batch order
-    device: str = "cpu"           # cpu | cuda | auto
+    seed: int = _setting("seed")  # weights and batch order
+    device: str = _setting("device")  # auto | cpu | cuda | cuda:N | mps
     threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
     workers: int = 0              # DataLoader worker processes (manifest datasets)
     ckpt_every: int = 0           # updates between checkpoints (0: only at the end)
@@ -66,7 +72,9 @@ class RunFields:
         "Check the shared fields; recipes call this first, then check their own."
         _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _choice(self, "compile", (True, False))
         _positive(self, "steps", "batch_size", "grad_accum")
-        for k in ("warmup_steps", "threads", "workers", "ckpt_every"):
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"{self.name}.device={self.device!r}: expected auto, cpu, mps, cuda or cuda:N")
+        for k in ("warmup_steps", "threads", "workers", "ckpt_every", "seed"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 0")
         if not self.lr > 0: raise ConfigError(f"{self.name}.lr={self.lr!r}: expected a learning rate > 0")
@@ -541,6 +549,11 @@ def _check_resumable(recipe, out:Path|None):
         raise ConfigError(f"cannot resume {out} with a different recipe than its recipe.json; bit-identical "
                           "continuation needs the same fields (start a new run to change them)")
 
+def resolve_runtime(recipe):
+    "The recipe with `device` and `precision` resolved for this machine (`auto` -> what runs): what recipe.json records."
+    dev = get_device(recipe.device)
+    return replace(recipe, device=str(dev), precision=get_precision(recipe.precision, dev))
+
 def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()`)
                out_dir:str|Path|None=None, # write metrics.jsonl, checkpoints/, recipe.json, metrics.json here
                n_train:int|None=None,      # first n training examples only (tests)
@@ -550,7 +563,7 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
                resume:bool=False,          # continue from the newest checkpoint in out_dir (same recipe)
               ) -> RunResult:
     "Load data, build the model, train it with `Trainer`, evaluate: the recipe says what, the trainer does the loop."
-    t0 = time.perf_counter()
+    t0 = time.perf_counter(); recipe = resolve_runtime(recipe)
     if recipe.threads: torch.set_num_threads(recipe.threads)
     out = Path(out_dir) if out_dir is not None else None
     if resume: _check_resumable(recipe, out)
@@ -585,8 +598,12 @@ def get_recipe(name:str, **overrides):
     for k, v in overrides.items():
         k = k.replace("-", "_")
         if k not in allowed: raise ConfigError(f"recipe {name!r} has no key {k!r}; allowed keys: {', '.join(allowed)}")
-        kw[k] = _convert(name, k, v, allowed[k].default)
+        kw[k] = _convert(name, k, v, field_default(allowed[k]))
     return cls(**kw)
+
+def field_default(f):
+    "The default of a recipe field: its value, or (device, precision, seed) the setting read now."
+    return f.default_factory() if f.default is MISSING else f.default
 
 def _convert(name, key, v, default):
     "Parse a CLI string into the type of the field's default."
@@ -723,7 +740,7 @@ def quickstart(out:str|Path|None=None,   # output folder (default: a fresh runs/
               ) -> RunResult:
     "Train the tri-modal digits model (label-aware CLIP), evaluate on the test split, write report.html + metrics.json."
     t0 = time.perf_counter()
-    recipe = get_recipe("clip", **overrides)
+    recipe = resolve_runtime(get_recipe("clip", **overrides))   # as run_recipe records it
     out = fresh_out_dir("quickstart", out)
     res = run_recipe(recipe, out, n_train=n_train, evaluate_after=False, progress=progress)
     batch = load_split(recipe, recipe.eval_split, n_eval)
@@ -764,7 +781,9 @@ mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a ch
 
 def _recipe_help(name):
     cls = RECIPES[name]
-    return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {f.default!r})" for f in recipe_fields(cls))
+    src = lambda f: f", from the {f.name} setting / MMLAB_{f.name.upper()}" if f.name in FROM_SETTINGS else ""
+    return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {field_default(f)!r}{src(f)})"
+                                                                  for f in recipe_fields(cls))
 
 def _report_run(res:RunResult):
     print(json.dumps({k: round(v, 4) for k, v in res.metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))

@@ -5,7 +5,7 @@
 # %% ../nbs/07_train.ipynb #178fe3da
 from __future__ import annotations
 import csv, hashlib, inspect, io, json, math, os, random, shutil, time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -51,8 +51,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0         # cosine floor as a fraction of lr
     grad_accum: int = 1               # micro-batches per update; each loss is divided by it
     clip_grad_norm: float|None = 1.0  # max global L2 norm of the gradient (None: no clipping, norm still logged)
-    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"           # fp32 | bf16 (autocast, CPU or GPU) | fp16 (CUDA + GradScaler) | auto
+    device: str|None = None           # auto | cpu | cuda | cuda:N | mps; None: the `device` setting (MMLAB_DEVICE)
+    precision: str|None = None        # fp32 | bf16 (autocast, CPU or GPU) | fp16 (CUDA + GradScaler) | auto; None: the setting
     compile: bool = False             # compile the model in place (nn.Module.compile: state_dict keys unchanged)
     out_dir: str|None = None          # metric files and checkpoints/ go here (None: nothing is written)
     log_to: tuple = ("jsonl",)        # metric files in out_dir: names from LOGGERS, a tuple or "jsonl,csv" (the CLI's form)
@@ -488,7 +488,8 @@ class Trainer:
                  generator:torch.Generator|None=None, # generator the data shuffles with (default: data.generator)
                 ):
         self.cfg = cfg = cfg or TrainConfig()
-        self.device = get_device(cfg.device); self.precision = get_precision(cfg.precision, self.device)
+        self.device = get_device(cfg.device); self.precision = get_precision(cfg.precision, self.device)   # None: the settings
+        self.cfg = cfg = replace(cfg, device=str(self.device), precision=self.precision)   # resolved: checkpoints record them
         self.model, self.loss_fn, self.data = model.to(self.device), loss_fn, data
         if cfg.compile: compile_model(self.model)              # in place: state_dict keys unchanged
         self.generator = generator if generator is not None else getattr(data, "generator", None)

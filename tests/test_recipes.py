@@ -274,3 +274,40 @@ def test_cli_resume_is_bit_identical(tmp_path):
                       (("train", "--resume", str(run), "--steps", "9"), "exactly one run folder")]:
         p = _mmlab(*args)
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+
+# ---------------------------------------------------------------------------------------------
+# device, precision and seed default to the settings (settings.ini < MMLAB_*); an explicit value wins.
+def _no_mmlab_env(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("MMLAB_") and k not in ("MMLAB_TEST_FLAGS", "MMLAB_TEST_CUDA_ARCH")]:
+        monkeypatch.delenv(k)
+
+def test_recipe_defaults_come_from_the_settings(monkeypatch, tmp_path):
+    from mmlab.core import get_device
+    _no_mmlab_env(monkeypatch)
+    r = get_recipe("clip")
+    assert (r.device, r.precision, r.seed) == ("auto", "auto", 0)           # settings.ini as shipped
+    monkeypatch.setenv("MMLAB_PRECISION", "bf16"); monkeypatch.setenv("MMLAB_SEED", "7")
+    for name in RECIPES: assert (get_recipe(name).precision, get_recipe(name).seed) == ("bf16", 7), name
+    assert (ClipRecipe(seed=3, precision="fp32").seed, get_recipe("clip", seed="3", precision="fp32").precision) == (3, "fp32")
+    r = get_recipe("clip", steps="2", batch_size="8", modalities="image,text")
+    for p, q in zip(r.make_model().state_dict().values(), ClipRecipe(seed=7, modalities=("image", "text")).make_model().state_dict().values()):
+        assert torch.equal(p, q)                                              # the seed setting seeds the weights
+    res = run_recipe(r, tmp_path / "run", n_train=16, evaluate_after=False)
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert (saved["device"], saved["precision"], saved["seed"]) == (str(get_device("auto")), "bf16", 7)   # resolved, recorded
+    assert len(res.history) == 2
+    with pytest.raises(ConfigError, match="clip.device='gpu'"): get_recipe("clip", device="gpu")
+    with pytest.raises(ConfigError, match="clip.seed=-1"): ClipRecipe(seed=-1)
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_train_reads_device_setting_and_explicit_key_wins(monkeypatch, tmp_path, capsys):
+    _no_mmlab_env(monkeypatch)
+    monkeypatch.setenv("MMLAB_DEVICE", "cuda"); monkeypatch.setenv("MMLAB_SEED", "5")
+    assert main(["train", "clip", "--help"]) == 0
+    assert "--device (default 'cuda', from the device setting / MMLAB_DEVICE)" in capsys.readouterr().out
+    args = ["train", "clip", "--steps", "2", "--batch_size", "8", "--modalities", "image,text", "--eval_split", "test"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "'cuda' requested but CUDA is not available" in capsys.readouterr().err
+    assert main(args + ["--device", "cpu", "--out", str(tmp_path / "b")]) == 0
+    saved = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert (saved["device"], saved["precision"], saved["seed"]) == ("cpu", "fp32", 5)

@@ -1156,3 +1156,36 @@ def test_encode_state_moves_gpu_tensors_to_the_cpu():
     tensors = {}
     state = encode_state({"w": torch.ones(2, device="cuda")}, tensors)
     assert state == {"w": {"__tensor__": "/w"}} and tensors["/w"].device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings supply the defaults (settings.ini < MMLAB_* variables); an explicit argument wins.
+def _no_mmlab_env(monkeypatch):
+    "Only the checkout's settings.ini speaks (no MMLAB_* variable leaks in from the caller's shell)."
+    for k in [k for k in os.environ if k.startswith("MMLAB_") and k not in ("MMLAB_TEST_FLAGS", "MMLAB_TEST_CUDA_ARCH")]:
+        monkeypatch.delenv(k)
+
+
+def test_trainer_device_and_precision_come_from_the_settings(monkeypatch, tmp_path):
+    _no_mmlab_env(monkeypatch)
+    assert (TrainConfig().device, TrainConfig().precision) == (None, None)      # None: "the setting"
+    if not torch.cuda.is_available():                                             # shipped auto/auto on a CPU: cpu, fp32
+        tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1))
+        assert (tr.device, tr.precision, tr.cfg.device, tr.cfg.precision) == (torch.device("cpu"), "fp32", "cpu", "fp32")
+    monkeypatch.setenv("MMLAB_PRECISION", "bf16")
+    cfg = TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path))
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg)
+    assert tr.precision == "bf16" and tr.cfg.precision == "bf16" and tr.cfg.device == "cpu"
+    tr.fit()
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert (state["config"]["device"], state["config"]["precision"]) == ("cpu", "bf16")   # resolved values recorded
+    assert Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu", precision="fp32")).precision == "fp32"  # explicit wins
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_trainer_device_setting_is_read_and_explicit_device_wins(monkeypatch):
+    _no_mmlab_env(monkeypatch)
+    monkeypatch.setenv("MMLAB_DEVICE", "cuda")
+    with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1))
+    assert Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1, device="cpu")).device == torch.device("cpu")
