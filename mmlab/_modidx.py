@@ -694,6 +694,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.embedding_figure': ('recipes.html#embedding_figure', 'mmlab/recipes.py'),
                                'mmlab.recipes.evaluate': ('recipes.html#evaluate', 'mmlab/recipes.py'),
                                'mmlab.recipes.export_manifest': ('recipes.html#export_manifest', 'mmlab/recipes.py'),
+                               'mmlab.recipes.export_tower': ('recipes.html#export_tower', 'mmlab/recipes.py'),
                                'mmlab.recipes.field_default': ('recipes.html#field_default', 'mmlab/recipes.py'),
                                'mmlab.recipes.fresh_out_dir': ('recipes.html#fresh_out_dir', 'mmlab/recipes.py'),
                                'mmlab.recipes.get_recipe': ('recipes.html#get_recipe', 'mmlab/recipes.py'),

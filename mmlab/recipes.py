@@ -34,7 +34,7 @@ __all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BAN
            'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
            'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
            'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
-           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'LitRecipe']
+           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -777,7 +777,8 @@ def load_run(checkpoint:str|Path) -> tuple:
 USAGE = """mmlab quickstart [--out DIR] [--key value ...]   train + evaluate the tri-modal digits model, write an HTML report
 mmlab train RECIPE [--out DIR] [--key value ...]   train a recipe (recipes: {recipes}); `mmlab train RECIPE --help` lists keys
 mmlab train --resume RUN                          continue an interrupted run from its newest checkpoint (bit-identical)
-mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder"""
+mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder
+mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)"""
 
 def _recipe_help(name):
     cls = RECIPES[name]
@@ -832,7 +833,16 @@ def _cmd(argv:list[str]) -> int:
         print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
         print(f"metrics: {out}")
         return 0
-    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval")
+    if cmd == "export":
+        if not rest or rest[0].startswith("-"): raise ConfigError("mmlab export: give a RUN folder, then --tower MODALITY -o FOLDER")
+        run, kw = rest[0], parse_overrides(["--out" if a == "-o" else a for a in rest[1:]])
+        unknown = set(kw) - {"tower", "out"}
+        if unknown: raise ConfigError(f"mmlab export: unknown option(s) {sorted(unknown)}; allowed: --tower, -o/--out")
+        if "tower" not in kw or "out" not in kw: raise ConfigError("mmlab export: needs --tower MODALITY and -o FOLDER")
+        path = export_tower(run, kw["tower"], kw["out"])
+        print(f"{kw['tower']} tower of {run}: {path} (config.json + model.safetensors; mmlab.models.load_model reads it)")
+        return 0
+    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export")
 
 def main(argv:list[str]|None=None) -> int:
     "Console entry point `mmlab`: mmlab errors print one clear line and exit with status 2."
@@ -847,6 +857,16 @@ def pretrained_tower(run:str|Path, modality:str="image") -> nn.Module:
     recipe, model = load_run(run)
     try: return model.encoder(modality)
     except MMLabError as e: raise ConfigError(f"{run}: the {recipe.name} run cannot give a {modality!r} tower: {e}") from e
+
+def export_tower(run:str|Path,            # a finished run folder (or one of its checkpoints/step-* folders)
+                 modality:str,            # the tower to take: image, audio or text
+                 out:str|Path,            # folder to write config.json + model.safetensors into
+                ) -> Path:
+    "Save the `modality` tower of a run with `save_model`: `load_model(out)` rebuilds it, its keys load strictly into a fresh tower."
+    from mmlab.models import save_model
+    try: tower = pretrained_tower(run, modality)
+    except CheckpointError as e: raise CheckpointError(f"mmlab export: cannot take the {modality!r} tower of {run}: {e}") from e
+    return save_model(tower, out)
 
 @dataclass
 class LitRecipe(ClipRecipe):

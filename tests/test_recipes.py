@@ -311,3 +311,37 @@ def test_cli_train_reads_device_setting_and_explicit_key_wins(monkeypatch, tmp_p
     assert main(args + ["--device", "cpu", "--out", str(tmp_path / "b")]) == 0
     saved = json.loads((tmp_path / "b" / "recipe.json").read_text())
     assert (saved["device"], saved["precision"], saved["seed"]) == ("cpu", "fp32", 5)
+
+# ---------------------------------------------------------------------------------------------
+def test_cli_export_tower_loads_strictly(tmp_path, capsys):
+    "`mmlab export RUN --tower image -o OUT`: load_model(OUT) gives the run's tower; its keys load strictly into a fresh tower."
+    from safetensors.torch import load_file
+    from mmlab.encoders import ViTConfig, ViTEncoder
+    from mmlab.models import load_model, model_config
+    from mmlab.recipes import pretrained_tower
+    run, out = tmp_path / "run", tmp_path / "image-tower"
+    run_recipe(get_recipe("clip", steps="2", batch_size="8", modalities="image,text"), run, n_train=16, evaluate_after=False)
+    assert main(["export", str(run), "--tower", "image", "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    tower, back = pretrained_tower(run, "image").eval(), load_model(out).eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(): a, b = tower(x), back(x)
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["class"] == "ViTEncoder" and cfg["config"] == json.loads(json.dumps(model_config(tower)["config"]))
+    fresh = ViTEncoder(ViTConfig.from_dict(cfg["config"]))
+    missing, unexpected = fresh.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    assert not missing and not unexpected
+    # errors name the run and the modality, and the CLI turns them into one line and status 2
+    with pytest.raises(ConfigError, match=r"run: the clip run cannot give a 'audio' tower"):
+        from mmlab.recipes import export_tower; export_tower(run, "audio", tmp_path / "x")
+    assert main(["export", str(run), "--tower", "audio", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "'audio' tower" in err and not (tmp_path / "x").exists()
+    assert main(["export", str(tmp_path / "nope"), "--tower", "image", "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "'image' tower of" in err and "nope" in err and "does not exist" in err
+    assert main(["export", str(run), "-o", str(tmp_path / "y")]) == 2 and "--tower MODALITY" in capsys.readouterr().err
+    assert main(["export", str(run), "--tower", "image", "--out", str(tmp_path / "y"), "--size", "1"]) == 2
+    assert main(["--help"]) == 0 and "mmlab export RUN --tower MODALITY -o FOLDER" in capsys.readouterr().out
