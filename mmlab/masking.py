@@ -175,6 +175,7 @@ def tube_mask(B:int,           # batch size
     _check_batch(B, "tube_mask")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise InputError(f"tube_mask: T must be a positive integer, got {T!r}")
+    num_masked(S, ratio, "tube_mask")                                          # errors name tube_mask, not random_mask
     spatial = random_mask(B, S, ratio, generator=generator, device=device).mask   # (B, S)
     return mask_from_bool(spatial[:, None, :].expand(B, T, S).reshape(B, T * S))
 

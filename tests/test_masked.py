@@ -1059,3 +1059,8 @@ def test_block_priorities_rank_covered_tokens_by_position_above_the_rest_on_larg
     L = 40_000                                                                 # a 200 x 200 token grid
     s = _priority_scores(torch.ones(1, L), torch.Generator().manual_seed(0), torch.device("cpu"))[0]
     assert (s.diff() < 0).all() and s.min() > 1 - 1e-9 and s.max() <= 1 + 1e-9
+
+
+def test_tube_mask_errors_name_tube_mask():
+    with pytest.raises(InputError, match=r"^tube_mask: ratio must be a float in \(0, 1\)"): tube_mask(2, 3, 10, 1.5)
+    with pytest.raises(InputError, match=r"^tube_mask: need an integer number of tokens L >= 2"): tube_mask(2, 3, 1, 0.5)

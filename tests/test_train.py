@@ -757,8 +757,8 @@ def test_ema_in_a_run_follows_the_recurrence_and_validates_decay():
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     class Rec(Callback):        # runs after EMA's on_step_end: the weights that update used
         def on_step_end(self, t):
-            for n, p in t.model.named_parameters(): ref[n] = 0.5 * ref[n] + 0.5 * p.detach()
-    ema = EMA(0.5)
+            for n, p in t.model.named_parameters(): ref[n] = 0.75 * ref[n] + 0.25 * p.detach()
+    ema = EMA(0.75)                                 # not 0.5: swapping d and 1 - d must show
     Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), _data(), TrainConfig(max_steps=3, lr=0.1, device="cpu"),
             callbacks=[ema, Rec()]).fit()
     for n in ref: torch.testing.assert_close(ema.shadow[n], ref[n], atol=1e-15, rtol=0)
