@@ -463,6 +463,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'mmlab.losses.distill.caption_loss': ('distill.html#caption_loss', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill.coca_loss': ('distill.html#coca_loss', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill.dino_loss': ('distill.html#dino_loss', 'mmlab/losses/distill.py'),
+                                      'mmlab.losses.distill.ema_': ('distill.html#ema_', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill.ema_update': ('distill.html#ema_update', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill.momentum_distill_loss': ( 'distill.html#momentum_distill_loss',
                                                                                       'mmlab/losses/distill.py'),

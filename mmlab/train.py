@@ -24,6 +24,7 @@ __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss
 # %% ../nbs/07_train.ipynb #1f8a39dc
 from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast,
                         get_device, get_precision)
+from .losses.distill import ema_
 
 # %% ../nbs/07_train.ipynb #2440a017
 def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's counter)
@@ -425,8 +426,8 @@ class EMA(Callback):
         else: self.shadow = {n: v.to(params[n].device) for n, v in self.shadow.items()}   # after a resume
     @torch.no_grad()
     def on_step_end(self, trainer):
-        for n, p in trainer.model.named_parameters():
-            if n in self.shadow: self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+        params = dict(trainer.model.named_parameters())
+        ema_(self.shadow.values(), (params[n] for n in self.shadow), self.decay)   # the one EMA step (losses.distill)
     def state_dict(self): return {"decay": self.decay, "shadow": self.shadow}
     def load_state_dict(self, state): self.decay, self.shadow = state["decay"], state["shadow"]
     def swapped(self, model:nn.Module):

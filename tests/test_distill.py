@@ -477,3 +477,19 @@ def test_negative_cosine_shape_errors_name_the_loss_and_the_argument():
     p = torch.randn(4, 3)
     with pytest.raises(ShapeError, match=r"^negative_cosine: p: expected 2-D"): negative_cosine(p[0], p)
     with pytest.raises(ShapeError, match=r"^negative_cosine: z: expected shape \(B, D\) with B=4"): negative_cosine(p, p[:3])
+
+
+def test_ema_update_copies_buffers_only_when_asked():
+    "One EMA step for parameters (ema_); buffers (BatchNorm statistics) are an explicit choice."
+    t, s = nn.BatchNorm1d(3).double(), nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        s.weight.fill_(3.0); s.running_mean.fill_(5.0)
+    ema_update(t, s, 0.5, copy_buffers=False)
+    assert torch.equal(t.weight, torch.full((3,), 2.0, dtype=torch.float64)) and torch.equal(t.running_mean, torch.zeros(3, dtype=torch.float64))
+    ema_update(t, s, 0.5)
+    assert torch.equal(t.weight, torch.full((3,), 2.5, dtype=torch.float64)) and torch.equal(t.running_mean, s.running_mean)
+    from mmlab.losses.distill import ema_
+    a = [torch.zeros(2, dtype=torch.float64)]
+    ema_(a, [torch.full((2,), 4.0, dtype=torch.float64)], 0.75)
+    assert torch.equal(a[0], torch.ones(2, dtype=torch.float64))             # exactly (1 - m) of the gap
+    with pytest.raises(ValueError): ema_(a, [], 0.5)                          # pairs must match

@@ -15,7 +15,7 @@ from ..core import InputError, InputTypeError, ShapeError, check_shape, check_fi
 from .contrastive import clip_loss
 
 # %% auto #0
-__all__ = ['momentum_schedule', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
+__all__ = ['momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
            'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss', 'caption_loss', 'coca_loss']
 
 # %% ../../nbs/05_distill.ipynb #1111b94e
@@ -30,11 +30,17 @@ def momentum_schedule(step:int,         # current step k
     return final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / total))
 
 @torch.no_grad()
+def ema_(averages, values, momentum:float) -> None:
+    "The kit's one EMA step, in place: a <- m a + (1 - m) v for each (average, value) pair of tensors."
+    for a, v in zip(averages, values, strict=True): a.mul_(momentum).add_(v.detach(), alpha=1 - momentum)
+
+@torch.no_grad()
 def ema_update(teacher:nn.Module, # updated in place
                student:nn.Module, # same architecture
                momentum:float,    # m in [0, 1]
+               copy_buffers:bool=True, # buffers (e.g. BatchNorm statistics) copied from the student, or left alone
               ) -> None:
-    "theta_t <- m theta_t + (1 - m) theta_s for parameters; buffers are copied from the student."
+    "theta_t <- m theta_t + (1 - m) theta_s for parameters (`ema_`); buffers copied from the student if asked."
     if not 0 <= momentum <= 1: raise InputError(f"ema_update: momentum must be in [0, 1], got {momentum}")
     tp, sp = dict(teacher.named_parameters()), dict(student.named_parameters())
     if tp.keys() != sp.keys():
@@ -44,7 +50,8 @@ def ema_update(teacher:nn.Module, # updated in place
         if p.shape != sp[name].shape:
             raise ShapeError(f"ema_update: parameter {name!r} has shape {tuple(p.shape)} in the teacher "
                              f"but {tuple(sp[name].shape)} in the student")
-        p.mul_(momentum).add_(sp[name].detach(), alpha=1 - momentum)
+    ema_(tp.values(), (sp[name] for name in tp), momentum)
+    if not copy_buffers: return
     sb = dict(student.named_buffers())
     for name, b in teacher.named_buffers():
         if name in sb: b.copy_(sb[name])
