@@ -356,6 +356,7 @@ def pca_transform(X:Tensor, mean:Tensor, components:Tensor) -> np.ndarray:  # (N
     X = X.detach().cpu().double() if isinstance(X, Tensor) else torch.as_tensor(np.asarray(X), dtype=torch.float64)
     return ((X - mean) @ components.T).numpy()
 
+# %% ../nbs/09_analysis.ipynb #b23f3a34
 def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"image": x, "text": y})
                       method:str="pca",   # pca | tsne | umap
                       dim:int=2,          # output dimensions (2 or 3)

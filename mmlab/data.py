@@ -55,6 +55,7 @@ class Resample:
     def __call__(self, wave): return resample(wave, self.orig_sr, self.new_sr)
     def __repr__(self): return f"Resample({self.orig_sr}->{self.new_sr})"
 
+# %% ../nbs/01_data.ipynb #56eefcbe
 def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a file
                  where:str="",         # where it came from (file, row), for error messages
                  sample_rate:int=SAMPLE_RATE, # the rate required (Hz)

@@ -185,6 +185,7 @@ def class_embeddings(prompt_emb,          # (C, T, D) tensor, or a list of C ten
         out.append(_normalize(e, f"{where}: prompts of class {c}").mean(0))
     return _normalize(torch.stack(out), f"{where}: mean of class prompts (they cancel out)")
 
+# %% ../nbs/08_eval.ipynb #fe68d0fa
 def zero_shot_classifier(encode,                 # callable: list of prompts -> (n, D) embeddings
                          classnames:list[str],   # C class names
                          templates:list[str],    # T templates with "{}"
@@ -232,6 +233,7 @@ def _retrieval_summary(ranks, n_pos, M, ks, n_missing):
     out["chance_mean_rank"] = ((M + 1) / (p + 1)).mean().item()
     return out
 
+# %% ../nbs/08_eval.ipynb #add7bac2
 def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
                    b:Tensor,                # (M, D) embeddings of modality B
                    a_ids:Tensor|None=None,  # (N,) int group ids; a_i matches b_j when ids are equal (None: i == j)

@@ -582,6 +582,7 @@ def _log_tail(e:BaseException, n:int=3000) -> str:
     msg = str(e)
     return msg if len(msg) <= n else "...\n" + msg[-n:]
 
+# %% ../nbs/06_kernels.ipynb #087ac078
 def build_extension(kind:str="cpu",          # "cpu" (C++/OpenMP) or "cuda"
                     arch:str|None=None,      # CUDA only: e.g. "9.0"; default `local_cuda_arch()`
                     verbose:bool=False):     # print the compiler command lines and log
@@ -766,6 +767,7 @@ def _as_scalar(x, name:str, fn:str, ref:torch.Tensor) -> torch.Tensor:
     if not math.isfinite(v): raise InputError(f"{fn}: `{name}` must be finite, got {v}")
     return x
 
+# %% ../nbs/06_kernels.ipynb #df488b63
 def fused_clip_loss(a:torch.Tensor,            # (B, D) embeddings of modality A (L2-normalised)
                     b:torch.Tensor,            # (B, D) embeddings of modality B, row i pairs with a[i]
                     logit_scale,               # scalar multiplier s = 1/temperature (tensor: gets a gradient)

@@ -131,6 +131,7 @@ def _boxes_priority(B, H, W, K, min_area, max_area, aspect, generator, device):
     prio = 1 + u[..., 4].double()                                                    # (B, K) in [1, 2)
     return (inside * prio[..., None, None]).amax(1)                                  # float64
 
+# %% ../nbs/04_masked.ipynb #7a3554be
 def block_mask(B:int,                 # batch size
                grid:tuple,            # (H, W) token grid
                ratio:float=0.4,       # fraction hidden (BEiT: 0.4, SimMIM: 0.6)

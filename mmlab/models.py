@@ -223,6 +223,7 @@ def create_model(name:str, **overrides) -> nn.Module:
                           + f" (see list_models())")
     return MODEL_REGISTRY[name](**overrides)
 
+# %% ../nbs/05b_models.ipynb #f07bb1e8
 def _register_towers(prefix, tower, config_cls):
     for size in config_cls.PRESETS:
         def build(size=size, **kw): return tower(config_cls.preset(size, **kw))
@@ -335,6 +336,7 @@ class MAEDecoder(nn.Module):
         for blk in self.blocks: x = blk(x)
         return self.pred(self.norm(x))[:, P:]
 
+# %% ../nbs/05b_models.ipynb #15bf3a34
 class MAEOutput(NamedTuple):
     loss: Tensor        # scalar
     pred: Tensor        # (B, L, P) predicted patches (normalised space when norm_pix)

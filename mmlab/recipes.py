@@ -95,6 +95,7 @@ def _fraction(cfg, key):
     "Raise unless the field is in (0, 1)."
     if not 0 < getattr(cfg, key) < 1: raise ConfigError(f"{cfg.name}.{key}={getattr(cfg, key)!r}: expected a fraction in (0, 1)")
 
+# %% ../nbs/08a_recipes.ipynb #dcde4af0
 @dataclass
 class ClipRecipe(RunFields):
     "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
@@ -166,6 +167,7 @@ def label_names(recipe) -> list[str]|None:
     keys = {str(r["label"]) for _, r in _read_manifest(path)[1] if r.get("label") is not None}
     return sorted(keys, key=_label_order) or None
 
+# %% ../nbs/08a_recipes.ipynb #ce4b60bb
 class LabelIndex(torch.utils.data.Dataset):
     "Manifest examples whose `label` is a class index into `names`; with no labels at all, the row index (pairs match)."
     def __init__(self, ds, names:list[str]|None):
@@ -554,6 +556,7 @@ def resolve_runtime(recipe):
     dev = get_device(recipe.device)
     return replace(recipe, device=str(dev), precision=get_precision(recipe.precision, dev))
 
+# %% ../nbs/08a_recipes.ipynb #ad7733bc
 def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()`)
                out_dir:str|Path|None=None, # write metrics.jsonl, checkpoints/, recipe.json, metrics.json here
                n_train:int|None=None,      # first n training examples only (tests)
@@ -687,6 +690,7 @@ def embedding_figure(emb:dict, labels:Tensor, n:int=300):
                       margin=dict(t=40, b=40, l=40, r=10))
     return fig
 
+# %% ../nbs/08a_recipes.ipynb #380e3f06
 def metrics_tables(metrics:dict) -> str:
     "HTML tables: zero-shot accuracy and retrieval recall, each beside its chance level."
     def table(head, rows):
@@ -800,6 +804,7 @@ def _resume(args:list[str]) -> int:
     _report_run(run_recipe(read_recipe(run / "recipe.json"), run, progress=True, resume=True))
     return 0
 
+# %% ../nbs/08a_recipes.ipynb #d0ae1833
 def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
     cmd, rest = argv[0], argv[1:]

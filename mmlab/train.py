@@ -301,6 +301,7 @@ class JSONLLogger(MetricsFile):
     def render(self, records): return "".join(json.dumps(r) + "\n" for r in records)
     def write(self, record): self.f.write(json.dumps(record) + "\n")
 
+# %% ../nbs/07_train.ipynb #cfbae84d
 def _cell_value(s:str):
     "A CSV cell back to the int or float it was written from (other text unchanged)."
     for kind in (int, float):
@@ -726,6 +727,7 @@ def _rng_restore(state):
     torch.set_rng_state(state[0])
     if state[1] is not None: torch.cuda.set_rng_state(state[1])
 
+# %% ../nbs/07_train.ipynb #78b54db9
 class GradCache:
     "Exact full-batch gradient of a contrastive loss with the memory of one chunk (Gao et al. 2021)."
     backward_inside = True          # tells the Trainer that calling it runs the backward passes

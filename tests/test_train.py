@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import mmlab.train as train_mod
 from mmlab.core import CheckpointError, ConfigError, DeviceError, NonFiniteError
-from mmlab.train import (EMA, Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
+from mmlab.train import (Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------

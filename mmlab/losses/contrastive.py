@@ -517,6 +517,7 @@ def isogclr_objective(a:Tensor,      # (B, D) L2-normalised image embeddings
     la, lb = _isogclr_log_g(a, b, tau_a, tau_b)
     return ((tau_a * (la + rho)).mean() + (tau_b * (lb + rho)).mean()) / 2
 
+# %% ../../nbs/03_contrastive.ipynb #593e1ab9
 class IndividualTemperatureLoss(nn.Module):
     "iSogCLR (Qiu et al. 2023): per-sample learnable temperatures, robust objective, moving-average estimator."
     def __init__(self, num_samples:int,    # dataset size n (one tau and one u per sample and modality)

@@ -66,6 +66,7 @@ def kmeans_plusplus(x:Tensor, k:int, generator:torch.Generator|None=None) -> Ten
         d2 = torch.minimum(d2, _sqdist(x, x[i:i + 1])[:, 0])
     return x[idx].clone()
 
+# %% ../../nbs/04a_masked_models.ipynb #2ced418c
 def kmeans(x:Tensor,          # (N, D) features
            k:int,             # clusters K
            iters:int=100,     # maximum Lloyd iterations
