@@ -154,6 +154,10 @@ def _tokenizer(recipe):
     from mmlab.data import CharTokenizer
     return CharTokenizer(max_len=recipe.max_len)
 
+def _pad_id(recipe) -> int:
+    "The text padding id; only recipes that read text have a tokenizer (and a `max_len`)."
+    return _tokenizer(recipe).pad_id if "text" in recipe.modalities else 0
+
 def _label_order(key:str):
     "Sort integer labels numerically, then the others alphabetically."
     return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
@@ -186,9 +190,10 @@ class LabelIndex(torch.utils.data.Dataset):
 def split_dataset(recipe, split:str):
     "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
     from mmlab.data import LogMel, ManifestDataset, load_dataset
-    kw = dict(modalities=recipe.modalities, audio_features=LogMel(n_mels=recipe.n_mels),
-              transforms={"text": _tokenizer(recipe)} if "text" in recipe.modalities else None,
-              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in recipe.modalities else None)
+    ms = recipe.modalities                                  # a recipe has `n_mels` only if it reads audio, `max_len` text
+    kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
+              transforms={"text": _tokenizer(recipe)} if "text" in ms else None,
+              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
     ds = ManifestDataset(recipe.dataset.format(split=split), **kw)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
@@ -202,7 +207,7 @@ def load_split(recipe, split:str, n:int|None=None) -> dict:
     from mmlab.data import collate
     ds = split_dataset(recipe, split)
     n = len(ds) if n is None else min(n, len(ds))
-    return collate([ds[i] for i in range(n)], pad_id=_tokenizer(recipe).pad_id)
+    return collate([ds[i] for i in range(n)], pad_id=_pad_id(recipe))
 
 def train_data(recipe, n:int|None=None):
     "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
@@ -212,7 +217,7 @@ def train_data(recipe, n:int|None=None):
     if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
     if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
     return make_loader(ds, recipe.batch_size, seed=recipe.seed, num_workers=recipe.workers, drop_last=True,
-                       pad_id=_tokenizer(recipe).pad_id)
+                       pad_id=_pad_id(recipe))
 
 def model_device(model:nn.Module) -> torch.device:
     "The device of a model's parameters."
@@ -322,7 +327,7 @@ class MaeRecipe(RunFields):
     norm_pix: bool = True         # per-patch normalised targets
     lr: float = 1.5e-3
 
-    name, modalities, n_mels, max_len = "mae", ("image",), 32, 32   # fixed: one modality, no audio/text
+    name, modalities = "mae", ("image",)   # fixed: one modality
     def __post_init__(self):
         super().__post_init__()
         _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _positive(self, "decoder_dim", "decoder_depth")
@@ -364,7 +369,7 @@ class ByolRecipe(RunFields):
     base_momentum: float = 0.99   # teacher momentum at step 0 (BYOL: 0.996 for long runs), cosine to 1
     crop_scale: float = 0.5       # smallest crop area of RandomResizedCrop
 
-    name, modalities, n_mels, max_len = "byol", ("image",), 32, 32
+    name, modalities = "byol", ("image",)
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.base_momentum <= 1: raise ConfigError(f"byol.base_momentum={self.base_momentum!r}: expected a value in [0, 1]")
@@ -401,7 +406,7 @@ class DinoRecipe(RunFields):
     global_scale: float = 0.4     # smallest area of the two global crops (DINO: 0.4)
     local_scale: float = 0.1      # smallest area of a local crop; the largest is global_scale (DINO: 0.05)
 
-    name, modalities, n_mels, max_len = "dino", ("image",), 32, 32
+    name, modalities = "dino", ("image",)
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
@@ -450,7 +455,7 @@ class HubertRecipe(RunFields):
     mask_ratio: float = 0.5       # fraction of frames hidden (in spans)
     span: int = 3                 # span length in tokens
 
-    name, modalities, max_len = "hubert", ("audio",), 32
+    name, modalities = "hubert", ("audio",)
     def __post_init__(self):
         super().__post_init__()
         _fraction(self, "mask_ratio"); _positive(self, "n_mels", "frame_hop", "num_units", "span")
@@ -487,7 +492,7 @@ class AvMaeRecipe(RunFields):
     n_mels: int = 32
     lr: float = 1.5e-3
 
-    name, modalities, max_len = "av-mae", ("image", "audio"), 32
+    name, modalities = "av-mae", ("image", "audio")
     def __post_init__(self):
         super().__post_init__()
         _fraction(self, "visible"); _positive(self, "decoder_dim", "decoder_depth", "n_mels")
