@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .core import ConfigError, InputError, ShapeError, InputTypeError, MissingFileError, check_shape
 
 # %% auto #0
-__all__ = ['attention_probs', 'Attention', 'CrossAttention', 'drop_path', 'DropPath', 'Mlp', 'Block', 'set_fused_attn',
+__all__ = ['SIZES', 'attention_probs', 'Attention', 'CrossAttention', 'drop_path', 'DropPath', 'Mlp', 'Block', 'set_fused_attn',
            'patchify', 'unpatchify', 'PatchEmbed', 'sincos_1d', 'sincos_2d', 'resize_pos_embed', 'ConfigBase',
            'TowerConfig', 'EncoderOutput', 'gather_tokens', 'TransformerEncoder', 'ViTConfig', 'ViTEncoder',
            'patchify_spec', 'unpatchify_spec', 'AudioConfig', 'AudioEncoder', 'TextConfig', 'TextEncoder',
@@ -222,9 +222,13 @@ _POOLS = ("cls", "mean", "last")
 def _tuple_fields(cfg, names):
     for n in names: setattr(cfg, n, _pair(getattr(cfg, n)))
 
+SIZES = {"tiny":  dict(embed_dim=64, depth=2, num_heads=2),     # CPU-sized teaching towers
+         "small": dict(embed_dim=192, depth=6, num_heads=3),    # ViT-Tiny width
+         "base":  dict(embed_dim=768, depth=12, num_heads=12)}  # ViT-B/16 width
+
 class ConfigBase:
     "JSON round trip, unknown-key check and named presets for mmlab's dataclass configs."
-    PRESETS = {}                    # name -> dict of overrides (class attribute, not a field)
+    PRESETS = {}                    # size -> this config's own fields on top of its `SIZES` row (class attribute, not a field)
 
     def validate(self): return self
 
@@ -240,10 +244,10 @@ class ConfigBase:
 
     @classmethod
     def preset(cls, name:str="small", **overrides):
-        "The preset `name` (tiny | small | base) with `overrides` applied."
+        "The size `name` (tiny | small | base): its `SIZES` row, this config's `PRESETS` entry, then `overrides`."
         if name not in cls.PRESETS:
             raise ConfigError(f"{cls.__name__}: unknown preset {name!r}; available: {', '.join(cls.PRESETS)}")
-        return cls.from_dict({**cls.PRESETS[name], **overrides})
+        return cls.from_dict({**SIZES[name], **cls.PRESETS[name], **overrides})
 
 @dataclass
 class TowerConfig(ConfigBase):
@@ -395,9 +399,7 @@ class ViTConfig(TowerConfig):
     in_chans: int = 3
     pos_embed: str = "sincos"       # sincos (fixed, MAE) | learned (ViT, CLIP)
 
-    PRESETS = {"tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
-               "small": dict(),
-               "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)}  # ViT-B/16
+    PRESETS = {"tiny": dict(img_size=32, patch_size=8), "small": dict(), "base": dict(img_size=224, patch_size=16)}
 
     def __post_init__(self): _tuple_fields(self, ("img_size", "patch_size"))
 
@@ -502,9 +504,7 @@ class AudioConfig(TowerConfig):
     class_token: bool = False       # SSAST-style: mean of the real patches, no [CLS]
     pool: str = "mean"
 
-    PRESETS = {"tiny": dict(n_mels=32, embed_dim=64, depth=2, num_heads=2),
-               "small": dict(),
-               "base": dict(n_mels=128, embed_dim=768, depth=12, num_heads=12)}  # AST / SSAST-Base
+    PRESETS = {"tiny": dict(n_mels=32), "small": dict(), "base": dict(n_mels=128)}   # base: AST / SSAST-Base
 
     def __post_init__(self): _tuple_fields(self, ("patch_size",))
 
@@ -599,9 +599,8 @@ class TextConfig(TowerConfig):
     causal: bool = False            # causal attention (token i sees tokens <= i)
     pos_embed: str = "learned"      # learned | sincos
 
-    PRESETS = {"tiny": dict(vocab_size=128, max_len=32, embed_dim=64, depth=2, num_heads=2),
-               "small": dict(),
-               "base": dict(vocab_size=49408, max_len=77, embed_dim=512, depth=12, num_heads=8,  # CLIP text
+    PRESETS = {"tiny": dict(vocab_size=128, max_len=32), "small": dict(),
+               "base": dict(vocab_size=49408, max_len=77, embed_dim=512, num_heads=8,   # CLIP's text tower
                             causal=True, class_token=False, pool="last")}
 
     def validate(self):
@@ -720,7 +719,7 @@ class FusionConfig(ConfigBase):
     causal: bool = False            # causal text self-attention (captioning decoder)
     fused_attn: bool = True
 
-    PRESETS = {"tiny": dict(embed_dim=64, depth=2, num_heads=2), "small": dict()}
+    PRESETS = {"tiny": dict(), "small": dict(depth=2)}
 
     def validate(self):
         if self.embed_dim % self.num_heads:

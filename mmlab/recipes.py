@@ -17,7 +17,7 @@ from torch import Tensor
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, get_device,
                         get_precision, get_settings)
 from .data import MODALITIES, take
-from .encoders import AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
+from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features)
@@ -26,20 +26,19 @@ from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, l
 from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'SIZES', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES',
-           'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe',
-           'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
-           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
-           'text_classes', 'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views',
-           'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
-           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
-           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
+           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
+           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
+           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes',
+           'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
+           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe',
+           'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'loss_figure',
+           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
+           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
 TARGETS = ("label", "diagonal")
-SIZES = ("tiny", "small", "base")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 FROM_SETTINGS = ("device", "precision", "seed")   # fields whose default is the setting of the same name (MMLAB_*)
 

@@ -377,3 +377,16 @@ def test_image_only_recipes_carry_no_audio_or_text_fields():
         r = cls()
         assert hasattr(r, "n_mels") == ("audio" in r.modalities), name
         assert hasattr(r, "max_len") == ("text" in r.modalities), name
+
+def test_one_size_table_for_towers_and_recipes():
+    # `size` means one trunk everywhere: the recipes accept exactly the sizes of encoders.SIZES, and each tower's preset
+    # takes its width / depth / heads from that row (CLIP's text tower at base is the one documented exception of width)
+    from mmlab.encoders import SIZES, AudioConfig, TextConfig, ViTConfig
+    assert set(SIZES) == {"tiny", "small", "base"}
+    for s, trunk in SIZES.items():
+        ClipRecipe(size=s)
+        for cfg in (ViTConfig, AudioConfig, TextConfig):
+            c = cfg.preset(s)
+            assert c.depth == trunk["depth"], (cfg.__name__, s)
+            if (cfg, s) != (TextConfig, "base"): assert (c.embed_dim, c.num_heads) == (trunk["embed_dim"], trunk["num_heads"])
+    with pytest.raises(ConfigError, match="expected one of tiny, small, base"): ClipRecipe(size="huge")
