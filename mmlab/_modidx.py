@@ -698,6 +698,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.export_manifest': ('recipes.html#export_manifest', 'mmlab/recipes.py'),
                                'mmlab.recipes.export_tower': ('recipes.html#export_tower', 'mmlab/recipes.py'),
                                'mmlab.recipes.field_default': ('recipes.html#field_default', 'mmlab/recipes.py'),
+                               'mmlab.recipes.field_help': ('recipes.html#field_help', 'mmlab/recipes.py'),
                                'mmlab.recipes.fresh_out_dir': ('recipes.html#fresh_out_dir', 'mmlab/recipes.py'),
                                'mmlab.recipes.get_recipe': ('recipes.html#get_recipe', 'mmlab/recipes.py'),
                                'mmlab.recipes.is_manifest': ('recipes.html#is_manifest', 'mmlab/recipes.py'),

@@ -5,7 +5,7 @@
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
 import argparse, json, math, sys, time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
@@ -27,14 +27,14 @@ from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zer
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
-           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'recipe_fields', 'ClipRecipe', 'InMemoryBatches',
-           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
-           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split', 'text_classes',
-           'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
-           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe',
-           'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'loss_figure',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe',
+           'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
+           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
+           'text_classes', 'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views',
+           'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
+           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
+           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
+           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -56,7 +56,7 @@ class RunFields:
     grad_accum: int = 1           # micro-batches per update
     lr: float = 1e-3              # peak AdamW rate
     warmup_steps: int = 20        # linear warmup, then cosine decay
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05    # AdamW decoupled decay (not on biases, norms, scales)
     precision: str = _setting("precision")  # fp32 | bf16 (autocast) | fp16 (CUDA + GradScaler) | auto
     compile: bool = False         # torch.compile the model (pays off on a GPU and long runs)
     seed: int = _setting("seed")  # weights and batch order
@@ -78,6 +78,13 @@ class RunFields:
                 raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 0")
         if not self.lr > 0: raise ConfigError(f"{self.name}.lr={self.lr!r}: expected a learning rate > 0")
         if not self.weight_decay >= 0: raise ConfigError(f"{self.name}.weight_decay={self.weight_decay!r}: expected a value >= 0")
+
+def field_help(cls) -> dict:
+    "Each field's meaning: the `# comment` beside it in the class that defines it, or in the nearest base class."
+    from fastcore.docments import docments
+    out = {}
+    for c in reversed([c for c in cls.__mro__ if is_dataclass(c)]): out |= {k: v for k, v in docments(c, full=False).items() if v}
+    return out
 
 def recipe_fields(cls) -> list:
     "The fields of a recipe class, its own first, then the shared `RunFields` (the order help and errors list them)."
@@ -322,7 +329,7 @@ class MaeRecipe(RunFields):
     "Masked autoencoding of images (MAE); evaluated by kNN on the frozen encoder."
     mask_ratio: float = 0.75      # MAE: hide 75 % of the patches
     decoder_dim: int = 64         # light decoder (MAE: narrower and shallower than the encoder)
-    decoder_depth: int = 1
+    decoder_depth: int = 1        # decoder blocks
     norm_pix: bool = True         # per-patch normalised targets
     lr: float = 1.5e-3
 
@@ -448,7 +455,7 @@ class DinoRecipe(RunFields):
 @dataclass
 class HubertRecipe(RunFields):
     "HuBERT iteration 1 (k-means units of log-mel frames) on the audio tower (preset `size`, frames as tokens); kNN eval."
-    n_mels: int = 32
+    n_mels: int = 32              # log-mel bands of the audio features
     frame_hop: int = 4            # log-mel columns per token (4 x 10 ms)
     num_units: int = 32           # k-means clusters K
     mask_ratio: float = 0.5       # fraction of frames hidden (in spans)
@@ -485,10 +492,10 @@ class AvMaeRecipe(RunFields):
     visible: float = 0.25         # fraction of all tokens the encoder sees; the rest are reconstructed
     alpha: float = 1.0            # Dirichlet concentration of the budget's split between modalities
     contrastive_weight: float = 0.0  # CAV-MAE: + w * CLIP loss between the pooled modalities
-    decoder_dim: int = 64
-    decoder_depth: int = 1
+    decoder_dim: int = 64         # light decoder width
+    decoder_depth: int = 1        # decoder blocks
     norm_pix: bool = True         # per-patch normalised targets
-    n_mels: int = 32
+    n_mels: int = 32              # log-mel bands of the audio features
     lr: float = 1.5e-3
 
     name, modalities = "av-mae", ("image", "audio")
@@ -789,10 +796,10 @@ mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a ch
 mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)"""
 
 def _recipe_help(name):
-    cls = RECIPES[name]
+    cls, doc = RECIPES[name], field_help(RECIPES[name])
     src = lambda f: f", from the {f.name} setting / MMLAB_{f.name.upper()}" if f.name in FROM_SETTINGS else ""
-    return f"recipe {name!r} keys (--key value):\n" + "\n".join(f"  --{f.name} (default {field_default(f)!r}{src(f)})"
-                                                                  for f in recipe_fields(cls))
+    return f"recipe {name!r} keys (--key value):\n" + "\n".join(
+        f"  --{f.name:<20} {doc[f.name]} (default {field_default(f)!r}{src(f)})" for f in recipe_fields(cls))
 
 def _report_run(res:RunResult):
     print(json.dumps({k: round(v, 4) for k, v in res.metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))

@@ -390,3 +390,17 @@ def test_one_size_table_for_towers_and_recipes():
             assert c.depth == trunk["depth"], (cfg.__name__, s)
             if (cfg, s) != (TextConfig, "base"): assert (c.embed_dim, c.num_heads) == (trunk["embed_dim"], trunk["num_heads"])
     with pytest.raises(ConfigError, match="expected one of tiny, small, base"): ClipRecipe(size="huge")
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_help_gives_every_key_its_meaning_and_default(name, capsys):
+    # `mmlab train RECIPE --help`: exactly the recipe's fields, each with the comment beside its definition and its default
+    from dataclasses import fields
+    from mmlab.recipes import field_default, field_help
+    assert main(["train", name, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    doc, fs = field_help(RECIPES[name]), fields(RECIPES[name])
+    assert sorted(l.split()[0] for l in lines) == sorted(f"--{f.name}" for f in fs)
+    for f in fs:
+        line = next(l for l in lines if l.split()[0] == f"--{f.name}")
+        assert doc.get(f.name) and doc[f.name] in line and f"(default {field_default(f)!r}" in line, line
+    assert field_help(RECIPES["clip"])["steps"] == "optimiser updates"          # an override keeps its base class's meaning
