@@ -46,6 +46,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmlab.core.check_finite': ('core.html#check_finite', 'mmlab/core.py'),
                             'mmlab.core.check_shape': ('core.html#check_shape', 'mmlab/core.py'),
                             'mmlab.core.check_unit_norm': ('core.html#check_unit_norm', 'mmlab/core.py'),
+                            'mmlab.core.eval_mode': ('core.html#eval_mode', 'mmlab/core.py'),
                             'mmlab.core.find_settings_file': ('core.html#find_settings_file', 'mmlab/core.py'),
                             'mmlab.core.get_device': ('core.html#get_device', 'mmlab/core.py'),
                             'mmlab.core.get_precision': ('core.html#get_precision', 'mmlab/core.py'),

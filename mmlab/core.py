@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #320662aa
 from __future__ import annotations
 import configparser, importlib.util, os, random, re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -16,8 +16,8 @@ import torch
 __all__ = ['DEVICE_PATTERN', 'PRECISIONS', 'ENV_NON_SETTINGS', 'SETTING_KEYS', 'MMLabError', 'ConfigError', 'SettingsError',
            'InputError', 'ShapeError', 'NonFiniteError', 'InputTypeError', 'DataError', 'MissingFileError',
            'DeviceError', 'CheckpointError', 'KernelBuildError', 'Settings', 'project_root', 'find_settings_file',
-           'get_settings', 'set_seed', 'get_device', 'show_fig', 'get_precision', 'autocast', 'check_shape',
-           'check_finite', 'check_unit_norm', 'in_test']
+           'get_settings', 'set_seed', 'get_device', 'show_fig', 'get_precision', 'autocast', 'eval_mode',
+           'check_shape', 'check_finite', 'check_unit_norm', 'in_test']
 
 # %% ../nbs/00_core.ipynb #0f9a97d0
 class MMLabError(Exception):
@@ -201,6 +201,15 @@ def autocast(device:str|torch.device|None=None, precision:str|None=None):
     "Context manager running the enclosed forward pass in the resolved precision."
     dev = get_device(device); name = get_precision(precision, dev)
     return nullcontext() if name == "fp32" else torch.autocast(dev.type, dtype=_DTYPES[name])
+
+# %% ../nbs/00_core.ipynb #7fa6bede
+@contextmanager
+def eval_mode(model:torch.nn.Module):
+    "Run the block with `model` in eval mode and without gradients; restore its train/eval state, even on error."
+    was = model.training; model.eval()
+    try:
+        with torch.no_grad(): yield model
+    finally: model.train(was)
 
 # %% ../nbs/00_core.ipynb #6e13b7da
 def _fmt(shape): return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, get_device,
-                        get_precision, get_settings)
+from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, eval_mode,
+                        get_device, get_precision, get_settings)
 from .data import MODALITIES, take
 from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
@@ -342,17 +342,14 @@ class MaeRecipe(RunFields):
         return MAE(ViTEncoder(ViTConfig.preset(self.size)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                    decoder_heads=2, mask_ratio=self.mask_ratio, norm_pix=self.norm_pix)
     def make_loss(self): return lambda model, batch: model(batch["image"]).loss
-    @torch.no_grad()
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the encoder's pooled features (train -> `batch`) and the masked-patch loss on `batch`."
-        was = model.training; model.eval()
-        try:
+        with eval_mode(model):
             dev = model_device(model)
             m = knn_metrics(lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image", dev)
             g = torch.Generator(dev).manual_seed(0)               # the same masks every evaluation
             mse = chunked(lambda b: model(b["image"], generator=g).loss.expand(len(b["image"])), batch, dev)
             m["mae/image/masked_mse"] = mse.mean().item()        # mean over examples
-        finally: model.train(was)
         return m
 
 # %% ../nbs/08a_recipes.ipynb #d9327726
@@ -389,12 +386,10 @@ class ByolRecipe(RunFields):
         aug = image_augment(size=ViTConfig.preset(self.size).img_size[0], scale=(self.crop_scale, 1.0))
         return lambda model, batch: model(*augment_views(batch["image"], aug))
     def callbacks(self): return [TeacherUpdate()]
-    @torch.no_grad()
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the online encoder's pooled features (train -> `batch`)."
-        was, enc = model.training, model.online["encoder"]; model.eval()
-        try: return knn_metrics(lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image", model_device(model))
-        finally: model.train(was)
+        enc = model.online["encoder"]
+        with eval_mode(model): return knn_metrics(lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image", model_device(model))
 
 # %% ../nbs/08a_recipes.ipynb #77cb7620
 @dataclass
@@ -439,16 +434,14 @@ class DinoRecipe(RunFields):
             return {"dino": model(augment_views(x, glob, 2), augment_views(x, local, self.local_crops))}
         return loss_fn
     def callbacks(self): return [TeacherUpdate()]
-    @torch.no_grad()
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
-        was = model.training; model.eval(); dev = model_device(model)
-        try:
+        dev = model_device(model)
+        with eval_mode(model):
             teacher, student = model.teacher.module, model.online
             m = knn_metrics(lambda b: teacher["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev)
             m |= {k.replace("image", "image_student"): v for k, v in knn_metrics(
                 lambda b: student["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev).items()}
-        finally: model.train(was)
         return m
 
 # %% ../nbs/08a_recipes.ipynb #0bb6e04b
@@ -475,15 +468,12 @@ class HubertRecipe(RunFields):
             centroids = kmeans(x, self.num_units, iters=50, generator=torch.Generator().manual_seed(self.seed)).centroids
         return HubertModel(hub, centroids)
     def make_loss(self): return lambda model, batch: model(batch)
-    @torch.no_grad()
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of mean-pooled encoder frames (train -> `batch`); padded frames are left out of the mean."
         def feats(b):
             h, v = model.hubert.hidden_states(b["audio"]), model.valid_frames(b).float()
             return (h * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1)
-        was = model.training; model.eval()
-        try: return knn_metrics(feats, train_batch, batch, label_names, "audio", model_device(model))
-        finally: model.train(was)
+        with eval_mode(model): return knn_metrics(feats, train_batch, batch, label_names, "audio", model_device(model))
 
 # %% ../nbs/08a_recipes.ipynb #3454287b
 @dataclass
@@ -520,11 +510,10 @@ class AvMaeRecipe(RunFields):
             if self.contrastive_weight > 0: terms["contrastive"] = self.contrastive_weight * out.losses["contrastive"]
             return terms                                          # they sum to out.loss
         return loss_fn
-    @torch.no_grad()
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of each modality's unmasked, mean-pooled encoder features; masked MSE per modality."
-        was = model.training; model.eval(); dev = model_device(model); m = {}
-        try:
+        dev = model_device(model); m = {}
+        with eval_mode(model):
             for mod in self.modalities:
                 m |= knn_metrics(lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod, dev)
             g = torch.Generator(dev).manual_seed(0)              # the same masks every evaluation
@@ -533,7 +522,6 @@ class AvMaeRecipe(RunFields):
                 return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
             per = chunked(mse, batch, dev).mean(0)
             m |= {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
-        finally: model.train(was)
         return m
 
 # %% ../nbs/08a_recipes.ipynb #e67e920a

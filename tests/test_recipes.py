@@ -304,7 +304,8 @@ def test_cli_train_reads_device_setting_and_explicit_key_wins(monkeypatch, tmp_p
     _no_mmlab_env(monkeypatch)
     monkeypatch.setenv("MMLAB_DEVICE", "cuda"); monkeypatch.setenv("MMLAB_SEED", "5")
     assert main(["train", "clip", "--help"]) == 0
-    assert "--device (default 'cuda', from the device setting / MMLAB_DEVICE)" in capsys.readouterr().out
+    assert "(default 'cuda', from the device setting / MMLAB_DEVICE)" in next(
+        l for l in capsys.readouterr().out.splitlines() if l.split()[0] == "--device")
     args = ["train", "clip", "--steps", "2", "--batch_size", "8", "--modalities", "image,text", "--eval_split", "test"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 2
     assert "'cuda' requested but CUDA is not available" in capsys.readouterr().err
