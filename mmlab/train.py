@@ -18,8 +18,8 @@ from torch import Tensor
 __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss_terms', 'rng_state', 'set_rng_state',
            'encode_state', 'decode_state', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
            'load_checkpoint', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile', 'JSONLLogger', 'CSVLogger',
-           'TensorBoardLogger', 'metric_loggers', 'LivePlot', 'EMA', 'to_device', 'dist_info', 'make_optimizer',
-           'compile_model', 'Trainer', 'split_batch', 'GradCache']
+           'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA', 'to_device', 'dist_info',
+           'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #1f8a39dc
 from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast,
@@ -360,6 +360,38 @@ def metric_loggers(out_dir:str|Path, log_to:tuple=("jsonl",)) -> list:
     return [make[name]() for name in log_to]
 
 # %% ../nbs/07_train.ipynb #d8eddecd
+_BOOKKEEPING = ("step", "epoch", "lr", "grad_norm", "step_time")   # numbers of a training record that are not losses
+
+def _curves(records) -> dict:
+    "{key: ([x], [y])} of the finite numbers of the (position, record) pairs; x is the record's step."
+    curves = {}
+    for i, r in records:
+        for k, v in r.items():
+            if isinstance(v, Tensor) and v.numel() == 1: v = v.item()
+            if k not in _BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs, ys = curves.setdefault(k, ([], [])); xs.append(r.get("step", i + 1)); ys.append(v)
+    return curves
+
+def history_figure(history:list[dict],  # logged records: {"step": int, name: number, ...}; training ones carry "loss"
+                   height:int=340):      # figure height in pixels
+    "Plotly figure of a run: the loss and its terms on the left (log y when all positive), other metrics on the right."
+    from plotly.subplots import make_subplots
+    for i, r in enumerate(history):
+        if not isinstance(r, dict): raise InputTypeError(f"history_figure: history[{i}] is of type {type(r).__name__}; expected a dict record")
+    left = _curves((i, r) for i, r in enumerate(history) if "loss" in r)
+    right = _curves((i, r) for i, r in enumerate(history) if "loss" not in r)
+    fig = make_subplots(rows=1, cols=2 if right else 1, subplot_titles=("loss", "metrics") if right else None)
+    for col, curves in ((1, left), (2, right)):
+        for k, (xs, ys) in curves.items():
+            line = dict(color="black", width=1, dash="dot") if k == "loss" else None      # the sum of the terms
+            fig.add_scatter(x=xs, y=ys, name=k, mode="lines" if col == 1 else "lines+markers", line=line, row=1, col=col)
+    positive = bool(left) and all(v > 0 for _, ys in left.values() for v in ys)
+    fig.update_yaxes(type="log" if positive else "linear", col=1)
+    fig.update_xaxes(title_text="update")
+    title = f"update {left['loss'][0][-1]}: loss {left['loss'][1][-1]:.4g}" if "loss" in left else "no training record yet"
+    return fig.update_layout(title=title, height=height, margin=dict(t=60, b=40))
+
+# %% ../nbs/07_train.ipynb #f1a7c0d4
 def _display_mode() -> str|None:
     "'live' in a notebook front end, 'captured' while outputs are captured for storing, None outside IPython."
     try: from IPython import get_ipython
@@ -369,46 +401,26 @@ def _display_mode() -> str|None:
     from IPython.core.displaypub import CapturingDisplayPublisher
     return "captured" if isinstance(ip.display_pub, CapturingDisplayPublisher) else "live"
 
-_BOOKKEEPING = ("step", "epoch", "lr", "grad_norm", "step_time")   # numbers of a training record that are not losses
-
 class LivePlot(Callback):
-    "A plotly figure of the loss, its terms and the other logged metrics, redrawn in place in a notebook while training."
+    "`history_figure` of the logged records, redrawn in place in a notebook while training."
     def __init__(self, every:int=10,    # records between redraws (and one at the end)
                  height:int=340):       # figure height in pixels
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ConfigError(f"LivePlot: every={every!r}; expected an integer >= 1")
-        self.every, self.height = every, height
-        self.losses, self.metrics = {}, {}                    # {key: ([steps], [values])}
-        self.n, self.handle, self.mode = 0, None, None
+            raise ConfigError(f"{type(self).__name__}: every={every!r}; expected an integer >= 1")
+        self.every, self.height, self.history = every, height, []
+        self.handle, self.mode = None, None
     def on_fit_start(self, trainer):
         self.mode = _display_mode() if getattr(trainer, "rank", 0) == 0 else None
         self.handle = None                                    # each fit() draws in its own cell
     def on_log(self, trainer, record):
-        curves = self.losses if "loss" in record else self.metrics   # training record, or evaluation/other
-        for k, v in record.items():
-            if k not in _BOOKKEEPING and isinstance(v, (int, float)):
-                xs, ys = curves.setdefault(k, ([], [])); xs.append(record["step"]); ys.append(v)
-        self.n += 1
-        if self.mode == "live" and (self.n == 1 or self.n % self.every == 0): self._draw()
+        self.history.append(record); n = len(self.history)
+        if self.mode == "live" and (n == 1 or n % self.every == 0): self.redraw()
     def on_fit_end(self, trainer):
-        if self.mode is not None: self._draw()
+        if self.mode is not None: self.redraw()
+    def figure(self): return history_figure(self.history, self.height)
 
-    def figure(self):
-        "The current figure: loss and terms on the left, other metrics (if any) on the right."
-        from plotly.subplots import make_subplots
-        two = bool(self.metrics)
-        fig = make_subplots(rows=1, cols=2 if two else 1, subplot_titles=("loss", "metrics") if two else None)
-        for col, curves in ((1, self.losses), (2, self.metrics)):
-            for k, (xs, ys) in curves.items():
-                line = dict(color="black", width=1, dash="dot") if k == "loss" else None      # the sum of the terms
-                fig.add_scatter(x=xs, y=ys, name=k, mode="lines" if col == 1 else "lines+markers", line=line, row=1, col=col)
-        if self.losses and all(v > 0 for _, ys in self.losses.values() for v in ys): fig.update_yaxes(type="log", col=1)
-        fig.update_xaxes(title_text="update")
-        title = (f"update {self.losses['loss'][0][-1]}: loss {self.losses['loss'][1][-1]:.4g}"
-                 if "loss" in self.losses else "no training record yet")
-        return fig.update_layout(title=title, height=self.height, margin=dict(t=60, b=40))
-
-    def _draw(self):
+    def redraw(self):
+        "Show the current figure in this callback's output (the first call creates it)."
         import plotly.io as pio
         from IPython.display import display
         bundle = pio.renderers["plotly_mimetype"].to_mimebundle(self.figure().to_dict())  # what show_fig displays

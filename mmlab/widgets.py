@@ -21,69 +21,36 @@ from .analysis import (attention_map, fit_pca, gap_metrics, gap_vector, pca_tran
                             shift_embeddings)
 from .data import take
 from .encoders import tower_inputs
+from .train import LivePlot
 
 # %% ../nbs/10_widgets.ipynb #82fd15cc
-class TrainingDashboard:
-    "Live loss / metric curves (plotly FigureWidget updated in place); a Trainer callback or a plain `update(record)`."
-    def __init__(self,
-                 x_key:str="step",        # the record field on the x axis
-                 left=("loss",),          # keys drawn in the left panel; every other number goes right
-                 every:int=1,             # redraw every `every` records (the data is always kept)
-                 title:str="training"):
-        import ipywidgets as W
-        from plotly.subplots import make_subplots
+class TrainingDashboard(LivePlot):
+    "`history_figure` in a plotly FigureWidget updated in place; a Trainer callback or a plain `update(record)`."
+    def __init__(self, every:int=1,     # records between redraws (and one at the first); every record is kept
+                 height:int=300):       # figure height in pixels
         import plotly.graph_objects as go
-        self.x_key, self.left, self.every = x_key, tuple(left), max(1, int(every))
-        self.history, self._traces = {}, {}
-        self.fig = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=(" / ".join(self.left), "other metrics")))
-        self.fig.update_layout(height=300, width=760, margin=dict(t=40, b=30, l=40, r=10), title=None)
-        self.status = W.HTML(f"<b>{title}</b>: waiting for the first record")
-        self.widget = W.VBox([self.status, self.fig])
-        self._n = 0
+        super().__init__(every, height)
+        self.fig, self.mode = go.FigureWidget(self.figure()), "live"   # a widget is live wherever it is shown
+    def on_fit_start(self, trainer): pass                              # one widget, drawn across fits
 
     def update(self, record:dict):
-        "Add one record {step: int, name: number, ...}; redraw the curves."
+        "Add one record {step: int, name: number, ...}; redraw every `every` records."
         if not isinstance(record, dict): raise InputTypeError(f"TrainingDashboard.update: expected a dict record, got {type(record).__name__}")
-        x = record.get(self.x_key, self._n + 1)
-        for k, v in record.items():
-            if k == self.x_key: continue
-            if isinstance(v, Tensor) and v.numel() == 1: v = v.item()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                xs, ys = self.history.setdefault(k, ([], []))
-                xs.append(x); ys.append(float(v))
-        self._n += 1
-        if self._n % self.every == 0: self.redraw()
+        self.on_log(None, record)
+    __call__ = update
 
     def redraw(self):
-        "Push the stored history to the figure (one batch_update)."
-        import plotly.graph_objects as go
-        new = [k for k in self.history if k not in self._traces]
-        for k in new:
-            col = 1 if k in self.left else 2
-            self.fig.add_trace(go.Scatter(mode="lines", name=k), row=1, col=col)
-            self._traces[k] = len(self.fig.data) - 1
+        "Draw the records into the widget in one message: new x/y while the curves are the same, else new traces."
+        new = self.figure()
         with self.fig.batch_update():
-            for k, (xs, ys) in self.history.items():
-                t = self.fig.data[self._traces[k]]; t.x, t.y = list(xs), list(ys)
-        last = {k: ys[-1] for k, (_, ys) in self.history.items()}
-        self.status.value = f"<b>{self.x_key} {self.history and max(xs[-1] for xs, _ in self.history.values())}</b>: " + \
-            ", ".join(f"{k} = {v:.4g}" for k, v in last.items())
+            if [(t.name, t.xaxis) for t in self.fig.data] == [(t.name, t.xaxis) for t in new.data]:
+                for t, n in zip(self.fig.data, new.data): t.x, t.y = n.x, n.y
+            else: self.fig.data = []; self.fig.add_traces(new.data)
+            self.fig.layout = new.layout
 
-    __call__ = update
-    # --- mmlab.train.Trainer callback events (duck-typed; only on_log draws)
-    def on_log(self, trainer, record:dict): self.update(record)
-    def on_fit_end(self, trainer): self.redraw()
-    def on_fit_start(self, trainer): pass
-    def on_step_start(self, trainer): pass
-    def on_after_backward(self, trainer): pass
-    def on_step_end(self, trainer): pass
-    def on_eval(self, trainer): pass
-    def on_checkpoint(self, trainer, path): pass
-    def state_dict(self) -> dict: return {}
-    def load_state_dict(self, state:dict): pass
     def _ipython_display_(self):
         from IPython.display import display
-        display(self.widget)
+        display(self.fig)
 
 # %% ../nbs/10_widgets.ipynb #22d34f26
 def _run_dict(runs) -> dict:

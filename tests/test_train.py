@@ -11,9 +11,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import mmlab.train as train_mod
-from mmlab.core import CheckpointError, ConfigError, DeviceError, NonFiniteError
+from mmlab.core import CheckpointError, ConfigError, DeviceError, InputTypeError, NonFiniteError
 from mmlab.train import (Callback, CSVLogger, ProgressBar, EvalCallback, JSONLLogger, LivePlot, TensorBoardLogger, Trainer, TrainConfig,
-                         latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
+                         history_figure, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, warmup_cosine)
 
 # ---------------------------------------------------------------------------------------------
 # A training job run in subprocesses: MLP with dropout, shuffled DataLoader, numpy and python
@@ -555,12 +555,45 @@ def test_missing_tensorboard_says_how_to_install(tmp_path, monkeypatch):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu", out_dir=str(tmp_path), log_to="csv,tensorboard"))
 
 
+def _panels(history):
+    "Reference for history_figure, written out plainly: {(panel, key): (xs, ys)} of the finite non-bookkeeping numbers."
+    out = {}
+    for i, r in enumerate(history):
+        for k, v in r.items():
+            v = v.item() if isinstance(v, torch.Tensor) else v
+            if k in ("step", "epoch", "lr", "grad_norm", "step_time") or type(v) not in (int, float) or not math.isfinite(v): continue
+            xs, ys = out.setdefault(("x" if "loss" in r else "x2", k), ([], []))
+            xs.append(r["step"] if "step" in r else i + 1); ys.append(v)
+    return out
+
+
+def test_history_figure_draws_each_record_in_its_panel():
+    hist = [{"step": 1, "epoch": 0, "loss": 3.0, "mse": 2.5, "lr": 1e-3, "grad_norm": 4.0, "step_time": 0.1},
+            {"step": 2, "epoch": 0, "loss": 2.0, "mse": float("inf"), "kl": torch.tensor(0.25), "lr": 1e-3},
+            {"step": 2, "eval/acc": 0.4, "eval/ok": True, "note": "best"},
+            {"loss": 1.5, "mse": 1.2},                                                  # no step: its position, 4
+            {"step": 5, "loss": float("nan"), "mse": 0.9},                              # a NaN loss is no point
+            {"step": 6, "eval/acc": 0.6, "knn/top1": 0.3}]
+    fig = history_figure(hist)
+    got = {(t.xaxis, t.name): (list(t.x), list(t.y)) for t in fig.data}
+    assert got == _panels(hist) and len(fig.data) == len(got)
+    assert got[("x", "mse")] == ([1, 4, 5], [2.5, 1.2, 0.9]) and got[("x2", "eval/acc")] == ([2, 6], [0.4, 0.6])
+    assert [t.name for t in fig.data] == ["loss", "mse", "kl", "eval/acc", "knn/top1"]   # first-seen order
+    assert {t.mode for t in fig.data if t.xaxis == "x"} == {"lines"} and {t.mode for t in fig.data if t.xaxis == "x2"} == {"lines+markers"}
+    assert fig.layout.yaxis.type == "log" and fig.layout.title.text == "update 4: loss 1.5"   # the last finite loss
+    assert history_figure(hist + [{"step": 7, "loss": 1.0, "mse": -0.1}]).layout.yaxis.type == "linear"
+    one = history_figure(hist[:2])                                                      # no other record: one panel
+    assert {t.xaxis for t in one.data} == {"x"} and "xaxis2" not in one.layout.to_plotly_json()
+    with pytest.raises(InputTypeError, match=r"history_figure: history\[1\] is of type list; expected a dict record"):
+        history_figure([hist[0], [1, 2]])
+
+
 def test_liveplot_outside_ipython_only_collects_the_curves(monkeypatch):
     monkeypatch.setattr("IPython.get_ipython", lambda: None)   # an earlier test may have left an IPython shell alive
     live, ev = LivePlot(every=2), EvalCallback(lambda m: {"w": m.weight.sum()})
     hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", eval_every=2),
                    callbacks=[ev, live]).fit()
-    assert live.mode is None and live.handle is None
+    assert live.mode is None and live.handle is None and live.history == hist
     fig = live.figure()
     assert [t.name for t in fig.data] == ["loss", "eval/w"]
     assert list(fig.data[0].y) == [r["loss"] for r in hist if "loss" in r]

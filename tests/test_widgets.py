@@ -84,30 +84,39 @@ def test_gap_explorer_lambda_zero_is_identity_and_plain_tuple():
 
 
 def test_training_dashboard_updates_and_trainer_events():
+    from mmlab.core import ConfigError
     dash = TrainingDashboard(every=2)
-    for s in range(1, 6): dash.update({"step": s, "loss": 1.0 / s, "logit_scale": 10.0 + s, "lr": torch.tensor(0.1), "tag": "x"})
+    recs = [{"step": s, "loss": 1.0 / s, "logit_scale": torch.tensor(10.0 + s), "lr": 0.1, "tag": "x"} for s in range(1, 6)]
+    for r in recs[:4]: dash.update(r)
+    assert dash.history == recs[:4]                              # a plain list: the records as given
+    assert list(dash.fig.data[0].x) == [1, 2, 3, 4]             # drawn at record 4 (every=2) ...
+    dash(recs[4])
+    assert list(dash.fig.data[0].x) == [1, 2, 3, 4]             # ... not at record 5
+    traces = dash.fig.data
     dash.redraw()
-    names = [t.name for t in dash.fig.data]
-    assert names == ["loss", "logit_scale", "lr"]                # numbers only; "tag" is skipped
+    assert dash.fig.data[0] is traces[0]                         # same curves: the traces are updated in place
+    assert [(t.name, t.xaxis) for t in dash.fig.data] == [("loss", "x"), ("logit_scale", "x")]   # "lr" bookkeeping, "tag" no number
     assert list(dash.fig.data[0].x) == [1, 2, 3, 4, 5] and np.allclose(dash.fig.data[0].y, [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
-    assert dash.fig.data[1].xaxis == "x2"                          # other metrics: right panel
-    assert "loss = 0.2" in dash.status.value
-    with pytest.raises(TypeError, match="dict"): dash.update(3)
+    assert np.allclose(dash.fig.data[1].y, [11, 12, 13, 14, 15])
+    dash.update({"eval/acc": float("nan")}); dash.update({"eval/acc": 0.5}); dash.redraw()   # no step: x = position 7
+    assert [(t.name, t.xaxis, list(t.x), list(t.y)) for t in dash.fig.data[2:]] == [("eval/acc", "x2", [7], [0.5])]
+    assert dash.fig.layout.title.text == "update 5: loss 0.2" and dash.fig.layout.yaxis.type == "log"
+    with pytest.raises(TypeError, match="TrainingDashboard.update: expected a dict record, got int"): dash.update(3)
+    with pytest.raises(ConfigError, match="TrainingDashboard: every=0"): TrainingDashboard(every=0)
 
 
 def test_training_dashboard_with_trainer():
     train = pytest.importorskip("mmlab.train")
-    if not hasattr(train, "Trainer"): pytest.skip("mmlab.train has no Trainer")
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(2)]
     loss_fn = lambda m, b: F.mse_loss(m(b[0]), b[1])
-    dash = TrainingDashboard()
+    dash = TrainingDashboard(every=2)
     tr = train.Trainer(model, loss_fn, data, train.TrainConfig(max_steps=3, device="cpu"), callbacks=[dash])
     tr.fit()
-    assert len(dash.history["loss"][1]) == len([r for r in tr.history if "loss" in r]) >= 3
-    loss = next(t for t in dash.fig.data if t.name == "loss")
-    assert loss.xaxis == "x" and np.allclose(loss.y, [r["loss"] for r in tr.history if "loss" in r])
+    assert dash.history == tr.history and len(tr.history) >= 3
+    loss = next(t for t in dash.fig.data if t.name == "loss")   # drawn at the end of the fit
+    assert loss.xaxis == "x" and list(loss.x) == [1, 2, 3] and np.allclose(loss.y, [r["loss"] for r in tr.history])
 
 
 @pytest.fixture(scope="module")
