@@ -707,7 +707,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.label_names': ('recipes.html#label_names', 'mmlab/recipes.py'),
                                'mmlab.recipes.load_run': ('recipes.html#load_run', 'mmlab/recipes.py'),
                                'mmlab.recipes.load_split': ('recipes.html#load_split', 'mmlab/recipes.py'),
-                               'mmlab.recipes.loss_figure': ('recipes.html#loss_figure', 'mmlab/recipes.py'),
                                'mmlab.recipes.main': ('recipes.html#main', 'mmlab/recipes.py'),
                                'mmlab.recipes.metrics_tables': ('recipes.html#metrics_tables', 'mmlab/recipes.py'),
                                'mmlab.recipes.model_device': ('recipes.html#model_device', 'mmlab/recipes.py'),

@@ -21,8 +21,8 @@ from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder,
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features)
-from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, latest_checkpoint, load_checkpoint,
-                         to_device)
+from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, history_figure, latest_checkpoint,
+                         load_checkpoint, to_device)
 from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
@@ -33,8 +33,8 @@ __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGI
            'text_classes', 'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views',
            'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
            'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
-           'loss_figure', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart',
-           'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
+           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -661,18 +661,6 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
     return path
 
 # %% ../nbs/08a_recipes.ipynb #0ef8c411
-def loss_figure(history:list[dict]):
-    "Plotly figure: the total loss and each logged loss term against the step."
-    import plotly.graph_objects as go
-    recs = [r for r in history if "loss" in r]
-    fig = go.Figure()
-    keys = ["loss"] + [k for k in recs[0] if k not in ("step", "epoch", "loss", "lr", "grad_norm", "step_time")] if recs else []
-    for k in keys:
-        fig.add_trace(go.Scatter(x=[r["step"] for r in recs], y=[r[k] for r in recs], name=k, mode="lines"))
-    fig.update_layout(title="training loss", xaxis_title="step", yaxis_title="loss", height=340, width=720,
-                      margin=dict(t=40, b=40, l=50, r=10))
-    return fig
-
 def embedding_figure(emb:dict, labels:Tensor, n:int=300):
     "Plotly scatter: PCA of every modality's embeddings (first n items) in one plane, coloured by modality."
     import plotly.graph_objects as go
@@ -712,7 +700,7 @@ def metrics_tables(metrics:dict) -> str:
 def write_report(path:str|Path, recipe, history:list[dict], metrics:dict, emb:dict|None=None, labels:Tensor|None=None,
                  seconds:float|None=None) -> Path:
     "A self-contained HTML report (plotly.js inlined: works offline): config, loss curves, tables, embedding plot."
-    figs = [loss_figure(history)] + ([embedding_figure(emb, labels)] if emb is not None else [])
+    figs = [history_figure(history)] + ([embedding_figure(emb, labels)] if emb is not None else [])
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
     cfg = json.dumps(recipe_dict(recipe), indent=1)
     took = f" in {seconds:.1f} s" if seconds is not None else ""
