@@ -664,24 +664,32 @@ class TextEncoder(TransformerEncoder):
 
 # %% ../nbs/02_encoders.ipynb #34c326cc
 class ProjectionHead(nn.Module):
-    "Projection to the shared embedding space: linear (CLIP) or MLP Linear-GELU-Linear (SimCLR)."
+    "Every head of the kit: `layers` Linear maps with [BatchNorm and] an activation between them; optional cosines to prototypes (DINO)."
     def __init__(self, in_dim:int,              # tower width
-                 out_dim:int,                   # shared embedding width E
-                 kind:str="linear",             # linear | mlp
-                 hidden_dim:int|None=None,      # MLP hidden width (default: in_dim)
-                 bias:bool=False,               # CLIP's projections have no bias
+                 out_dim:int,                   # embedding width E (DINO: the bottleneck)
+                 layers:int=1,                  # Linear maps: 1 linear (CLIP), 2 MLP (SimCLR, BYOL, SimSiam), 3 (DINO)
+                 hidden_dim:int|None=None,      # width between them (default: in_dim)
+                 norm:bool=False,               # BatchNorm1d after each hidden Linear (BYOL, SimSiam; optional in DINO)
+                 act:str="gelu",                # activation between them: gelu | relu | silu
+                 bias:bool=False,               # bias of the last Linear (CLIP has none); hidden Linears always have one
+                 prototypes:int=0,              # K > 0: return cosines of the L2-normalised output to K unit-norm prototypes
                 ):
         super().__init__()
-        if kind not in ("linear", "mlp"): raise ConfigError(f"ProjectionHead: kind={kind!r}; expected 'linear' or 'mlp'")
-        self.args = dict(in_dim=in_dim, out_dim=out_dim, kind=kind, hidden_dim=hidden_dim, bias=bias)
-        if kind == "linear": self.net = nn.Linear(in_dim, out_dim, bias=bias)
-        else:
-            h = hidden_dim or in_dim
-            self.net = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out_dim, bias=bias))
+        if layers < 1 or prototypes < 0:
+            raise ConfigError(f"ProjectionHead: layers={layers}, prototypes={prototypes}; expected layers >= 1 and prototypes >= 0")
+        if act not in _ACTS: raise ConfigError(f"ProjectionHead: act={act!r}; expected one of {', '.join(_ACTS)}")
+        self.args = dict(in_dim=in_dim, out_dim=out_dim, layers=layers, hidden_dim=hidden_dim, norm=norm, act=act, bias=bias,
+                         prototypes=prototypes)
+        mods, w, h = [], in_dim, hidden_dim or in_dim
+        for _ in range(layers - 1):                          # hidden layers: Linear -> [BatchNorm] -> act
+            mods += [nn.Linear(w, h), *([nn.BatchNorm1d(h)] if norm else []), _ACTS[act]()]; w = h
+        self.net = nn.Sequential(*mods, nn.Linear(w, out_dim, bias=bias))
         self.apply(_init_weights)
+        self.prototypes = nn.Parameter(torch.randn(prototypes, out_dim) * 0.02) if prototypes else None
 
-    def forward(self, x:torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, out_dim)
-        return self.net(x)
+    def forward(self, x:torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, out_dim), or (B, K) cosines
+        z = self.net(x)
+        return z if self.prototypes is None else F.normalize(z, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
     def get_config(self) -> dict: return dict(self.args)
     @classmethod
     def from_config(cls, d:dict): return cls(**d)

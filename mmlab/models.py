@@ -27,8 +27,8 @@ __all__ = ['MODEL_CLASSES', 'MAX_LOGIT_SCALE', 'MODEL_REGISTRY', 'clip_tiny', 'c
            'trimodal_small', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model',
            'MultiModalModel', 'register_model', 'list_models', 'create_model', 'check_model_contract', 'scatter_tokens',
            'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features',
-           'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'MLPHead', 'BYOLModel', 'DINOHead', 'DINOModel',
-           'CaptionBlock', 'CaptionDecoder']
+           'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel', 'CaptionBlock',
+           'CaptionDecoder']
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder)}
@@ -130,7 +130,7 @@ class MultiModalModel(Model):
     "Towers + projection heads -> L2-normalised embeddings per modality, with a learnable logit scale (CLIP) and bias (SigLIP)."
     def __init__(self, towers:dict,                           # modality -> tower (returns EncoderOutput)
                  embed_dim:int=128,                           # shared embedding width E
-                 head:str="linear",                           # head kind for every modality: linear | mlp
+                 head:dict|None=None,                         # ProjectionHead options of every modality (default linear; SimCLR: dict(layers=2))
                  heads:dict|None=None,                        # modality -> head module, overrides `head`
                  logit_scale_init:float=math.log(1 / 0.07),   # log of the initial multiplier (CLIP)
                  logit_bias_init:float|None=None,             # None: no bias; SigLIP uses -10
@@ -139,9 +139,8 @@ class MultiModalModel(Model):
         super().__init__()
         if not towers: raise ConfigError("MultiModalModel: needs at least one tower")
         self.towers = nn.ModuleDict(towers)
-        heads = dict(heads or {})
-        self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, embed_dim, head) for m, t in towers.items()})
-        self.embed_dim, self.head_kind = embed_dim, head
+        heads, self.embed_dim, self.head_options = dict(heads or {}), embed_dim, dict(head or {})
+        self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, embed_dim, **self.head_options) for m, t in towers.items()})
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias_init))) if logit_bias_init is not None else None
         self.locked = set()
@@ -194,7 +193,7 @@ class MultiModalModel(Model):
     def parts(self) -> dict: return {"towers": dict(self.towers), "heads": dict(self.heads)}
     def get_config(self) -> dict:
         bias = None if self.logit_bias is None else float(self.logit_bias.detach())
-        return {**super().get_config(), "embed_dim": self.embed_dim, "head": self.head_kind, "logit_bias_init": bias,
+        return {**super().get_config(), "embed_dim": self.embed_dim, "head": self.head_options, "logit_bias_init": bias,
                 "locked": sorted(self.locked)}
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
@@ -652,21 +651,14 @@ class EMATeacher(nn.Module):
         ema_update(self.module, student, m); return m
 
 # %% ../nbs/05b_models.ipynb #5bc8246a
-class MLPHead(nn.Module):
-    "Projector / predictor MLP of BYOL and SimSiam: Linear-BN-ReLU-Linear."
-    def __init__(self, in_dim:int, hidden_dim:int, out_dim:int, norm:bool=True):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim) if norm else nn.Identity(),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-    def forward(self, x): return self.net(x)
-
 class BYOLModel(Model):
     "Online ViT encoder + projector + predictor, and an EMA teacher of encoder + projector (Grill et al. 2020)."
     def __init__(self, encoder:nn.Module, dim:int=64, hidden:int=128, total_steps:int=1000, base_momentum:float=0.99):
         super().__init__()
         self.remember(dim=dim, hidden=hidden, total_steps=total_steps, base_momentum=base_momentum)
-        self.online = nn.ModuleDict({"encoder": encoder, "projector": MLPHead(encoder.embed_dim, hidden, dim)})
-        self.predictor = MLPHead(dim, hidden, dim)
+        mlp = lambda d: ProjectionHead(d, dim, layers=2, hidden_dim=hidden, norm=True, act="relu", bias=True)   # Linear-BN-ReLU-Linear
+        self.online = nn.ModuleDict({"encoder": encoder, "projector": mlp(encoder.embed_dim)})
+        self.predictor = mlp(dim)
         self.teacher = EMATeacher(self.online, base=base_momentum, total_steps=total_steps)
     def parts(self) -> dict: return {"encoder": self.online["encoder"]}
     def encoders(self) -> dict: return {"image": self.online["encoder"]}
@@ -681,17 +673,6 @@ class BYOLModel(Model):
         return byol_loss(p1, p2, t1, t2)
 
 # %% ../nbs/05b_models.ipynb #311cd1cb
-class DINOHead(nn.Module):
-    "DINO's head: MLP -> L2-normalised bottleneck -> cosine to K unit-norm prototypes (logits in [-1, 1])."
-    def __init__(self, in_dim:int, hidden:int=128, bottleneck:int=64, out_dim:int=256, bn:bool=False):
-        super().__init__()
-        norm = (lambda: nn.BatchNorm1d(hidden)) if bn else nn.Identity
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), norm(), nn.GELU(), nn.Linear(hidden, hidden), norm(), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
-    def forward(self, x:Tensor) -> Tensor:   # (B, in_dim) -> (B, K)
-        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
-
 class DINOModel(Model):
     "Student (encoder + DINO head), its EMA teacher, and the DINO loss with its centre (a buffer)."
     def __init__(self, encoder:nn.Module, out_dim:int=256, hidden:int=128, bottleneck:int=64, total_steps:int=1000,
@@ -700,7 +681,7 @@ class DINOModel(Model):
         super().__init__()
         self.remember(out_dim=out_dim, hidden=hidden, bottleneck=bottleneck, total_steps=total_steps, base_momentum=base_momentum,
                       student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum, head_bn=head_bn)
-        head = DINOHead(encoder.embed_dim, hidden, bottleneck, out_dim, head_bn)
+        head = ProjectionHead(encoder.embed_dim, bottleneck, layers=3, hidden_dim=hidden, norm=head_bn, bias=True, prototypes=out_dim)
         self.online = nn.ModuleDict({"encoder": encoder, "head": head})
         self.teacher = EMATeacher(self.online, base=base_momentum, total_steps=total_steps)
         self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, center_momentum)

@@ -247,7 +247,7 @@ def test_bad_inputs_raise_mmlab_errors():
 # ================================================================ issue 14: properties no test pinned yet
 from hypothesis import given, settings, strategies as st
 from mmlab.losses.distill import _off_diagonal
-from mmlab.models import MLPHead
+from mmlab.encoders import ProjectionHead
 
 # ---------------------------------------------------------------- momentum schedule and EMA
 def test_momentum_schedule_closed_form_first_middle_last_and_clamped():
@@ -380,11 +380,11 @@ def test_simsiam_and_byol_stop_gradient_on_targets():
         assert z1.grad is None and z2.grad is None
         assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
 
-def test_mlp_head_structure_and_norm_flag():
-    h = MLPHead(3, 5, 2)
+def test_byol_head_structure_and_norm_flag():
+    h = ProjectionHead(3, 2, layers=2, hidden_dim=5, norm=True, act="relu", bias=True)   # BYOL / SimSiam projector
     kinds = [type(m) for m in h.net]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear] and h.net[0].out_features == 5
-    assert [type(m) for m in MLPHead(3, 5, 2, norm=False).net] == [nn.Linear, nn.Identity, nn.ReLU, nn.Linear]
+    assert [type(m) for m in ProjectionHead(3, 2, layers=2, hidden_dim=5, act="relu").net] == [nn.Linear, nn.ReLU, nn.Linear]
     assert h(torch.randn(4, 3)).shape == (4, 2)
 
 # ---------------------------------------------------------------- VICReg / Barlow parameters never varied

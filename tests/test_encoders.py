@@ -1,5 +1,6 @@
 """Tests of mmlab.encoders beyond the chapter's checks: the contract over every preset, odd sizes,
-visible-token encoding, padding, attention capture, save/load, torch.compile, Hugging Face towers.
+visible-token encoding, padding, attention capture, the projection-head family, save/load, torch.compile,
+Hugging Face towers.
 
 The slow Inductor compile test runs only with MMLAB_TEST_FLAGS containing "slow".
 """
@@ -8,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from mmlab.core import MMLabError, CheckpointError
+from mmlab.core import MMLabError, CheckpointError, ConfigError
 from mmlab.encoders import (
     Attention, AudioConfig, AudioEncoder, Block, CrossAttention, FusionConfig, FusionEncoder, HFEncoder, MoMEBlock,
-    TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention, count_flops, gather_tokens,
-    patchify, patchify_spec, set_fused_attn, unpatchify, unpatchify_spec)
+    ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention, count_flops,
+    gather_tokens, patchify, patchify_spec, set_fused_attn, unpatchify, unpatchify_spec)
 from mmlab.models import (MultiModalModel, check_model_contract, create_model, list_models, load_model, model_config,
                           model_from_config, save_model)
 
@@ -292,6 +294,89 @@ def test_mome_capture_and_routing():
     ref = torch.stack([h + blk.experts[m](blk.norm2[m](h)) for m in blk.modalities])    # (3, B, N, D)
     torch.testing.assert_close(y, torch.gather(ref, 0, ids[None, ..., None].expand(1, 2, 9, 32))[0], atol=1e-5, rtol=1e-5)
     assert maps["attn"].shape == (2, 4, 9, 9)
+
+
+# ---------------------------------------------------------------- projection heads: one family for the former three classes
+def _former(**parts) -> nn.Module:
+    "A holder with the former head's attribute names, so its state dict has the former keys."
+    m = nn.Module()
+    for k, v in parts.items(): setattr(m, k, v)
+    return m
+
+I, H, O, K = 6, 5, 4, 3   # in, hidden, out (DINO: bottleneck), prototypes
+# name: (the former head as it was built, the ProjectionHead options that replace it,
+#        its Linear prefixes and BatchNorm prefixes in layer order, its activation)
+FORMER = {
+    "ProjectionHead linear (CLIP)": (lambda: _former(net=nn.Linear(I, O, bias=False)), dict(), ["net"], [], None),
+    "ProjectionHead mlp (SimCLR)": (lambda: _former(net=nn.Sequential(nn.Linear(I, I), nn.GELU(), nn.Linear(I, O, bias=False))),
+                                    dict(layers=2), ["net.0", "net.2"], [], "gelu"),
+    "MLPHead (BYOL, SimSiam)": (lambda: _former(net=nn.Sequential(nn.Linear(I, H), nn.BatchNorm1d(H), nn.ReLU(), nn.Linear(H, O))),
+                                dict(layers=2, hidden_dim=H, norm=True, act="relu", bias=True), ["net.0", "net.3"], ["net.1"], "relu"),
+    "MLPHead norm=False": (lambda: _former(net=nn.Sequential(nn.Linear(I, H), nn.Identity(), nn.ReLU(), nn.Linear(H, O))),
+                           dict(layers=2, hidden_dim=H, act="relu", bias=True), ["net.0", "net.3"], [], "relu"),
+    "DINOHead": (lambda: _former(mlp=nn.Sequential(nn.Linear(I, H), nn.Identity(), nn.GELU(), nn.Linear(H, H), nn.Identity(),
+                                                   nn.GELU(), nn.Linear(H, O)), prototypes=nn.Parameter(torch.randn(K, O))),
+                 dict(layers=3, hidden_dim=H, bias=True, prototypes=K), ["mlp.0", "mlp.3", "mlp.6"], [], "gelu"),
+    "DINOHead bn=True": (lambda: _former(mlp=nn.Sequential(nn.Linear(I, H), nn.BatchNorm1d(H), nn.GELU(), nn.Linear(H, H),
+                                                           nn.BatchNorm1d(H), nn.GELU(), nn.Linear(H, O)),
+                                         prototypes=nn.Parameter(torch.randn(K, O))),
+                         dict(layers=3, hidden_dim=H, norm=True, bias=True, prototypes=K), ["mlp.0", "mlp.3", "mlp.6"],
+                         ["mlp.1", "mlp.4"], "gelu"),
+}
+
+def naive_head(x, sd, linears, norms, act, train, prototypes=True):
+    "Plain torch ops on a former head's state dict: x W^T + b, then BatchNorm and the activation between the Linears; cosines last."
+    for j, lin in enumerate(linears):
+        x = x @ sd[f"{lin}.weight"].T + (sd[f"{lin}.bias"] if f"{lin}.bias" in sd else 0)
+        if j == len(linears) - 1: break
+        if norms:
+            bn = norms[j]
+            mu, var = (x.mean(0), x.var(0, unbiased=False)) if train else (sd[f"{bn}.running_mean"], sd[f"{bn}.running_var"])
+            x = (x - mu) / torch.sqrt(var + 1e-5) * sd[f"{bn}.weight"] + sd[f"{bn}.bias"]
+        x = 0.5 * x * (1 + torch.erf(x / math.sqrt(2))) if act == "gelu" else torch.where(x > 0, x, 0.)
+    if prototypes and "prototypes" in sd:
+        P = sd["prototypes"]
+        x = (x / x.norm(dim=1, keepdim=True)) @ (P / P.norm(dim=1, keepdim=True)).T
+    return x
+
+def map_state_dict(former:nn.Module, new:nn.Module) -> dict:
+    "The former head's Linear and BatchNorm tensors, in layer order, under the new head's keys; the prototypes as they are."
+    kinds = (nn.Linear, nn.BatchNorm1d)
+    src, dst = ([n for n, m in h.named_modules() if isinstance(m, kinds)] for h in (former, new))
+    assert len(src) == len(dst), (src, dst)
+    sd = former.state_dict()
+    out = {d + k[len(s):]: v for s, d in zip(src, dst) for k, v in sd.items() if k.startswith(s + ".")}
+    return {**out, **({"prototypes": sd["prototypes"]} if "prototypes" in sd else {})}
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", list(FORMER))
+def test_projection_head_reproduces_each_former_head(name, train):
+    torch.manual_seed(0)
+    build, options, linears, norms, act = FORMER[name]
+    former = build().double()
+    with torch.no_grad():                                 # random weights and running statistics: every term counts
+        for k, t in former.state_dict().items():
+            if t.is_floating_point(): t.copy_(torch.rand_like(t) + 0.5 if k.endswith("running_var") else torch.randn_like(t))
+    x = torch.randn(7, I, dtype=torch.float64)
+    sd = former.state_dict()
+    body = former.net if hasattr(former, "net") else former.mlp      # the reference transcribes the former layers
+    torch.testing.assert_close(naive_head(x, sd, linears, norms, act, train, prototypes=False), body.train(train)(x),
+                               rtol=1e-12, atol=1e-12)
+    new = ProjectionHead(I, O, **options).double().train(train)
+    new.load_state_dict(map_state_dict(former, new), strict=True)
+    torch.testing.assert_close(new(x), naive_head(x, sd, linears, norms, act, train), rtol=1e-12, atol=1e-12)
+    assert ProjectionHead.from_config(new.get_config()).get_config() == new.get_config() == {
+        **dict(in_dim=I, out_dim=O, layers=1, hidden_dim=None, norm=False, act="gelu", bias=False, prototypes=0), **options}
+
+def test_projection_head_errors_and_prototype_cosines():
+    with pytest.raises(ConfigError, match="expected layers >= 1"): ProjectionHead(4, 2, layers=0)
+    with pytest.raises(ConfigError, match="prototypes=-1"): ProjectionHead(4, 2, prototypes=-1)
+    with pytest.raises(ConfigError, match="act='tanh'; expected one of gelu, relu, silu"): ProjectionHead(4, 2, act="tanh")
+    torch.manual_seed(1)
+    h = ProjectionHead(4, 3, layers=2, prototypes=5)
+    with torch.no_grad(): h.prototypes[0] = 7 * h.net(x := torch.randn(1, 4))[0]   # a prototype along the output: cosine 1
+    torch.testing.assert_close(h(x)[0, 0], torch.tensor(1.), rtol=0, atol=1e-6)
+    assert h(torch.randn(9, 4)).abs().max() <= 1 + 1e-6
 
 
 # ---------------------------------------------------------------- multimodal model
