@@ -148,10 +148,10 @@ def _doc_filter():
 def process_notebooks(nbs:Path, out:Path) -> list[Path]:
     "Process every notebook under `nbs` for the docs into `out` (as nbdev does for Quarto)."
     import os
+    from unittest import mock
     from fastcore.nbio import read_nb, write_nb
-    done, old = [], os.environ.get("IN_TEST")
-    os.environ["IN_TEST"] = "1"   # as nbdev's processor does: definitions only, small workloads
-    try:
+    done = []
+    with mock.patch.dict(os.environ, IN_TEST="1"):   # as nbdev's processor does: definitions only, small workloads
         for src in sorted(Path(nbs).rglob("*.ipynb")):
             rel = src.relative_to(nbs)
             if any(part.startswith((".", "_")) for part in rel.parts): continue
@@ -159,9 +159,6 @@ def process_notebooks(nbs:Path, out:Path) -> list[Path]:
             with chdir(src.parent): _doc_filter()(nb)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             write_nb(nb, out / rel); done.append(out / rel)
-    finally:
-        if old is None: os.environ.pop("IN_TEST", None)
-        else: os.environ["IN_TEST"] = old
     return done
 
 # %% ../nbs/99_docsite.ipynb #c5b1c512

@@ -670,8 +670,7 @@ def fused_available(device="cpu") -> bool:
 def _ext_for(t:torch.Tensor):
     return build_extension("cuda" if t.is_cuda else "cpu")
 
-def _default_tile(t:torch.Tensor) -> int:
-    return 512   # CPU: two 512x512 buffers per thread (1 MiB each in fp32) keep the GEMMs efficient
+_CPU_TILE = 512   # two 512x512 buffers per thread (1 MiB each in fp32) keep the CPU GEMMs efficient
 
 def _dot_sum(x:torch.Tensor, y:torch.Tensor, rows:int=16384) -> torch.Tensor:
     "sum(x * y) in y's dtype, a block of rows at a time (no full-size temporary)."
@@ -742,8 +741,7 @@ def _prepare(a, b, fn:str, tile:int|None):
             raise InputTypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise InputTypeError(f"{fn}: `{name}` must be a floating-point tensor, got {x.dtype}")
-    dims = {}
-    check_shape(a, "a", ("B", "D"), dims); check_shape(b, "b", ("B", "D"), dims)
+    dims = check_shape(a, "a", ("B", "D")); check_shape(b, "b", ("B", "D"), dims)
     if dims["B"] < 1 or dims["D"] < 1: raise ShapeError(f"{fn}: need B >= 1 and D >= 1, got a of shape {tuple(a.shape)}")
     if a.device != b.device: raise DeviceError(f"{fn}: `a` is on {a.device} but `b` is on {b.device}")
     if _kind(a.device) is None: raise DeviceError(f"{fn}: fused kernels run on cpu or cuda, got {a.device}")
@@ -752,7 +750,7 @@ def _prepare(a, b, fn:str, tile:int|None):
     dt = torch.promote_types(a.dtype, b.dtype)
     if not a.is_cuda and dt not in (torch.float32, torch.float64): dt = torch.float32
     a, b = a.to(dt).contiguous(), b.to(dt).contiguous()
-    return a, b, (tile or _default_tile(a))
+    return a, b, (tile or _CPU_TILE)
 
 def _as_scalar(x, name:str, fn:str, ref:torch.Tensor) -> torch.Tensor:
     "A 0-d tensor on `ref`'s device (keeping the autograd graph of a tensor argument)."

@@ -77,9 +77,10 @@ def mask_from_scores(scores:Tensor, # (B, L) float, higher = hidden first
     return mask_from_bool(mask)
 
 # %% ../nbs/04_masked.ipynb #442a2e63
-def _check_batch(B, where):
-    if isinstance(B, bool) or not isinstance(B, int) or B < 1:
-        raise InputError(f"{where}: batch size B must be a positive integer, got {B!r}")
+def _check_count(n, where:str, name:str="batch size B"):
+    "Raise `InputError` unless the count `n` (a batch size, frame count, block size) is a positive int, not a bool."
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"{where}: {name} must be a positive integer, got {n!r}")
 
 def random_mask(B:int,          # batch size
                 L:int,          # tokens per sample
@@ -88,7 +89,7 @@ def random_mask(B:int,          # batch size
                 device=None,
                ) -> Mask:
     "MAE random masking: hide a uniformly random subset of exactly round(ratio*L) tokens."
-    _check_batch(B, "random_mask"); k = num_masked(L, ratio, "random_mask")
+    _check_count(B, "random_mask"); k = num_masked(L, ratio, "random_mask")
     return mask_from_scores(torch.rand(B, L, generator=generator, device=device), k)
 
 # %% ../nbs/04_masked.ipynb #10cfa57a
@@ -142,11 +143,10 @@ def block_mask(B:int,                 # batch size
                device=None,
               ) -> Mask:
     "Block-wise masking: BEiT random rectangles (default) or SimMIM coarse cells (`block_size`)."
-    _check_batch(B, "block_mask"); H, W = _check_grid(grid, "block_mask")
+    _check_count(B, "block_mask"); H, W = _check_grid(grid, "block_mask")
     L = H * W; k = num_masked(L, ratio, "block_mask")
     if block_size is not None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise InputError(f"block_mask: block_size must be a positive integer, got {block_size!r}")
+        _check_count(block_size, "block_mask", "block_size")
         s = block_size
         coarse = torch.rand(B, -(-H // s), -(-W // s), generator=generator, device=device)
         scores = 1 + coarse.double().repeat_interleave(s, 1).repeat_interleave(s, 2)[:, :H, :W]
@@ -173,9 +173,8 @@ def tube_mask(B:int,           # batch size
               device=None,
              ) -> Mask:
     "VideoMAE tube masking: one random spatial mask repeated over all T frames (tokens time-major)."
-    _check_batch(B, "tube_mask")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise InputError(f"tube_mask: T must be a positive integer, got {T!r}")
+    _check_count(B, "tube_mask")
+    _check_count(T, "tube_mask", "T")
     num_masked(S, ratio, "tube_mask")                                          # errors name tube_mask, not random_mask
     spatial = random_mask(B, S, ratio, generator=generator, device=device).mask   # (B, S)
     return mask_from_bool(spatial[:, None, :].expand(B, T, S).reshape(B, T * S))
@@ -189,7 +188,7 @@ def span_mask(B:int,            # batch size
               device=None,
              ) -> Mask:
     "Span masking for audio frames: random spans of `span` frames, exactly round(ratio*L) hidden."
-    _check_batch(B, "span_mask"); k = num_masked(L, ratio, "span_mask")
+    _check_count(B, "span_mask"); k = num_masked(L, ratio, "span_mask")
     if isinstance(span, bool) or not isinstance(span, int) or not 1 <= span <= L:
         raise InputError(f"span_mask: span must be an integer in [1, L={L}], got {span!r}")
     K = 3 * math.ceil(k / span) + 4                          # spans overlap: draw more than k/span
@@ -234,7 +233,7 @@ def noise_mask(B:int,              # batch size
                device=None,
               ) -> Mask:
     "ColorMAE masking: hide the top round(ratio*L) tokens of filtered random noise."
-    _check_batch(B, "noise_mask"); H, W = _check_grid(grid, "noise_mask")
+    _check_count(B, "noise_mask"); H, W = _check_grid(grid, "noise_mask")
     k = num_masked(H * W, ratio, "noise_mask")
     return mask_from_scores(filtered_noise(B, grid, color, sigma1, sigma2, generator, device).flatten(1), k)
 
@@ -260,7 +259,7 @@ def dirichlet_budget(B:int,            # batch size
                      generator:torch.Generator|None=None,
                     ) -> dict:
     "MultiMAE/4M: split `budget` visible tokens across modalities by a Dirichlet draw; modality -> (B,) counts."
-    _check_batch(B, "dirichlet_budget")
+    _check_count(B, "dirichlet_budget")
     if not isinstance(sizes, dict) or not sizes:
         raise InputError(f"dirichlet_budget: sizes must be a non-empty dict modality -> token count, got {sizes!r}")
     names = list(sizes); Lm = torch.tensor([sizes[n] for n in names])

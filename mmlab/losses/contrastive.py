@@ -32,8 +32,7 @@ def _check_embeddings(xs:dict,             # name -> (B, D) tensor, all with the
         check_shape(x, f"{where}: {name}", ("B", "D"), dims)
         if not x.is_floating_point():
             raise InputTypeError(f"{where}: {name} must be a floating-point tensor, got dtype {x.dtype}")
-    dtypes = {x.dtype for x in xs.values()}
-    if len(dtypes) > 1:
+    if len({x.dtype for x in xs.values()}) > 1:
         raise InputTypeError(f"{where}: embeddings must share one dtype, got {', '.join(f'{n}={x.dtype}' for n, x in xs.items())}")
     for name, x in xs.items():
         check_finite(x, f"{where}: {name}")
@@ -50,16 +49,12 @@ def _f32(*xs:Tensor):
     out = tuple(x.float() if x.dtype in _HALF else x for x in xs)
     return out if len(out) > 1 else out[0]
 
-def _no_autocast(device_type:str):
-    "A context that disables autocast on `device_type` (cpu/cuda), else does nothing."
-    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
-
 def _full_precision(f):
     "Decorator: run loss `f` with autocast off, so an autocast region cannot push its matmuls into 16 bits."
     @functools.wraps(f)
     def wrapper(*args, **kw):
-        with _no_autocast("cpu"), (_no_autocast("cuda") if torch.cuda.is_available() else nullcontext()):
-            return f(*args, **kw)
+        no_cuda_autocast = torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else nullcontext()
+        with torch.autocast("cpu", enabled=False), no_cuda_autocast: return f(*args, **kw)
     return wrapper
 
 def _scalar(x, ref:Tensor, name:str, where:str="loss") -> Tensor:
@@ -80,14 +75,11 @@ def _clip_naive(a:Tensor, b:Tensor, scale:Tensor, bias:Tensor|None, label_smooth
     "CLIP loss with the full logits; `offset`/`both=False` give the rows-only (local) form; labels `ya` (rows), `yb` (columns) give label-aware targets."
     logits = scale * (a @ b.T)                                    # (Ba, Bb)
     if bias is not None: logits = logits + bias
-    if ya is not None:                                            # probability targets P (rows) and P^T's rows (columns)
-        rows = F.cross_entropy(logits, _label_targets(ya, yb, logits.dtype), label_smoothing=label_smoothing)
-        if not both: return rows
-        return (rows + F.cross_entropy(logits.T, _label_targets(yb, ya, logits.dtype), label_smoothing=label_smoothing)) / 2
-    labels = torch.arange(a.shape[0], device=a.device) + offset
-    rows = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if ya is None: t_rows = t_cols = torch.arange(a.shape[0], device=a.device) + offset   # class index of each positive
+    else: t_rows, t_cols = _label_targets(ya, yb, logits.dtype), _label_targets(yb, ya, logits.dtype)  # P and P^T's rows
+    rows = F.cross_entropy(logits, t_rows, label_smoothing=label_smoothing)
     if not both: return rows
-    return (rows + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+    return (rows + F.cross_entropy(logits.T, t_cols, label_smoothing=label_smoothing)) / 2
 
 # %% ../../nbs/03_contrastive.ipynb #aab941d2
 def _siglip_naive(a:Tensor, b:Tensor, scale:Tensor, bias:Tensor, offset:int=0,
@@ -157,12 +149,9 @@ class ChunkedClipLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_full_precision                     # the backward pass runs outside the loss's autocast-free region
     def backward(ctx, g):
         a, b, scale, bias, lse_r, lse_c = ctx.saved_tensors
-        with _no_autocast(a.device.type): return ChunkedClipLoss._backward(ctx, g, a, b, scale, bias, lse_r, lse_c)
-
-    @staticmethod
-    def _backward(ctx, g, a, b, scale, bias, lse_r, lse_c):
         (eps, chunk, offset, both), (ya, yb) = ctx.cfg, ctx.labels
         Ba, Bb = a.shape[0], b.shape[0]
         k = g * (0.5 if both else 1.0) / Ba                                   # d loss / d (sum of a block's terms)
@@ -204,12 +193,9 @@ class ChunkedSiglipLoss(torch.autograd.Function):
         return total / a.shape[0]
 
     @staticmethod
+    @_full_precision                     # the backward pass runs outside the loss's autocast-free region
     def backward(ctx, g):
         a, b, scale, bias = ctx.saved_tensors
-        with _no_autocast(a.device.type): return ChunkedSiglipLoss._backward(ctx, g, a, b, scale, bias)
-
-    @staticmethod
-    def _backward(ctx, g, a, b, scale, bias):
         (chunk, offset), (ya, yb) = ctx.cfg, ctx.labels
         k = g / a.shape[0]
         ga, gb = torch.empty_like(a), torch.zeros_like(b)
@@ -306,13 +292,9 @@ def gather_with_grad(x:Tensor,        # (B, ...) this rank's tensor; every rank 
 
 def _gather_labels(y:Tensor, group, where:str) -> Tensor:
     "All-gather the (B,) int64 labels of every rank in rank order (no gradient), with the same shape check."
-    ws, _ = _dist_info(group)
-    if ws == 1: return y
-    import torch.distributed as dist
+    if _dist_info(group)[0] == 1: return y
     _check_same_shape(y, group, f"{where}: labels")
-    parts = [torch.empty_like(y) for _ in range(ws)]
-    dist.all_gather(parts, y.contiguous(), group=group)
-    return torch.cat(parts)
+    return _GatherWithGrad.apply(y, group)             # integer labels: no gradient flows
 
 # %% ../../nbs/03_contrastive.ipynb #236e8715
 def _check_labels(labels, B:int, device, where:str) -> Tensor|None:
@@ -578,9 +560,8 @@ def symile_loss(embeddings:list,  # M >= 2 tensors (B, D), L2-normalised, one pe
     if not isinstance(embeddings, (list, tuple)) or len(embeddings) < 2:
         raise InputTypeError(f"{where}: embeddings must be a list of at least 2 (B, D) tensors, got "
                              f"{type(embeddings).__name__} of length {len(embeddings) if hasattr(embeddings, '__len__') else '?'}")
-    xs = list(embeddings)
-    B, _ = _check_embeddings({f"embeddings[{m}]": x for m, x in enumerate(xs)}, where=where)
-    xs = [_f32(x) for x in xs]
+    B, _ = _check_embeddings({f"embeddings[{m}]": x for m, x in enumerate(embeddings)}, where=where)
+    xs = [_f32(x) for x in embeddings]
     scale = _scalar(logit_scale, xs[0], "logit_scale", where)
     labels = torch.arange(B, device=xs[0].device)
     total = 0
