@@ -522,7 +522,10 @@ def load_dataset(name:str,                  # "shapes" or "digits"
                  root:str|Path|None=None,   # data folder; None = get_settings().data_root
                 ) -> BundledDataset:
     "Load a split of a bundled dataset as a map-style torch `Dataset` of example dicts."
-    modalities = check_modalities(modalities)
+    held = ("image", "audio", "text")                       # what every bundled dataset holds
+    modalities = check_modalities(held if modalities is None else modalities)
+    if set(modalities) - set(held):    # a modality registered later is not in these files
+        raise ConfigError(f"dataset {name!r} holds {', '.join(held)}, not {', '.join(sorted(set(modalities) - set(held)))}")
     meta = dataset_meta(name, root)
     splits = list(meta["splits"])
     if split not in splits: raise ConfigError(f"dataset {name!r} has no split {split!r}; splits are {', '.join(splits)}")

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mmlab.core import ConfigError
-from mmlab.data import (MODALITIES, CharTokenizer, ManifestDataset, Modality, check_modalities, collate, get_modality,
+from mmlab.data import (MODALITIES, CharTokenizer, ManifestDataset, load_dataset, Modality, check_modalities, collate, get_modality,
                         make_loader, register_modality, stack_fields, unregister_modality, x_inputs)
 from mmlab.encoders import TowerConfig, TransformerEncoder, sincos_1d, tower_inputs
 from mmlab.eval import zero_shot_eval
@@ -95,6 +95,9 @@ def test_collate_manifest_and_tower_inputs(signal, tmp_path):
     (tmp_path / "bad.csv").write_text("signal\nmissing.npy\n")
     with pytest.raises(Exception, match="bad.csv row 2: signal file .*missing.npy' does not exist"):
         ManifestDataset(tmp_path / "bad.csv")
+    assert load_dataset("digits", "val").modalities == ("image", "audio", "text")   # the bundled files hold these three
+    with pytest.raises(ConfigError, match="dataset 'digits' holds image, audio, text, not signal"):
+        load_dataset("digits", "val", ["text", "signal"])
 
 
 def test_clip_trains_on_the_new_modality(signal):
