@@ -5,8 +5,10 @@
 # %% ../nbs/01_data.ipynb #f00aa73a
 from __future__ import annotations
 import csv, hashlib, io, json, os, warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,20 +18,60 @@ from torch.utils.data import DataLoader, Dataset
 from .core import ConfigError, DataError, InputTypeError, MissingFileError, ShapeError, get_settings
 
 # %% auto #0
-__all__ = ['MODALITIES', 'SAMPLE_RATE', 'ON_ERROR', 'BUNDLED', 'check_modalities', 'resample', 'Resample', 'decode_audio',
+__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'BUNDLED', 'Modality', 'register_modality',
+           'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample', 'decode_audio',
            'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer', 'HFTokenizer',
-           'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'dataset_dir', 'dataset_meta',
-           'BundledDataset', 'load_dataset', 'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout',
-           'ManifestDataset']
+           'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields', 'pad_fields',
+           'x_inputs', 'lengths_inputs', 'mask_inputs', 'dataset_dir', 'dataset_meta', 'BundledDataset', 'load_dataset',
+           'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout', 'ManifestDataset']
 
 # %% ../nbs/01_data.ipynb #515a2439
-MODALITIES = ("image", "audio", "text")   # the modality names mmlab knows
 SAMPLE_RATE = 16_000                       # every waveform mmlab hands out is at this rate (Hz)
 ON_ERROR = ("raise", "skip")               # what loaders do with a bad row
 
+@dataclass(frozen=True)
+class Modality:
+    "What the kit needs to know about one modality; `register_modality` makes it known by name."
+    name: str                   # its key in examples and batches
+    collate: Callable           # (name, xs, **collate options) -> batch fields; xs holds None where absent
+    inputs: Callable            # (batch, name) -> the tower's keyword arguments
+    file: bool = True           # a manifest cell holds a file path (resolved, must exist), else the value itself
+    check: Callable|None = None # (ds, cell, where) -> None; raises DataError, when a manifest is opened
+    read: Callable|None = None  # (ds, cell, where) -> the example's value; None: the cell as it is
+    tower: str|None = None      # class name of the tower that encodes it (in mmlab.models.MODEL_CLASSES)
+    raw: str|None = None        # example key keeping the value before transforms ("caption" for text)
+
+MODALITY_REGISTRY = {}                   # name -> Modality, in registration (= canonical) order
+MODALITIES = MODALITY_REGISTRY.keys()    # a live view of the registered names
+
+
+# %% ../nbs/01_data.ipynb #7016951e
+_BATCH_KEYS = ("mask", "label", "index", "attrs", "caption", "skipped")   # keys collate writes besides modalities
+
+def register_modality(mod:Modality) -> Modality:
+    "Make `mod` known by its name (a re-registered name is replaced in place)."
+    if not isinstance(mod, Modality): raise InputTypeError(f"register_modality: expected a Modality, got {type(mod).__name__}")
+    if not isinstance(mod.name, str) or not mod.name or mod.name in _BATCH_KEYS:
+        raise ConfigError(f"register_modality: name {mod.name!r} is not usable; expected a non-empty string "
+                          f"other than the batch keys {', '.join(_BATCH_KEYS)}")
+    MODALITY_REGISTRY[mod.name] = mod
+    return mod
+
+def get_modality(name:str) -> Modality:
+    "The registered description of modality `name`."
+    if name not in MODALITY_REGISTRY:
+        raise ConfigError(f"unknown modality {name!r}; registered modalities: {', '.join(MODALITIES) or 'none'} "
+                          f"(add one with register_modality)")
+    return MODALITY_REGISTRY[name]
+
+def unregister_modality(name:str) -> Modality:
+    "Forget modality `name`; returns its description."
+    mod = get_modality(name); del MODALITY_REGISTRY[name]
+    return mod
+
 def check_modalities(modalities, where:str="modalities") -> tuple:
     "Validate a list of modality names; None means all of `MODALITIES`."
-    if modalities is None: return MODALITIES
+    if modalities is None: return tuple(MODALITIES)
     if isinstance(modalities, str): modalities = [modalities]
     bad = [m for m in modalities if m not in MODALITIES]
     if bad: raise ConfigError(f"{where}: unknown modality {bad[0]!r}; expected a subset of {', '.join(MODALITIES)}")
@@ -278,6 +320,101 @@ def content_hash(data:bytes) -> str:
     "SHA-256 of `data` (hex, 32 characters), the cache key of an encoded clip."
     return hashlib.sha256(data).hexdigest()[:32]
 
+# %% ../nbs/01_data.ipynb #e081b943
+def stack_fields(name:str, xs:list, **_) -> dict:
+    "Batch same-shape tensors: `{name: (B, ...)}`; absent values (None) become zeros."
+    ref = next(x for x in xs if x is not None)
+    for i, x in enumerate(xs):
+        if x is not None and x.shape != ref.shape:
+            raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}, another has "
+                             f"{tuple(ref.shape)}; resize every {name} to one size (image_size=... for images)")
+    return {name: torch.stack([x if x is not None else torch.zeros_like(ref) for x in xs])}
+
+def pad_fields(name:str, xs:list, pad:float=0.0, **_) -> dict:
+    "Right-pad tensors (..., L_i): `{name: (B, ..., L_max), name_lengths: (B,), name_padding_mask: (B, L_max)}`."
+    ref = next(x for x in xs if x is not None)
+    lead = ref.shape[:-1]
+    for i, x in enumerate(xs):
+        if x is not None and x.shape[:-1] != lead:
+            raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}, but item "
+                             f"{xs.index(ref)} has {tuple(ref.shape)}; all must agree except in the last dimension")
+    lengths = torch.tensor([x.shape[-1] if x is not None else 0 for x in xs], dtype=torch.long)
+    out = torch.full((len(xs), *lead, int(lengths.max())), pad, dtype=ref.dtype)
+    for i, x in enumerate(xs):
+        if x is not None: out[i, ..., : x.shape[-1]] = x
+    padding = torch.arange(out.shape[-1])[None, :] >= lengths[:, None]      # (B, L_max), True = padding
+    return {name: out, f"{name}_lengths": lengths, f"{name}_padding_mask": padding}
+
+def _audio_fields(name, xs, audio_pad=0.0, **_): return pad_fields(name, xs, audio_pad)
+
+def _text_fields(name, xs, pad_id=0, **_):
+    if all(isinstance(x, str) or x is None for x in xs): return {name: [x if x is not None else "" for x in xs]}
+    if all(torch.is_tensor(x) or x is None for x in xs): return pad_fields(name, xs, pad_id)
+    raise InputTypeError(f"collate: {name} must be all str or all token-id tensors within a batch")
+
+# %% ../nbs/01_data.ipynb #c9e0aff3
+def x_inputs(batch:dict, name:str) -> dict:
+    "Tower arguments of a modality without padding: its tensor as `x`."
+    return dict(x=batch[name])
+
+def lengths_inputs(batch:dict, name:str) -> dict:
+    "`x` plus `lengths` from collate's `{name}_lengths` (absent rows: length 1)."
+    kw, n = dict(x=batch[name]), batch.get(f"{name}_lengths")
+    if n is not None: kw["lengths"] = n.clamp_min(1)
+    return kw
+
+def mask_inputs(batch:dict, name:str) -> dict:
+    "`x` plus `attention_mask` (True = real) from collate's `{name}_padding_mask` (True = padding)."
+    kw, pad = dict(x=batch[name]), batch.get(f"{name}_padding_mask")
+    if pad is not None:
+        am = ~pad.bool()
+        am[:, 0] |= ~am.any(dim=1)                                    # absent rows: one token
+        kw["attention_mask"] = am
+    return kw
+
+# %% ../nbs/01_data.ipynb #a77c423a
+def _check_image(ds, p, where):
+    from PIL import Image
+    try:
+        with Image.open(p) as im: im.verify()
+    except Exception as e:
+        raise DataError(f"{where}: cannot read image {str(p)!r} ({type(e).__name__}: {e}); expected a valid image file") from e
+
+def _read_image(ds, p, where):
+    x = read_image(p, where)
+    if not ds.image_size: return x
+    return F.interpolate(x[None], size=(ds.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+
+def _check_audio(ds, p, where):
+    import soundfile as sf
+    try: info = sf.info(str(p))
+    except Exception as e:
+        raise DataError(f"{where}: cannot read audio {str(p)!r} ({type(e).__name__}: {e}); expected a WAV/FLAC/Ogg/MP3 file") from e
+    if info.samplerate != ds.sample_rate and not ds.resample:
+        raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {ds.sample_rate} Hz; "
+                        f"resample the file or pass resample=True")
+    if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
+
+def _read_audio(ds, p, where):
+    data, feats = p.read_bytes(), ds.audio_features
+    def compute():
+        with one_thread():
+            wave = decode_audio(data, f"{where}: {p}", ds.sample_rate, ds.resample)
+            return feats(wave) if feats is not None else wave
+    key = getattr(feats, "cache_key", None) if feats is not None else f"wave-{ds.sample_rate}"
+    if ds.cache is None or key is None: return compute()
+    return ds.cache.get(content_hash(data), f"{key}-rs{int(ds.resample)}", compute)
+
+def _check_caption(ds, v, where):
+    if not isinstance(v, str) or not v.strip():
+        raise DataError(f"{where}: empty caption {v!r} in column 'text'; expected non-empty text "
+                        f"(leave the cell empty / null for a missing caption)")
+
+# %% ../nbs/01_data.ipynb #625b13a0
+register_modality(Modality("image", stack_fields, x_inputs, check=_check_image, read=_read_image, tower="ViTEncoder"))
+register_modality(Modality("audio", _audio_fields, lengths_inputs, check=_check_audio, read=_read_audio, tower="AudioEncoder"))
+register_modality(Modality("text", _text_fields, mask_inputs, file=False, check=_check_caption, tower="TextEncoder", raw="caption"));
+
 # %% ../nbs/01_data.ipynb #7d7a6a5b
 BUNDLED = ("shapes", "digits")   # names accepted by `load_dataset`
 
@@ -385,7 +522,10 @@ def load_dataset(name:str,                  # "shapes" or "digits"
                  root:str|Path|None=None,   # data folder; None = get_settings().data_root
                 ) -> BundledDataset:
     "Load a split of a bundled dataset as a map-style torch `Dataset` of example dicts."
-    modalities = check_modalities(modalities)
+    held = ("image", "audio", "text")                       # what every bundled dataset holds
+    modalities = check_modalities(held if modalities is None else modalities)
+    if set(modalities) - set(held):    # a modality registered later is not in these files
+        raise ConfigError(f"dataset {name!r} holds {', '.join(held)}, not {', '.join(sorted(set(modalities) - set(held)))}")
     meta = dataset_meta(name, root)
     splits = list(meta["splits"])
     if split not in splits: raise ConfigError(f"dataset {name!r} has no split {split!r}; splits are {', '.join(splits)}")
@@ -394,26 +534,11 @@ def load_dataset(name:str,                  # "shapes" or "digits"
     return BundledDataset(p, meta, modalities, image_size, audio_features, transforms, cache)
 
 # %% ../nbs/01_data.ipynb #c608e1ac
-def _pad_stack(xs, pad_value, where):
-    "Right-pad tensors (..., L_i) to (B, ..., L_max); None entries become all-padding rows."
-    ref = next(x for x in xs if x is not None)
-    lead = ref.shape[:-1]
-    for i, x in enumerate(xs):
-        if x is not None and x.shape[:-1] != lead:
-            raise ShapeError(f"collate: {where} of item {i} has shape {tuple(x.shape)}, but item "
-                             f"{xs.index(ref)} has {tuple(ref.shape)}; all must agree except in the last dimension")
-    lengths = torch.tensor([x.shape[-1] if x is not None else 0 for x in xs], dtype=torch.long)
-    out = torch.full((len(xs), *lead, int(lengths.max())), pad_value, dtype=ref.dtype)
-    for i, x in enumerate(xs):
-        if x is not None: out[i, ..., : x.shape[-1]] = x
-    padding = torch.arange(out.shape[-1])[None, :] >= lengths[:, None]      # (B, L_max), True = padding
-    return out, lengths, padding
-
 def collate(items:list,          # examples (dicts); None entries (skipped rows) are dropped and counted
             pad_id:int=0,        # padding id for token-id text
             audio_pad:float=0.0, # padding value for audio / audio features
            ) -> dict:
-    "Batch examples: stack images, pad audio/text (+ lengths, padding masks), presence masks in `batch['mask']`."
+    "Batch examples with each modality's registered `collate`, and presence masks in `batch['mask']`."
     n_in = len(items); items = [x for x in items if x is not None]
     if not items: raise DataError(f"collate: all {n_in} items of the batch were skipped (None)")
     B = len(items); batch = {"mask": {}}
@@ -424,20 +549,7 @@ def collate(items:list,          # examples (dicts); None entries (skipped rows)
         mask = torch.tensor([x is not None for x in xs]); batch["mask"][m] = mask
         if not mask.any():
             batch[m] = None; continue
-        if m == "image":
-            ref = next(x for x in xs if x is not None)
-            for i, x in enumerate(xs):
-                if x is not None and x.shape != ref.shape:
-                    raise ShapeError(f"collate: image of item {i} has shape {tuple(x.shape)}, another has "
-                                     f"{tuple(ref.shape)}; resize images to one size (image_size=...)")
-            batch["image"] = torch.stack([x if x is not None else torch.zeros_like(ref) for x in xs])
-        elif m == "audio":
-            batch["audio"], batch["audio_lengths"], batch["audio_padding_mask"] = _pad_stack(xs, audio_pad, "audio")
-        elif m == "text":
-            if all(isinstance(x, str) or x is None for x in xs): batch["text"] = [x if x is not None else "" for x in xs]
-            elif all(torch.is_tensor(x) or x is None for x in xs):
-                batch["text"], batch["text_lengths"], batch["text_padding_mask"] = _pad_stack(xs, pad_id, "text")
-            else: raise InputTypeError("collate: text must be all str or all token-id tensors within a batch")
+        batch.update(get_modality(m).collate(m, xs, pad_id=pad_id, audio_pad=audio_pad))
     if "caption" in items[0]: batch["caption"] = [it.get("caption") for it in items]
     if all("label" in it for it in items):
         labels = [it["label"] for it in items]
@@ -507,7 +619,8 @@ class NoisyPairs(Dataset):
         if self.noisy[i]:
             other = self.ds[int(self.source[i])]
             item[self.modality] = other[self.modality]
-            if self.modality == "text" and "caption" in other: item["caption"] = other["caption"]
+            raw = get_modality(self.modality).raw                     # the caption goes with its text
+            if raw in other: item[raw] = other[raw]
         item["attrs"] = {**item.get("attrs", {}), "noisy_pair": int(self.noisy[i])}
         return item
 
@@ -531,7 +644,7 @@ class ModalityDropout(Dataset):
         if len(drop) == len(present) and drop: drop.pop(int(rng.integers(len(drop))))   # keep at least one
         for m in drop:
             item[m] = None
-            if m == "text": item.pop("caption", None)
+            item.pop(get_modality(m).raw, None)
         return item
 
 # %% ../nbs/01_data.ipynb #413d12bf
@@ -561,7 +674,7 @@ class ManifestDataset(Dataset):
     def __init__(self,
                  path:str|Path,              # the manifest (.csv or .jsonl)
                  root:str|Path|None=None,    # folder that relative paths start from; None = the manifest's folder
-                 modalities=None,            # columns to load; None = those of image/audio/text present in the manifest
+                 modalities=None,            # columns to load; None = every registered modality with a column
                  image_size:int|None=None,   # resize images to this square side; None = keep
                  audio_features=None,        # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None,  # modality -> callable applied after
@@ -604,55 +717,17 @@ class ManifestDataset(Dataset):
         if not present: raise DataError(f"{where}: none of the modalities {', '.join(self.modalities)} is given; "
                                         f"expected at least one non-empty value")
         for m in present:
-            v = r[m]
-            if m == "text":
-                if not isinstance(v, str) or not v.strip():
-                    raise DataError(f"{where}: empty caption {v!r} in column 'text'; expected non-empty text "
-                                    f"(leave the cell empty / null for a missing caption)")
-                out[m] = v; continue
-            if not isinstance(v, str):
-                raise DataError(f"{where}: column {m!r} holds {v!r}; expected a file path (string)")
-            p = Path(v).expanduser(); p = p if p.is_absolute() else self.root / p
-            if not p.is_file(): raise MissingFileError(f"{where}: {m} file {str(p)!r} does not exist")
-            if m == "image": self._verify_image(p, where)
-            else: self._verify_audio(p, where)
-            out[m] = p
+            mod, v = get_modality(m), r[m]
+            if mod.file:
+                if not isinstance(v, str): raise DataError(f"{where}: column {m!r} holds {v!r}; expected a file path (string)")
+                v = Path(v).expanduser(); v = v if v.is_absolute() else self.root / v
+                if not v.is_file(): raise MissingFileError(f"{where}: {m} file {str(v)!r} does not exist")
+            if mod.check: mod.check(self, v, where)
+            out[m] = v
         out["label"] = r.get("label")
         out["attrs"] = {k: v for k, v in r.items() if k not in MODALITIES and k != "label"}
         return out
-    def _verify_image(self, p, where):
-        from PIL import Image
-        try:
-            with Image.open(p) as im: im.verify()
-        except Exception as e:
-            raise DataError(f"{where}: cannot read image {str(p)!r} ({type(e).__name__}: {e}); expected a valid image file") from e
-    def _verify_audio(self, p, where):
-        import soundfile as sf
-        try: info = sf.info(str(p))
-        except Exception as e:
-            raise DataError(f"{where}: cannot read audio {str(p)!r} ({type(e).__name__}: {e}); expected a WAV/FLAC/Ogg/MP3 file") from e
-        if info.samplerate != self.sample_rate and not self.resample:
-            raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {self.sample_rate} Hz; "
-                            f"resample the file or pass resample=True")
-        if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
     def __len__(self): return len(self.rows)
-    def _audio(self, p, where):
-        data = p.read_bytes()
-        decode = lambda: decode_audio(data, f"{where}: {p}", self.sample_rate, self.resample)
-        feats = self.audio_features
-        def compute():
-            with one_thread(): return feats(decode()) if feats is not None else decode()
-        key = getattr(feats, "cache_key", None) if feats is not None else f"wave-{self.sample_rate}"
-        if self.cache is None or key is None: return compute()
-        return self.cache.get(content_hash(data), f"{key}-rs{int(self.resample)}", compute)
-    def _load(self, m, r, where, tf):
-        if m == "image":
-            x = read_image(r[m], where)
-            if self.image_size: x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear",
-                                                  align_corners=False, antialias=True)[0].clamp(0, 1)
-        elif m == "audio": x = self._audio(r[m], where)
-        else: x = r[m]
-        return _apply(tf.get(m), x)
     def __getitem__(self, i:int) -> dict|None:
         r = self.rows[i]; where = self._where(r["line"])
         try:
@@ -662,8 +737,9 @@ class ManifestDataset(Dataset):
             tf = self.transforms
             for m in self.modalities:
                 if m not in r: item[m] = None; continue
-                with one_thread(): item[m] = self._load(m, r, where, tf)
-                if m == "text" and "text" in tf: item["caption"] = r[m]
+                mod = get_modality(m)
+                with one_thread(): item[m] = _apply(tf.get(m), mod.read(self, r[m], where) if mod.read else r[m])
+                if mod.raw and m in tf: item[mod.raw] = r[m]
             return item
         except DataError as e:
             if self.on_error == "raise": raise

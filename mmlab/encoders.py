@@ -695,21 +695,16 @@ class ProjectionHead(nn.Module):
     def from_config(cls, d:dict): return cls(**d)
 
 # %% ../nbs/02_encoders.ipynb #465858e3
+from .data import get_modality
+
 def tower_inputs(batch:dict, modality:str) -> dict:
-    "Keyword arguments of a tower for `batch[modality]`: a dict as is, or a tensor plus the collate masks."
+    "Keyword arguments of a tower for `batch[modality]`: a dict as is, or the modality's registered `inputs` of a tensor."
     inp = batch[modality]
     if isinstance(inp, dict): return inp
     if not isinstance(inp, torch.Tensor):
         raise InputTypeError(f"batch[{modality!r}]: expected a tensor or a dict of tower arguments, got {type(inp).__name__}"
-                             + (" (tokenize the text first)" if modality == "text" else ""))
-    kw = dict(x=inp)
-    if modality == "audio" and batch.get("audio_lengths") is not None:
-        kw["lengths"] = batch["audio_lengths"].clamp_min(1)          # absent clips (length 0) stay finite; masked by batch["mask"]
-    if modality == "text" and batch.get("text_padding_mask") is not None:
-        am = ~batch["text_padding_mask"].bool()                       # collate: True = padding; towers: True = real
-        am[:, 0] |= ~am.any(dim=1)                                    # absent rows: one token, masked by batch["mask"]
-        kw["attention_mask"] = am
-    return kw
+                             + (" (tokenize the text first)" if isinstance(inp, (list, tuple, str)) else ""))
+    return get_modality(modality).inputs(batch, modality)
 
 # %% ../nbs/02_encoders.ipynb #1980d0a5
 @dataclass

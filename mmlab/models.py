@@ -25,10 +25,10 @@ from .losses import (DINOLoss, byol_loss, clip_loss, dino_loss, ema_update, hube
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MAX_LOGIT_SCALE', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny',
            'trimodal_small', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model',
-           'MultiModalModel', 'register_model', 'list_models', 'create_model', 'check_model_contract', 'scatter_tokens',
-           'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features',
-           'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel', 'CaptionBlock',
-           'CaptionDecoder']
+           'MultiModalModel', 'register_model', 'list_models', 'create_model', 'make_tower', 'check_model_contract',
+           'scatter_tokens', 'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE',
+           'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel',
+           'CaptionBlock', 'CaptionDecoder']
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder)}
@@ -223,6 +223,8 @@ def create_model(name:str, **overrides) -> nn.Module:
     return MODEL_REGISTRY[name](**overrides)
 
 # %% ../nbs/05b_models.ipynb #f07bb1e8
+from .data import get_modality
+
 def _register_towers(prefix, tower, config_cls):
     for size in config_cls.PRESETS:
         def build(size=size, **kw): return tower(config_cls.preset(size, **kw))
@@ -235,10 +237,17 @@ _register_towers("audio", AudioEncoder, AudioConfig)
 _register_towers("text", TextEncoder, TextConfig)
 _register_towers("fusion", FusionEncoder, FusionConfig)
 
+def make_tower(modality:str, size:str="small", **overrides) -> nn.Module:
+    "A fresh tower for `modality`: its registered tower class (`Modality.tower`) with the config preset `size`."
+    name = get_modality(modality).tower
+    if name not in MODEL_CLASSES:
+        raise ConfigError(f"make_tower: modality {modality!r} names the tower {name!r}, which is not in MODEL_CLASSES; "
+                          f"known: {', '.join(MODEL_CLASSES)}")
+    cls = MODEL_CLASSES[name]
+    return cls(cls.config_class.preset(size, **overrides))
+
 def _mm(size, modalities, embed_dim, **kw):
-    towers = {"image": ViTEncoder(ViTConfig.preset(size)), "audio": AudioEncoder(AudioConfig.preset(size)),
-              "text": TextEncoder(TextConfig.preset(size))}
-    return MultiModalModel({m: towers[m] for m in modalities}, embed_dim=embed_dim, **kw)
+    return MultiModalModel({m: make_tower(m, size) for m in modalities}, embed_dim=embed_dim, **kw)
 
 def _mm_preset(name, size, modalities, embed_dim, doc):
     def build(**kw): return _mm(size, modalities, kw.pop("embed_dim", embed_dim), **kw)
@@ -544,9 +553,8 @@ class MultiModalMAE(Model):
 @torch.no_grad()
 def mmae_features(model:MultiModalMAE, batch:dict, modality:str) -> Tensor:
     "(B, D) features of one modality with nothing hidden: adapter tokens -> shared encoder -> mean over real tokens."
-    x = batch[modality]
-    lengths = batch.get("audio_lengths") if modality == "audio" else None
-    t, real = model.adapters[modality].embed(x, lengths) if lengths is not None else model.adapters[modality].embed(x)
+    kw = dict(tower_inputs(batch, modality))                # x, plus lengths or a mask where the modality has them
+    t, real = model.adapters[modality].embed(kw.pop("x"), **kw)
     t = t + model.modality_embed[modality]
     am = None if real is None else real[:, None, None, :]
     for blk in model.blocks: t = blk(t, attn_mask=am)
