@@ -19,7 +19,7 @@ from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, Miss
 from .data import MODALITIES, take
 from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
-from .models import (BYOLModel, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
+from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features)
 from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, history_figure, latest_checkpoint,
                          load_checkpoint, to_device)
@@ -232,11 +232,10 @@ def model_device(model:nn.Module) -> torch.device:
 def build_model(recipe) -> MultiModalModel:
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias -10."
     torch.manual_seed(recipe.seed)
-    make = {"image": lambda: ViTEncoder(ViTConfig.preset(recipe.size)),
-            "audio": lambda: AudioEncoder(AudioConfig.preset(recipe.size, n_mels=recipe.n_mels)),
-            "text": lambda: TextEncoder(TextConfig.preset(recipe.size, max_len=max(recipe.max_len, 32)))}
+    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
+    towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(logit_scale_init=math.log(10), logit_bias_init=-10.0) if recipe.loss == "siglip" else {}
-    return MultiModalModel({m: make[m]() for m in recipe.modalities}, embed_dim=recipe.embed_dim, **kw)
+    return MultiModalModel(towers, embed_dim=recipe.embed_dim, **kw)
 
 # %% ../nbs/08a_recipes.ipynb #e211b998
 def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip") -> Tensor:
