@@ -23,12 +23,12 @@ from .losses import (DINOLoss, byol_loss, clip_loss, dino_loss, ema_update, hube
                           momentum_schedule, simmim_loss)
 
 # %% auto #0
-__all__ = ['MODEL_CLASSES', 'MAX_LOGIT_SCALE', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny',
-           'trimodal_small', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model',
-           'MultiModalModel', 'register_model', 'list_models', 'create_model', 'make_tower', 'check_model_contract',
-           'scatter_tokens', 'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE',
-           'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel',
-           'CaptionBlock', 'CaptionDecoder']
+__all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
+           'model_config', 'model_from_config', 'Model', 'save_model', 'load_model', 'MultiModalModel',
+           'register_model', 'list_models', 'create_model', 'make_tower', 'check_model_contract', 'scatter_tokens',
+           'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features',
+           'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel', 'CaptionBlock',
+           'CaptionDecoder']
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder)}
@@ -124,16 +124,15 @@ def load_model(path, strict:bool=True) -> nn.Module:
     return model.eval()
 
 # %% ../nbs/05b_models.ipynb #c067c1b3
-MAX_LOGIT_SCALE = math.log(100.)   # CLIP clamps the temperature multiplier at 100
-
 class MultiModalModel(Model):
     "Towers + projection heads -> L2-normalised embeddings per modality, with a learnable logit scale (CLIP) and bias (SigLIP)."
     def __init__(self, towers:dict,                           # modality -> tower (returns EncoderOutput)
                  embed_dim:int=128,                           # shared embedding width E
                  head:dict|None=None,                         # ProjectionHead options of every modality (default linear; SimCLR: dict(layers=2))
                  heads:dict|None=None,                        # modality -> head module, overrides `head`
-                 logit_scale_init:float=math.log(1 / 0.07),   # log of the initial multiplier (CLIP)
-                 logit_bias_init:float|None=None,             # None: no bias; SigLIP uses -10
+                 init_scale:float=1 / 0.07,                   # initial multiplier s = 1/temperature (CLIP 1/0.07, SigLIP 10)
+                 init_bias:float|None=None,                   # initial bias t; None: no bias (SigLIP: -10)
+                 max_scale:float=100.0,                       # CLIP clamps the multiplier at 100
                  locked=(),                                   # modalities whose towers are frozen (LiT)
                 ):
         super().__init__()
@@ -141,8 +140,8 @@ class MultiModalModel(Model):
         self.towers = nn.ModuleDict(towers)
         heads, self.embed_dim, self.head_options = dict(heads or {}), embed_dim, dict(head or {})
         self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, embed_dim, **self.head_options) for m, t in towers.items()})
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias_init))) if logit_bias_init is not None else None
+        self.log_scale, self.max_scale = nn.Parameter(torch.tensor(math.log(init_scale))), max_scale   # learnt as log s
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
         self.locked = set()
         self.lock(*locked)
 
@@ -167,9 +166,10 @@ class MultiModalModel(Model):
         for m in self.locked: self.towers[m].eval()
         return self
 
-    def get_logit_scale(self) -> torch.Tensor:
-        "The multiplier e^t, clamped at 100 (gradients stop while clamped)."
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        "The multiplier s = exp(log_scale), clamped at `max_scale` (gradients stop while clamped): what the losses take."
+        return self.log_scale.exp().clamp(max=self.max_scale)
 
     def encode(self, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
         "Tower -> pooled -> head -> L2-normalise, for one modality."
@@ -186,15 +186,15 @@ class MultiModalModel(Model):
             out[m] = self.encode(m, **tower_inputs(batch, m))
         if not out:
             raise InputError(f"MultiModalModel: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
-        out["logit_scale"], out["logit_bias"] = self.get_logit_scale(), self.logit_bias
+        out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
         return out
 
     def encoders(self) -> dict: return dict(self.towers)
     def parts(self) -> dict: return {"towers": dict(self.towers), "heads": dict(self.heads)}
     def get_config(self) -> dict:
         bias = None if self.logit_bias is None else float(self.logit_bias.detach())
-        return {**super().get_config(), "embed_dim": self.embed_dim, "head": self.head_options, "logit_bias_init": bias,
-                "locked": sorted(self.locked)}
+        return {**super().get_config(), "embed_dim": self.embed_dim, "head": self.head_options, "init_bias": bias,
+                "max_scale": self.max_scale, "locked": sorted(self.locked)}
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "Example inputs of every tower, as the `batch` keyword argument of `forward`."

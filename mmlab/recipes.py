@@ -234,7 +234,7 @@ def build_model(recipe) -> MultiModalModel:
     torch.manual_seed(recipe.seed)
     knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
-    kw = dict(logit_scale_init=math.log(10), logit_bias_init=-10.0) if recipe.loss == "siglip" else {}
+    kw = dict(init_scale=10.0, init_bias=-10.0) if recipe.loss == "siglip" else {}
     return MultiModalModel(towers, embed_dim=recipe.embed_dim, **kw)
 
 # %% ../nbs/08a_recipes.ipynb #e211b998

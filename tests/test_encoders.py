@@ -382,7 +382,7 @@ def test_projection_head_errors_and_prototype_cosines():
 # ---------------------------------------------------------------- multimodal model
 def test_multimodal_locked_tower_and_logit_scale():
     torch.manual_seed(10)
-    mm = create_model("trimodal_tiny", logit_bias_init=-10.)
+    mm = create_model("trimodal_tiny", init_bias=-10.)
     mm.lock("audio").train()
     assert not mm.towers["audio"].training and mm.towers["image"].training
     out = mm(mm.example_inputs(2)["batch"])
@@ -390,10 +390,10 @@ def test_multimodal_locked_tower_and_logit_scale():
     assert abs(out["logit_scale"].item() - 1 / 0.07) < 1e-3 and out["logit_bias"].item() == -10.
     (out["image"] @ out["audio"].T * out["logit_scale"] + out["logit_bias"]).sum().backward()
     assert all(p.grad is None for p in mm.towers["audio"].parameters())
-    assert mm.logit_scale.grad is not None and mm.logit_bias.grad is not None
-    with torch.no_grad(): mm.logit_scale.fill_(8.)
-    mm.zero_grad(); mm.get_logit_scale().backward()
-    assert mm.get_logit_scale().item() == pytest.approx(100., rel=1e-5) and mm.logit_scale.grad.item() == 0.
+    assert mm.log_scale.grad is not None and mm.logit_bias.grad is not None
+    with torch.no_grad(): mm.log_scale.fill_(8.)
+    mm.zero_grad(); mm.logit_scale.backward()
+    assert mm.logit_scale.item() == pytest.approx(100., rel=1e-5) and mm.log_scale.grad.item() == 0.
     mm.unlock("audio")
     assert mm.towers["audio"].training and all(p.requires_grad for p in mm.towers["audio"].parameters())
 
