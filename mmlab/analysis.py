@@ -13,14 +13,11 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
-           'shift_embeddings', 'shift_experiment', 'stack_dataset', 'batch_size_of', 'embed_batch', 'train_clip',
-           'tiny_image_text_model', 'attention_rollout', 'token_relevance', 'attention_map', 'fit_pca', 'pca_transform',
-           'reduce_embeddings']
+           'shift_embeddings', 'shift_experiment', 'stack_dataset', 'clip_trainer', 'tiny_image_text_model',
+           'attention_rollout', 'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #121705df
-from .core import (InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm,
-                        set_seed)
-from .data import take
+from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
 
 # %% ../nbs/09_analysis.ipynb #f199ef40
 def _emb(x, name:str, dims:dict) -> Tensor:
@@ -192,61 +189,30 @@ def stack_dataset(ds,                 # a dataset of example dicts (e.g. `load_d
     n = len(ds) if n is None else min(n, len(ds))
     return collate([ds[i] for i in range(n)], pad_id=pad_id)
 
-def batch_size_of(batch:dict) -> int:
-    "Number of rows of a collated batch."
-    for m in ("label", "index", "image", "audio", "text"):
-        v = batch.get(m)
-        if v is not None: return len(v)
-    raise InputError(f"batch_size_of: the batch has no label/index/modality entries; keys: {list(batch)}")
-
-@torch.no_grad()
-def embed_batch(model,                  # a MultiModalModel
-                batch:dict,             # a collated batch
-                chunk:int=256,          # rows per forward pass
-               ) -> dict:               # {modality: (N, E) float32 L2-normalised}
-    "Embed every modality of `batch` that `model` has, in eval mode, in chunks."
-    was = model.training; model.eval()
-    n = batch_size_of(batch); out = {}
-    try:
-        for s in range(0, n, chunk):
-            o = model(take(batch, range(s, min(n, s + chunk))))
-            for m in model.modalities:
-                if m in o: out.setdefault(m, []).append(o[m].float())
-    finally: model.train(was)
-    return {m: torch.cat(v) for m, v in out.items()}
-
 # %% ../nbs/09_analysis.ipynb #ab09290d
-def train_clip(model,                    # a MultiModalModel with (at least) the two modalities
-               batch:dict,               # the whole training set as one collated batch (`stack_dataset`)
-               steps:int,                # AdamW updates
-               modalities=("image", "text"), # the pair to contrast
-               batch_size:int=64,        # pairs per step
-               tau:float|None=None,      # fixed temperature (logit scale 1/tau, not learned); None = learned
-               lr:float=1e-3, weight_decay:float=0.05,
-               seed:int=0,               # the order of the mini-batches
-               callback=None,            # called as callback(record) after every step
-              ) -> list:                 # one record {step, loss, logit_scale} per step
-    "Plain CLIP training loop (AdamW + clip_loss) on an in-memory batch, optionally at a fixed temperature."
+def clip_trainer(model,                   # a MultiModalModel with (at least) the two modalities
+                 batch:dict,              # the whole training set as one collated batch (`stack_dataset`)
+                 steps:int,               # AdamW updates (cosine decay, no warmup)
+                 tau:float|None=None,     # fixed temperature (logit scale 1/tau, frozen); None = learned
+                 batch_size:int=64,       # pairs per update
+                 lr:float=1e-3,           # peak learning rate
+                 seed:int=0,              # the order of the mini-batches
+                 callbacks:tuple=(),      # Trainer callbacks (e.g. a live plot or dashboard)
+                 modalities=("image", "text"), # the pair to contrast
+                ):                        # a `Trainer`: .fit() trains and returns the logged records
+    "A `Trainer` minimising `clip_loss` over random mini-batches of an in-memory batch, optionally at a fixed temperature."
     from mmlab.losses import clip_loss
-    a, b = modalities
+    from mmlab.recipes import InMemoryBatches
+    from mmlab.train import Trainer, TrainConfig
     if tau is not None:
-        if tau <= 0: raise InputError(f"train_clip: tau must be > 0, got {tau}")
+        if not tau > 0: raise InputError(f"clip_trainer: tau must be > 0, got {tau}")
         with torch.no_grad(): model.logit_scale.fill_(math.log(1 / tau))
         model.logit_scale.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    n = batch_size_of(batch); hist = []; model.train()
-    for step in range(1, steps + 1):
-        idx = torch.randperm(n, generator=g)[:batch_size]
-        out = model(take(batch, idx))
-        loss = clip_loss(out[a], out[b], out["logit_scale"])
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        rec = {"step": step, "loss": loss.item(), "logit_scale": out["logit_scale"].item()}
-        hist.append(rec)
-        if callback is not None: callback(rec)
-    model.eval()
-    return hist
+    a, b = modalities
+    def loss_fn(model, batch):
+        out = model(batch); return clip_loss(out[a], out[b], out["logit_scale"])
+    return Trainer(model, loss_fn, InMemoryBatches(batch, batch_size, seed), TrainConfig(max_steps=steps, lr=lr),
+                   callbacks=callbacks)
 
 def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
                           img_size:int=32,  # input side

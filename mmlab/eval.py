@@ -13,11 +13,12 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['pessimistic_rank', 'knn_eval', 'linear_probe', 'build_prompts', 'class_embeddings', 'zero_shot_classifier',
-           'zero_shot_eval', 'retrieval_eval', 'present', 'few_shot_subset', 'label_efficiency', 'embed_all',
-           'knn_monitor', 'probe_monitor']
+           'zero_shot_eval', 'retrieval_eval', 'present', 'few_shot_subset', 'label_efficiency', 'embed', 'knn_monitor',
+           'probe_monitor']
 
 # %% ../nbs/08_eval.ipynb #4bbc4992
 from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape
+from .data import take
 from .train import EvalCallback, to_device
 
 # %% ../nbs/08_eval.ipynb #c9176ea0
@@ -325,17 +326,56 @@ def label_efficiency(train_x:Tensor, train_y:Tensor, # (N, D), (N,) labelled poo
     return {"shots": list(shots), "mean": acc.mean(1).tolist(),
             "std": (acc.std(1, unbiased=False)).tolist(), "chance": r["chance"], "runs": runs}
 
+# %% ../nbs/08_eval.ipynb #c7d48685
+def _cpu32(out):
+    "A tensor or {name: tensor} on the CPU, floating point as float32 (labels and masks keep their dtype)."
+    if isinstance(out, Tensor): return (out.float() if out.is_floating_point() else out).cpu()
+    return {k: _cpu32(v) for k, v in out.items()}
+
+def _modalities(model, batch):
+    "{modality: (B, E)} of a multimodal model's forward pass (its logit scale and bias left out)."
+    if not hasattr(model, "modalities"):
+        raise InputTypeError(f"embed: fn=None embeds every modality of a MultiModalModel; {type(model).__name__} "
+                             "has no `modalities`, so pass fn(model, batch) -> features")
+    return {m: z for m, z in model(batch).items() if m in model.modalities}
+
+@torch.no_grad()
+def embed(model,         # the model; in eval mode inside, its own mode restored after (also on error)
+          data,          # one in-memory batch dict (run in chunks) or an iterable of batch dicts
+          fn=None,       # (model, batch) -> (B, D) tensor or {name: (B, ...)}; None: every modality of model(batch)
+          chunk:int=256, # rows per forward pass of an in-memory batch
+         ):              # fn's outputs concatenated over rows, on the CPU, floating point as float32
+    "Features of `data`: `fn` batch by batch without gradients in eval mode, inputs on the model's device."
+    if not isinstance(chunk, int) or chunk < 1: raise InputError(f"embed: chunk must be an integer >= 1, got {chunk!r}")
+    if isinstance(data, dict):
+        n = next((len(v) for v in data.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+        if n is None: raise InputError(f"embed: the batch holds no tensor with rows; keys: {list(data)}")
+        batch = data                                          # one chunk at a time: memory stays bounded
+        data = (take(batch, range(s, min(n, s + chunk))) for s in range(0, n, chunk))
+    fn, dev, was = fn or _modalities, next(model.parameters()).device, model.training
+    model.eval()
+    try: parts = [_cpu32(fn(model, to_device(b, dev))) for b in data]
+    finally: model.train(was)
+    if not parts: raise InputError("embed: data holds no batch")
+    if isinstance(parts[0], Tensor): return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
 # %% ../nbs/08_eval.ipynb #b5e644cc
-def embed_all(model, embed_fn, batches, label_key:str="label", modality:str|None=None):
-    "Features, labels and the count of missing samples of `batches`: embed_fn(model, batch) -> (B, D)."
-    dev = next(model.parameters()).device
-    feats, labels, missing = [], [], 0
-    for b in batches:
-        z = embed_fn(model, to_device(b, dev)).float().cpu(); y = b[label_key].cpu()
-        if modality is not None:
-            keep = b["mask"][modality].cpu().bool(); missing += int((~keep).sum()); z, y = z[keep], y[keep]
-        feats.append(z); labels.append(y)
-    return torch.cat(feats), torch.cat(labels), missing
+def _labelled(model, embed_fn, batches, label_key, modality):
+    "Features and labels of the samples of `batches` whose `modality` is present, and the count of the others."
+    def fn(m, b):
+        keep = b["mask"][modality] if modality is not None else torch.ones(len(b[label_key]), dtype=torch.bool)
+        return {"x": embed_fn(m, b), "y": b[label_key], "keep": keep}
+    r = embed(model, batches, fn); keep = r["keep"].bool()
+    return r["x"][keep], r["y"][keep], int((~keep).sum())
+
+def _monitor(score, embed_fn, train_batches, test_batches, label_key, modality, prefix) -> EvalCallback:
+    "An `EvalCallback` logging score(train features, labels, test features, labels)'s accuracy and the skipped count."
+    def fn(model):
+        xtr, ytr, _ = _labelled(model, embed_fn, train_batches, label_key, modality)
+        xte, yte, miss = _labelled(model, embed_fn, test_batches, label_key, modality)
+        return {"accuracy": score(xtr, ytr, xte, yte)["accuracy"], "n_missing": miss}
+    return EvalCallback(fn, prefix)
 
 def knn_monitor(embed_fn,                # (model, batch) -> (B, D) features of one modality
                 train_batches,           # iterable of labelled batches: the kNN memory
@@ -346,19 +386,11 @@ def knn_monitor(embed_fn,                # (model, batch) -> (B, D) features of 
                 prefix:str="knn",        # log keys: prefix/accuracy, prefix/n_missing
                ) -> EvalCallback:
     "An `EvalCallback` logging weighted-kNN accuracy of the current features (online monitor)."
-    def fn(model):
-        xtr, ytr, _ = embed_all(model, embed_fn, train_batches, label_key, modality)
-        xte, yte, miss = embed_all(model, embed_fn, test_batches, label_key, modality)
-        r = knn_eval(xtr, ytr, xte, yte, k=min(k, len(ytr)), tau=tau)
-        return {"accuracy": r["accuracy"], "n_missing": miss}
-    return EvalCallback(fn, prefix)
+    score = lambda xtr, ytr, xte, yte: knn_eval(xtr, ytr, xte, yte, k=min(k, len(ytr)), tau=tau)
+    return _monitor(score, embed_fn, train_batches, test_batches, label_key, modality, prefix)
 
 def probe_monitor(embed_fn, train_batches, test_batches, C:float=1.0, label_key:str="label",
                   modality:str|None=None, prefix:str="probe") -> EvalCallback:
     "An `EvalCallback` logging the linear-probe accuracy of the current features (arguments as `knn_monitor`)."
-    def fn(model):
-        xtr, ytr, _ = embed_all(model, embed_fn, train_batches, label_key, modality)
-        xte, yte, miss = embed_all(model, embed_fn, test_batches, label_key, modality)
-        r = linear_probe(xtr, ytr, xte, yte, C=C)
-        return {"accuracy": r["accuracy"], "n_missing": miss}
-    return EvalCallback(fn, prefix)
+    score = lambda xtr, ytr, xte, yte: linear_probe(xtr, ytr, xte, yte, C=C)
+    return _monitor(score, embed_fn, train_batches, test_batches, label_key, modality, prefix)

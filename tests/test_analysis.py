@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 from mmlab.analysis import (attention_map, attention_rollout, effective_rank, fit_pca, gap_metrics, gap_vector,
                             mean_pairwise_cosine, pca_transform, reduce_embeddings, relative_gap, separability,
                             shift_embeddings, shift_experiment, token_relevance, uniformity, stack_dataset,
-                            train_clip, embed_batch)
+                            clip_trainer)
 from mmlab.core import InputError, ShapeError
 from mmlab.data import take
 
@@ -261,24 +261,33 @@ def test_reduce_embeddings_split(method):
     with pytest.raises(InputError, match="method"): reduce_embeddings({"a": x}, "lda")
 
 
-def test_train_clip_fixed_temperature_and_embed():
+def test_clip_trainer_fixed_temperature_and_first_loss():
+    import copy
     from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.losses import clip_loss
     from mmlab.models import MultiModalModel
+    from mmlab.recipes import InMemoryBatches
+    from mmlab.train import Callback
     torch.manual_seed(0)
     model = MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
                              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(24, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (24, 6), generator=g),
              "label": torch.arange(24) % 4, "mask": {}}
+    start = copy.deepcopy(model)
     seen = []
-    hist = train_clip(model, batch, 3, batch_size=8, tau=0.5, callback=seen.append)
+    class Seen(Callback):                                                # records what the trainer logs
+        def on_log(self, trainer, record): seen.append(record)
+    trainer = clip_trainer(model, batch, 3, batch_size=8, tau=0.5, seed=0, callbacks=[Seen()])
+    hist = trainer.fit()
     assert len(hist) == 3 and seen == hist
-    assert all(r["logit_scale"] == pytest.approx(2.0) for r in hist)   # 1 / tau, not learned
-    assert not model.logit_scale.requires_grad
-    e = embed_batch(model, batch, chunk=10)
-    assert e["image"].shape == (24, 16) and torch.allclose(e["image"].norm(dim=1), torch.ones(24), atol=1e-5)
-    sub = take(batch, [3, 1])
-    assert torch.equal(sub["image"], batch["image"][[3, 1]]) and sub["label"].tolist() == [3, 1]
+    assert model.get_logit_scale().item() == pytest.approx(2.0) and not model.logit_scale.requires_grad   # 1 / tau, frozen
+    assert all(p is not model.logit_scale for grp in trainer.opt.param_groups for p in grp["params"])
+    first = next(iter(InMemoryBatches(batch, 8, seed=0)))                 # the trainer's first mini-batch
+    with torch.no_grad(): out = start.train()(first)
+    assert hist[0]["loss"] == pytest.approx(clip_loss(out["image"], out["text"], torch.tensor(2.0)).item(), abs=1e-5)
+    assert not torch.equal(model.towers["image"].blocks[0].attn.qkv.weight, start.towers["image"].blocks[0].attn.qkv.weight)
+    with pytest.raises(InputError, match="tau must be > 0"): clip_trainer(model, batch, 1, tau=0.0)
 
 
 # ================================================================ behaviour pinned against hand references (issue 14)
@@ -397,17 +406,6 @@ def test_fit_pca_matches_numpy_svd_with_sign_rule():
     with pytest.raises(InputError, match="got 0"): fit_pca(X, 0)
 
 
-def test_batch_size_of_each_entry():
-    from mmlab.analysis import batch_size_of
-    # label first, then index, then the first modality present; audio-only and text-only batches count too
-    assert batch_size_of({"label": torch.zeros(3), "image": torch.zeros(5, 1)}) == 3
-    assert batch_size_of({"index": torch.zeros(4), "audio": torch.zeros(6, 2)}) == 4
-    assert batch_size_of({"audio": torch.zeros(6, 2), "text": torch.zeros(2, 9), "mask": {}}) == 6
-    assert batch_size_of({"image": None, "audio": torch.zeros(7, 2)}) == 7
-    assert batch_size_of({"text": torch.zeros(2, 9), "mask": {}}) == 2
-    with pytest.raises(InputError, match=r"batch_size_of: .*keys: \['mask'\]"): batch_size_of({"mask": {}})
-
-
 def test_uniformity_and_relative_gap_check_y_against_x():
     x = unit(5, 3, 0)
     for bad, what in ((unit(4, 3, 1), "N=5"), (unit(5, 4, 1), "D=3")):
@@ -478,7 +476,8 @@ def test_tiny_image_text_model_arguments():
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), same.state_dict().values()))
 
 
-def test_train_clip_default_batch_of_64_pairs():
+def test_clip_trainer_default_batch_of_64_pairs():
+    from mmlab.core import ConfigError
     class Recorder(torch.nn.Module):
         def __init__(self):
             super().__init__(); self.a = torch.nn.Linear(4, 3); self.b = torch.nn.Linear(4, 3)
@@ -488,9 +487,10 @@ def test_train_clip_default_batch_of_64_pairs():
             return {"image": F.normalize(self.a(batch["image"]), dim=-1), "text": F.normalize(self.b(batch["text"]), dim=-1),
                     "logit_scale": self.logit_scale.exp()}
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "mask": {}}
+    batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "label": torch.arange(100),
+             "mask": {}}
     model = Recorder()
-    hist = train_clip(model, batch, 3)
+    hist = clip_trainer(model, batch, 3).fit()
     assert model.rows == [64, 64, 64] and [r["step"] for r in hist] == [1, 2, 3]
-    model.rows.clear(); train_clip(model, take(batch, range(40)), 2)
-    assert model.rows == [40, 40]                                         # fewer rows than a batch: all of them
+    with pytest.raises(ConfigError, match="batch_size=64 exceeds the 40 training examples"):   # fewer rows than a batch
+        clip_trainer(model, take(batch, range(40)), 2)

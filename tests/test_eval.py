@@ -180,7 +180,7 @@ def test_bad_inputs():
 
 
 def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
-    from mmlab.eval import embed_all, knn_monitor, probe_monitor
+    from mmlab.eval import knn_monitor, probe_monitor
     from mmlab.train import Trainer, TrainConfig
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(6); x = F.one_hot(y, 4).float() * 3 + 0.3 * torch.randn(24, 4, generator=g)
@@ -189,8 +189,6 @@ def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
     net = torch.nn.Linear(4, 4)
     with torch.no_grad(): net.weight.copy_(torch.eye(4)); net.bias.zero_()
     feat = lambda m, b: m(b["x"])
-    z, lab, miss = embed_all(net, feat, batches, modality="image")
-    assert miss == 5 and len(z) == 19 and torch.equal(lab, y[present])
     ref = knn_eval(x[present], y[present], x[present], y[present], k=5)
     cbs = [knn_monitor(feat, batches, batches, k=5, modality="image"), probe_monitor(feat, batches, batches, modality="image")]
     tr = Trainer(net, lambda m, b: 0.0 * m(b["x"]).sum(), batches, TrainConfig(max_steps=1, lr=1e-9, device="cpu",
@@ -198,8 +196,77 @@ def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
     hist = tr.fit()
     rec = [r for r in hist if "knn/accuracy" in r][0]
     assert rec["knn/accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6) and rec["knn/n_missing"] == 5
-    assert [r for r in hist if "probe/accuracy" in r][0]["probe/accuracy"] == 1.0
+    probe = [r for r in hist if "probe/accuracy" in r][0]
+    assert probe["probe/accuracy"] == 1.0 and probe["probe/n_missing"] == 5
     assert net.training                                                            # eval mode was restored
+
+
+def tiny_clip(seed=0):
+    from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
+    from mmlab.models import MultiModalModel
+    torch.manual_seed(seed)
+    return MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
+                            "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
+
+
+def clip_batch(n=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (n, 6), generator=g),
+            "label": torch.arange(n) % 4, "caption": [f"c{i}" for i in range(n)], "mask": {}}
+
+
+def test_embed_equals_the_models_own_forward_chunked_or_not():
+    from mmlab.data import take
+    from mmlab.eval import embed
+    model, batch = tiny_clip(), clip_batch()
+    with torch.no_grad(): ref = model.eval()(batch)                     # the model's own eval-mode forward, all rows
+    model.train()
+    whole = embed(model, batch, chunk=1000)
+    assert set(whole) == {"image", "text"} and model.training             # no logit scale/bias; train mode restored
+    for m in ("image", "text"):
+        assert whole[m].dtype == torch.float32 and whole[m].device.type == "cpu" and whole[m].shape == (23, 16)
+        torch.testing.assert_close(whole[m], ref[m], atol=1e-6, rtol=0)
+    parts = [take(batch, range(0, 10)), take(batch, range(10, 23))]
+    for out in (embed(model, batch, chunk=5), embed(model, batch, chunk=1), embed(model, parts)):
+        for m in ("image", "text"): torch.testing.assert_close(out[m], whole[m], atol=1e-5, rtol=0)
+    text_only = embed(model, {"mask": {}, "text": batch["text"]}, chunk=4)   # rows counted from any tensor
+    assert set(text_only) == {"text"}
+    torch.testing.assert_close(text_only["text"], whole["text"], atol=1e-5, rtol=0)
+
+
+def test_embed_restores_the_mode_after_an_error_and_casts_to_float32():
+    from mmlab.eval import embed
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+    def broken(m, b):
+        seen.append(m.training); raise RuntimeError("forward failed")
+    for mode in (True, False):
+        net.train(mode)
+        with pytest.raises(RuntimeError, match="forward failed"): embed(net, {"x": x}, broken)
+        assert net.training is mode and seen[-1] is False                  # ran in eval mode, mode restored
+    net.train()
+    z = embed(net, {"x": x, "label": torch.arange(10)}, lambda m, b: {"z": m(b["x"]), "y": b["label"]}, chunk=3)
+    torch.testing.assert_close(z["z"], net.eval()(x).detach()); net.train()   # dropout off: the eval forward
+    assert z["y"].dtype == torch.int64 and torch.equal(z["y"], torch.arange(10))   # labels keep their dtype
+    half = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    assert embed(half, {"x": x.bfloat16()}, lambda m, b: m(b["x"])).dtype == torch.float32
+    with pytest.raises(InputError, match=r"no tensor with rows; keys: \['mask'\]"): embed(net, {"mask": {}}, broken)
+    with pytest.raises(InputError, match="chunk must be an integer >= 1"): embed(net, {"x": x}, broken, chunk=0)
+    with pytest.raises(InputError, match="data holds no batch"): embed(net, [], broken)
+    with pytest.raises(InputTypeError, match="has no `modalities`, so pass fn"): embed(net, {"x": x})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_embed_moves_inputs_to_the_models_device():
+    from mmlab.eval import embed
+    model, batch = tiny_clip(), clip_batch()
+    with torch.no_grad(): ref = model.eval()(batch)
+    out = embed(model.cuda(), batch, chunk=7)                             # CPU batch in, CPU float32 out
+    for m in ("image", "text"):
+        assert out[m].device.type == "cpu" and out[m].dtype == torch.float32
+        torch.testing.assert_close(out[m], ref[m], atol=1e-4, rtol=0)
 
 
 # ================================================================ behaviour pinned against hand references (issue 14)
