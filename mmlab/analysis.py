@@ -206,8 +206,8 @@ def clip_trainer(model,                   # a MultiModalModel with (at least) th
     from mmlab.train import Trainer, TrainConfig
     if tau is not None:
         if not tau > 0: raise InputError(f"clip_trainer: tau must be > 0, got {tau}")
-        with torch.no_grad(): model.logit_scale.fill_(math.log(1 / tau))
-        model.logit_scale.requires_grad_(False)
+        with torch.no_grad(): model.log_scale.fill_(math.log(1 / tau))
+        model.log_scale.requires_grad_(False)
     a, b = modalities
     def loss_fn(model, batch):
         out = model(batch); return clip_loss(out[a], out[b], out["logit_scale"])

@@ -17,7 +17,7 @@ __all__ = ['pessimistic_rank', 'knn_eval', 'linear_probe', 'build_prompts', 'cla
            'probe_monitor']
 
 # %% ../nbs/08_eval.ipynb #4bbc4992
-from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape
+from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, eval_mode
 from .data import take
 from .train import EvalCallback, to_device
 
@@ -352,10 +352,8 @@ def embed(model,         # the model; in eval mode inside, its own mode restored
         if n is None: raise InputError(f"embed: the batch holds no tensor with rows; keys: {list(data)}")
         batch = data                                          # one chunk at a time: memory stays bounded
         data = (take(batch, range(s, min(n, s + chunk))) for s in range(0, n, chunk))
-    fn, dev, was = fn or _modalities, next(model.parameters()).device, model.training
-    model.eval()
-    try: parts = [_cpu32(fn(model, to_device(b, dev))) for b in data]
-    finally: model.train(was)
+    fn, dev = fn or _modalities, next(model.parameters()).device
+    with eval_mode(model): parts = [_cpu32(fn(model, to_device(b, dev))) for b in data]
     if not parts: raise InputError("embed: data holds no batch")
     if isinstance(parts[0], Tensor): return torch.cat(parts)
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

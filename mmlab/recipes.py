@@ -22,19 +22,19 @@ from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features)
 from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, history_figure, latest_checkpoint,
-                         load_checkpoint, to_device)
-from .eval import build_prompts, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
+                         load_checkpoint)
+from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
            'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe',
            'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
-           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'embed_split',
-           'text_classes', 'evaluate', 'chunked', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views',
-           'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes',
+           'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe',
+           'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe', 'recipe_dict',
+           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
+           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
+           'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -268,30 +268,17 @@ def class_prompts(label_names:list[str]) -> list[list[str]]:
     words, numerals = build_prompts(label_names, WORD_TEMPLATES), build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES)
     return [p + q for p, q in zip(words, numerals)]
 
-@torch.no_grad()
-def embed_split(model, batch:dict, chunk:int=256) -> dict:
-    "Embed every modality of an in-memory batch in eval mode, in chunks: {modality: (N, E)}."
-    was = model.training; model.eval(); n = len(batch["label"]); out = {}; dev = model_device(model)
-    try:
-        for s in range(0, n, chunk):
-            o = model(to_device(take(batch, range(s, min(n, s + chunk))), dev))
-            for m in model.modalities:
-                if m in o: out.setdefault(m, []).append(o[m].float().cpu())
-    finally: model.train(was)
-    return {m: torch.cat(v) for m, v in out.items()}
-
-@torch.no_grad()
 def text_classes(model, recipe, label_names:list[str]) -> Tensor:
     "(C, E) class embeddings from the text tower: the template ensemble of each class's prompts."
     from mmlab.data import collate
     tok = _tokenizer(recipe)
     def encode(ps):
-        return embed_split(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
+        return embed(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
     return class_embeddings([encode(ps) for ps in class_prompts(label_names)])
 
 def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dict, dict]:
     "Zero-shot (text prompts -> each other modality) and retrieval for every pair: (flat metrics, embeddings)."
-    emb, y, m = embed_split(model, batch), batch["label"], {}
+    emb, y, m = embed(model, batch), batch["label"], {}
     if "text" in recipe.modalities and label_names:            # zero-shot needs class names
         cls = text_classes(model, recipe, label_names)
         for q in recipe.modalities:
@@ -305,21 +292,17 @@ def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dic
     return m, emb
 
 # %% ../nbs/08a_recipes.ipynb #8d9cd489
-def chunked(fn, batch:dict, device:torch.device, size:int=256) -> Tensor:
-    "`fn(rows)` over chunks of an in-memory batch moved to `device`, concatenated as fp32 on the CPU (bounded memory)."
-    n = len(batch["label"])
-    return torch.cat([fn(to_device(take(batch, range(i, min(n, i + size))), device)).float().cpu() for i in range(0, n, size)])
-
-def knn_metrics(feats,                  # rows -> (n, D) frozen features
+def knn_metrics(model,                  # the model `feats` runs (in eval mode, on its device, in chunks)
+                feats,                  # rows -> (n, D) frozen features
                 train_batch:dict,       # the kNN bank (training examples)
                 batch:dict,             # the evaluated examples
                 label_names:list|None,  # class names; None: the data has no labels, so no kNN
                 modality:str,           # name used in the metric keys
-                device:torch.device,    # where `feats` runs (the model's device)
                ) -> dict:
     "Weighted kNN accuracy (k = 20, tau = 0.07) of `batch` against `train_batch`: {knn/<modality>/accuracy, .../chance}."
     if not label_names: return {}
-    r = knn_eval(chunked(feats, train_batch, device), train_batch["label"], chunked(feats, batch, device), batch["label"],
+    f = lambda rows: embed(model, rows, lambda _, b: feats(b))
+    r = knn_eval(f(train_batch), train_batch["label"], f(batch), batch["label"],
                  num_classes=len(label_names))
     return {f"knn/{modality}/accuracy": r["accuracy"], f"knn/{modality}/chance": r["chance"]}
 
@@ -345,9 +328,9 @@ class MaeRecipe(RunFields):
         "kNN accuracy of the encoder's pooled features (train -> `batch`) and the masked-patch loss on `batch`."
         with eval_mode(model):
             dev = model_device(model)
-            m = knn_metrics(lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image", dev)
+            m = knn_metrics(model, lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image")
             g = torch.Generator(dev).manual_seed(0)               # the same masks every evaluation
-            mse = chunked(lambda b: model(b["image"], generator=g).loss.expand(len(b["image"])), batch, dev)
+            mse = embed(model, batch, lambda m, b: m(b["image"], generator=g).loss.expand(len(b["image"])))
             m["mae/image/masked_mse"] = mse.mean().item()        # mean over examples
         return m
 
@@ -388,7 +371,7 @@ class ByolRecipe(RunFields):
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the online encoder's pooled features (train -> `batch`)."
         enc = model.online["encoder"]
-        with eval_mode(model): return knn_metrics(lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image", model_device(model))
+        with eval_mode(model): return knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image")
 
 # %% ../nbs/08a_recipes.ipynb #77cb7620
 @dataclass
@@ -435,12 +418,11 @@ class DinoRecipe(RunFields):
     def callbacks(self): return [TeacherUpdate()]
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
-        dev = model_device(model)
         with eval_mode(model):
             teacher, student = model.teacher.module, model.online
-            m = knn_metrics(lambda b: teacher["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev)
+            m = knn_metrics(model, lambda b: teacher["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image")
             m |= {k.replace("image", "image_student"): v for k, v in knn_metrics(
-                lambda b: student["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image", dev).items()}
+                model, lambda b: student["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image").items()}
         return m
 
 # %% ../nbs/08a_recipes.ipynb #0bb6e04b
@@ -472,7 +454,7 @@ class HubertRecipe(RunFields):
         def feats(b):
             h, v = model.hubert.hidden_states(b["audio"]), model.valid_frames(b).float()
             return (h * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1)
-        with eval_mode(model): return knn_metrics(feats, train_batch, batch, label_names, "audio", model_device(model))
+        with eval_mode(model): return knn_metrics(model, feats, train_batch, batch, label_names, "audio")
 
 # %% ../nbs/08a_recipes.ipynb #3454287b
 @dataclass
@@ -514,12 +496,12 @@ class AvMaeRecipe(RunFields):
         dev = model_device(model); m = {}
         with eval_mode(model):
             for mod in self.modalities:
-                m |= knn_metrics(lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod, dev)
+                m |= knn_metrics(model, lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod)
             g = torch.Generator(dev).manual_seed(0)              # the same masks every evaluation
             def mse(b):                                           # (n, M): each chunk's loss per modality, per row
                 out = model({k: b[k] for k in self.modalities}, generator=g)
                 return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
-            per = chunked(mse, batch, dev).mean(0)
+            per = embed(model, batch, lambda _, b: mse(b)).mean(0)
             m |= {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
         return m
 

@@ -281,8 +281,8 @@ def test_clip_trainer_fixed_temperature_and_first_loss():
     trainer = clip_trainer(model, batch, 3, batch_size=8, tau=0.5, seed=0, callbacks=[Seen()])
     hist = trainer.fit()
     assert len(hist) == 3 and seen == hist
-    assert model.get_logit_scale().item() == pytest.approx(2.0) and not model.logit_scale.requires_grad   # 1 / tau, frozen
-    assert all(p is not model.logit_scale for grp in trainer.opt.param_groups for p in grp["params"])
+    assert model.logit_scale.item() == pytest.approx(2.0) and not model.log_scale.requires_grad   # 1 / tau, frozen
+    assert all(p is not model.log_scale for grp in trainer.opt.param_groups for p in grp["params"])
     first = next(iter(InMemoryBatches(batch, 8, seed=0)))                 # the trainer's first mini-batch
     with torch.no_grad(): out = start.train()(first)
     assert hist[0]["loss"] == pytest.approx(clip_loss(out["image"], out["text"], torch.tensor(2.0)).item(), abs=1e-5)
@@ -481,11 +481,11 @@ def test_clip_trainer_default_batch_of_64_pairs():
     class Recorder(torch.nn.Module):
         def __init__(self):
             super().__init__(); self.a = torch.nn.Linear(4, 3); self.b = torch.nn.Linear(4, 3)
-            self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0))); self.rows = []
+            self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0))); self.rows = []
         def forward(self, batch):
             self.rows.append(len(batch["image"]))
             return {"image": F.normalize(self.a(batch["image"]), dim=-1), "text": F.normalize(self.b(batch["text"]), dim=-1),
-                    "logit_scale": self.logit_scale.exp()}
+                    "logit_scale": self.log_scale.exp()}
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "label": torch.arange(100),
              "mask": {}}
