@@ -44,10 +44,10 @@ def hand_loop(model, batches, cfg):
     "The minimal loop: what one would write by hand with the same optimiser, schedule and clipping."
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=cfg.warmup_steps,
-                                                           total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
+                                                           total=cfg.steps, min_ratio=cfg.min_lr_ratio))
     model.train(); losses = []
     t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(cfg.max_steps):
+    for step in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, batches[step % len(batches)])
         loss.backward()
@@ -67,10 +67,10 @@ def trainer_loop(model, batches, cfg):
 def measure(size, steps, repeats):
     p = SIZES[size]
     batches = make_batches(min(steps, 20), p["d_in"], p["batch"])
-    cfg = TrainConfig(max_steps=steps, lr=1e-3, warmup_steps=5, clip_grad_norm=1.0, device="cpu")
+    cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=5, clip_grad_norm=1.0, device="cpu")
     n_params = sum(q.numel() for q in make_model(p["d_in"], p["width"], p["depth"]).parameters())
     for fn in (hand_loop, trainer_loop):                       # warm-up (allocator, thread pools), not timed
-        fn(make_model(p["d_in"], p["width"], p["depth"]), batches, TrainConfig(**{**cfg.__dict__, "max_steps": 3}))
+        fn(make_model(p["d_in"], p["width"], p["depth"]), batches, TrainConfig(**{**cfg.__dict__, "steps": 3}))
     hand, trainer = [], []
     for r in range(repeats):                                   # interleaved, alternating which goes first
         order = [(hand_loop, hand), (trainer_loop, trainer)]

@@ -211,7 +211,7 @@ def clip_trainer(model,                   # a MultiModalModel with (at least) th
     a, b = modalities
     def loss_fn(model, batch):
         out = model(batch); return clip_loss(out[a], out[b], out["logit_scale"])
-    return Trainer(model, loss_fn, InMemoryBatches(batch, batch_size, seed), TrainConfig(max_steps=steps, lr=lr),
+    return Trainer(model, loss_fn, InMemoryBatches(batch, batch_size, seed), TrainConfig(steps=steps, lr=lr),
                    callbacks=callbacks)
 
 def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary

@@ -517,7 +517,7 @@ class RunResult:
 
 def train_config(recipe, out:Path|None) -> TrainConfig:
     "The `TrainConfig` a recipe's shared fields describe (AdamW betas (0.9, 0.98) as in CLIP)."
-    return TrainConfig(max_steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
+    return TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
                        warmup_steps=min(recipe.warmup_steps, recipe.steps - 1), grad_accum=recipe.grad_accum,
                        device=recipe.device, precision=recipe.precision, compile=recipe.compile, log_to=recipe.log_to,
                        ckpt_every=recipe.ckpt_every or None, out_dir=str(out) if out is not None else None)

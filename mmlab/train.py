@@ -43,7 +43,7 @@ LOGGERS = ("jsonl", "csv", "tensorboard")   # the metric files a run can write (
 @dataclass
 class TrainConfig:
     "Optimisation and bookkeeping settings of one `Trainer` run."
-    max_steps: int = 100              # optimiser updates (each uses `grad_accum` micro-batches)
+    steps: int = 100              # optimiser updates (each uses `grad_accum` micro-batches)
     lr: float = 1e-3                  # peak learning rate, reached after warmup
     weight_decay: float = 0.05        # AdamW decoupled decay, on weights with >= 2 dims only (not biases, norms, scales)
     betas: tuple = (0.9, 0.999)       # AdamW betas (CLIP uses (0.9, 0.98) for stability at large batch)
@@ -64,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(name, want): raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {want}")
-        for name in ("max_steps", "grad_accum", "log_every", "keep_last"):
+        for name in ("steps", "grad_accum", "log_every", "keep_last"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: bad(name, "an integer >= 1")
         for name in ("eval_every", "ckpt_every"):
@@ -263,7 +263,7 @@ class ProgressBar(Callback):
     "A tqdm.auto progress bar (a widget in notebooks) showing the latest loss."
     def on_fit_start(self, trainer):
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=trainer.cfg.max_steps, initial=trainer.step, desc="train")
+        self.bar = tqdm(total=trainer.cfg.steps, initial=trainer.step, desc="train")
     def on_log(self, trainer, record):
         if "loss" in record: self.bar.set_postfix(loss=f"{record['loss']:.4g}")
     def on_step_end(self, trainer): self.bar.update(1)
@@ -492,7 +492,7 @@ def compile_model(model:nn.Module) -> nn.Module:
 
 # %% ../nbs/07_train.ipynb #3910252e
 class Trainer:
-    "Run `loss_fn(model, batch)` over `data` for `cfg.max_steps` AdamW updates; callbacks handle what varies."
+    "Run `loss_fn(model, batch)` over `data` for `cfg.steps` AdamW updates; callbacks handle what varies."
     def __init__(self,
                  model:nn.Module,                  # the model; its state is what a checkpoint stores
                  loss_fn,                          # (model, batch) -> 0-d tensor or {term: 0-d tensor}
@@ -509,7 +509,7 @@ class Trainer:
         self.generator = generator if generator is not None else getattr(data, "generator", None)
         self.opt = make_optimizer(model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, partial(
-            warmup_cosine, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
+            warmup_cosine, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.world, self.rank = dist_info()                     # > 1 under torchrun: gradients are averaged
@@ -521,10 +521,10 @@ class Trainer:
         self.history = []                                       # every logged record
 
     def fit(self) -> list[dict]:
-        "Train until `cfg.max_steps` updates; return the logged records."
+        "Train until `cfg.steps` updates; return the logged records."
         cfg = self.cfg
         self.model.train(); self._event("on_fit_start")
-        while self.step < cfg.max_steps:
+        while self.step < cfg.steps:
             t0 = time.perf_counter()
             self._event("on_step_start")
             lr = self.opt.param_groups[0]["lr"]
@@ -535,13 +535,13 @@ class Trainer:
             else: self.opt.step()
             self.sched.step()                                   # the rate of the next update
             self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
                          | ({} if list(terms) == ["loss"] else terms)
                          | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
             self._event("on_step_end")
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps: self._event("on_eval")
-            if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps):
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: self._event("on_eval")
+            if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
                 self.save()
         self._event("on_fit_end")
         return self.history

@@ -191,7 +191,7 @@ def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
     feat = lambda m, b: m(b["x"])
     ref = knn_eval(x[present], y[present], x[present], y[present], k=5)
     cbs = [knn_monitor(feat, batches, batches, k=5, modality="image"), probe_monitor(feat, batches, batches, modality="image")]
-    tr = Trainer(net, lambda m, b: 0.0 * m(b["x"]).sum(), batches, TrainConfig(max_steps=1, lr=1e-9, device="cpu",
+    tr = Trainer(net, lambda m, b: 0.0 * m(b["x"]).sum(), batches, TrainConfig(steps=1, lr=1e-9, device="cpu",
                                                                               clip_grad_norm=None), callbacks=cbs)
     hist = tr.fit()
     rec = [r for r in hist if "knn/accuracy" in r][0]

@@ -113,7 +113,7 @@ def test_clip_trains_on_the_new_modality(signal):
         out = model(batch)
         return clip_loss(out["signal"], out["text"], out["logit_scale"], labels=batch["label"])
 
-    cfg = TrainConfig(max_steps=40, lr=1e-3, device="cpu", precision="fp32", warmup_steps=4)
+    cfg = TrainConfig(steps=40, lr=1e-3, device="cpu", precision="fp32", warmup_steps=4)
     hist = Trainer(model, loss_fn, make_loader(train, 32, seed=0, pad_id=tok.pad_id), cfg).fit()
     first, last = hist[0]["loss"], np.mean([h["loss"] for h in hist[-5:]])
     assert last < 0.75 * first, (first, last)

@@ -48,7 +48,7 @@ class Pause(Callback):
         if pause_event == "log" and record["step"] == pause_step: print("PAUSED", flush=True); time.sleep(600)
 
 model, loss_fn, data = recipe()
-cfg = TrainConfig(max_steps=total, lr=3e-3, warmup_steps=3, grad_accum=2, device="cpu", out_dir=out,
+cfg = TrainConfig(steps=total, lr=3e-3, warmup_steps=3, grad_accum=2, device="cpu", out_dir=out,
                   ckpt_every=3, keep_last=2)
 ema = EMA(0.9)
 tr = Trainer(model, loss_fn, data, cfg, callbacks=[Pause(), ema])
@@ -199,7 +199,7 @@ def test_nan_stops_naming_step_and_term():
         bad = torch.tensor(float("nan")) if len(calls) == 6 else torch.tensor(0.0)
         return {"mse": _mse(m, b), "reg": bad}
     torch.manual_seed(0); m = nn.Linear(3, 1)
-    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=10, grad_accum=2, device="cpu"))
+    tr = Trainer(m, loss, _data(), TrainConfig(steps=10, grad_accum=2, device="cpu"))
     before = None
     class Snap(Callback):
         def on_step_end(self, t): nonlocal before; before = [p.detach().clone() for p in t.model.parameters()]
@@ -213,7 +213,7 @@ def test_nonfinite_gradient_names_parameter():
     m = nn.Linear(3, 1)
     loss = lambda m, b: torch.sqrt(m.weight * 0).sum() + _mse(m, b)   # finite value, NaN gradient
     with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 1 .first bad parameter 'weight'"):
-        Trainer(m, loss, _data(), TrainConfig(max_steps=2, device="cpu")).fit()
+        Trainer(m, loss, _data(), TrainConfig(steps=2, device="cpu")).fit()
 
 
 def test_schedule_clipping_events_and_decay_groups():
@@ -226,7 +226,7 @@ def test_schedule_clipping_events_and_decay_groups():
             norm = torch.sqrt(sum((p.grad ** 2).sum() for p in t.model.parameters()))
             assert norm <= 0.01 * (1 + 1e-5)                            # clipped in place before the step
     torch.manual_seed(0); m = nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16), nn.Linear(16, 1))
-    cfg = TrainConfig(max_steps=6, lr=0.1, warmup_steps=2, min_lr_ratio=0.1, clip_grad_norm=0.01, eval_every=3,
+    cfg = TrainConfig(steps=6, lr=0.1, warmup_steps=2, min_lr_ratio=0.1, clip_grad_norm=0.01, eval_every=3,
                       device="cpu")
     tr = Trainer(m, _mse, _data(), cfg, callbacks=[Rec(), EvalCallback(lambda model: {"w0": model[0].weight[0, 0]})])
     hist = tr.fit()
@@ -246,7 +246,7 @@ def test_bf16_autocast_and_frozen_parameters():
         out = m(b[0]); dtypes.append(out.dtype); return ((out.float() - b[1]) ** 2).mean()
     m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)); m[0].requires_grad_(False)
     frozen = m[0].weight.detach().clone()
-    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=2, precision="bf16", device="cpu"))
+    tr = Trainer(m, loss, _data(), TrainConfig(steps=2, precision="bf16", device="cpu"))
     tr.fit()
     assert dtypes == [torch.bfloat16] * 2 and torch.equal(m[0].weight, frozen)
     assert all(p.dtype == torch.float32 for p in m.parameters())
@@ -254,12 +254,12 @@ def test_bf16_autocast_and_frozen_parameters():
 
 
 def test_resume_refuses_mismatched_model(tmp_path):
-    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path))).fit()
-    other = Trainer(nn.Linear(3, 2), _mse, _data(), TrainConfig(max_steps=2, device="cpu"))
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=2, device="cpu", out_dir=str(tmp_path))).fit()
+    other = Trainer(nn.Linear(3, 2), _mse, _data(), TrainConfig(steps=2, device="cpu"))
     with pytest.raises(CheckpointError, match="model does not match"): other.resume(tmp_path)
     frozen = nn.Linear(3, 1); frozen.bias.requires_grad_(False)          # same weights, one parameter fewer to optimise
     with pytest.raises(CheckpointError, match=r"step-00000002: optimiser state does not match: .*parameter group"):
-        Trainer(frozen, _mse, _data(), TrainConfig(max_steps=2, device="cpu")).resume(tmp_path)
+        Trainer(frozen, _mse, _data(), TrainConfig(steps=2, device="cpu")).resume(tmp_path)
     (latest_checkpoint(tmp_path / "checkpoints") / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json is corrupt"):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu")).resume(tmp_path)
@@ -322,7 +322,7 @@ def test_gradcache_in_trainer_with_accumulation_matches_plain_loss():
     data = [{k: v for k, v in _batch(8, seed=s, dtype=torch.float32).items()} for s in range(4)]
     def run(loss_fn):
         torch.manual_seed(0); m = _Towers(0.0)
-        Trainer(m, loss_fn, data, TrainConfig(max_steps=4, grad_accum=2, lr=1e-2, device="cpu")).fit()
+        Trainer(m, loss_fn, data, TrainConfig(steps=4, grad_accum=2, lr=1e-2, device="cpu")).fit()
         return torch.cat([p.detach().flatten() for p in m.parameters()])
     torch.testing.assert_close(run(GradCache(_embed, _loss, 3)), run(lambda m, b: _loss(m, _embed(m, b))),
                                atol=1e-5, rtol=0)
@@ -336,7 +336,7 @@ def test_gradcache_in_trainer_embeds_under_the_run_precision():
         return _embed(m, c)
     data = [{k: v for k, v in _batch(8, seed=s, dtype=torch.float32).items()} for s in range(2)]
     torch.manual_seed(0)
-    Trainer(_Towers(0.0), GradCache(embed, _loss, 4), data, TrainConfig(max_steps=2, precision="bf16", device="cpu")).fit()
+    Trainer(_Towers(0.0), GradCache(embed, _loss, 4), data, TrainConfig(steps=2, precision="bf16", device="cpu")).fit()
     assert seen and all(on and dt == torch.bfloat16 for on, dt in seen), seen
 
 
@@ -347,7 +347,7 @@ def test_gradcache_bad_input():
 
 
 def test_jsonl_drops_torn_and_stale_lines_on_resume(tmp_path):
-    cfg = lambda n: TrainConfig(max_steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2)
+    cfg = lambda n: TrainConfig(steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2)
     torch.manual_seed(0); Trainer(nn.Linear(3, 1), _mse, _data(), cfg(5)).fit()     # checkpoints at 2, 4, 5
     log = tmp_path / "metrics.jsonl"
     with open(log, "a") as f: f.write('{"step": 6, "loss": 0.1')                       # torn by a kill mid-write
@@ -405,7 +405,7 @@ class Check(Callback):
         self.rows.append({"err": err, "scale": scale, "clip": clip.item(), "size": size.item()})
 
 check = Check()
-tr = Trainer(model, loss_fn2, data, TrainConfig(max_steps=5, lr=1e-2, device="cpu"), callbacks=[check])
+tr = Trainer(model, loss_fn2, data, TrainConfig(steps=5, lr=1e-2, device="cpu"), callbacks=[check])
 hist = tr.fit()
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/w{world}_r{rank}.safetensors")
 json.dump([r["loss"] for r in hist], open(f"{out}/loss{world}_r{rank}.json", "w"))
@@ -461,9 +461,9 @@ data = [{"a": torch.randn(6, 5, generator=g), "b": torch.randn(6, 3, generator=g
 data = [{k: v + rank for k, v in b.items()} for b in data]   # each rank its own shard
 loss_fn = lambda m, b: clip_loss(F.normalize(m["a"](b["a"]), dim=-1), F.normalize(m["b"](b["b"]), dim=-1), 10.0,
                                  distributed=True)
-tr = Trainer(model, loss_fn, data, TrainConfig(max_steps=8, lr=1e-2, device="cpu", out_dir=f"{out}/{tag}", ckpt_every=2))
+tr = Trainer(model, loss_fn, data, TrainConfig(steps=8, lr=1e-2, device="cpu", out_dir=f"{out}/{tag}", ckpt_every=2))
 if resume: torch.manual_seed(1000 + rank); tr.resume(f"{out}/{tag}")
-tr.cfg.max_steps = steps
+tr.cfg.steps = steps
 tr.fit()
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{tag}_{steps}_r{rank}.safetensors")
 dist.destroy_process_group()
@@ -521,7 +521,7 @@ def test_csv_logger_widens_its_header_and_round_trips_every_value(tmp_path):
 
 def test_metric_files_agree_and_a_resume_drops_torn_and_later_records(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    cfg = lambda n: TrainConfig(max_steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2, eval_every=2,
+    cfg = lambda n: TrainConfig(steps=n, device="cpu", out_dir=str(tmp_path), ckpt_every=2, eval_every=2,
                                 log_to="jsonl,csv,tensorboard")
     ev = lambda: EvalCallback(lambda m: {"w": m.weight.sum()})
     torch.manual_seed(0); Trainer(nn.Linear(3, 1), _mse, _data(), cfg(5), callbacks=[ev()]).fit()   # ckpts 2, 4, 5
@@ -591,7 +591,7 @@ def test_history_figure_draws_each_record_in_its_panel():
 def test_liveplot_outside_ipython_only_collects_the_curves(monkeypatch):
     monkeypatch.setattr("IPython.get_ipython", lambda: None)   # an earlier test may have left an IPython shell alive
     live, ev = LivePlot(every=2), EvalCallback(lambda m: {"w": m.weight.sum()})
-    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", eval_every=2),
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=4, device="cpu", eval_every=2),
                    callbacks=[ev, live]).fit()
     assert live.mode is None and live.handle is None and live.history == hist
     fig = live.figure()
@@ -621,7 +621,7 @@ def test_liveplot_updates_one_output_in_place_and_draws_once_when_captured():
     shell = InteractiveShell.instance()
     try:
         shell.display_pub = rec = Recorder()                                        # a live front end
-        hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=7, device="cpu"),
+        hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=7, device="cpu"),
                        callbacks=[LivePlot(every=3)]).fit()
         assert len({c[0] for c in rec.calls}) == 1 and rec.calls[0][0] is not None   # one output ...
         assert [c[1] for c in rec.calls] == [False, True, True, True]                # shown at record 1; updated at 3, 6, end
@@ -629,7 +629,7 @@ def test_liveplot_updates_one_output_in_place_and_draws_once_when_captured():
         final = rec.calls[-1][2]["application/vnd.plotly.v1+json"]                   # show_fig's bundle
         assert list(final["data"][0]["y"]) == [r["loss"] for r in hist]
         with capture_output() as cap:                                                # nbdev's runner, mmlab-docs --execute
-            Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=7, device="cpu"), callbacks=[LivePlot(every=1)]).fit()
+            Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=7, device="cpu"), callbacks=[LivePlot(every=1)]).fit()
         assert len(cap.outputs) == 1 and "application/vnd.plotly.v1+json" in cap.outputs[0].data
     finally:
         InteractiveShell.clear_instance()
@@ -646,7 +646,7 @@ def test_compiled_run_matches_eager_and_its_checkpoint_loads_eagerly(tmp_path):
     from torch._dynamo.utils import counters
     def run(compile, out=None):
         torch.manual_seed(0)
-        tr = Trainer(_Net(), _mse, _data(), TrainConfig(max_steps=6, lr=1e-2, device="cpu", compile=compile, out_dir=out))
+        tr = Trainer(_Net(), _mse, _data(), TrainConfig(steps=6, lr=1e-2, device="cpu", compile=compile, out_dir=out))
         return tr, tr.fit()
     eager, he = run(False)
     frames = counters["frames"]["ok"]
@@ -654,7 +654,7 @@ def test_compiled_run_matches_eager_and_its_checkpoint_loads_eagerly(tmp_path):
     assert counters["frames"]["ok"] > frames                                         # dynamo captured the forward
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(he, hc)) < 1e-6
     assert list(comp.model.state_dict()) == list(eager.model.state_dict())          # no '_orig_mod.' prefix
-    back = Trainer(_Net(), _mse, _data(), TrainConfig(max_steps=6, device="cpu", out_dir=str(tmp_path)))
+    back = Trainer(_Net(), _mse, _data(), TrainConfig(steps=6, device="cpu", out_dir=str(tmp_path)))
     back.resume(tmp_path)                                                            # eager trainer, compiled checkpoint
     assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), comp.model.state_dict().values()))
     with pytest.raises(ConfigError, match=r"nn.Module.compile\(\) captures nothing"):
@@ -695,7 +695,7 @@ def test_accumulated_gradient_is_the_full_batch_gradient(K, clip):
     torch.manual_seed(0); m = nn.Linear(3, 1).double()
     cb = _Grads(ref)
     Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), data,
-            TrainConfig(max_steps=3, grad_accum=K, lr=0.05, clip_grad_norm=clip, device="cpu"), callbacks=[cb]).fit()
+            TrainConfig(steps=3, grad_accum=K, lr=0.05, clip_grad_norm=clip, device="cpu"), callbacks=[cb]).fit()
     assert cb.seen == [2, 2, 2]
 
 
@@ -726,7 +726,7 @@ def test_gradcache_in_trainer_accumulates_the_full_batch_gradient(K):
     torch.manual_seed(0); m = _Towers(0.0).double()
     cb = _Grads(ref)
     Trainer(m, GradCache(_embed, _loss, 4), data,
-            TrainConfig(max_steps=2, grad_accum=K, lr=1e-2, clip_grad_norm=None, device="cpu"), callbacks=[cb]).fit()
+            TrainConfig(steps=2, grad_accum=K, lr=1e-2, clip_grad_norm=None, device="cpu"), callbacks=[cb]).fit()
     assert len(cb.seen) == 2
 
 
@@ -742,7 +742,7 @@ def test_logged_terms_are_the_mean_over_micro_batches():
             ym = [2.0 * (2 * t.step % 6 + 1), 2.0 * (2 * t.step % 6 + 2)]
             refs.append({"mse": sum(per) / 2, "ymean": sum(ym) / 2})
     torch.manual_seed(0)
-    hist = Trainer(nn.Linear(3, 1), loss, data, TrainConfig(max_steps=4, grad_accum=2, lr=1e-3, device="cpu"),
+    hist = Trainer(nn.Linear(3, 1), loss, data, TrainConfig(steps=4, grad_accum=2, lr=1e-3, device="cpu"),
                    callbacks=[Ref()]).fit()
     assert [r["step"] for r in hist] == [1, 2, 3, 4]
     for rec, ref in zip(hist, refs):
@@ -752,7 +752,7 @@ def test_logged_terms_are_the_mean_over_micro_batches():
 
 
 def test_a_bare_scalar_loss_is_logged_as_loss_only():
-    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1, device="cpu")).fit()
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1, device="cpu")).fit()
     assert set(hist[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "step_time"}
 
 
@@ -792,7 +792,7 @@ def test_ema_in_a_run_follows_the_recurrence_and_validates_decay():
         def on_step_end(self, t):
             for n, p in t.model.named_parameters(): ref[n] = 0.75 * ref[n] + 0.25 * p.detach()
     ema = EMA(0.75)                                 # not 0.5: swapping d and 1 - d must show
-    Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), _data(), TrainConfig(max_steps=3, lr=0.1, device="cpu"),
+    Trainer(m, lambda m, b: _mse(m, (b[0].double(), b[1].double())), _data(), TrainConfig(steps=3, lr=0.1, device="cpu"),
             callbacks=[ema, Rec()]).fit()
     for n in ref: torch.testing.assert_close(ema.shadow[n], ref[n], atol=1e-15, rtol=0)
     assert EMA(0.0).decay == 0.0
@@ -828,7 +828,7 @@ def test_warmup_cosine_matches_the_closed_form(W, extra, r, t):
 
 def test_trainer_lr_follows_the_closed_form_each_step():
     # lr=1, W=2, T=5, floor 0.1: updates 0..4 use 1/2, 1, 1, 0.1+0.9*(1+cos(pi/3))/2, 0.1+0.9*(1+cos(2pi/3))/2
-    cfg = TrainConfig(max_steps=5, lr=1.0, warmup_steps=2, min_lr_ratio=0.1, device="cpu")
+    cfg = TrainConfig(steps=5, lr=1.0, warmup_steps=2, min_lr_ratio=0.1, device="cpu")
     seen = []
     class Lr(Callback):
         def on_after_backward(self, t): seen.append([g["lr"] for g in t.opt.param_groups])
@@ -841,8 +841,8 @@ def test_trainer_lr_follows_the_closed_form_each_step():
 # ---------------------------------------------------------------------------------------------
 # TrainConfig, loss_terms, state encoding, checkpoints on disk, cadence, optimizer groups, split_batch
 @pytest.mark.parametrize("field,ok,bad", [
-    ("max_steps", 1, 0), ("grad_accum", 1, 0), ("log_every", 1, 0), ("keep_last", 1, 0),
-    ("max_steps", 2, True), ("keep_last", 3, 1.0),
+    ("steps", 1, 0), ("grad_accum", 1, 0), ("log_every", 1, 0), ("keep_last", 1, 0),
+    ("steps", 2, True), ("keep_last", 3, 1.0),
     ("eval_every", 1, 0), ("ckpt_every", 1, 0), ("eval_every", None, 2.0),
     ("warmup_steps", 0, -1), ("warmup_steps", 0, 1.5),
     ("lr", 1e-12, 0.0), ("lr", 1e-12, float("nan")), ("weight_decay", 0.0, -1e-12),
@@ -852,7 +852,7 @@ def test_trainer_lr_follows_the_closed_form_each_step():
     ("compile", True, 1),
 ])
 def test_trainconfig_boundaries(field, ok, bad):
-    want = {"max_steps": "an integer >= 1", "grad_accum": "an integer >= 1", "log_every": "an integer >= 1",
+    want = {"steps": "an integer >= 1", "grad_accum": "an integer >= 1", "log_every": "an integer >= 1",
             "keep_last": "an integer >= 1", "eval_every": "None or an integer >= 1", "ckpt_every": "None or an integer >= 1",
             "warmup_steps": "an integer >= 0", "lr": "a learning rate > 0", "weight_decay": "a value >= 0",
             "min_lr_ratio": "a fraction in [0, 1]", "clip_grad_norm": "None or a norm > 0", "betas": "two values in [0, 1)",
@@ -864,7 +864,7 @@ def test_trainconfig_boundaries(field, ok, bad):
 
 def test_trainconfig_defaults_and_betas_become_a_tuple():
     c = TrainConfig()
-    assert (c.max_steps, c.lr, c.weight_decay, c.betas, c.eps, c.warmup_steps, c.min_lr_ratio, c.grad_accum) == \
+    assert (c.steps, c.lr, c.weight_decay, c.betas, c.eps, c.warmup_steps, c.min_lr_ratio, c.grad_accum) == \
            (100, 1e-3, 0.05, (0.9, 0.999), 1e-8, 0, 0.0, 1)
     assert (c.clip_grad_norm, c.log_every, c.eval_every, c.ckpt_every, c.keep_last, c.log_to, c.out_dir) == \
            (1.0, 1, None, None, 3, ("jsonl",), None)
@@ -986,7 +986,7 @@ def test_log_eval_and_checkpoint_cadence(tmp_path):
     class Rec(Callback):
         def on_eval(self, t): evals.append(t.step)
         def on_checkpoint(self, t, path): saves.append((t.step, path.name))
-    cfg = TrainConfig(max_steps=7, log_every=3, eval_every=2, ckpt_every=3, keep_last=10, device="cpu",
+    cfg = TrainConfig(steps=7, log_every=3, eval_every=2, ckpt_every=3, keep_last=10, device="cpu",
                       out_dir=str(tmp_path), log_to=())
     hist = Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[Rec()]).fit()
     assert [r["step"] for r in hist] == [3, 6, 7]                    # every 3rd update, and always the last
@@ -994,10 +994,10 @@ def test_log_eval_and_checkpoint_cadence(tmp_path):
     assert saves == [(3, "step-00000003"), (6, "step-00000006"), (7, "step-00000007")]
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [s[1] for s in saves]
     evals.clear(); saves.clear()
-    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=3, device="cpu"), callbacks=[Rec()]).fit()
+    hist = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=3, device="cpu"), callbacks=[Rec()]).fit()
     assert [r["step"] for r in hist] == [1, 2, 3] and evals == [3] and saves == []   # no out_dir: nothing saved
     out2 = tmp_path / "b"
-    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, device="cpu", out_dir=str(out2)), callbacks=[Rec()]).fit()
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=4, device="cpu", out_dir=str(out2)), callbacks=[Rec()]).fit()
     assert saves == [(4, "step-00000004")]                            # ckpt_every None: only at the end
     assert [json.loads(l)["step"] for l in open(out2 / "metrics.jsonl")] == [1, 2, 3, 4]
 
@@ -1006,7 +1006,7 @@ def test_trainer_save_returns_and_announces_the_checkpoint_it_wrote(tmp_path):
     seen = []
     class Rec(Callback):
         def on_checkpoint(self, t, path): seen.append(path)
-    tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path), log_to=()),
+    tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=2, device="cpu", out_dir=str(tmp_path), log_to=()),
                  callbacks=[Rec()])
     tr.fit()
     assert seen == [tmp_path / "checkpoints" / "step-00000002"] and seen[0].is_dir()
@@ -1022,7 +1022,7 @@ def test_save_checkpoint_removes_what_a_killed_delete_left_behind(tmp_path):
 
 
 def test_progress_bar_counts_the_steps_and_shows_the_loss(capsys):
-    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=3, device="cpu", log_to=()), callbacks=[ProgressBar()]).fit()
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=3, device="cpu", log_to=()), callbacks=[ProgressBar()]).fit()
     err = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert err[-1].startswith("train: 100%") and "3/3" in err[-1] and "loss=" in err[-1]
 
@@ -1035,7 +1035,7 @@ def test_epochs_count_up_and_reach_the_sampler():
         def __len__(self): return 4
     sampler = Sampler(); x = torch.randn(4, 3, dtype=torch.float64)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=2, sampler=sampler)
-    tr = Trainer(nn.Linear(3, 1).double(), _mse, data, TrainConfig(max_steps=7, device="cpu", log_to=()))
+    tr = Trainer(nn.Linear(3, 1).double(), _mse, data, TrainConfig(steps=7, device="cpu", log_to=()))
     tr.fit()
     assert tr.epoch == 3 and sampler.epochs == [0, 1, 2, 3]                        # 2 batches an epoch, 7 updates
 
@@ -1109,17 +1109,17 @@ def test_nonfinite_loss_as_a_bare_scalar_and_nonfinite_gradient_without_clipping
     m = nn.Linear(3, 1); before = None
     class Snap(Callback):
         def on_step_end(self, t): nonlocal before; before = [p.detach().clone() for p in t.model.parameters()]
-    tr = Trainer(m, loss, _data(), TrainConfig(max_steps=5, device="cpu"), callbacks=[Snap()])
+    tr = Trainer(m, loss, _data(), TrainConfig(steps=5, device="cpu"), callbacks=[Snap()])
     with pytest.raises(NonFiniteError, match=r"step 3 \(micro-batch 1/1, epoch 0, batch 3\): term 'loss' is inf"):
         tr.fit()
     assert tr.step == 2 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     bad = lambda m, b: torch.sqrt(m.bias * 0).sum() + _mse(m, b)
     with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 1 .first bad parameter 'bias'"):
-        Trainer(nn.Linear(3, 1), bad, _data(), TrainConfig(max_steps=2, clip_grad_norm=None, device="cpu")).fit()
+        Trainer(nn.Linear(3, 1), bad, _data(), TrainConfig(steps=2, clip_grad_norm=None, device="cpu")).fit()
 
 
 def test_resume_refuses_callback_count_and_world_size_mismatch(tmp_path):
-    cfg = TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path), log_to=())
+    cfg = TrainConfig(steps=2, device="cpu", out_dir=str(tmp_path), log_to=())
     Trainer(nn.Linear(3, 1), _mse, _data(), cfg, callbacks=[EMA(0.5)]).fit()
     with pytest.raises(CheckpointError, match="saved with 1 callbacks, this trainer has 0"):
         Trainer(nn.Linear(3, 1), _mse, _data(), cfg).resume(tmp_path)
@@ -1133,12 +1133,12 @@ def test_resume_refuses_callback_count_and_world_size_mismatch(tmp_path):
 
 def test_trainer_refuses_empty_data_gradless_loss_save_without_out_dir_and_shorter_data(tmp_path):
     with pytest.raises(InputError, match="data produced no batches"):
-        Trainer(nn.Linear(3, 1), _mse, [], TrainConfig(max_steps=1, device="cpu")).fit()
+        Trainer(nn.Linear(3, 1), _mse, [], TrainConfig(steps=1, device="cpu")).fit()
     with pytest.raises(InputError, match="did not produce a gradient for any trainable parameter"):
         Trainer(nn.Linear(3, 1), lambda m, b: torch.ones((), requires_grad=True) * 2, _data(), TrainConfig(device="cpu")).fit()
     with pytest.raises(ConfigError, match="Trainer.save: TrainConfig.out_dir is None"):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(device="cpu")).save()
-    cfg = TrainConfig(max_steps=3, device="cpu", out_dir=str(tmp_path), log_to=())
+    cfg = TrainConfig(steps=3, device="cpu", out_dir=str(tmp_path), log_to=())
     Trainer(nn.Linear(3, 1), _mse, _data(5), cfg).fit()                  # saved 3 batches into a 5-batch epoch
     with pytest.raises(CheckpointError, match="the data has fewer than 3 batches per epoch"):
         Trainer(nn.Linear(3, 1), _mse, _data(2), cfg).resume(tmp_path)
@@ -1148,13 +1148,13 @@ def test_eval_callback_runs_in_eval_mode_without_grad_and_restores_training():
     seen = []
     def fn(model):
         seen.append((model.training, torch.is_grad_enabled())); return {"n": torch.tensor(2.0), "k": 3}
-    hist = Trainer(nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5)), _mse, _data(), TrainConfig(max_steps=2, device="cpu"),
+    hist = Trainer(nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5)), _mse, _data(), TrainConfig(steps=2, device="cpu"),
                    callbacks=[EvalCallback(fn, prefix="val")]).fit()
     assert seen == [(False, False)] and hist[-1] == {"step": 2, "val/n": 2.0, "val/k": 3.0}
     modes = []
     class Mode(Callback):
         def on_step_start(self, t): modes.append(t.model.training)
-    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=4, eval_every=1, device="cpu"),
+    Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=4, eval_every=1, device="cpu"),
             callbacks=[EvalCallback(lambda m: {}), Mode()]).fit()
     assert modes == [True] * 4                                            # back in train mode after each evaluation
 
@@ -1178,7 +1178,7 @@ def test_fp16_accumulated_gradient_is_the_full_batch_gradient():
             for g, w in zip(got, want): torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)
             self.n += 1
     cb = Check()
-    Trainer(nn.Linear(3, 1), _mse, data, TrainConfig(max_steps=2, grad_accum=2, precision="fp16", device="cuda"),
+    Trainer(nn.Linear(3, 1), _mse, data, TrainConfig(steps=2, grad_accum=2, precision="fp16", device="cuda"),
             callbacks=[cb]).fit()
     assert cb.n == 2
 
@@ -1203,10 +1203,10 @@ def test_trainer_device_and_precision_come_from_the_settings(monkeypatch, tmp_pa
     _no_mmlab_env(monkeypatch)
     assert (TrainConfig().device, TrainConfig().precision) == (None, None)      # None: "the setting"
     if not torch.cuda.is_available():                                             # shipped auto/auto on a CPU: cpu, fp32
-        tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1))
+        tr = Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1))
         assert (tr.device, tr.precision, tr.cfg.device, tr.cfg.precision) == (torch.device("cpu"), "fp32", "cpu", "fp32")
     monkeypatch.setenv("MMLAB_PRECISION", "bf16")
-    cfg = TrainConfig(max_steps=2, device="cpu", out_dir=str(tmp_path))
+    cfg = TrainConfig(steps=2, device="cpu", out_dir=str(tmp_path))
     tr = Trainer(nn.Linear(3, 1), _mse, _data(), cfg)
     assert tr.precision == "bf16" and tr.cfg.precision == "bf16" and tr.cfg.device == "cpu"
     tr.fit()
@@ -1220,5 +1220,5 @@ def test_trainer_device_setting_is_read_and_explicit_device_wins(monkeypatch):
     _no_mmlab_env(monkeypatch)
     monkeypatch.setenv("MMLAB_DEVICE", "cuda")
     with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
-        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1))
-    assert Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(max_steps=1, device="cpu")).device == torch.device("cpu")
+        Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1))
+    assert Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1, device="cpu")).device == torch.device("cpu")

@@ -112,7 +112,7 @@ def test_training_dashboard_with_trainer():
     data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(2)]
     loss_fn = lambda m, b: F.mse_loss(m(b[0]), b[1])
     dash = TrainingDashboard(every=2)
-    tr = train.Trainer(model, loss_fn, data, train.TrainConfig(max_steps=3, device="cpu"), callbacks=[dash])
+    tr = train.Trainer(model, loss_fn, data, train.TrainConfig(steps=3, device="cpu"), callbacks=[dash])
     tr.fit()
     assert dash.history == tr.history and len(tr.history) >= 3
     loss = next(t for t in dash.fig.data if t.name == "loss")   # drawn at the end of the fit
