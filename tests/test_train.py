@@ -360,13 +360,13 @@ def test_jsonl_drops_torn_and_stale_lines_on_resume(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Two gloo processes with a distributed CLIP loss == one process on the full batch
 DDP_JOB = r'''
-import json, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import json, os, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from safetensors.torch import save_file
 from mmlab.losses.contrastive import clip_loss
 from mmlab.train import Callback, Trainer, TrainConfig
 torch.set_num_threads(1)
 out, world = sys.argv[1], int(sys.argv[2])
-if world > 1: dist.init_process_group("gloo")
+if world > 1: dist.init_process_group("gloo", init_method="file://" + os.environ["DDP_STORE"], rank=int(os.environ["RANK"]), world_size=2)
 rank = dist.get_rank() if world > 1 else 0
 
 class Towers(nn.Module):
@@ -414,11 +414,13 @@ if world > 1: dist.destroy_process_group()
 '''
 
 
+def ddp_env(tmp_path, tag:str) -> dict:
+    "Environment of a 2-process gloo job that meets through a fresh file (no free TCP port to race other jobs for)."
+    return dict(os.environ, DDP_STORE=str(tmp_path / f"store-{tag}"), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+
 def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
-    import socket
     (tmp_path / "ddp.py").write_text(DDP_JOB)
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    env = ddp_env(tmp_path, "full-batch")
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path), "2"],
                               env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
@@ -446,13 +448,14 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
 
 
 DDP_RESUME_JOB = r'''
-import json, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import json, os, sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from safetensors.torch import save_file
 from mmlab.losses.contrastive import clip_loss
 from mmlab.train import Trainer, TrainConfig
 torch.set_num_threads(1)
 out, steps, resume, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume", sys.argv[4]
-dist.init_process_group("gloo"); rank = dist.get_rank()
+dist.init_process_group("gloo", init_method="file://" + os.environ["DDP_STORE"], rank=int(os.environ["RANK"]), world_size=2)
+rank = dist.get_rank()
 torch.manual_seed(7 + rank)                      # per-rank random streams (dropout masks differ by rank)
 model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 6)),
                        "b": nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 6))})
@@ -472,11 +475,9 @@ dist.destroy_process_group()
 
 @pytest.mark.mutation_heavy
 def test_two_process_resume_is_bit_identical(tmp_path):
-    import socket
     (tmp_path / "job.py").write_text(DDP_RESUME_JOB)
     def launch(steps, mode, tag):
-        with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        env = ddp_env(tmp_path, f"{tag}-{mode}-{steps}")
         ps = [subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path), str(steps), mode, tag],
                                env=env | {"RANK": str(r)}, stderr=subprocess.PIPE, text=True) for r in range(2)]
         for p in ps:
