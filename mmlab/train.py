@@ -22,7 +22,7 @@ __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss
            'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #1f8a39dc
-from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast,
+from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast, eval_mode,
                         get_device, get_precision)
 from .losses.distill import ema_
 
@@ -43,7 +43,7 @@ LOGGERS = ("jsonl", "csv", "tensorboard")   # the metric files a run can write (
 @dataclass
 class TrainConfig:
     "Optimisation and bookkeeping settings of one `Trainer` run."
-    steps: int = 100              # optimiser updates (each uses `grad_accum` micro-batches)
+    steps: int = 100                  # optimiser updates (each uses `grad_accum` micro-batches)
     lr: float = 1e-3                  # peak learning rate, reached after warmup
     weight_decay: float = 0.05        # AdamW decoupled decay, on weights with >= 2 dims only (not biases, norms, scales)
     betas: tuple = (0.9, 0.999)       # AdamW betas (CLIP uses (0.9, 0.98) for stability at large batch)
@@ -253,9 +253,7 @@ class EvalCallback(Callback):
     "On `on_eval`, run `fn(model) -> {name: number}` in eval mode without gradients and log it under `prefix/`."
     def __init__(self, fn, prefix:str="eval"): self.fn, self.prefix = fn, prefix
     def on_eval(self, trainer):
-        was = trainer.model.training; trainer.model.eval()
-        with torch.no_grad(): out = self.fn(trainer.model)
-        trainer.model.train(was)
+        with eval_mode(trainer.model): out = self.fn(trainer.model)
         trainer.log({"step": trainer.step} | {f"{self.prefix}/{k}": float(v.detach() if isinstance(v, Tensor) else v)
                                              for k, v in out.items()})
 

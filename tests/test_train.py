@@ -1223,3 +1223,16 @@ def test_trainer_device_setting_is_read_and_explicit_device_wins(monkeypatch):
     with pytest.raises(DeviceError, match="'cuda' requested but CUDA is not available"):
         Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1))
     assert Trainer(nn.Linear(3, 1), _mse, _data(), TrainConfig(steps=1, device="cpu")).device == torch.device("cpu")
+
+def test_eval_callback_runs_without_gradients_in_eval_mode_and_restores_it_on_error():
+    from mmlab.train import EvalCallback
+    seen, model = {}, torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    def fn(m): seen.update(training=m.training, grad=torch.is_grad_enabled()); return {"x": 1.0}
+    class FakeTrainer:
+        step, records = 3, []
+        def log(self, record): self.records.append(record)
+    t = FakeTrainer(); t.model = model
+    EvalCallback(fn).on_eval(t)
+    assert seen == {"training": False, "grad": False} and model.training and t.records == [{"step": 3, "eval/x": 1.0}]
+    with pytest.raises(ZeroDivisionError): EvalCallback(lambda m: 1 / 0).on_eval(t)
+    assert model.training                                   # the failed evaluation left the model training
