@@ -22,8 +22,8 @@ __all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'BUNDLE
            'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample', 'decode_audio',
            'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer', 'HFTokenizer',
            'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields', 'pad_fields',
-           'x_inputs', 'lengths_inputs', 'mask_inputs', 'dataset_dir', 'dataset_meta', 'BundledDataset', 'load_dataset',
-           'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout', 'ManifestDataset']
+           'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta', 'BundledDataset',
+           'load_dataset', 'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout', 'ManifestDataset']
 
 # %% ../nbs/01_data.ipynb #515a2439
 SAMPLE_RATE = 16_000                       # every waveform mmlab hands out is at this rate (Hz)
@@ -363,13 +363,12 @@ def lengths_inputs(batch:dict, name:str) -> dict:
     if n is not None: kw["lengths"] = n.clamp_min(1)
     return kw
 
-def mask_inputs(batch:dict, name:str) -> dict:
-    "`x` plus `attention_mask` (True = real) from collate's `{name}_padding_mask` (True = padding)."
+def padding_inputs(batch:dict, name:str) -> dict:
+    "`x` plus collate's `{name}_padding_mask` (True = padding) as `padding_mask`."
     kw, pad = dict(x=batch[name]), batch.get(f"{name}_padding_mask")
     if pad is not None:
-        am = ~pad.bool()
-        am[:, 0] |= ~am.any(dim=1)                                    # absent rows: one token
-        kw["attention_mask"] = am
+        pad = pad.bool().clone(); pad[:, 0] &= ~pad.all(dim=1)       # absent rows: one real token
+        kw["padding_mask"] = pad
     return kw
 
 # %% ../nbs/01_data.ipynb #a77c423a
@@ -413,7 +412,7 @@ def _check_caption(ds, v, where):
 # %% ../nbs/01_data.ipynb #625b13a0
 register_modality(Modality("image", stack_fields, x_inputs, check=_check_image, read=_read_image, tower="ViTEncoder"))
 register_modality(Modality("audio", _audio_fields, lengths_inputs, check=_check_audio, read=_read_audio, tower="AudioEncoder"))
-register_modality(Modality("text", _text_fields, mask_inputs, file=False, check=_check_caption, tower="TextEncoder", raw="caption"));
+register_modality(Modality("text", _text_fields, padding_inputs, file=False, check=_check_caption, tower="TextEncoder", raw="caption"));
 
 # %% ../nbs/01_data.ipynb #7d7a6a5b
 BUNDLED = ("shapes", "digits")   # names accepted by `load_dataset`
