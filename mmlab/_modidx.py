@@ -309,7 +309,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mmlab.encoders.unpatchify_spec': ('encoders.html#unpatchify_spec', 'mmlab/encoders.py')},
             'mmlab.eval': { 'mmlab.eval._check_features': ('eval.html#_check_features', 'mmlab/eval.py'),
                             'mmlab.eval._check_labels': ('eval.html#_check_labels', 'mmlab/eval.py'),
-                            'mmlab.eval._check_mask': ('eval.html#_check_mask', 'mmlab/eval.py'),
+                            'mmlab.eval._check_present': ('eval.html#_check_present', 'mmlab/eval.py'),
                             'mmlab.eval._classification_result': ('eval.html#_classification_result', 'mmlab/eval.py'),
                             'mmlab.eval._cpu32': ('eval.html#_cpu32', 'mmlab/eval.py'),
                             'mmlab.eval._labelled': ('eval.html#_labelled', 'mmlab/eval.py'),

@@ -273,7 +273,7 @@ def test_clip_trainer_fixed_temperature_and_first_loss():
                              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(24, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (24, 6), generator=g),
-             "label": torch.arange(24) % 4, "mask": {}}
+             "label": torch.arange(24) % 4, "present": {}}
     start = copy.deepcopy(model)
     seen = []
     class Seen(Callback):                                                # records what the trainer logs
@@ -488,7 +488,7 @@ def test_clip_trainer_default_batch_of_64_pairs():
                     "logit_scale": self.log_scale.exp()}
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "label": torch.arange(100),
-             "mask": {}}
+             "present": {}}
     model = Recorder()
     hist = clip_trainer(model, batch, 3).fit()
     assert model.rows == [64, 64, 64] and [r["step"] for r in hist] == [1, 2, 3]

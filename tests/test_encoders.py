@@ -235,6 +235,24 @@ def test_fusion_context_padding():
     torch.testing.assert_close(f(text[:1], ctx[:1, :3]), y[:1], atol=1e-5, rtol=1e-5)
 
 
+def test_one_rule_for_mask_valid_present():
+    "A `mask` is True where something is hidden (padding, masked patches); `valid` True for real tokens; `present` per sample."
+    from mmlab.data import collate
+    from mmlab.encoders import tower_inputs
+    from mmlab.masking import mask_from_bool
+    b = collate([{"text": torch.tensor([5, 6, 7])}, {"text": torch.tensor([8])}, {"image": torch.zeros(3, 32, 32)}])
+    pad = b["text_padding_mask"]
+    assert pad.tolist() == [[False, False, False], [False, True, True], [True, True, True]]    # True = padding
+    assert b["present"]["text"].tolist() == [True, True, False] and b["present"]["image"].tolist() == [False, False, True]
+    out = TextEncoder(TextConfig.preset("tiny")).eval()(**tower_inputs(b, "text"))
+    assert out.valid.tolist() == [[True] * 3, [True, False, False], [True, False, False]]      # an absent row keeps one token
+    assert torch.equal(out.valid[b["present"]["text"]], ~pad[b["present"]["text"]])
+    a = AudioEncoder(AudioConfig.preset("tiny", patch_size=(32, 4))).eval()
+    assert a(torch.randn(2, 32, 12), lengths=torch.tensor([12, 5])).valid.tolist() == [[True] * 3, [True, True, False]]
+    m = mask_from_bool(torch.tensor([[True, False, False], [False, True, False]]))          # masked modelling: True = hidden
+    assert m.masked.tolist() == [[0], [1]] and m.visible.tolist() == [[1, 2], [0, 2]]
+
+
 # ---------------------------------------------------------------- attention capture
 def _eager_maps(model, **inp):
     set_fused_attn(model, False); maps, hs = {}, []
