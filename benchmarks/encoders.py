@@ -37,9 +37,9 @@ def make_inputs(name:str, batch:int, smoke:bool, g:torch.Generator) -> dict:
         lengths = torch.randint(T // 2, T + 1, (batch,), generator=g); lengths[0] = T
         return dict(x=torch.randn(batch, m.config.n_mels, T, generator=g), lengths=lengths)
     L = 16 if smoke else 32
-    am = torch.ones(batch, L, dtype=torch.long)
-    for i in range(1, batch): am[i, int(torch.randint(L // 2, L + 1, (1,), generator=g)):] = 0
-    return dict(x=torch.randint(1, m.config.vocab_size, (batch, L), generator=g) * am, attention_mask=am)
+    pad = torch.zeros(batch, L, dtype=torch.bool)
+    for i in range(1, batch): pad[i, int(torch.randint(L // 2, L + 1, (1,), generator=g)):] = True
+    return dict(x=torch.randint(1, m.config.vocab_size, (batch, L), generator=g).masked_fill(pad, 0), padding_mask=pad)
 
 def time_variants(model, inputs:dict, repeats:int, train:bool) -> dict:
     "Median seconds per call of each variant, interleaved within each repeat."

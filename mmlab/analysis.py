@@ -252,12 +252,12 @@ def attention_rollout(maps,                 # list of L (B, H, N, N) attention m
 def token_relevance(R:Tensor,                   # (B, Nq, Nk) rollout or one layer's (head-fused) attention, prefix included
                     num_prefix:int=1,           # prefix ([CLS]) tokens, dropped from the keys
                     pool:str="cls",             # the tower's pooling: cls | mean | last
-                    mask:Tensor|None=None,      # (B, N) bool real (non-prefix) tokens; None = all real
+                    valid:Tensor|None=None,     # (B, N) bool, True for real (non-prefix) tokens; None = all real
                    ) -> Tensor:                 # (B, N) relevance of each non-prefix input token, padding 0
     "Read the pooled token's row of an attention/rollout matrix: [CLS] row, mean of real rows, or last real row."
     B, Nq, _ = R.shape; P = num_prefix
-    m = torch.ones(B, Nq - P, dtype=torch.bool) if mask is None else mask.cpu().bool()
-    check_shape(m, "mask", (B, Nq - P))
+    m = torch.ones(B, Nq - P, dtype=torch.bool) if valid is None else valid.cpu().bool()
+    check_shape(m, "valid", (B, Nq - P))
     if pool == "cls":
         if P < 1: raise InputError("token_relevance: pool='cls' needs a prefix token (num_prefix >= 1)")
         rel = R[:, 0, P:]
@@ -282,7 +282,7 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
     try:
         with torch.no_grad(), capture_attention(tower) as maps:
             kw = {k: v for k, v in inputs.items() if k != "x"}
-            _, mask = tower.embed(inputs["x"], **kw)
+            _, valid = tower.embed(inputs["x"], **kw)
             tower(**inputs)
     finally: tower.train(was)
     maps = list(maps.values())
@@ -293,7 +293,7 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
         if head is not None and not -A.shape[1] <= head < A.shape[1]:
             raise InputError(f"attention_map: head {head} out of range for {A.shape[1]} heads")
         R = A.mean(1) if head is None else A[:, head]
-    rel = token_relevance(R, tower.num_prefix_tokens, tower.config.pool, mask)
+    rel = token_relevance(R, tower.num_prefix_tokens, tower.config.pool, valid)
     B = rel.shape[0]
     if isinstance(tower, ViTEncoder):
         H, W = inputs["x"].shape[-2:]; ph, pw = tower.config.patch_size

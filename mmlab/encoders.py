@@ -285,9 +285,9 @@ class EncoderOutput(NamedTuple):
     "What every tower returns."
     tokens: torch.Tensor              # (B, N, D) final-normalised tokens, prefix ([CLS]) removed
     pooled: torch.Tensor              # (B, D) pooled vector
-    mask: torch.Tensor|None = None    # (B, N) bool, True for real tokens; None when all are real
+    valid: torch.Tensor|None = None   # (B, N) bool, True for real tokens; None when all are real
 
-def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) mask)
+def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) map such as `valid`)
                   idx:torch.Tensor,       # (B, K) long indices into N
                  ) -> torch.Tensor:       # (B, K, ...)
     "Select tokens per sample: out[b, k] = x[b, idx[b, k]]."
@@ -339,30 +339,30 @@ class TransformerEncoder(nn.Module):
 
     # --- modality-specific: subclasses define `embed`
     def embed(self, x, *args, **kwargs):
-        "Tokens with positions (B, N, D) and the real-token mask (B, N) or None."
+        "Tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
         raise NotImplementedError
 
-    def attn_mask(self, mask:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "Boolean attention mask (B, 1, 1, n) from the real-token mask of the full sequence (prefix included)."
-        return None if mask is None else mask[:, None, None, :]
+    def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
+        "SDPA's `attn_mask` (B, 1, 1, n), True = may attend, from `valid` of the full sequence (prefix included)."
+        return None if valid is None else valid[:, None, None, :]
 
     def forward_tokens(self, x:torch.Tensor,                 # (B, N, D) embedded tokens (with positions)
-                       mask:torch.Tensor|None=None,          # (B, N) bool real-token mask
+                       valid:torch.Tensor|None=None,         # (B, N) bool, True for real tokens
                       ) -> torch.Tensor:                     # (B, P+N, D), P = num_prefix_tokens
         "Prepend the [CLS] token, run the blocks, apply the final norm."
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            if mask is not None: mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
-        am = self.attn_mask(mask, x.shape[1])
+            if valid is not None: valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
+        am = self.attn_mask(valid, x.shape[1])
         for blk in self.blocks: x = blk(x, attn_mask=am)
         return self.norm(x)
 
     def _encode(self, x, *args, visible_idx=None, **kwargs):
-        tokens, mask = self.embed(x, *args, **kwargs)
+        tokens, valid = self.embed(x, *args, **kwargs)
         if visible_idx is not None:
             tokens = gather_tokens(tokens, visible_idx)
-            mask = gather_tokens(mask, visible_idx) if mask is not None else None
-        return self.forward_tokens(tokens, mask), mask
+            valid = gather_tokens(valid, visible_idx) if valid is not None else None
+        return self.forward_tokens(tokens, valid), valid
 
     def forward_features(self, x, *args,
                          visible_idx:torch.Tensor|None=None,  # (B, N_vis) indices of the tokens to encode
@@ -371,7 +371,7 @@ class TransformerEncoder(nn.Module):
         return self._encode(x, *args, visible_idx=visible_idx, **kwargs)[0]
 
     def forward_head(self, x:torch.Tensor,                    # (B, P+N, D) output of `forward_features`
-                     mask:torch.Tensor|None=None,             # (B, N) real-token mask of the non-prefix tokens
+                     valid:torch.Tensor|None=None,            # (B, N) bool, True for real non-prefix tokens
                      pre_logits:bool=True,                    # towers have no classifier: always the pooled vector
                     ) -> torch.Tensor:                        # (B, D)
         "Pool: the [CLS] token, the mean of the real tokens, or the last real token."
@@ -379,16 +379,16 @@ class TransformerEncoder(nn.Module):
         if self.config.pool == "cls": return x[:, 0]
         t = x[:, P:]
         if self.config.pool == "mean":
-            if mask is None: return t.mean(dim=1)
-            w = mask.to(t.dtype)[..., None]
+            if valid is None: return t.mean(dim=1)
+            w = valid.to(t.dtype)[..., None]
             return (t * w).sum(1) / w.sum(1).clamp_min(1)
-        if mask is None: return t[:, -1]                       # "last"
-        last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(dim=1)
+        if valid is None: return t[:, -1]                      # "last"
+        last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(dim=1)
         return t[torch.arange(t.shape[0], device=t.device), last]
 
     def forward(self, x, *args, visible_idx:torch.Tensor|None=None, **kwargs) -> EncoderOutput:
-        feats, mask = self._encode(x, *args, visible_idx=visible_idx, **kwargs)
-        return EncoderOutput(feats[:, self.num_prefix_tokens:], self.forward_head(feats, mask), mask)
+        feats, valid = self._encode(x, *args, visible_idx=visible_idx, **kwargs)
+        return EncoderOutput(feats[:, self.num_prefix_tokens:], self.forward_head(feats, valid), valid)
 
 # %% ../nbs/02_encoders.ipynb #36ad4660
 @dataclass
@@ -461,7 +461,7 @@ class ViTEncoder(TransformerEncoder):
         return tokens + self.pos_embed_for(grid)
 
     def embed(self, x:torch.Tensor) -> tuple:                 # (B, C, H, W) -> ((B, N, D), None)
-        "Patch tokens with positions; images have no padding, so the mask is None."
+        "Patch tokens with positions; images have no padding, so `valid` is None."
         t, grid = self.embed_patches(x)
         return self.add_pos(t, grid), None
 
@@ -552,11 +552,11 @@ class AudioEncoder(TransformerEncoder):
                                  f"got min {int(lengths.min())}, max {int(lengths.max())}")
         return x
 
-    def frame_mask(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
+    def valid_frames(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
         "Real frames: t < length."
         return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
 
-    def token_mask(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
+    def valid_tokens(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
         "Real patches: those whose first frame is a real frame, repeated over frequency patches."
         pt = self.config.patch_size[1]
         starts = torch.arange(0, T, pt, device=lengths.device)             # (T',)
@@ -565,7 +565,7 @@ class AudioEncoder(TransformerEncoder):
     def embed_patches(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
         "Patch embedding without positions: ((B, T'*F', D), time patches T')."
         x = self._check(spec, lengths)
-        if lengths is not None: x = x * self.frame_mask(lengths, x.shape[-1])[:, None].to(x.dtype)  # padding content is irrelevant
+        if lengths is not None: x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)  # padding content is irrelevant
         x = F.pad(x, (0, (-x.shape[-1]) % self.config.patch_size[1]))
         t = self.patch_embed(x[:, None]).transpose(1, 2)                   # (B, T', F', D)
         return t.flatten(1, 2), t.shape[1]
@@ -580,10 +580,10 @@ class AudioEncoder(TransformerEncoder):
         return (self.time_pos[:time_patches, None] + self.freq_pos[None]).flatten(0, 1)[None]
 
     def embed(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
-        "Tokens with positions (B, N, D) and the real-patch mask (B, N) (None without `lengths`)."
+        "Tokens with positions (B, N, D) and `valid` (B, N), True for real patches (None without `lengths`)."
         t, tp = self.embed_patches(spec, lengths)
-        mask = None if lengths is None else self.token_mask(lengths, tp * self.config.patch_size[1])
-        return t + self.pos_embed_for(tp), mask
+        valid = None if lengths is None else self.valid_tokens(lengths, tp * self.config.patch_size[1])
+        return t + self.pos_embed_for(tp), valid
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "Random log-mel inputs of two different lengths (100 and 61 frames), as keyword arguments."
@@ -627,17 +627,17 @@ class TextEncoder(TransformerEncoder):
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.01)
 
-    def attn_mask(self, mask:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "Key-padding mask, and the causal triangle when `causal`; the diagonal is always allowed."
-        if not self.config.causal: return super().attn_mask(mask, n)
+    def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
+        "Keys restricted to `valid` tokens, and the causal triangle when `causal`; the diagonal is always allowed."
+        if not self.config.causal: return super().attn_mask(valid, n)
         eye = torch.eye(n, dtype=torch.bool, device=self.pos_embed.device)
         m = torch.ones(n, n, dtype=torch.bool, device=eye.device).tril()[None, None]   # (1, 1, n, n)
-        return m if mask is None else (m & mask[:, None, None, :]) | eye
+        return m if valid is None else (m & valid[:, None, None, :]) | eye
 
     def embed(self, ids:torch.Tensor,                          # (B, L) token ids
-              attention_mask:torch.Tensor|None=None,           # (B, L) 1/True for real tokens
+              padding_mask:torch.Tensor|None=None,             # (B, L) bool, True = padding
              ) -> tuple:                                       # ((B, L, D), (B, L) bool or None)
-        "Token embeddings plus positions, and the real-token mask."
+        "Token embeddings plus positions, and `valid` (True for real tokens)."
         dims = check_shape(ids, "ids", ("B", "L"))
         if ids.dtype not in (torch.int64, torch.int32):
             raise InputTypeError(f"TextEncoder: ids must be integer token ids, got dtype {ids.dtype}")
@@ -647,20 +647,20 @@ class TextEncoder(TransformerEncoder):
         if not torch.compiler.is_compiling() and ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise InputError(f"TextEncoder: token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
                              f"got min {int(ids.min())}, max {int(ids.max())}")
-        mask = None
-        if attention_mask is not None:
-            check_shape(attention_mask, "attention_mask", ("B", "L"), dims)
-            mask = attention_mask.bool()
-            if not torch.compiler.is_compiling() and not mask.any(dim=1).all():
-                raise InputError(f"TextEncoder: attention_mask row {int((~mask.any(1)).nonzero()[0])} has no real token")
-        return self.tok_embed(ids) + self.pos_embed[:, :L], mask
+        valid = None
+        if padding_mask is not None:
+            check_shape(padding_mask, "padding_mask", ("B", "L"), dims)
+            valid = ~padding_mask.bool()
+            if not torch.compiler.is_compiling() and not valid.any(dim=1).all():
+                raise InputError(f"TextEncoder: padding_mask row {int((~valid.any(1)).nonzero()[0])} has no real token")
+        return self.tok_embed(ids) + self.pos_embed[:, :L], valid
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "Random ids with a right-padded second row, as keyword arguments."
         L = min(12, self.config.max_len)
         ids = torch.randint(1, self.config.vocab_size, (batch_size, L), generator=generator)
-        am = torch.ones(batch_size, L, dtype=torch.long); am[1:, L // 2:] = 0
-        return dict(x=ids * am, attention_mask=am)
+        pad = torch.zeros(batch_size, L, dtype=torch.bool); pad[1:, L // 2:] = True
+        return dict(x=ids.masked_fill(pad, 0), padding_mask=pad)
 
 # %% ../nbs/02_encoders.ipynb #34c326cc
 class ProjectionHead(nn.Module):
@@ -742,9 +742,9 @@ class FusionBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x:torch.Tensor, context:torch.Tensor, self_mask=None, cross_mask=None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=self_mask))
-        x = x + self.drop_path(self.cross_attn(self.norm2(x), context, attn_mask=cross_mask))
+    def forward(self, x:torch.Tensor, context:torch.Tensor, self_attn_mask=None, cross_attn_mask=None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=self_attn_mask))
+        x = x + self.drop_path(self.cross_attn(self.norm2(x), context, attn_mask=cross_attn_mask))
         return x + self.drop_path(self.mlp(self.norm3(x)))
 
 class FusionEncoder(nn.Module):
@@ -762,27 +762,27 @@ class FusionEncoder(nn.Module):
 
     def forward(self, text:torch.Tensor,                      # (B, L, D) text tokens (a TextEncoder's `tokens`)
                 context:torch.Tensor,                         # (B, M, Dc) image / audio tokens
-                text_mask:torch.Tensor|None=None,             # (B, L) real text tokens
-                context_mask:torch.Tensor|None=None,          # (B, M) real context tokens
+                text_valid:torch.Tensor|None=None,            # (B, L) bool, True for real text tokens
+                context_valid:torch.Tensor|None=None,         # (B, M) bool, True for real context tokens (a tower's `valid`)
                ) -> torch.Tensor:                             # (B, L, D)
         dims = check_shape(text, "text", ("B", "L", self.config.embed_dim))
         check_shape(context, "context", ("B", "M", self.config.context_dim or self.config.embed_dim), dims)
         L = text.shape[1]
-        self_mask = None if text_mask is None else text_mask.bool()[:, None, None, :]
+        self_am = None if text_valid is None else text_valid.bool()[:, None, None, :]      # SDPA's: True = may attend
         if self.config.causal:
             tri = torch.ones(L, L, dtype=torch.bool, device=text.device).tril()[None, None]
-            self_mask = tri if self_mask is None else (tri & self_mask) | torch.eye(L, dtype=torch.bool, device=text.device)
-        cross_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
+            self_am = tri if self_am is None else (tri & self_am) | torch.eye(L, dtype=torch.bool, device=text.device)
+        cross_am = None if context_valid is None else context_valid.bool()[:, None, None, :]
         x = text
-        for blk in self.blocks: x = blk(x, context, self_mask, cross_mask)
+        for blk in self.blocks: x = blk(x, context, self_am, cross_am)
         return self.norm(x)
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "Random text (7 tokens) and context (10 tokens, the last 3 padded in row 1), as keyword arguments."
         D, Dc = self.config.embed_dim, self.config.context_dim or self.config.embed_dim
-        cm = torch.ones(batch_size, 10, dtype=torch.bool); cm[1:, 7:] = False
+        cv = torch.ones(batch_size, 10, dtype=torch.bool); cv[1:, 7:] = False
         return dict(text=torch.randn(batch_size, 7, D, generator=generator),
-                    context=torch.randn(batch_size, 10, Dc, generator=generator), context_mask=cm)
+                    context=torch.randn(batch_size, 10, Dc, generator=generator), context_valid=cv)
 
 # %% ../nbs/02_encoders.ipynb #7984af5d
 class MoMEBlock(nn.Module):
@@ -888,12 +888,12 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
             hf_models[id(owner)] = owner; continue
         st = {}
         def pre(m, args, kwargs, st=st):
-            st["mask"] = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
+            st["attn_mask"] = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
         def grab(key, st=st):
             def hook(m, inp, out): st[key] = out.detach()
             return hook
         def post(m, args, kwargs, out, st=st, name=name):
-            with torch.no_grad(): store(name, attention_probs(st["q"], st["k"], st["mask"]))
+            with torch.no_grad(): store(name, attention_probs(st["q"], st["k"], st["attn_mask"]))
         handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
                     mod.q_norm.register_forward_hook(grab("q")), mod.k_norm.register_forward_hook(grab("k")),
                     mod.register_forward_hook(post, with_kwargs=True)]
@@ -948,31 +948,31 @@ class HFEncoder(nn.Module):
         return cls(model, modality, pool)
 
     def forward(self, x:torch.Tensor,                        # ids (B, L) | pixels (B, C, H, W) | audio input_values
-                attention_mask:torch.Tensor|None=None,       # (B, L) or (B, samples); 1 = real
+                padding_mask:torch.Tensor|None=None,         # (B, L) or (B, samples) bool, True = padding
                 visible_idx=None,
                ) -> EncoderOutput:
         if visible_idx is not None:
             raise InputError("HFEncoder: visible_idx is not supported by Hugging Face towers (their embedding is internal); "
                              "use an mmlab tower (ViTEncoder, AudioEncoder, TextEncoder) for masked modelling")
         kw = {_HF_INPUT[self.modality]: x}
-        if attention_mask is not None: kw["attention_mask"] = attention_mask
+        if padding_mask is not None: kw["attention_mask"] = (~padding_mask.bool()).long()   # Hugging Face's: 1 = real
         out = self.model(**kw)
         h = out.last_hidden_state                                 # (B, N, D)
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.shape[1] == h.shape[1]: mask = attention_mask.bool()
+        valid = None
+        if padding_mask is not None:
+            if padding_mask.shape[1] == h.shape[1]: valid = ~padding_mask.bool()
             elif hasattr(self.model, "_get_feature_vector_attention_mask"):   # wav2vec2 / HuBERT: samples -> frames
-                mask = self.model._get_feature_vector_attention_mask(h.shape[1], attention_mask).bool()
+                valid = self.model._get_feature_vector_attention_mask(h.shape[1], kw["attention_mask"]).bool()
         if self.pool == "cls": pooled = h[:, 0]
         elif self.pool == "pooler":
             if getattr(out, "pooler_output", None) is None:
                 raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
             pooled = out.pooler_output
-        elif mask is None: pooled = h.mean(1)
+        elif valid is None: pooled = h.mean(1)
         else:
-            w = mask.to(h.dtype)[..., None]
+            w = valid.to(h.dtype)[..., None]
             pooled = (h * w).sum(1) / w.sum(1).clamp_min(1)
-        return EncoderOutput(h, pooled, mask)
+        return EncoderOutput(h, pooled, valid)
 
     def get_config(self) -> dict:
         return dict(modality=self.modality, pool=self.pool, hf_config=self.model.config.to_dict())

@@ -47,14 +47,14 @@ def _check_labels(y, name, n):
     if n and int(y.min()) < 0: raise InputError(f"{name}: labels must be >= 0, got {int(y.min())}")
     return y.long()
 
-def _check_mask(mask, name, n):
-    "Validate an optional presence mask of shape (n,); return a bool tensor (all True when None)."
-    if mask is None: return torch.ones(n, dtype=torch.bool)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+def _check_present(present, name, n):
+    "Validate an optional `present` of shape (n,) (True = the sample has the modality); all True when None."
+    if present is None: return torch.ones(n, dtype=torch.bool)
+    if not isinstance(present, Tensor) or present.dtype != torch.bool:
         raise InputTypeError(f"{name}: expected a bool tensor of shape ({n},) (True = modality present), got "
-                             f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
-    if mask.shape != (n,): raise ShapeError(f"{name}: expected shape ({n},), got {tuple(mask.shape)}")
-    return mask.cpu()
+                             f"{present.dtype if isinstance(present, Tensor) else type(present).__name__}")
+    if present.shape != (n,): raise ShapeError(f"{name}: expected shape ({n},), got {tuple(present.shape)}")
+    return present.cpu()
 
 def _normalize(x, name):
     "L2-normalise rows in float32, rejecting all-zero rows (no direction, so no cosine)."
@@ -65,7 +65,7 @@ def _normalize(x, name):
 
 def _need(n, what):
     "Raise when a metric would be computed on zero samples."
-    if n == 0: raise InputError(f"{what}: no samples left to evaluate (every sample is masked out as missing)")
+    if n == 0: raise InputError(f"{what}: no samples left to evaluate (no sample has the modality)")
 
 # %% ../nbs/08_eval.ipynb #0c9a245c
 def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cosine is used)
@@ -75,7 +75,7 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
              k:int=20,                # neighbours (DINO: 20)
              tau:float=0.07,          # temperature of the vote weights exp(s/tau) (DINO: 0.07)
              num_classes:int|None=None, # C; None: 1 + the largest label seen
-             mask:Tensor|None=None,   # (Q,) bool, test samples whose modality is present
+             present:Tensor|None=None, # (Q,) bool, test samples whose modality is present
              chunk_size:int=1024,     # test rows per similarity block (memory: chunk_size x N)
             ) -> dict:                # accuracy, top5 (if C >= 5), n, n_missing, chance, k, predictions
     "Weighted kNN classification (Wu et al. 2018; DINO, Caron et al. 2021): votes exp(s/tau) of the k cosine-nearest."
@@ -84,7 +84,7 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
     _check_features(test_x, f"{where}: test_x", {"D": dims["D"]}, "Q")
     train_y = _check_labels(train_y, f"{where}: train_y", train_x.shape[0])
     test_y = _check_labels(test_y, f"{where}: test_y", test_x.shape[0])
-    mask = _check_mask(mask, f"{where}: mask", test_x.shape[0])
+    present = _check_present(present, f"{where}: present", test_x.shape[0])
     n_train = train_x.shape[0]
     if not isinstance(k, int) or not 1 <= k <= n_train:
         raise InputError(f"{where}: k={k!r} must be an integer in [1, N] with N={n_train} training samples")
@@ -92,7 +92,7 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
     C = int(max(train_y.max(), test_y.max())) + 1 if num_classes is None else num_classes
     if int(max(train_y.max(), test_y.max())) >= C:
         raise InputError(f"{where}: num_classes={C} but a label {int(max(train_y.max(), test_y.max()))} occurs")
-    idx = mask.nonzero().squeeze(1); _need(len(idx), where)
+    idx = present.nonzero().squeeze(1); _need(len(idx), where)
     tr = _normalize(train_x, f"{where}: train_x"); te = _normalize(test_x[idx.to(test_x.device)], f"{where}: test_x")
     ty = train_y.to(tr.device); scores = []
     for i in range(0, len(te), chunk_size):
@@ -102,7 +102,7 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
         votes = torch.zeros(len(w), C, dtype=w.dtype, device=w.device)
         scores.append(votes.scatter_add_(1, ty[nb[:, :k]], w).cpu())        # (c, C) class scores
     scores = torch.cat(scores)
-    return _classification_result(scores, test_y[idx.cpu()].cpu(), C, n_missing=int((~mask).sum())) | {"k": k}
+    return _classification_result(scores, test_y[idx.cpu()].cpu(), C, n_missing=int((~present).sum())) | {"k": k}
 
 # %% ../nbs/08_eval.ipynb #0b6205de
 def _classification_result(scores, y, C, n_missing, n_classes=None):
@@ -122,7 +122,7 @@ def linear_probe(train_x:Tensor,         # (N, D) frozen training features
                  C:float=1.0,            # inverse L2 strength of scikit-learn's LogisticRegression
                  max_iter:int=1000,      # L-BFGS iterations
                  standardize:bool=True,  # z-score features with the training mean/std
-                 mask:Tensor|None=None,  # (Q,) bool, test samples whose modality is present
+                 present:Tensor|None=None,  # (Q,) bool, test samples whose modality is present
                 ) -> dict:               # accuracy, top5, n, n_missing, chance, converged, predictions
     "Deterministic linear probe: multinomial logistic regression (L-BFGS, L2, fixed C) on frozen features."
     import warnings
@@ -133,14 +133,14 @@ def linear_probe(train_x:Tensor,         # (N, D) frozen training features
     _check_features(test_x, f"{where}: test_x", {"D": dims["D"]}, "Q")
     train_y = _check_labels(train_y, f"{where}: train_y", train_x.shape[0]).cpu()
     test_y = _check_labels(test_y, f"{where}: test_y", test_x.shape[0]).cpu()
-    mask = _check_mask(mask, f"{where}: mask", test_x.shape[0])
+    present = _check_present(present, f"{where}: present", test_x.shape[0])
     classes = torch.unique(train_y)
     if len(classes) < 2: raise InputError(f"{where}: train_y has a single class ({classes.tolist()}); a probe needs >= 2")
-    unseen = sorted(set(test_y[mask].tolist()) - set(classes.tolist()))
+    unseen = sorted(set(test_y[present].tolist()) - set(classes.tolist()))
     if unseen: raise InputError(f"{where}: test label(s) {unseen} never occur in train_y; the probe cannot predict them")
     if not C > 0: raise InputError(f"{where}: C must be > 0, got {C}")
-    _need(int(mask.sum()), where)
-    X = train_x.detach().double().cpu().numpy(); Xt = test_x[mask.to(test_x.device)].detach().double().cpu().numpy()
+    _need(int(present.sum()), where)
+    X = train_x.detach().double().cpu().numpy(); Xt = test_x[present.to(test_x.device)].detach().double().cpu().numpy()
     if standardize:
         mu, sd = X.mean(0), X.std(0)
         sd[sd == 0] = 1.0                                               # constant features stay at 0
@@ -154,7 +154,7 @@ def linear_probe(train_x:Tensor,         # (N, D) frozen training features
     C_all = int(max(classes.max(), test_y.max())) + 1
     scores = torch.full((len(d), C_all), float("-inf"), dtype=torch.float64)
     scores[:, classes] = torch.from_numpy(d)                            # classes absent from train never win
-    out = _classification_result(scores, test_y[mask], C_all, n_missing=int((~mask).sum()), n_classes=len(classes))
+    out = _classification_result(scores, test_y[present], C_all, n_missing=int((~present).sum()), n_classes=len(classes))
     return out | {"converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught)}
 
 # %% ../nbs/08_eval.ipynb #b086e80c
@@ -198,19 +198,19 @@ def zero_shot_classifier(encode,                 # callable: list of prompts -> 
 def zero_shot_eval(query:Tensor,          # (Q, D) query embeddings (any modality)
                    class_emb:Tensor,      # (C, D) class embeddings (from `class_embeddings`)
                    labels:Tensor,         # (Q,) int true classes in [0, C)
-                   mask:Tensor|None=None, # (Q,) bool, queries whose modality is present
+                   present:Tensor|None=None, # (Q,) bool, queries whose modality is present
                   ) -> dict:              # accuracy, top5 (if C >= 5), n, n_missing, chance, predictions
     "Zero-shot classification by cosine similarity to class embeddings, pessimistic ties."
     where = "zero_shot_eval"
     dims = _check_features(query, f"{where}: query", {}, "Q")
     _check_features(class_emb, f"{where}: class_emb", {"D": dims["D"]}, "C")
     labels = _check_labels(labels, f"{where}: labels", query.shape[0]).cpu()
-    mask = _check_mask(mask, f"{where}: mask", query.shape[0])
+    present = _check_present(present, f"{where}: present", query.shape[0])
     C = class_emb.shape[0]
     if int(labels.max()) >= C: raise InputError(f"{where}: label {int(labels.max())} >= C={C} classes in class_emb")
-    _need(int(mask.sum()), where)
-    s = _normalize(query[mask.to(query.device)], f"{where}: query") @ _normalize(class_emb, f"{where}: class_emb").T
-    return _classification_result(s.cpu(), labels[mask], C, n_missing=int((~mask).sum()))
+    _need(int(present.sum()), where)
+    s = _normalize(query[present.to(query.device)], f"{where}: query") @ _normalize(class_emb, f"{where}: class_emb").T
+    return _classification_result(s.cpu(), labels[present], C, n_missing=int((~present).sum()))
 
 # %% ../nbs/08_eval.ipynb #3a5ae472
 def _retrieval_direction(q, g, q_ids, g_ids, ks, chunk_size):
@@ -239,8 +239,8 @@ def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
                    b:Tensor,                # (M, D) embeddings of modality B
                    a_ids:Tensor|None=None,  # (N,) int group ids; a_i matches b_j when ids are equal (None: i == j)
                    b_ids:Tensor|None=None,  # (M,) int group ids (None: arange(M))
-                   mask_a:Tensor|None=None, # (N,) bool, rows of A whose modality is present
-                   mask_b:Tensor|None=None, # (M,) bool, rows of B whose modality is present
+                   present_a:Tensor|None=None, # (N,) bool, rows of A whose modality is present
+                   present_b:Tensor|None=None, # (M,) bool, rows of B whose modality is present
                    ks:tuple=(1, 5, 10),     # K of Recall@K
                    names:tuple=("a", "b"),  # modality names for the result keys, e.g. ("image", "text")
                    chunk_size:int=1024,     # query rows per similarity block
@@ -256,12 +256,12 @@ def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
         if N != M: raise ShapeError(f"{where}: a has {N} rows and b {M}; without ids rows must pair one to one")
         a_ids, b_ids = torch.arange(N), torch.arange(M)
     a_ids = _check_labels(a_ids, f"{where}: a_ids", N).cpu(); b_ids = _check_labels(b_ids, f"{where}: b_ids", M).cpu()
-    mask_a = _check_mask(mask_a, f"{where}: mask_a", N); mask_b = _check_mask(mask_b, f"{where}: mask_b", M)
+    present_a = _check_present(present_a, f"{where}: present_a", N); present_b = _check_present(present_b, f"{where}: present_b", M)
     if not all(isinstance(k, int) and k >= 1 for k in ks): raise InputError(f"{where}: ks must be integers >= 1, got {ks}")
     an, bn = _normalize(a, f"{where}: a"), _normalize(b, f"{where}: b")
     out = {}
-    for (q, qi, qm), (g, gi, gm), key in (((an, a_ids, mask_a), (bn, b_ids, mask_b), f"{names[0]}_to_{names[1]}"),
-                                          ((bn, b_ids, mask_b), (an, a_ids, mask_a), f"{names[1]}_to_{names[0]}")):
+    for (q, qi, qm), (g, gi, gm), key in (((an, a_ids, present_a), (bn, b_ids, present_b), f"{names[0]}_to_{names[1]}"),
+                                          ((bn, b_ids, present_b), (an, a_ids, present_a), f"{names[1]}_to_{names[0]}")):
         gi = gi[gm]; n_pos = (qi[:, None] == gi[None]).sum(1)              # positives present in the gallery
         keep = qm & (n_pos > 0)                                            # present queries with an answer
         _need(int(keep.sum()), f"{where} ({key})")
@@ -271,18 +271,18 @@ def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
     return out
 
 # %% ../nbs/08_eval.ipynb #5df4cac8
-def present(mask:dict,      # {modality: (B,) bool} presence masks of a batch
+def present(present:dict,    # {modality: (B,) bool}, a batch's `present`
             *modalities:str, # the modalities a metric needs
-           ) -> Tensor:     # (B,) bool, True where all of them are present
-    "Samples in which every one of `modalities` is present (logical AND of the batch masks)."
+           ) -> Tensor:      # (B,) bool, True where all of them are present
+    "Samples in which every one of `modalities` is present (logical AND)."
     if not modalities: raise InputError("present: name at least one modality")
-    missing = [m for m in modalities if m not in mask]
-    if missing: raise InputError(f"present: no mask for modality {missing[0]!r}; masks exist for {sorted(mask)}")
-    out = mask[modalities[0]].clone()
+    missing = [m for m in modalities if m not in present]
+    if missing: raise InputError(f"present: modality {missing[0]!r} is not in the batch's present; it has {sorted(present)}")
+    out = present[modalities[0]].clone()
     for m in modalities[1:]:
-        if mask[m].shape != out.shape:
-            raise ShapeError(f"present: mask {m!r} has shape {tuple(mask[m].shape)}, mask {modalities[0]!r} {tuple(out.shape)}")
-        out &= mask[m]
+        if present[m].shape != out.shape:
+            raise ShapeError(f"present: {m!r} has shape {tuple(present[m].shape)}, {modalities[0]!r} {tuple(out.shape)}")
+        out &= present[m]
     return out
 
 # %% ../nbs/08_eval.ipynb #db13b173
@@ -307,7 +307,7 @@ def label_efficiency(train_x:Tensor, train_y:Tensor, # (N, D), (N,) labelled poo
                      shots:tuple=(1, 2, 4, 8),       # labelled examples per class at each point
                      seeds:tuple=(0, 1, 2),          # one subset per seed at each point
                      method:str="linear",            # "linear" (linear_probe) or "knn" (knn_eval)
-                     **kwargs,                       # passed to the evaluator (C, k, tau, mask, ...)
+                     **kwargs,                       # passed to the evaluator (C, k, tau, present, ...)
                     ) -> dict:                       # shots, mean, std, chance, runs (one row per shot x seed)
     "Accuracy vs labels per class on seeded, nested, class-balanced subsets (mean and std over seeds)."
     evals = {"linear": linear_probe, "knn": knn_eval}
@@ -328,7 +328,7 @@ def label_efficiency(train_x:Tensor, train_y:Tensor, # (N, D), (N,) labelled poo
 
 # %% ../nbs/08_eval.ipynb #c7d48685
 def _cpu32(out):
-    "A tensor or {name: tensor} on the CPU, floating point as float32 (labels and masks keep their dtype)."
+    "A tensor or {name: tensor} on the CPU, floating point as float32 (integer and bool tensors keep their dtype)."
     if isinstance(out, Tensor): return (out.float() if out.is_floating_point() else out).cpu()
     return {k: _cpu32(v) for k, v in out.items()}
 
@@ -362,7 +362,7 @@ def embed(model,         # the model; in eval mode inside, its own mode restored
 def _labelled(model, embed_fn, batches, label_key, modality):
     "Features and labels of the samples of `batches` whose `modality` is present, and the count of the others."
     def fn(m, b):
-        keep = b["mask"][modality] if modality is not None else torch.ones(len(b[label_key]), dtype=torch.bool)
+        keep = b["present"][modality] if modality is not None else torch.ones(len(b[label_key]), dtype=torch.bool)
         return {"x": embed_fn(m, b), "y": b[label_key], "keep": keep}
     r = embed(model, batches, fn); keep = r["keep"].bool()
     return r["x"][keep], r["y"][keep], int((~keep).sum())
@@ -380,7 +380,7 @@ def knn_monitor(embed_fn,                # (model, batch) -> (B, D) features of 
                 test_batches,            # iterable of labelled batches: the queries
                 k:int=20, tau:float=0.07,# DINO's pinned values (k is capped by the memory size)
                 label_key:str="label",   # key of the (B,) int labels in a batch
-                modality:str|None=None,  # skip samples whose batch["mask"][modality] is False
+                modality:str|None=None,  # skip samples whose batch["present"][modality] is False
                 prefix:str="knn",        # log keys: prefix/accuracy, prefix/n_missing
                ) -> EvalCallback:
     "An `EvalCallback` logging weighted-kNN accuracy of the current features (online monitor)."

@@ -553,14 +553,14 @@ class MultiModalMAE(Model):
 @torch.no_grad()
 def mmae_features(model:MultiModalMAE, batch:dict, modality:str) -> Tensor:
     "(B, D) features of one modality with nothing hidden: adapter tokens -> shared encoder -> mean over real tokens."
-    kw = dict(tower_inputs(batch, modality))                # x, plus lengths or a mask where the modality has them
-    t, real = model.adapters[modality].embed(kw.pop("x"), **kw)
+    kw = dict(tower_inputs(batch, modality))                # x, plus lengths or a padding mask where the modality has them
+    t, valid = model.adapters[modality].embed(kw.pop("x"), **kw)
     t = t + model.modality_embed[modality]
-    am = None if real is None else real[:, None, None, :]
+    am = None if valid is None else valid[:, None, None, :]  # SDPA's attn_mask: True = may attend
     for blk in model.blocks: t = blk(t, attn_mask=am)
     t = model.norm(t)
-    if real is None: return t.mean(1)
-    w = real.to(t.dtype)[..., None]
+    if valid is None: return t.mean(1)
+    w = valid.to(t.dtype)[..., None]
     return (t * w).sum(1) / w.sum(1).clamp_min(1)
 
 # %% ../nbs/05b_models.ipynb #bd2f46ed
@@ -625,10 +625,9 @@ class HubertModel(Model):
     def get_config(self) -> dict: return {**super().get_config(), "centroids": list(self.centroids.shape)}
     @classmethod
     def from_config(cls, d:dict): return cls(model_from_config(d["hubert"]), torch.zeros(d["centroids"]))   # loaded next
-    def valid_frames(self, batch:dict) -> Tensor:          # (B, N) bool, frames that hold audio
-        spec = batch["audio"]; pt = self.hubert.tower.config.patch_size[1]; N = math.ceil(spec.shape[-1] / pt)
-        lengths = batch.get("audio_lengths", torch.full((len(spec),), spec.shape[-1])).to(spec.device)
-        return torch.arange(N, device=spec.device)[None] < (lengths[:, None] + pt - 1) // pt
+    def valid_frames(self, batch:dict) -> Tensor:          # (B, N) bool, True for frame tokens that hold audio
+        spec = batch["audio"]; lengths = batch.get("audio_lengths", torch.full((len(spec),), spec.shape[-1]))
+        return self.hubert.tower.valid_tokens(lengths.to(spec.device), spec.shape[-1])
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "A batch of log-mels (100 and 61 frames) and a fixed span mask, as keyword arguments of `forward`."
         x = self.hubert.tower.example_inputs(batch_size, generator)

@@ -199,13 +199,13 @@ def test_rollout_bad_input():
 
 def test_token_relevance_pools():
     R = torch.arange(2 * 4 * 4, dtype=torch.float64).reshape(2, 4, 4)
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    cls = token_relevance(R, 1, "cls", mask)
-    assert torch.equal(cls, R[:, 0, 1:] * mask)
-    mean = token_relevance(R, 1, "mean", mask)
-    assert torch.allclose(mean[0], R[0, 1:3, 1:].mean(0) * mask[0]) and torch.allclose(mean[1], R[1, 1:, 1:].mean(0))
-    last = token_relevance(R, 1, "last", mask)
-    assert torch.equal(last[0], R[0, 2, 1:] * mask[0]) and torch.equal(last[1], R[1, 3, 1:])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    cls = token_relevance(R, 1, "cls", valid)
+    assert torch.equal(cls, R[:, 0, 1:] * valid)
+    mean = token_relevance(R, 1, "mean", valid)
+    assert torch.allclose(mean[0], R[0, 1:3, 1:].mean(0) * valid[0]) and torch.allclose(mean[1], R[1, 1:, 1:].mean(0))
+    last = token_relevance(R, 1, "last", valid)
+    assert torch.equal(last[0], R[0, 2, 1:] * valid[0]) and torch.equal(last[1], R[1, 3, 1:])
     with pytest.raises(InputError, match="prefix"): token_relevance(R, 0, "cls")
 
 
@@ -227,14 +227,14 @@ def test_attention_map_layouts():
     Fp, Tp = 32 // 16, 64 // 16
     assert a.shape == (2, Fp, Tp)
     with capture_attention(aud) as maps: aud(spec, lengths)
-    _, mask = aud.embed(spec, lengths)
+    _, valid = aud.embed(spec, lengths)
     R = attention_rollout(maps)
-    ref = (R * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
-    assert torch.allclose(a, (ref * mask).reshape(2, Tp, Fp).transpose(1, 2))
+    ref = (R * valid[:, :, None]).sum(1) / valid.sum(1, keepdim=True)
+    assert torch.allclose(a, (ref * valid).reshape(2, Tp, Fp).transpose(1, 2))
     assert (a[1, :, 2:] == 0).all()                                # frames 30..63 are padding: time patches 2, 3
     txt = TextEncoder(TextConfig.preset("tiny"))
-    ids = torch.randint(4, 100, (2, 9)); am = torch.ones(2, 9, dtype=torch.long); am[1, 5:] = 0
-    t = attention_map(txt, {"x": ids, "attention_mask": am})
+    ids = torch.randint(4, 100, (2, 9)); pad = torch.zeros(2, 9, dtype=torch.bool); pad[1, 5:] = True
+    t = attention_map(txt, {"x": ids, "padding_mask": pad})
     assert t.shape == (2, 9) and (t[1, 5:] == 0).all()
 
 
@@ -273,7 +273,7 @@ def test_clip_trainer_fixed_temperature_and_first_loss():
                              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(24, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (24, 6), generator=g),
-             "label": torch.arange(24) % 4, "mask": {}}
+             "label": torch.arange(24) % 4, "present": {}}
     start = copy.deepcopy(model)
     seen = []
     class Seen(Callback):                                                # records what the trainer logs
@@ -428,9 +428,9 @@ def test_separability_single_held_out_pair():
 def test_token_relevance_mean_pool_one_or_no_real_token():
     g = torch.Generator().manual_seed(0)
     R = torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[False, True, False], [False, False, False]])
-    mean = token_relevance(R, 1, "mean", mask)
-    assert torch.allclose(mean[0], R[0, 2, 1:] * mask[0])                # the mean over one row is that row
+    valid = torch.tensor([[False, True, False], [False, False, False]])
+    mean = token_relevance(R, 1, "mean", valid)
+    assert torch.allclose(mean[0], R[0, 2, 1:] * valid[0])                # the mean over one row is that row
     assert torch.equal(mean[1], torch.zeros(3, dtype=torch.float64))      # nothing real: all zero, no NaN
 
 
@@ -488,7 +488,7 @@ def test_clip_trainer_default_batch_of_64_pairs():
                     "logit_scale": self.log_scale.exp()}
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(100, 4, generator=g), "text": torch.randn(100, 4, generator=g), "label": torch.arange(100),
-             "mask": {}}
+             "present": {}}
     model = Recorder()
     hist = clip_trainer(model, batch, 3).fit()
     assert model.rows == [64, 64, 64] and [r["step"] for r in hist] == [1, 2, 3]

@@ -255,7 +255,7 @@ def test_empty_caption_jsonl_and_null_is_missing(good):
                  + json.dumps({"image": None, "text": "hi", "speaker": "x"}) + "\n")
     ds = ManifestDataset(p)
     b = collate([ds[0], ds[1]])
-    assert b["mask"]["text"].tolist() == [False, True] and b["mask"]["image"].tolist() == [True, False]
+    assert b["present"]["text"].tolist() == [False, True] and b["present"]["image"].tolist() == [True, False]
     assert b["text"] == ["", "hi"] and b["image"].shape == (2, 3, 8, 8)
     assert ds[1]["attrs"] == {"speaker": "x"}
 
@@ -711,8 +711,8 @@ def test_collate_pads_masks_and_counts_skipped_rows():
              {"audio": b, "text": None, "image": torch.full((3, 2, 2), 2.0), "label": 2, "index": 6}]
     bt = collate(items, pad_id=9, audio_pad=-1.0)
     assert bt["skipped"] == 2
-    assert bt["mask"]["audio"].tolist() == [True, False, True] and bt["mask"]["text"].tolist() == [True, True, False]
-    assert bt["mask"]["image"].tolist() == [True, False, True]
+    assert bt["present"]["audio"].tolist() == [True, False, True] and bt["present"]["text"].tolist() == [True, True, False]
+    assert bt["present"]["image"].tolist() == [True, False, True]
     want = torch.full((3, 2, 3), -1.0); want[0] = a; want[2, :, :1] = b
     assert torch.equal(bt["audio"], want) and bt["audio_lengths"].tolist() == [3, 0, 1]
     assert bt["audio_padding_mask"].tolist() == [[False] * 3, [True] * 3, [False, True, True]]
@@ -727,11 +727,11 @@ def test_collate_pads_masks_and_counts_skipped_rows():
 def test_collate_strings_labels_attrs_and_errors():
     bt = collate([{"text": "a b", "caption": "A", "label": "x", "attrs": {"s": 1, "n": "p"}},
                   {"text": None, "label": "y", "attrs": {"s": 2, "n": "q"}}])
-    assert bt["text"] == ["a b", ""] and bt["mask"]["text"].tolist() == [True, False]
+    assert bt["text"] == ["a b", ""] and bt["present"]["text"].tolist() == [True, False]
     assert bt["caption"] == ["A", None] and bt["label"] == ["x", "y"]
     assert bt["attrs"]["s"].tolist() == [1, 2] and bt["attrs"]["n"] == ["p", "q"]
     only_none = collate([{"audio": None, "text": "a"}, {"audio": None, "text": "b"}])
-    assert only_none["audio"] is None and only_none["mask"]["audio"].tolist() == [False, False]
+    assert only_none["audio"] is None and only_none["present"]["audio"].tolist() == [False, False]
     assert "label" not in collate([{"text": "a", "label": 1}, {"text": "b"}])   # partial labels are not batched
     with pytest.raises(DataError, match="all 2 items of the batch were skipped"): collate([None, None])
     with pytest.raises(ShapeError, match="image of item 1 has shape"):
@@ -752,7 +752,7 @@ def test_collate_padding_property(lengths):
     for row, L, pad in zip(bt["text"].tolist(), lengths, bt["text_padding_mask"].tolist()):
         L = L or 0
         assert row == list(range(1, L + 1)) + [-5] * (Lmax - L) and pad == [False] * L + [True] * (Lmax - L)
-    assert bt["mask"]["text"].tolist() == [L is not None for L in lengths]
+    assert bt["present"]["text"].tolist() == [L is not None for L in lengths]
 
 
 def test_make_loader_seeded_order_and_options():
@@ -885,10 +885,10 @@ def test_check_modalities_and_take():
     assert check_modalities(["text", "image"]) == ("image", "text") and check_modalities("audio") == ("audio",)
     with pytest.raises(ConfigError, match="empty list of modalities"): check_modalities([])
     batch = {"label": torch.tensor([5, 6, 7]), "image": torch.arange(6).reshape(3, 2), "caption": ["a", "b", "c"],
-             "mask": {"text": torch.tensor([True, False, True])}, "skipped": 2, "scale": torch.tensor(0.5)}
+             "present": {"text": torch.tensor([True, False, True])}, "skipped": 2, "scale": torch.tensor(0.5)}
     sub = take(batch, [2, 0])
     assert sub["label"].tolist() == [7, 5] and sub["image"].tolist() == [[4, 5], [0, 1]] and sub["caption"] == ["c", "a"]
-    assert sub["mask"]["text"].tolist() == [True, True] and sub["skipped"] == 2 and sub["scale"] == 0.5
+    assert sub["present"]["text"].tolist() == [True, True] and sub["skipped"] == 2 and sub["scale"] == 0.5
     assert take(batch, torch.tensor([1]))["caption"] == ["b"] and take(batch, range(1, 3))["label"].tolist() == [6, 7]
 
 

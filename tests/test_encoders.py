@@ -59,8 +59,8 @@ def test_attention_gradcheck(fused):
     torch.manual_seed(0)
     att = Attention(4, 2, fused_attn=fused).double().eval()
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)[:, None, None, :]
-    assert torch.autograd.gradcheck(lambda t: att(t, attn_mask=mask), (x,))
+    attn_mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)[:, None, None, :]   # SDPA's: True = may attend
+    assert torch.autograd.gradcheck(lambda t: att(t, attn_mask=attn_mask), (x,))
 
 
 def test_drop_path_keeps_mean_and_block_reference():
@@ -112,7 +112,7 @@ def test_audio_shapes(T, pos):
     a = AudioEncoder(AudioConfig.preset("tiny", pos_embed=pos)).eval()
     o = a(torch.randn(2, 32, T), lengths=torch.tensor([T, max(1, T // 2)]))
     n = 2 * math.ceil(T / 16)
-    assert o.tokens.shape == (2, n, 64) and o.pooled.shape == (2, 64) and o.mask.shape == (2, n)
+    assert o.tokens.shape == (2, n, 64) and o.pooled.shape == (2, 64) and o.valid.shape == (2, n)
     assert torch.isfinite(o.tokens).all()
     spec = torch.randn(2, 32, T)
     torch.testing.assert_close(unpatchify_spec(patchify_spec(spec, (16, 16)), (16, 16), 32)[..., :T], spec)
@@ -145,7 +145,7 @@ def test_vit_visible_no_leakage_and_equals_key_masking(kw):
     noise = unpatchify(patchify(torch.randn_like(x), 8) * hidden[..., None], 8, (4, 4))
     out2 = v(x + 5 * noise, visible_idx=vis)
     assert torch.equal(out.tokens, out2.tokens) and torch.equal(out.pooled, out2.pooled)
-    full = v.forward_tokens(v.embed(x)[0], mask=~hidden)
+    full = v.forward_tokens(v.embed(x)[0], valid=~hidden)
     torch.testing.assert_close(gather_tokens(full[:, v.num_prefix_tokens:], vis), out.tokens, atol=1e-5, rtol=1e-5)
     # the MAE path by hand: embed all, gather, forward_tokens
     manual = v.forward_tokens(gather_tokens(v.embed(x)[0], vis))
@@ -164,7 +164,7 @@ def test_audio_visible_with_lengths_no_leakage():
     N = 8
     vis = torch.tensor([[0, 3, 5], [1, 2, 6]])
     o = a(spec, lengths=lengths, visible_idx=vis)
-    assert o.mask.shape == (2, 3) and o.mask[1].tolist() == [True, True, False]   # token 6 = time step 3 > 40 frames
+    assert o.valid.shape == (2, 3) and o.valid[1].tolist() == [True, True, False]   # token 6 = time step 3 > 40 frames
     hidden = _hidden_mask(vis, N)
     pert = a.patchify(spec) + 3 * torch.randn(2, N, 256) * hidden[..., None]
     o2 = a(a.unpatchify(pert), lengths=lengths, visible_idx=vis)
@@ -196,10 +196,11 @@ def test_text_padding_content_changes_nothing(kw):
     torch.manual_seed(4)
     t = TextEncoder(TextConfig.preset("tiny", **kw)).eval()
     ids = torch.randint(1, 128, (3, 10))
-    am = torch.ones(3, 10, dtype=torch.bool); am[1, 6:] = False; am[2, 1:] = False
-    o = t(ids, attention_mask=am)
-    o2 = t(torch.where(am, ids, torch.randint(1, 128, ids.shape)), attention_mask=am)
-    torch.testing.assert_close(o2.tokens[am], o.tokens[am], atol=1e-5, rtol=1e-5)
+    pad = torch.zeros(3, 10, dtype=torch.bool); pad[1, 6:] = True; pad[2, 1:] = True
+    o = t(ids, padding_mask=pad)
+    assert torch.equal(o.valid, ~pad)
+    o2 = t(torch.where(pad, torch.randint(1, 128, ids.shape), ids), padding_mask=pad)
+    torch.testing.assert_close(o2.tokens[~pad], o.tokens[~pad], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o2.pooled, o.pooled, atol=1e-5, rtol=1e-5)
     # a padded row encodes like the same sequence alone, unpadded
     alone = t(ids[1:2, :6])
@@ -216,10 +217,10 @@ def test_audio_padding_equals_alone(pool):
     o = a(spec, lengths=lengths)
     junk = spec.clone(); junk[1, :, 48:] = 1e3; junk[2, :, 16:] = -7.
     o2 = a(junk, lengths=lengths)
-    torch.testing.assert_close(o2.tokens[o.mask], o.tokens[o.mask], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(o2.tokens[o.valid], o.tokens[o.valid], atol=1e-4, rtol=1e-5)
     for i in (1, 2):
         alone = a(spec[i:i + 1, :, :lengths[i]])
-        torch.testing.assert_close(alone.tokens[0], o.tokens[i][o.mask[i]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.tokens[0], o.tokens[i][o.valid[i]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone.pooled[0], o.pooled[i], atol=1e-5, rtol=1e-5)
 
 
@@ -227,11 +228,29 @@ def test_fusion_context_padding():
     torch.manual_seed(6)
     f = FusionEncoder(FusionConfig.preset("tiny")).eval()
     text, ctx = torch.randn(2, 5, 64), torch.randn(2, 8, 64)
-    cm = torch.ones(2, 8, dtype=torch.bool); cm[0, 3:] = False
-    y = f(text, ctx, context_mask=cm)
+    cv = torch.ones(2, 8, dtype=torch.bool); cv[0, 3:] = False
+    y = f(text, ctx, context_valid=cv)
     ctx2 = ctx.clone(); ctx2[0, 3:] = torch.randn(5, 64) * 100
-    torch.testing.assert_close(f(text, ctx2, context_mask=cm), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f(text, ctx2, context_valid=cv), y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(f(text[:1], ctx[:1, :3]), y[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_one_rule_for_mask_valid_present():
+    "A `mask` is True where something is hidden (padding, masked patches); `valid` True for real tokens; `present` per sample."
+    from mmlab.data import collate
+    from mmlab.encoders import tower_inputs
+    from mmlab.masking import mask_from_bool
+    b = collate([{"text": torch.tensor([5, 6, 7])}, {"text": torch.tensor([8])}, {"image": torch.zeros(3, 32, 32)}])
+    pad = b["text_padding_mask"]
+    assert pad.tolist() == [[False, False, False], [False, True, True], [True, True, True]]    # True = padding
+    assert b["present"]["text"].tolist() == [True, True, False] and b["present"]["image"].tolist() == [False, False, True]
+    out = TextEncoder(TextConfig.preset("tiny")).eval()(**tower_inputs(b, "text"))
+    assert out.valid.tolist() == [[True] * 3, [True, False, False], [True, False, False]]      # an absent row keeps one token
+    assert torch.equal(out.valid[b["present"]["text"]], ~pad[b["present"]["text"]])
+    a = AudioEncoder(AudioConfig.preset("tiny", patch_size=(32, 4))).eval()
+    assert a(torch.randn(2, 32, 12), lengths=torch.tensor([12, 5])).valid.tolist() == [[True] * 3, [True, True, False]]
+    m = mask_from_bool(torch.tensor([[True, False, False], [False, True, False]]))          # masked modelling: True = hidden
+    assert m.masked.tolist() == [[0], [1]] and m.visible.tolist() == [[1, 2], [0, 2]]
 
 
 # ---------------------------------------------------------------- attention capture
@@ -269,15 +288,15 @@ def test_capture_float64_reference_and_selection():
     "Captured maps of a causal padded text tower equal softmax(QK^T/sqrt d) computed in float64 from the weights."
     torch.manual_seed(8)
     t = TextEncoder(TextConfig.preset("tiny", causal=True, pool="last", class_token=False, depth=1)).eval()
-    ids = torch.randint(1, 128, (2, 6)); am = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
-    with capture_attention(t, layers=["blocks.0.attn"], heads=[1]) as maps: t(ids, attention_mask=am)
+    ids = torch.randint(1, 128, (2, 6)); valid = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    with capture_attention(t, layers=["blocks.0.attn"], heads=[1]) as maps: t(ids, padding_mask=~valid)
     p = maps["blocks.0.attn"]; assert p.shape == (2, 1, 6, 6)
     x = (t.tok_embed(ids) + t.pos_embed[:, :6]).double()
     h = F.layer_norm(x, (64,), t.blocks[0].norm1.weight.double(), t.blocks[0].norm1.bias.double())
     qkv = h @ t.blocks[0].attn.qkv.weight.double().T + t.blocks[0].attn.qkv.bias.double()
     q, k = qkv[..., 32:64], qkv[..., 64 + 32:128]                     # head 1 of 2 (width 32)
     s = q @ k.transpose(1, 2) / math.sqrt(32)
-    allowed = torch.ones(6, 6).tril().bool()[None] & am[:, None, :] | torch.eye(6, dtype=torch.bool)
+    allowed = torch.ones(6, 6).tril().bool()[None] & valid[:, None, :] | torch.eye(6, dtype=torch.bool)
     ref = s.masked_fill(~allowed, -math.inf).softmax(-1)
     torch.testing.assert_close(p[:, 0].double(), ref, atol=1e-6, rtol=0)
     assert (p[1, 0, :, 4:][:4] == 0).all()                             # real queries never look at padding
@@ -493,16 +512,18 @@ def hf_dirs(tmp_path_factory):
 
 def test_hf_towers_interface_and_roundtrip(hf_dirs, tmp_path):
     bert = HFEncoder.from_pretrained(hf_dirs / "bert", "text").eval()
-    ids = torch.randint(1, 100, (2, 6)); am = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
-    o = bert(ids, attention_mask=am)
-    h = bert.model(input_ids=ids, attention_mask=am).last_hidden_state
+    ids = torch.randint(1, 100, (2, 6)); pad = torch.tensor([[0] * 6, [0] * 3 + [1] * 3]).bool()
+    o = bert(ids, padding_mask=pad)
+    h = bert.model(input_ids=ids, attention_mask=(~pad).long()).last_hidden_state   # Hugging Face's own convention: 1 = real
+    assert torch.equal(o.valid, ~pad)
+    torch.testing.assert_close(o.tokens, h)
     torch.testing.assert_close(o.pooled[1], h[1, :3].mean(0))
     torch.testing.assert_close(o.pooled[0], h[0].mean(0))
-    assert HFEncoder.from_pretrained(hf_dirs / "bert", "text", pool="pooler")(ids, attention_mask=am).pooled.shape == (2, 32)
+    assert HFEncoder.from_pretrained(hf_dirs / "bert", "text", pool="pooler")(ids, padding_mask=pad).pooled.shape == (2, 32)
     vit = HFEncoder.from_pretrained(hf_dirs / "vit", "image").eval()
     ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
     mm = MultiModalModel({"image": vit, "audio": ast, "text": bert}, embed_dim=8).eval()
-    batch = {"image": torch.randn(2, 3, 32, 32), "audio": torch.randn(2, 64, 32), "text": dict(x=ids, attention_mask=am)}
+    batch = {"image": torch.randn(2, 3, 32, 32), "audio": torch.randn(2, 64, 32), "text": dict(x=ids, padding_mask=pad)}
     out = mm(batch)
     m2 = load_model(save_model(mm, tmp_path / "hf"))
     out2 = m2(batch)
@@ -514,8 +535,8 @@ def test_hf_capture_equals_eager_output_attentions(hf_dirs):
     bert = HFEncoder.from_pretrained(hf_dirs / "bert", "text").eval()
     ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
     mm = MultiModalModel({"audio": ast, "text": bert, "image": create_model("vit_tiny")}, embed_dim=8).eval()
-    ids = torch.randint(1, 100, (3, 7)); am = torch.tensor([[1] * 7, [1] * 2 + [0] * 5, [1] * 5 + [0] * 2])
-    batch = {"audio": torch.randn(3, 64, 32), "text": dict(x=ids, attention_mask=am), "image": torch.randn(3, 3, 32, 32)}
+    ids = torch.randint(1, 100, (3, 7)); am = torch.tensor([[1] * 7, [1] * 2 + [0] * 5, [1] * 5 + [0] * 2])   # Hugging Face's: 1 = real
+    batch = {"audio": torch.randn(3, 64, 32), "text": dict(x=ids, padding_mask=am == 0), "image": torch.randn(3, 3, 32, 32)}
     names = attention_layers(mm)
     assert sum(n.startswith("towers.text.model.") for n in names) == 2 and sum(n.startswith("towers.image.") for n in names) == 2
     with capture_attention(mm, heads=[1]) as maps: out = mm(batch)
@@ -545,7 +566,7 @@ def test_minilm_matches_sentence_transformers():
     enc, tok = minilm_text_encoder().eval(), minilm_tokenizer()
     sentences = ["a small red circle left of a blue square", "the digit seven", "a dog"]
     b = tok(sentences, padding=True, return_tensors="pt")
-    with torch.no_grad(): ours = F.normalize(enc(b["input_ids"], attention_mask=b["attention_mask"]).pooled, dim=-1)
+    with torch.no_grad(): ours = F.normalize(enc(b["input_ids"], padding_mask=b["attention_mask"] == 0).pooled, dim=-1)   # the tokenizer speaks HF: 1 = real
     assert ours.shape == (3, 384)
     st = pytest.importorskip("sentence_transformers")
     ref = torch.as_tensor(st.SentenceTransformer(str(minilm_path()), device="cpu").encode(sentences, normalize_embeddings=True))

@@ -55,12 +55,12 @@ def test_knn_matches_naive_loop_with_ties(seed, k):
     assert k == 1 or r["ties"] > 0   # the grid really exercises tied class scores
 
 
-def test_knn_mask_counts_only_present():
+def test_knn_counts_only_present():
     train_x = tie_features(20, 6, 0); train_y = torch.arange(20) % 3
     test_x = tie_features(9, 6, 1); test_y = torch.arange(9) % 3
     m = torch.tensor([True, False] * 4 + [True])
     full = knn_eval(train_x, train_y, test_x[m], test_y[m], k=3)
-    part = knn_eval(train_x, train_y, test_x, test_y, k=3, mask=m)
+    part = knn_eval(train_x, train_y, test_x, test_y, k=3, present=m)
     assert part["accuracy"] == full["accuracy"] and (part["n"], part["n_missing"]) == (5, 4)
 
 
@@ -73,7 +73,7 @@ def test_retrieval_matches_naive_loop(seed, chunk):
     a_ids = torch.randint(0, 9, (13,), generator=g); b_ids = torch.randint(0, 9, (13,), generator=g)
     for ids in (None, (a_ids, b_ids)):
         kw = {} if ids is None else {"a_ids": ids[0], "b_ids": ids[1]}
-        r = retrieval_eval(a, b, mask_a=ma, mask_b=mb, ks=(1, 2, 5), chunk_size=chunk, **kw)
+        r = retrieval_eval(a, b, present_a=ma, present_b=mb, ks=(1, 2, 5), chunk_size=chunk, **kw)
         ai, bi = (torch.arange(13), torch.arange(13)) if ids is None else ids
         A, B = F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)
         for key, Q, G, qi, gi, qm, gm in (("a_to_b", A, B, ai, bi, ma, mb), ("b_to_a", B, A, bi, ai, mb, ma)):
@@ -145,7 +145,7 @@ def test_linear_probe_matches_independent_lbfgs():
 def test_linear_probe_binary_and_mask():
     x = torch.tensor([[-2.], [-1.], [1.], [2.]]); y = torch.tensor([0, 0, 1, 1])
     r = linear_probe(x, y, torch.tensor([[-3.], [3.], [0.5]]), torch.tensor([0, 1, 0]),
-                     mask=torch.tensor([True, True, False]))
+                     present=torch.tensor([True, True, False]))
     assert (r["accuracy"], r["n"], r["n_missing"], r["chance"]) == (1.0, 2, 1, 0.5)
 
 
@@ -169,12 +169,12 @@ def test_bad_inputs():
     with pytest.raises(InputError, match=r"k=6 must be an integer in \[1, N\]"): knn_eval(x, y, x, y, k=6)
     with pytest.raises(ShapeError, match="with D=3"): knn_eval(x, y, torch.randn(2, 4), y[:2], k=2)
     with pytest.raises(ShapeError, match=r"expected shape \(5,\)"): zero_shot_eval(x, x[:2], y[:4])
-    with pytest.raises(InputTypeError, match="bool tensor"): zero_shot_eval(x, x[:2], y, mask=torch.ones(5))
+    with pytest.raises(InputTypeError, match="bool tensor"): zero_shot_eval(x, x[:2], y, present=torch.ones(5))
     with pytest.raises(InputError, match="no rows"): knn_eval(torch.randn(0, 3), y[:0], x, y, k=1)
     with pytest.raises(InputError, match="empty class"): class_embeddings([torch.randn(2, 3), torch.randn(0, 3)])
     with pytest.raises(InputError, match="retrieval_eval: b: 1 non-finite"): retrieval_eval(x, x.index_put((torch.tensor(2), torch.tensor(1)), torch.tensor(float("nan"))))
     with pytest.raises(InputError, match="ks must be integers"): retrieval_eval(x, x, ks=(0,))
-    with pytest.raises(InputError, match="no mask for modality"): present({"image": torch.ones(2, dtype=torch.bool)}, "audio")
+    with pytest.raises(InputError, match="modality 'audio' is not in the batch's present"): present({"image": torch.ones(2, dtype=torch.bool)}, "audio")
     # errors are also the builtin types, so plain-Python handlers keep working
     with pytest.raises(ValueError): knn_eval(x, y, x, y, k=0)
 
@@ -185,7 +185,7 @@ def test_knn_and_probe_monitors_in_trainer_with_missing_modality():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(6); x = F.one_hot(y, 4).float() * 3 + 0.3 * torch.randn(24, 4, generator=g)
     present = torch.ones(24, dtype=torch.bool); present[::5] = False              # 5 samples lack the modality
-    batches = [{"x": x[i:i + 8], "label": y[i:i + 8], "mask": {"image": present[i:i + 8]}} for i in range(0, 24, 8)]
+    batches = [{"x": x[i:i + 8], "label": y[i:i + 8], "present": {"image": present[i:i + 8]}} for i in range(0, 24, 8)]
     net = torch.nn.Linear(4, 4)
     with torch.no_grad(): net.weight.copy_(torch.eye(4)); net.bias.zero_()
     feat = lambda m, b: m(b["x"])
@@ -212,7 +212,7 @@ def tiny_clip(seed=0):
 def clip_batch(n=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.rand(n, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (n, 6), generator=g),
-            "label": torch.arange(n) % 4, "caption": [f"c{i}" for i in range(n)], "mask": {}}
+            "label": torch.arange(n) % 4, "caption": [f"c{i}" for i in range(n)], "present": {}}
 
 
 def test_embed_equals_the_models_own_forward_chunked_or_not():
@@ -229,7 +229,7 @@ def test_embed_equals_the_models_own_forward_chunked_or_not():
     parts = [take(batch, range(0, 10)), take(batch, range(10, 23))]
     for out in (embed(model, batch, chunk=5), embed(model, batch, chunk=1), embed(model, parts)):
         for m in ("image", "text"): torch.testing.assert_close(out[m], whole[m], atol=1e-5, rtol=0)
-    text_only = embed(model, {"mask": {}, "text": batch["text"]}, chunk=4)   # rows counted from any tensor
+    text_only = embed(model, {"present": {}, "text": batch["text"]}, chunk=4)   # rows counted from any tensor
     assert set(text_only) == {"text"}
     torch.testing.assert_close(text_only["text"], whole["text"], atol=1e-5, rtol=0)
 
@@ -251,7 +251,7 @@ def test_embed_restores_the_mode_after_an_error_and_casts_to_float32():
     assert z["y"].dtype == torch.int64 and torch.equal(z["y"], torch.arange(10))   # labels keep their dtype
     half = torch.nn.Linear(4, 3).to(torch.bfloat16)
     assert embed(half, {"x": x.bfloat16()}, lambda m, b: m(b["x"])).dtype == torch.float32
-    with pytest.raises(InputError, match=r"no tensor with rows; keys: \['mask'\]"): embed(net, {"mask": {}}, broken)
+    with pytest.raises(InputError, match=r"no tensor with rows; keys: \['present'\]"): embed(net, {"present": {}}, broken)
     with pytest.raises(InputError, match="chunk must be an integer >= 1"): embed(net, {"x": x}, broken, chunk=0)
     with pytest.raises(InputError, match="data holds no batch"): embed(net, [], broken)
     with pytest.raises(InputTypeError, match="has no `modalities`, so pass fn"): embed(net, {"x": x})
@@ -321,15 +321,15 @@ def test_zero_shot_classifier_encodes_every_template_per_class():
     with pytest.raises(InputError, match="templates is empty"): build_prompts(["x"], [])
 
 
-def test_zero_shot_eval_is_cosine_with_mask_and_errors():
+def test_zero_shot_eval_is_cosine_with_present_and_errors():
     # query 0 has the larger dot product with class 1 (long vector) but the larger cosine with class 0
     q = torch.tensor([[1.0, 0.2], [0.0, 1.0], [5.0, 5.0]]); cls = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
-    r = zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), mask=torch.tensor([True, True, False]))
+    r = zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), present=torch.tensor([True, True, False]))
     assert r["predictions"].tolist() == [0, 1] and r["accuracy"] == 1.0 and (r["n"], r["n_missing"]) == (2, 1)
     assert r["chance"] == 0.5 and "top5" not in r
     with pytest.raises(InputError, match="label 2 >= C=2"): zero_shot_eval(q, cls, torch.tensor([0, 1, 2]))
-    with pytest.raises(InputError, match="every sample is masked out"):
-        zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), mask=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(InputError, match="no sample has the modality"):
+        zero_shot_eval(q, cls, torch.tensor([0, 1, 0]), present=torch.zeros(3, dtype=torch.bool))
 
 
 def test_pessimistic_rank_hand_cases():
@@ -377,8 +377,8 @@ def test_knn_class_count_top5_and_errors():
     with pytest.raises(InputError, match="row 2 is all zeros"): knn_eval(x.index_fill(0, torch.tensor([2]), 0.0), y, x, y, k=1)
     with pytest.raises(InputTypeError, match="integer tensor"): knn_eval(x, y.float(), x, y, k=1)
     with pytest.raises(InputError, match="labels must be >= 0"): knn_eval(x, y - 1, x, y, k=1)
-    with pytest.raises(InputError, match="every sample is masked out"):
-        knn_eval(x, y, x, y, k=1, mask=torch.zeros(12, dtype=torch.bool))
+    with pytest.raises(InputError, match="no sample has the modality"):
+        knn_eval(x, y, x, y, k=1, present=torch.zeros(12, dtype=torch.bool))
 
 
 def lbfgs_probe(X, y, Xt, C, standardize):
@@ -422,7 +422,7 @@ def test_linear_probe_label_checks_and_unconverged():
     with pytest.raises(InputError, match=r"test label\(s\) \[1\] never occur in train_y"):
         linear_probe(x, y, x, torch.tensor([0, 1, 2, 2]))
     # an unseen label of a masked-out sample does not matter
-    assert linear_probe(x, y, x, torch.tensor([0, 1, 2, 2]), mask=torch.tensor([True, False, True, True]))["n_missing"] == 1
+    assert linear_probe(x, y, x, torch.tensor([0, 1, 2, 2]), present=torch.tensor([True, False, True, True]))["n_missing"] == 1
     with pytest.raises(InputError, match="single class"): linear_probe(x, torch.zeros(4, dtype=torch.long), x, y)
     with pytest.raises(InputError, match="C must be > 0"): linear_probe(x, y, x, y, C=0)
     g = torch.Generator().manual_seed(0)
@@ -503,21 +503,21 @@ def test_retrieval_duplicate_ids_chunks_and_names_by_hand():
         y = r["txt_to_img"]
         assert (y["n"], y["gallery"], y["R@1"], y["R@2"], y["mean_rank"]) == pytest.approx((4, 3, 0.5, 0.5, 2.0))
     # a gallery row masked out: a query whose only positive is gone is not scored, but counted as missing
-    r = retrieval_eval(a, b, a_ids, b_ids, mask_b=torch.tensor([True, True, True, False]), ks=(1,))
+    r = retrieval_eval(a, b, a_ids, b_ids, present_b=torch.tensor([True, True, True, False]), ks=(1,))
     assert (r["a_to_b"]["n"], r["a_to_b"]["n_missing"], r["a_to_b"]["gallery"]) == (2, 1, 3)
     with pytest.raises(InputError, match="pass both a_ids and b_ids"): retrieval_eval(a, b, a_ids=a_ids)
     with pytest.raises(ShapeError, match="a has 3 rows and b 4"): retrieval_eval(a, b)
 
 
-def test_present_is_the_and_of_masks():
+def test_present_is_the_and_of_the_batch_present():
     m = {"image": torch.tensor([True, False, True, True]), "text": torch.tensor([True, True, False, True]),
          "audio": torch.tensor([False, True, True, True])}
     assert present(m, "image").tolist() == [True, False, True, True]
     assert present(m, "image", "text").tolist() == [True, False, False, True]
     assert present(m, "image", "text", "audio").tolist() == [False, False, False, True]
-    assert m["image"].tolist() == [True, False, True, True]                 # the batch's mask is not modified
+    assert m["image"].tolist() == [True, False, True, True]                 # the batch's present is not modified
     with pytest.raises(InputError, match="name at least one modality"): present(m)
-    with pytest.raises(ShapeError, match="mask 'text' has shape"): present({"image": m["image"], "text": m["text"][:2]}, "image", "text")
+    with pytest.raises(ShapeError, match="'text' has shape"): present({"image": m["image"], "text": m["text"][:2]}, "image", "text")
 
 
 def test_zero_shot_errors_name_the_function_and_the_argument():

@@ -78,7 +78,7 @@ def test_unknown_and_unregistered_names_are_clear_errors(signal):
     with pytest.raises(ConfigError, match="unknown modality 'signal'"): make_tower("signal", "tiny")
     with pytest.raises(ConfigError, match="registered modalities: image, audio, text"): unregister_modality("signal")
     register_modality(signal)                                  # the fixture unregisters it again
-    with pytest.raises(ConfigError, match="not usable"): register_modality(Modality("mask", stack_fields, x_inputs))
+    with pytest.raises(ConfigError, match="not usable"): register_modality(Modality("present", stack_fields, x_inputs))
 
 
 def test_collate_manifest_and_tower_inputs(signal, tmp_path):
@@ -89,7 +89,7 @@ def test_collate_manifest_and_tower_inputs(signal, tmp_path):
     ds = ManifestDataset(tmp_path / "m.csv")
     assert ds.modalities == ("text", "signal")                 # columns found, in registration order
     b = collate([ds[i] for i in range(3)])
-    assert b["mask"]["signal"].tolist() == [True, False, True]
+    assert b["present"]["signal"].tolist() == [True, False, True]
     torch.testing.assert_close(b["signal"], torch.stack([x[0], torch.zeros(LENGTH), x[2]]))   # absent: zeros
     assert set(tower_inputs(b, "signal")) == {"x"} and tower_inputs(b, "signal")["x"] is b["signal"]
     (tmp_path / "bad.csv").write_text("signal\nmissing.npy\n")

@@ -290,7 +290,7 @@ def _loss(m, e):   # two named terms, one of them using a parameter of the loss 
 def _batch(B, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return {"a": torch.randn(B, 5, generator=g, dtype=dtype), "b": torch.randn(B, 3, generator=g, dtype=dtype),
-            "mask": {"a": torch.ones(B, dtype=torch.bool)}}
+            "present": {"a": torch.ones(B, dtype=torch.bool)}}
 
 
 @pytest.mark.parametrize("B,chunk", [(2, 1), (7, 1), (7, 3), (12, 5), (12, 12), (9, 20)])
@@ -1087,13 +1087,13 @@ def test_make_optimizer_groups_and_hyperparameters():
 @given(B=st.integers(1, 20), chunk=st.integers(1, 25))
 def test_split_batch_chunks_rows_in_order(B, chunk):
     x = torch.arange(B * 2).view(B, 2)
-    batch = {"name": "fixed", "x": x, "pair": (x[:, 0], [x[:, 1]]), "mask": {"x": torch.arange(B) % 2 == 0}}
+    batch = {"name": "fixed", "x": x, "pair": (x[:, 0], [x[:, 1]]), "present": {"x": torch.arange(B) % 2 == 0}}
     parts = split_batch(batch, chunk)
     assert len(parts) == -(-B // chunk)                                   # ceil(B / chunk)
     assert [p["x"].shape[0] for p in parts] == [min(chunk, B - i * chunk) for i in range(len(parts))]
     assert torch.equal(torch.cat([p["x"] for p in parts]), x)
     assert torch.equal(torch.cat([p["pair"][1][0] for p in parts]), x[:, 1])
-    assert torch.equal(torch.cat([p["mask"]["x"] for p in parts]), torch.arange(B) % 2 == 0)
+    assert torch.equal(torch.cat([p["present"]["x"] for p in parts]), torch.arange(B) % 2 == 0)
     assert all(p["name"] == "fixed" and type(p["pair"]) is tuple and type(p["pair"][1]) is list for p in parts)
 
 

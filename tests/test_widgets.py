@@ -141,7 +141,7 @@ def test_attention_explorer(tiny_model):
     for i, t in enumerate(ids): text[i, :len(t)] = t; pad[i, :len(t)] = False
     batch = {"image": torch.rand(2, 3, 16, 16, generator=g), "audio": torch.randn(2, 32, 64, generator=g),
              "audio_lengths": torch.tensor([64, 40]), "text": text, "text_lengths": torch.tensor([len(t) for t in ids]),
-             "text_padding_mask": pad, "label": torch.tensor([7, 2]), "mask": {}}
+             "text_padding_mask": pad, "label": torch.tensor([7, 2]), "present": {}}
     ax = AttentionExplorer(tiny_model, batch, tokenizer=tok)
     # image, layer 1, head 1: the [CLS] row of that head, as a 2x2 patch grid
     ax.sample.value = 1; ax.tower.value = "image"; ax.layer.value = 1; ax.head.value = 1
