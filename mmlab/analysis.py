@@ -13,8 +13,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
-           'shift_embeddings', 'shift_experiment', 'stack_dataset', 'clip_trainer', 'tiny_image_text_model',
-           'attention_rollout', 'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
+           'shift_embeddings', 'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout',
+           'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #121705df
 from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
@@ -179,16 +179,6 @@ def shift_experiment(x:Tensor,                 # (N, D) embeddings of the querie
         rows.append(row)
     return rows
 
-# %% ../nbs/09_analysis.ipynb #45eb2df6
-def stack_dataset(ds,                 # a dataset of example dicts (e.g. `load_dataset(...)`)
-                  n:int|None=None,    # first n items only
-                  pad_id:int=0,       # padding id of token-id text
-                 ) -> dict:           # one collated batch with every item
-    "Collate a whole (small) dataset into one batch dict."
-    from mmlab.data import collate
-    n = len(ds) if n is None else min(n, len(ds))
-    return collate([ds[i] for i in range(n)], pad_id=pad_id)
-
 # %% ../nbs/09_analysis.ipynb #ab09290d
 def clip_trainer(model,                   # a MultiModalModel with (at least) the two modalities
                  batch:dict,              # the whole training set as one collated batch (`stack_dataset`)
@@ -202,7 +192,7 @@ def clip_trainer(model,                   # a MultiModalModel with (at least) th
                 ):                        # a `Trainer`: .fit() trains and returns the logged records
     "A `Trainer` minimising `clip_loss` over random mini-batches of an in-memory batch, optionally at a fixed temperature."
     from mmlab.losses import clip_loss
-    from mmlab.recipes import InMemoryBatches
+    from mmlab.data import InMemoryBatches
     from mmlab.train import Trainer, TrainConfig
     if tau is not None:
         if not tau > 0: raise InputError(f"clip_trainer: tau must be > 0, got {tau}")

@@ -23,7 +23,8 @@ __all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'BUNDLE
            'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer', 'HFTokenizer',
            'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields', 'pad_fields',
            'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta', 'BundledDataset',
-           'load_dataset', 'collate', 'take', 'make_loader', 'NoisyPairs', 'ModalityDropout', 'ManifestDataset']
+           'load_dataset', 'collate', 'take', 'make_loader', 'stack_dataset', 'InMemoryBatches', 'NoisyPairs',
+           'ModalityDropout', 'ManifestDataset']
 
 # %% ../nbs/01_data.ipynb #515a2439
 SAMPLE_RATE = 16_000                       # every waveform mmlab hands out is at this rate (Hz)
@@ -596,6 +597,26 @@ def make_loader(ds:Dataset,           # a dataset of example dicts
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
                       collate_fn=collate_fn, generator=g, worker_init_fn=_seed_worker,
                       persistent_workers=num_workers > 0, **kwargs)
+
+# %% ../nbs/01_data.ipynb #a42d99bc
+def stack_dataset(ds,                 # a dataset of example dicts (e.g. `load_dataset(...)`)
+                  n:int|None=None,    # first n items only
+                  pad_id:int=0,       # padding id of token-id text
+                 ) -> dict:           # one collated batch with every item
+    "Collate a whole (small) dataset into one batch dict."
+    n = len(ds) if n is None else min(n, len(ds))
+    return collate([ds[i] for i in range(n)], pad_id=pad_id)
+
+class InMemoryBatches:
+    "Re-iterable random mini-batches of one in-memory collated batch (a seeded, reshuffled order per epoch)."
+    def __init__(self, batch:dict, batch_size:int, seed:int=0):
+        self.batch, self.n = batch, len(batch["label"])
+        if batch_size > self.n: raise ConfigError(f"batch_size={batch_size} exceeds the {self.n} training examples")
+        self.batch_size, self.generator = batch_size, torch.Generator().manual_seed(seed)
+    def __len__(self): return self.n // self.batch_size
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)
+        for i in range(len(self)): yield take(self.batch, perm[i * self.batch_size:(i + 1) * self.batch_size])
 
 # %% ../nbs/01_data.ipynb #2086b835
 class NoisyPairs(Dataset):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, eval_mode,
                         get_device, get_precision, get_settings)
-from .data import MODALITIES, take
+from .data import MODALITIES, InMemoryBatches, stack_dataset
 from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
@@ -28,13 +28,13 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
            'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe',
-           'InMemoryBatches', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
-           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes',
-           'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe',
-           'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe', 'recipe_dict',
-           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
-           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
-           'export_tower', 'LitRecipe']
+           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
+           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes', 'evaluate',
+           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe',
+           'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe',
+           'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report',
+           'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower',
+           'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -139,17 +139,6 @@ def _choice(cfg, key, allowed):
     if v not in allowed: raise ConfigError(f"{cfg.name}.{key}={v!r}: expected one of {', '.join(map(str, allowed))}")
 
 # %% ../nbs/08a_recipes.ipynb #c2d16c26
-class InMemoryBatches:
-    "Re-iterable random mini-batches of one in-memory collated batch (a seeded, reshuffled order per epoch)."
-    def __init__(self, batch:dict, batch_size:int, seed:int=0):
-        self.batch, self.n = batch, len(batch["label"])
-        if batch_size > self.n: raise ConfigError(f"batch_size={batch_size} exceeds the {self.n} training examples")
-        self.batch_size, self.generator = batch_size, torch.Generator().manual_seed(seed)
-    def __len__(self): return self.n // self.batch_size
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator)
-        for i in range(len(self)): yield take(self.batch, perm[i * self.batch_size:(i + 1) * self.batch_size])
-
 MAX_BANK = 10_000   # training examples held in memory for kNN banks and k-means (manifests can be far larger)
 
 def is_manifest(dataset:str) -> bool:
@@ -210,10 +199,7 @@ def split_dataset(recipe, split:str):
 
 def load_split(recipe, split:str, n:int|None=None) -> dict:
     "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
-    from mmlab.data import collate
-    ds = split_dataset(recipe, split)
-    n = len(ds) if n is None else min(n, len(ds))
-    return collate([ds[i] for i in range(n)], pad_id=_pad_id(recipe))
+    return stack_dataset(split_dataset(recipe, split), n, pad_id=_pad_id(recipe))
 
 def train_data(recipe, n:int|None=None):
     "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."

@@ -8,7 +8,7 @@ from threadpoolctl import threadpool_limits
 
 from mmlab.analysis import (attention_map, attention_rollout, effective_rank, fit_pca, gap_metrics, gap_vector,
                             mean_pairwise_cosine, pca_transform, reduce_embeddings, relative_gap, separability,
-                            shift_embeddings, shift_experiment, token_relevance, uniformity, stack_dataset,
+                            shift_embeddings, shift_experiment, token_relevance, uniformity,
                             clip_trainer)
 from mmlab.core import InputError, ShapeError
 from mmlab.data import take
@@ -266,7 +266,7 @@ def test_clip_trainer_fixed_temperature_and_first_loss():
     from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
     from mmlab.losses import clip_loss
     from mmlab.models import MultiModalModel
-    from mmlab.recipes import InMemoryBatches
+    from mmlab.data import InMemoryBatches
     from mmlab.train import Callback
     torch.manual_seed(0)
     model = MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
