@@ -265,6 +265,9 @@ class TowerConfig(ConfigBase):
     class_token: bool = True        # prepend a learnable [CLS] token
     pool: str = "cls"               # cls | mean (over real, non-prefix tokens) | last (text)
     fused_attn: bool = True         # SDPA (True) or the explicit softmax path (reference)
+    pos_embed: str = "sincos"       # sincos (fixed) | learned positions; each tower says over which axes
+
+    SINCOS_AXES = 2                 # sin-cos positions over A axes need embed_dim divisible by 2A (class attribute)
 
     def validate(self):
         "Raise `ConfigError` naming the first bad field."
@@ -278,6 +281,11 @@ class TowerConfig(ConfigBase):
             raise ConfigError(f"{name}: pool='cls' needs class_token=True; use pool='mean' without a class token")
         for f in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0 <= getattr(self, f) < 1: raise ConfigError(f"{name}: {f} must be in [0, 1), got {getattr(self, f)}")
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ConfigError(f"{name}: pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
+        if self.pos_embed == "sincos" and self.embed_dim % (2 * self.SINCOS_AXES):
+            raise ConfigError(f"{name}: {self.SINCOS_AXES}-D sin-cos positions need embed_dim divisible by "
+                              f"{2 * self.SINCOS_AXES}, got {self.embed_dim}")
         return self
 
 # %% ../nbs/02_encoders.ipynb #ae653963
@@ -405,12 +413,8 @@ class ViTConfig(TowerConfig):
 
     def validate(self):
         super().validate()
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ConfigError(f"ViTConfig: pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ConfigError(f"ViTConfig: img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ConfigError(f"ViTConfig: 2-D sin-cos positions need embed_dim divisible by 4, got {self.embed_dim}")
         return self
 
 # %% ../nbs/02_encoders.ipynb #25f3f44f
@@ -510,12 +514,8 @@ class AudioConfig(TowerConfig):
 
     def validate(self):
         super().validate()
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ConfigError(f"AudioConfig: pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
         if self.n_mels % self.patch_size[0]:
             raise ConfigError(f"AudioConfig: n_mels={self.n_mels} is not divisible by the frequency patch size {self.patch_size[0]}")
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ConfigError(f"AudioConfig: 2-D sin-cos positions need embed_dim divisible by 4, got {self.embed_dim}")
         return self
 
 # %% ../nbs/02_encoders.ipynb #e150d6a2
@@ -597,7 +597,9 @@ class TextConfig(TowerConfig):
     vocab_size: int = 256           # byte / character vocabulary (no download); set from your tokenizer
     max_len: int = 64               # longest sequence (learned positions)
     causal: bool = False            # causal attention (token i sees tokens <= i)
-    pos_embed: str = "learned"      # learned | sincos
+    pos_embed: str = "learned"      # learned | sincos (1-D over positions)
+
+    SINCOS_AXES = 1
 
     PRESETS = {"tiny": dict(vocab_size=128, max_len=32), "small": dict(),
                "base": dict(vocab_size=49408, max_len=77, embed_dim=512, num_heads=8,   # CLIP's text tower
@@ -605,12 +607,8 @@ class TextConfig(TowerConfig):
 
     def validate(self):
         super().validate()
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ConfigError(f"TextConfig: pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
         if self.causal and self.pool == "cls":
             raise ConfigError("TextConfig: causal=True with pool='cls' would pool a token that sees nothing; use pool='last' or 'mean'")
-        if self.pos_embed == "sincos" and self.embed_dim % 2:
-            raise ConfigError(f"TextConfig: sin-cos positions need an even embed_dim, got {self.embed_dim}")
         return self
 
 # %% ../nbs/02_encoders.ipynb #b2d7ef1d

@@ -590,3 +590,16 @@ def test_cuda_matches_cpu_and_capture(name):
     with capture_attention(mc) as maps: yc = flat(mc(**to(inp)))
     torch.testing.assert_close(yc.cpu(), y, atol=1e-4, rtol=1e-4)
     for p in maps.values(): torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5, rtol=0)
+
+def test_every_tower_config_checks_its_positions_the_same_way():
+    # one rule in TowerConfig: pos_embed is sincos or learned; sin-cos over A axes needs embed_dim divisible by 2A
+    from mmlab.core import ConfigError
+    from mmlab.encoders import AudioConfig, TextConfig, ViTConfig
+    for cfg, axes in ((ViTConfig, 2), (AudioConfig, 2), (TextConfig, 1)):
+        with pytest.raises(ConfigError, match=f"{cfg.__name__}: pos_embed='rope'; expected 'sincos' or 'learned'"):
+            cfg.preset("tiny", pos_embed="rope")
+        bad = 2 * axes + axes                                          # divisible by the heads (1), not by 2A
+        with pytest.raises(ConfigError, match=f"{cfg.__name__}: {axes}-D sin-cos positions need embed_dim divisible by {2 * axes}, got {bad}"):
+            cfg.preset("tiny", pos_embed="sincos", embed_dim=bad, num_heads=1)
+        cfg.preset("tiny", pos_embed="sincos", embed_dim=4 * axes, num_heads=1)     # a multiple passes
+        cfg.preset("tiny", pos_embed="learned", embed_dim=bad, num_heads=1)         # learned tables have no such rule
