@@ -206,7 +206,7 @@ def clip_trainer(model,                   # a MultiModalModel with (at least) th
 
 def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
                           img_size:int=32,  # input side
-                          embed_dim:int=64, # shared space width E
+                          proj_dim:int=64,  # shared space width E
                           seed:int=0,       # weights
                           max_len:int=32,   # longest caption (tokens)
                          ):
@@ -216,7 +216,7 @@ def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
     torch.manual_seed(seed)
     towers = {"image": ViTEncoder(ViTConfig.preset("tiny", img_size=img_size)),
               "text": TextEncoder(TextConfig.preset("tiny", vocab_size=vocab_size, max_len=max_len))}
-    return MultiModalModel(towers, embed_dim=embed_dim)
+    return MultiModalModel(towers, proj_dim=proj_dim)
 
 # %% ../nbs/09_analysis.ipynb #88af2268
 _FUSE = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}

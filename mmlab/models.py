@@ -127,7 +127,7 @@ def load_model(path, strict:bool=True) -> nn.Module:
 class MultiModalModel(Model):
     "Towers + projection heads -> L2-normalised embeddings per modality, with a learnable logit scale (CLIP) and bias (SigLIP)."
     def __init__(self, towers:dict,                           # modality -> tower (returns EncoderOutput)
-                 embed_dim:int=128,                           # shared embedding width E
+                 proj_dim:int=128,                            # shared embedding width E
                  head:dict|None=None,                         # ProjectionHead options of every modality (default linear; SimCLR: dict(layers=2))
                  heads:dict|None=None,                        # modality -> head module, overrides `head`
                  init_scale:float=1 / 0.07,                   # initial multiplier s = 1/temperature (CLIP 1/0.07, SigLIP 10)
@@ -138,8 +138,8 @@ class MultiModalModel(Model):
         super().__init__()
         if not towers: raise ConfigError("MultiModalModel: needs at least one tower")
         self.towers = nn.ModuleDict(towers)
-        heads, self.embed_dim, self.head_options = dict(heads or {}), embed_dim, dict(head or {})
-        self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, embed_dim, **self.head_options) for m, t in towers.items()})
+        heads, self.proj_dim, self.head_options = dict(heads or {}), proj_dim, dict(head or {})
+        self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, proj_dim, **self.head_options) for m, t in towers.items()})
         self.log_scale, self.max_scale = nn.Parameter(torch.tensor(math.log(init_scale))), max_scale   # learnt as log s
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
         self.locked = set()
@@ -193,7 +193,7 @@ class MultiModalModel(Model):
     def parts(self) -> dict: return {"towers": dict(self.towers), "heads": dict(self.heads)}
     def get_config(self) -> dict:
         bias = None if self.logit_bias is None else float(self.logit_bias.detach())
-        return {**super().get_config(), "embed_dim": self.embed_dim, "head": self.head_options, "init_bias": bias,
+        return {**super().get_config(), "proj_dim": self.proj_dim, "head": self.head_options, "init_bias": bias,
                 "max_scale": self.max_scale, "locked": sorted(self.locked)}
 
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
@@ -246,11 +246,11 @@ def make_tower(modality:str, size:str="small", **overrides) -> nn.Module:
     cls = MODEL_CLASSES[name]
     return cls(cls.config_class.preset(size, **overrides))
 
-def _mm(size, modalities, embed_dim, **kw):
-    return MultiModalModel({m: make_tower(m, size) for m in modalities}, embed_dim=embed_dim, **kw)
+def _mm(size, modalities, proj_dim, **kw):
+    return MultiModalModel({m: make_tower(m, size) for m in modalities}, proj_dim=proj_dim, **kw)
 
-def _mm_preset(name, size, modalities, embed_dim, doc):
-    def build(**kw): return _mm(size, modalities, kw.pop("embed_dim", embed_dim), **kw)
+def _mm_preset(name, size, modalities, proj_dim, doc):
+    def build(**kw): return _mm(size, modalities, kw.pop("proj_dim", proj_dim), **kw)
     build.__name__, build.__qualname__, build.__doc__ = name, name, doc
     return register_model(build)
 

@@ -108,7 +108,7 @@ class ClipRecipe(RunFields):
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
-    embed_dim: int = 64           # shared embedding width E
+    proj_dim: int = 64            # shared embedding width E
     steps: int = 300
     lr: float = 2e-3              # tiny towers tolerate a high rate
     n_mels: int = 32              # log-mel bands of the audio features
@@ -132,7 +132,7 @@ class ClipRecipe(RunFields):
             raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(self.modalities)}")
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
-        _positive(self, "embed_dim", "n_mels", "max_len")
+        _positive(self, "proj_dim", "n_mels", "max_len")
 
 def _choice(cfg, key, allowed):
     v = getattr(cfg, key)
@@ -221,7 +221,7 @@ def build_model(recipe) -> MultiModalModel:
     knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=-10.0) if recipe.loss == "siglip" else {}
-    return MultiModalModel(towers, embed_dim=recipe.embed_dim, **kw)
+    return MultiModalModel(towers, proj_dim=recipe.proj_dim, **kw)
 
 # %% ../nbs/08a_recipes.ipynb #e211b998
 def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip") -> Tensor:

@@ -270,7 +270,7 @@ def test_clip_trainer_fixed_temperature_and_first_loss():
     from mmlab.train import Callback
     torch.manual_seed(0)
     model = MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
-                             "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
+                             "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, proj_dim=16)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(24, 3, 16, 16, generator=g), "text": torch.randint(4, 20, (24, 6), generator=g),
              "label": torch.arange(24) % 4, "present": {}}
@@ -466,13 +466,13 @@ def test_umap_arguments(monkeypatch):
 
 def test_tiny_image_text_model_arguments():
     from mmlab.analysis import tiny_image_text_model
-    m = tiny_image_text_model(vocab_size=37, img_size=16, embed_dim=24, seed=1, max_len=11)
+    m = tiny_image_text_model(vocab_size=37, img_size=16, proj_dim=24, seed=1, max_len=11)
     txt, img = m.towers["text"], m.towers["image"]
     assert txt.config.vocab_size == 37 and txt.config.max_len == 11 and img.config.img_size == (16, 16)
     ids = torch.tensor([[36, 5, 2]]); out = m({"image": torch.rand(1, 3, 16, 16), "text": ids})
     assert out["image"].shape == (1, 24) and out["text"].shape == (1, 24)
     with pytest.raises(InputError, match=r"\[0, 37\)"): m({"text": torch.tensor([[37]])})   # past the vocabulary
-    same = tiny_image_text_model(vocab_size=37, img_size=16, embed_dim=24, seed=1, max_len=11)
+    same = tiny_image_text_model(vocab_size=37, img_size=16, proj_dim=24, seed=1, max_len=11)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), same.state_dict().values()))
 
 

@@ -522,7 +522,7 @@ def test_hf_towers_interface_and_roundtrip(hf_dirs, tmp_path):
     assert HFEncoder.from_pretrained(hf_dirs / "bert", "text", pool="pooler")(ids, padding_mask=pad).pooled.shape == (2, 32)
     vit = HFEncoder.from_pretrained(hf_dirs / "vit", "image").eval()
     ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
-    mm = MultiModalModel({"image": vit, "audio": ast, "text": bert}, embed_dim=8).eval()
+    mm = MultiModalModel({"image": vit, "audio": ast, "text": bert}, proj_dim=8).eval()
     batch = {"image": torch.randn(2, 3, 32, 32), "audio": torch.randn(2, 64, 32), "text": dict(x=ids, padding_mask=pad)}
     out = mm(batch)
     m2 = load_model(save_model(mm, tmp_path / "hf"))
@@ -534,7 +534,7 @@ def test_hf_capture_equals_eager_output_attentions(hf_dirs):
     torch.manual_seed(15)
     bert = HFEncoder.from_pretrained(hf_dirs / "bert", "text").eval()
     ast = HFEncoder.from_pretrained(hf_dirs / "ast", "audio").eval()
-    mm = MultiModalModel({"audio": ast, "text": bert, "image": create_model("vit_tiny")}, embed_dim=8).eval()
+    mm = MultiModalModel({"audio": ast, "text": bert, "image": create_model("vit_tiny")}, proj_dim=8).eval()
     ids = torch.randint(1, 100, (3, 7)); am = torch.tensor([[1] * 7, [1] * 2 + [0] * 5, [1] * 5 + [0] * 2])   # Hugging Face's: 1 = real
     batch = {"audio": torch.randn(3, 64, 32), "text": dict(x=ids, padding_mask=am == 0), "image": torch.randn(3, 3, 32, 32)}
     names = attention_layers(mm)

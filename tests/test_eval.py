@@ -206,7 +206,7 @@ def tiny_clip(seed=0):
     from mmlab.models import MultiModalModel
     torch.manual_seed(seed)
     return MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
-                            "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, embed_dim=16)
+                            "text": TextEncoder(TextConfig.preset("tiny", vocab_size=20, max_len=8))}, proj_dim=16)
 
 
 def clip_batch(n=23, seed=0):

@@ -106,7 +106,7 @@ def test_clip_trains_on_the_new_modality(signal):
     x, y = make_signals(256, 1)
     train = [{"signal": x[i], "text": tok(CLASSES[int(y[i])]), "label": int(y[i])} for i in range(256)]
     model = MultiModalModel({"signal": make_tower("signal", "tiny"),
-                             "text": make_tower("text", "tiny", vocab_size=tok.vocab_size, depth=1)}, embed_dim=16)
+                             "text": make_tower("text", "tiny", vocab_size=tok.vocab_size, depth=1)}, proj_dim=16)
     assert isinstance(model.towers["signal"], SignalEncoder)
 
     def loss_fn(model, batch):                                 # the kit's CLIP loss; repeated captions are positives

@@ -126,7 +126,7 @@ def tiny_model():
     torch.manual_seed(0)
     return MultiModalModel({"image": ViTEncoder(ViTConfig.preset("tiny", img_size=16)),
                             "audio": AudioEncoder(AudioConfig.preset("tiny")),
-                            "text": TextEncoder(TextConfig.preset("tiny", vocab_size=60, max_len=16))}, embed_dim=16)
+                            "text": TextEncoder(TextConfig.preset("tiny", vocab_size=60, max_len=16))}, proj_dim=16)
 
 
 def test_attention_explorer(tiny_model):
