@@ -7,7 +7,7 @@ implementation. Every loss is checked on a seeded grid of sizes and scales (valu
 are checked with two real `gloo` processes on CPU (DistributedDataParallel) against the
 single-process loss on the concatenated batch.
 """
-import math, os, socket, sys, types, warnings
+import math, os, sys, types, warnings
 
 import pytest
 import torch
@@ -600,10 +600,6 @@ def test_bad_input_not_2d_unnormalised_nonfinite_b1():
 # ----------------------------------------------------------------------------- distributed (2 x gloo)
 WORLD, B_LOCAL, D_IN, D_OUT = 2, 3, 5, 4
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
 class _Towers(nn.Module):
     "Two linear towers + learnable scale and bias; outputs normalised embeddings."
     def __init__(self):
@@ -629,11 +625,10 @@ def _loss(name, a, b, s, t, **kw):
 # labels of the whole batch for the label-aware runs: class 0 and 1 repeat within and across the two ranks
 LABELS_ALL = torch.tensor([0, 1, 0, 1, 2, 0])
 
-def _dist_worker(rank, port, out, with_labels=False):
+def _dist_worker(rank, store, out, with_labels=False):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)   # a file: no port to race for
     try:
         xa, xb = _data()
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
@@ -659,7 +654,7 @@ def _dist_worker(rank, port, out, with_labels=False):
 def _check_gloo_against_single_process(tmp_path, with_labels):
     "Run the two-process worker; every case's mean loss and DDP gradients equal the single-process loss on the whole batch."
     import torch.multiprocessing as mp
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path), with_labels), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path), with_labels), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     xa, xb = _data()
     kw = dict(labels=LABELS_ALL) if with_labels else {}
