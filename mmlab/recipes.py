@@ -31,10 +31,9 @@ __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGI
            'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
            'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes', 'evaluate',
            'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe',
-           'AvMaeRecipe', 'RunResult', 'train_config', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe',
-           'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report',
-           'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower',
-           'LitRecipe']
+           'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
+           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -68,16 +67,22 @@ class RunFields:
     eval_split: str = "test"      # split the final evaluation uses
 
     def __post_init__(self):
-        "Check the shared fields; recipes call this first, then check their own."
-        _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _choice(self, "compile", (True, False))
-        _positive(self, "steps", "batch_size", "grad_accum")
+        "Check the shared fields (the trainer's by `TrainConfig` itself, named as this recipe's); recipes call this first."
+        _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _positive(self, "batch_size")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"{self.name}.device={self.device!r}: expected auto, cpu, mps, cuda or cuda:N")
-        for k in ("warmup_steps", "threads", "workers", "ckpt_every", "seed"):
+        for k in ("threads", "workers", "ckpt_every", "seed"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 0")
-        if not self.lr > 0: raise ConfigError(f"{self.name}.lr={self.lr!r}: expected a learning rate > 0")
-        if not self.weight_decay >= 0: raise ConfigError(f"{self.name}.weight_decay={self.weight_decay!r}: expected a value >= 0")
+        try: self.train_config()
+        except ConfigError as e: raise ConfigError(str(e).replace("TrainConfig.", f"{self.name}.", 1)) from None
+
+    def train_config(self, out:Path|None=None) -> TrainConfig:
+        "The `TrainConfig` of these fields, which carry its names (AdamW betas (0.9, 0.98) as in CLIP)."
+        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.98),
+                           warmup_steps=min(self.warmup_steps, self.steps - 1), grad_accum=self.grad_accum,
+                           device=self.device, precision=self.precision, compile=self.compile, log_to=self.log_to,
+                           ckpt_every=self.ckpt_every or None, out_dir=str(out) if out is not None else None)
 
 def field_help(cls) -> dict:
     "Each field's meaning: the `# comment` beside it in the class that defines it, or in the nearest base class."
@@ -501,13 +506,6 @@ class RunResult:
     out_dir: Path|None
     seconds: float
 
-def train_config(recipe, out:Path|None) -> TrainConfig:
-    "The `TrainConfig` a recipe's shared fields describe (AdamW betas (0.9, 0.98) as in CLIP)."
-    return TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98),
-                       warmup_steps=min(recipe.warmup_steps, recipe.steps - 1), grad_accum=recipe.grad_accum,
-                       device=recipe.device, precision=recipe.precision, compile=recipe.compile, log_to=recipe.log_to,
-                       ckpt_every=recipe.ckpt_every or None, out_dir=str(out) if out is not None else None)
-
 def _check_resumable(recipe, out:Path|None):
     "A resumed run needs its checkpoint and the recipe it was started with."
     if out is None or latest_checkpoint(out / "checkpoints") is None:
@@ -538,7 +536,7 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
     if resume: _check_resumable(recipe, out)
     if out is not None: out.mkdir(parents=True, exist_ok=True); (out / "recipe.json").write_text(json.dumps(recipe_dict(recipe), indent=1))
     data, model = train_data(recipe, n_train), recipe.make_model()
-    trainer = Trainer(model, recipe.make_loss(), data, train_config(recipe, out),
+    trainer = Trainer(model, recipe.make_loss(), data, recipe.train_config(out),
                       callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
     if resume: trainer.resume(out)
     history = trainer.fit()

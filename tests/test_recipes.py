@@ -405,3 +405,19 @@ def test_recipe_help_gives_every_key_its_meaning_and_default(name, capsys):
         line = next(l for l in lines if l.split()[0] == f"--{f.name}")
         assert doc.get(f.name) and doc[f.name] in line and f"(default {field_default(f)!r}" in line, line
     assert field_help(RECIPES["clip"])["steps"] == "optimiser updates"          # an override keeps its base class's meaning
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_composes_the_trainers_config_with_the_same_names(name):
+    # one vocabulary: every field a recipe shares with TrainConfig goes to the trainer under the same name, and the
+    # trainer's own checks guard them, with errors naming the recipe
+    from dataclasses import fields
+    from mmlab.train import TrainConfig
+    r = RECIPES[name](steps=7, lr=0.01, weight_decay=0.2, grad_accum=2, log_to="jsonl,csv", ckpt_every=3)
+    tc, shared = r.train_config("/tmp/run"), {f.name for f in fields(TrainConfig)} & {f.name for f in fields(r)}
+    assert shared >= {"steps", "lr", "weight_decay", "warmup_steps", "grad_accum", "device", "precision", "compile", "log_to",
+                      "ckpt_every"}
+    for k in shared - {"warmup_steps", "log_to"}: assert getattr(tc, k) == getattr(r, k), k
+    assert tc.warmup_steps == min(r.warmup_steps, 6) and tc.log_to == ("jsonl", "csv") and tc.out_dir == "/tmp/run"
+    for bad, msg in ((dict(lr=0), "lr=0: expected a learning rate > 0"), (dict(grad_accum=0), "grad_accum=0: expected an integer >= 1"),
+                     (dict(log_to="jsonl,wandb"), "log_to="), (dict(compile="yes"), "compile='yes': expected True or False")):
+        with pytest.raises(ConfigError, match=f"^{name}\\.{msg}"): RECIPES[name](**bad)
