@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .core import (CheckpointError, ConfigError, InputError, InputTypeError, MissingFileError, ShapeError,
                         check_shape, check_unit_norm)
+from .data import get_modality
 from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttention, EncoderOutput, FusionConfig,
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
                             gather_tokens, sincos_2d, tower_inputs)
@@ -223,8 +224,6 @@ def create_model(name:str, **overrides) -> nn.Module:
     return MODEL_REGISTRY[name](**overrides)
 
 # %% ../nbs/05b_models.ipynb #f07bb1e8
-from .data import get_modality
-
 def _register_towers(prefix, tower, config_cls):
     for size in config_cls.PRESETS:
         def build(size=size, **kw): return tower(config_cls.preset(size, **kw))
