@@ -17,7 +17,7 @@ __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank',
            'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #121705df
-from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
+from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm
 
 # %% ../nbs/09_analysis.ipynb #f199ef40
 def _emb(x, name:str, dims:dict) -> Tensor:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import NamedTuple
 

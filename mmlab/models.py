@@ -220,7 +220,7 @@ def create_model(name:str, **overrides) -> nn.Module:
         import difflib
         near = difflib.get_close_matches(name, MODEL_REGISTRY, n=3)
         raise ConfigError(f"create_model: unknown model {name!r}" + (f"; did you mean {', '.join(near)}?" if near else "")
-                          + f" (see list_models())")
+                          + " (see list_models())")
     return MODEL_REGISTRY[name](**overrides)
 
 # %% ../nbs/05b_models.ipynb #f07bb1e8

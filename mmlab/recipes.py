@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
-import argparse, json, math, sys, time
+import json, math, sys, time
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from itertools import combinations
@@ -17,7 +17,7 @@ from torch import Tensor
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, eval_mode,
                         get_device, get_precision, get_settings)
 from .data import MODALITIES, InMemoryBatches, stack_dataset
-from .encoders import SIZES, AudioConfig, AudioEncoder, TextConfig, TextEncoder, ViTConfig, ViTEncoder
+from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features)

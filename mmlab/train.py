@@ -5,7 +5,7 @@
 # %% ../nbs/07_train.ipynb #178fe3da
 from __future__ import annotations
 import csv, hashlib, inspect, io, json, math, os, random, shutil, time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import InputError, InputTypeError, ShapeError, check_shape, check_finite
+from ..core import InputError, ShapeError, check_shape
 from .contrastive import clip_loss
 
 # %% auto #0
