@@ -70,6 +70,7 @@ def mean_pairwise_cosine(x:Tensor, # (N, D) L2-normalised embeddings, N >= 2
     if x.shape[0] < 2: raise InputError(f"mean_pairwise_cosine: needs N >= 2 embeddings, got {x.shape[0]}")
     return _offdiag_mean(x @ x.T).item()
 
+# %% ../nbs/09_analysis.ipynb #55d4672a
 def effective_rank(x:Tensor,          # (N, D) embeddings (any norm)
                    center:bool=True,  # subtract the mean row first
                   ) -> float:         # in [1, min(N, D)]; 0 for an all-zero matrix
@@ -260,6 +261,7 @@ def token_relevance(R:Tensor,                   # (B, Nq, Nk) rollout or one lay
     else: raise InputError(f"token_relevance: pool={pool!r}; expected cls, mean or last")
     return rel * m.to(rel.dtype)
 
+# %% ../nbs/09_analysis.ipynb #f44fa6e5
 def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncoder or TextEncoder
                   inputs:dict,                 # the tower's keyword inputs, e.g. {"x": images} (see tower_inputs)
                   layer:int|None=None,         # None = rollout over all layers; else this block only

@@ -434,6 +434,7 @@ def dataset_meta(name:str, root:str|Path|None=None) -> dict:
 def _apply(tf, x):
     return tf(x) if tf is not None else x
 
+# %% ../nbs/01_data.ipynb #a7228c48
 class BundledDataset(Dataset):
     "One split of a bundled dataset; items are dicts with the requested modalities (see `load_dataset`)."
     def __init__(self, path:Path, meta:dict, modalities=None, image_size:int|None=None, audio_features=None,
@@ -504,6 +505,7 @@ class BundledDataset(Dataset):
     def __repr__(self):
         return f"BundledDataset({self.name!r}, {self.split!r}, n={len(self)}, modalities={list(self.modalities)})"
 
+# %% ../nbs/01_data.ipynb #7b782a13
 def _check_transforms(transforms):
     transforms = dict(transforms or {})
     check_modalities(list(transforms) or None, "transforms")
@@ -689,6 +691,7 @@ def _read_manifest(path:Path) -> tuple[list[str], list[tuple[int, dict]]]:
         return cols, rows
     raise ConfigError(f"manifest {path}: unknown format {suffix!r}; expected .csv or .jsonl")
 
+# %% ../nbs/01_data.ipynb #e408b58b
 class ManifestDataset(Dataset):
     "Examples listed in a CSV/JSONL manifest (columns image, audio, text, label, ...); absent values are marked not present."
     def __init__(self,

@@ -90,6 +90,7 @@ def _plotly_html(fig:dict, idx:int) -> str:
     return (f'<div id="{div}" class="mmlab-plot"></div>\n<script src="{ASSETS}/plotly.min.js"></script>\n'
             f'<script>Plotly.newPlot("{div}", {data}, {layout}, {{"responsive": true}});</script>')
 
+# %% ../nbs/99_docsite.ipynb #f0c6d377
 def prepare_page(nb) -> tuple[object, str]:
     "Translate a notebook processed by nbdev into one mkdocs-jupyter renders; return it and its title."
     import nbformat

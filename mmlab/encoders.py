@@ -70,6 +70,7 @@ class Attention(nn.Module):
         x = _attend(q, k, v, attn_mask, self.fused_attn, self.attn_drop)          # (B, H, N, d)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
+# %% ../nbs/02_encoders.ipynb #ed3111d2
 class CrossAttention(nn.Module):
     "Multi-head cross-attention: queries from `x`, keys and values from `context` (ALBEF / BLIP fusion)."
     def __init__(self, dim:int,                 # query token width D
@@ -249,6 +250,7 @@ class ConfigBase:
             raise ConfigError(f"{cls.__name__}: unknown preset {name!r}; available: {', '.join(cls.PRESETS)}")
         return cls.from_dict({**SIZES[name], **cls.PRESETS[name], **overrides})
 
+# %% ../nbs/02_encoders.ipynb #33c4c45f
 @dataclass
 class TowerConfig(ConfigBase):
     "Fields shared by every tower (timm names)."
@@ -320,6 +322,7 @@ def _init_weights(m:nn.Module):
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
 
+# %% ../nbs/02_encoders.ipynb #3df3dfe2
 class TransformerEncoder(nn.Module):
     "Shared trunk of every tower: optional [CLS] prefix, `depth` pre-norm `Block`s, final LayerNorm, pooling."
     config_class = TowerConfig
@@ -727,6 +730,7 @@ class FusionConfig(ConfigBase):
             raise ConfigError(f"FusionConfig: embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         return self
 
+# %% ../nbs/02_encoders.ipynb #8c242b18
 class FusionBlock(nn.Module):
     "Self-attention on text, cross-attention to context tokens, MLP; all pre-norm."
     def __init__(self, dim:int, num_heads:int, context_dim:int|None=None, mlp_ratio:float=4., qkv_bias:bool=True,
@@ -745,6 +749,7 @@ class FusionBlock(nn.Module):
         x = x + self.drop_path(self.cross_attn(self.norm2(x), context, attn_mask=cross_attn_mask))
         return x + self.drop_path(self.mlp(self.norm3(x)))
 
+# %% ../nbs/02_encoders.ipynb #9d5d49d9
 class FusionEncoder(nn.Module):
     "Stack of `FusionBlock`s: text tokens (B, L, D) attend to context tokens (B, M, Dc) -> fused text tokens (B, L, D)."
     def __init__(self, config:FusionConfig|None=None, **overrides):
@@ -853,10 +858,12 @@ def _attention_modules(model:nn.Module) -> list:
             if owner: out.append((n, m, owner[-1]))
     return out
 
+# %% ../nbs/02_encoders.ipynb #099ec5f4
 def attention_layers(model:nn.Module) -> list:
     "Names of the attention modules of `model` (in forward order), the names `capture_attention` reports."
     return [n for n, _, _ in _attention_modules(model)]
 
+# %% ../nbs/02_encoders.ipynb #8cb22f99
 @contextmanager
 def capture_attention(model:nn.Module,     # any module containing `Attention` / `CrossAttention`
                       layers=None,         # None (all), or a list of indices into `attention_layers(model)` / names
@@ -913,6 +920,7 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
 _HF_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
 _HF_POOL = {"text": "mean", "image": "cls", "audio": "mean"}
 
+# %% ../nbs/02_encoders.ipynb #89928a82
 class HFEncoder(nn.Module):
     "A Hugging Face `transformers` encoder (text, image or audio) behind the tower interface."
     is_hf_tower = True                         # lets `capture_attention` find the transformers attention inside

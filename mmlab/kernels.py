@@ -691,6 +691,7 @@ class _RowDot(torch.autograd.Function):
         gb = (g[:, None] * a.to(g.dtype)).to(b.dtype) if ctx.needs_input_grad[1] else None
         return ga, gb, None, None
 
+# %% ../nbs/06_kernels.ipynb #72cf8fd0
 class _ClipLSE(torch.autograd.Function):
     "Row and column log-sum-exp of `scale * a @ b.T` computed tile by tile (fused kernel)."
     @staticmethod
@@ -713,6 +714,7 @@ class _ClipLSE(torch.autograd.Function):
         db = GtA.mul_(s).to(b.dtype) if ctx.needs_input_grad[1] else None
         return da, db, ds, None
 
+# %% ../nbs/06_kernels.ipynb #4a707c4d
 class _SigLIPSums(torch.autograd.Function):
     "Sum over all pairs of softplus(scale * a_i.b_j + bias) (fused kernel)."
     @staticmethod
@@ -795,6 +797,7 @@ def fused_clip_loss(a:torch.Tensor,            # (B, D) embeddings of modality A
         loss = loss + 0.0 * bias.to(acc)                           # exact: a bias shifts r_i and S_ii alike
     return loss
 
+# %% ../nbs/06_kernels.ipynb #25630a0b
 def fused_siglip_loss(a:torch.Tensor,   # (B, D) embeddings of modality A (L2-normalised)
                       b:torch.Tensor,   # (B, D) embeddings of modality B, row i pairs with a[i]
                       logit_scale,      # scalar multiplier s (tensor: gets a gradient)

@@ -252,6 +252,7 @@ def _dirichlet(B, alpha, generator):
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.from_numpy(np.random.default_rng(seed).dirichlet(alpha, size=B))
 
+# %% ../nbs/04_masked.ipynb #1a5f7b22
 def dirichlet_budget(B:int,            # batch size
                      sizes:dict,       # modality -> number of tokens L_m
                      budget:int,       # N visible tokens in total per sample

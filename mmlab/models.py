@@ -63,6 +63,7 @@ def _rebuild(v):
     if isinstance(v, dict) and v and all(map(_is_described, v.values())): return {k: model_from_config(t) for k, t in v.items()}
     return v
 
+# %% ../nbs/05b_models.ipynb #fdb3a4d6
 class Model(nn.Module):
     "Base of every assembled model: a config composed of its towers' configs, and `encoder(modality)`."
     def __init_subclass__(cls, **kw):
@@ -349,6 +350,7 @@ class MAEOutput(NamedTuple):
     pred: Tensor        # (B, L, P) predicted patches (normalised space when norm_pix)
     mask: Mask          # the mask used
 
+# %% ../nbs/05b_models.ipynb #417cd3d1
 class MAE(Model):
     "Masked autoencoder (He et al. 2022) on a `ViTEncoder`: encode visible patches, decode all, MSE on hidden ones."
     def __init__(self, encoder:ViTEncoder,     # the image tower (any preset)
@@ -445,6 +447,7 @@ class MultiModalMAEOutput(NamedTuple):
     masks: dict            # modality -> (B, L_m) bool, True = hidden
     mask: Mask             # the mask over the concatenated tokens
 
+# %% ../nbs/05b_models.ipynb #33356bd4
 class MultiModalMAE(Model):
     "MultiMAE / audiovisual MAE: per-modality adapters, one shared encoder on a visible-token budget, per-modality decoders."
     def __init__(self, adapters:dict,             # modality -> ViTEncoder/AudioEncoder (depth 0: adapter only)
@@ -568,6 +571,7 @@ class HuBERTOutput(NamedTuple):
     logits: Tensor     # (B, N, K)
     mask: Mask
 
+# %% ../nbs/05b_models.ipynb #7b21f689
 class HuBERT(Model):
     "HuBERT-style masked unit prediction on an `AudioEncoder` whose tokens are frames (patch size (n_mels, pt))."
     def __init__(self, encoder:AudioEncoder,   # frame tower: patch_size = (n_mels, pt)

@@ -45,6 +45,7 @@ def _setting(key:str):
     "A dataclass field whose default is read from the settings (settings.ini, `MMLAB_<KEY>`) when a recipe is made."
     return field(default_factory=lambda: getattr(get_settings(), key))
 
+# %% ../nbs/08a_recipes.ipynb #44cb0f85
 @dataclass
 class RunFields:
     "The fields every recipe shares: data, tower size, optimisation schedule, precision, seed, device, logging."
@@ -84,6 +85,7 @@ class RunFields:
                            device=self.device, precision=self.precision, compile=self.compile, log_to=self.log_to,
                            ckpt_every=self.ckpt_every or None, out_dir=str(out) if out is not None else None)
 
+# %% ../nbs/08a_recipes.ipynb #38bf7241
 def field_help(cls) -> dict:
     "Each field's meaning: the `# comment` beside it in the class that defines it, or in the nearest base class."
     from fastcore.docments import docments
@@ -206,6 +208,7 @@ def load_split(recipe, split:str, n:int|None=None) -> dict:
     "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
     return stack_dataset(split_dataset(recipe, split), n, pad_id=_pad_id(recipe))
 
+# %% ../nbs/08a_recipes.ipynb #0566a9ef
 def train_data(recipe, n:int|None=None):
     "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
     if not is_manifest(recipe.dataset): return InMemoryBatches(load_split(recipe, "train", n), recipe.batch_size, recipe.seed)
@@ -297,6 +300,7 @@ def knn_metrics(model,                  # the model `feats` runs (in eval mode, 
                  num_classes=len(label_names))
     return {f"knn/{modality}/accuracy": r["accuracy"], f"knn/{modality}/chance": r["chance"]}
 
+# %% ../nbs/08a_recipes.ipynb #f9649dcc
 @dataclass
 class MaeRecipe(RunFields):
     "Masked autoencoding of images (MAE); evaluated by kNN on the frozen encoder."
@@ -586,6 +590,7 @@ def _convert(name, key, v, default):
         raise ConfigError(f"recipe {name!r}: --{key} {v!r} is not a valid {type(default).__name__} (default {default!r})") from None
     return v
 
+# %% ../nbs/08a_recipes.ipynb #f4fe62b9
 def parse_overrides(args:list[str]) -> dict:
     "['--key', 'value', '--k2=v2', ...] -> {key: value} (strings)."
     out, i = {}, 0
@@ -714,6 +719,7 @@ def read_recipe(path:str|Path):
     if not isinstance(d, dict) or "recipe" not in d: raise CheckpointError(f"{p}: not a recipe.json (expected an object with a 'recipe' key)")
     return get_recipe(d.pop("recipe"), **d)
 
+# %% ../nbs/08a_recipes.ipynb #2797c116
 def load_run(checkpoint:str|Path) -> tuple:
     "(recipe, model) from a run folder or one of its checkpoints/step-* folders; never unpickles."
     p = Path(checkpoint)
@@ -801,6 +807,7 @@ def _cmd(argv:list[str]) -> int:
         return 0
     raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export")
 
+# %% ../nbs/08a_recipes.ipynb #49d69fa6
 def main(argv:list[str]|None=None) -> int:
     "Console entry point `mmlab`: mmlab errors print one clear line and exit with status 2."
     argv = sys.argv[1:] if argv is None else list(argv)

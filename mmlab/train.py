@@ -40,6 +40,7 @@ def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's 
 # %% ../nbs/07_train.ipynb #faa3468e
 LOGGERS = ("jsonl", "csv", "tensorboard")   # the metric files a run can write (TrainConfig.log_to)
 
+# %% ../nbs/07_train.ipynb #a3f16ec6
 @dataclass
 class TrainConfig:
     "Optimisation and bookkeeping settings of one `Trainer` run."
@@ -212,6 +213,7 @@ def save_checkpoint(directory:str|Path, # folder holding the step-* checkpoints
     for old in list_checkpoints(d)[:-keep_last]: _remove(old)
     return final
 
+# %% ../nbs/07_train.ipynb #39d63256
 def load_checkpoint(path:str|Path) -> tuple[dict, dict]:
     "Read a checkpoint directory: (tensors, state), verifying format and checksum; never unpickles."
     from safetensors.torch import load_file

@@ -80,6 +80,7 @@ def gap_readout(x:Tensor, y:Tensor,              # (N, D) L2-normalised paired e
     out["x_to_y_R@1"], out["y_to_x_R@1"] = r["a_to_b"]["R@1"], r["b_to_a"]["R@1"]
     return out
 
+# %% ../nbs/10_widgets.ipynb #9f2fa2b9
 class GapExplorer:
     "2-D/3-D view of two modalities with a slider that shifts them along the gap and live gap / zero-shot / R@1 labels."
     def __init__(self, runs,                        # (x, y[, class_emb]) or {name: (x, y[, class_emb])}: (N, D) unit rows
@@ -261,6 +262,7 @@ def partner_rank(q:Tensor, gallery:Tensor, i:int) -> int:
     s = F.normalize(gallery.double(), dim=-1) @ F.normalize(q.double(), dim=0)
     return int((s >= s[i]).sum())
 
+# %% ../nbs/10_widgets.ipynb #e67a7fe6
 class EmbeddingExplorer:
     "PCA/t-SNE/UMAP scatter of two paired modalities: hover shows the sample, click lists cross-modal neighbours, selection is summarised."
     def __init__(self, x:Tensor, y:Tensor,          # (N, D) paired embeddings of the two modalities

@@ -57,6 +57,7 @@ def _full_precision(f):
         with torch.autocast("cpu", enabled=False), no_cuda_autocast: return f(*args, **kw)
     return wrapper
 
+# %% ../../nbs/03_contrastive.ipynb #16922f7c
 def _scalar(x, ref:Tensor, name:str, where:str="loss") -> Tensor:
     "`x` (float or 1-element tensor) as a 0-d tensor with the dtype and device of `ref`."
     if isinstance(x, bool) or not isinstance(x, (int, float, Tensor)):
@@ -617,6 +618,7 @@ def hard_negative_mixing(q:Tensor,            # (B, D) L2-normalised queries (e.
     syn = torch.einsum("bd,bsd->bs", q, synth)
     return scale * torch.cat([pos, neg, syn], 1)
 
+# %% ../../nbs/03_contrastive.ipynb #5a479a5c
 def mochi_loss(q:Tensor, k:Tensor, logit_scale, **kw) -> Tensor:
     "Cross-entropy of `hard_negative_mixing` logits with the positive in column 0 (scalar mean)."
     logits = hard_negative_mixing(q, k, logit_scale, **kw)

@@ -80,6 +80,7 @@ def dino_loss(student:Tensor|list, # (V_s, B, K) student logits; the first V_t v
     keep = torch.ones(Vt, Vs, dtype=torch.bool, device=ce.device); keep[range(Vt), range(Vt)] = False
     return ce[keep].mean()
 
+# %% ../../nbs/05_distill.ipynb #20a1315c
 class DINOLoss(nn.Module):
     "DINO loss with the teacher centre as state, updated by EMA after each call."
     def __init__(self, out_dim:int,             # K, prototypes
