@@ -74,7 +74,10 @@ struct Tiling {
   int64_t start(int64_t I) const { return I * T; }
   int64_t size(int64_t I) const { return std::min(T, n - I * T); }
 };
+'''
 
+# %% ../nbs/06_kernels.ipynb #0d3fce27
+CPU_SOURCE += r'''
 // a flat per-thread buffer viewed as a contiguous (r, c) matrix
 static inline at::Tensor view2(const at::Tensor& buf, int64_t r, int64_t c) {
   return buf.narrow(0, 0, r * c).view({r, c});
@@ -93,7 +96,10 @@ static void lse_update(const at::Tensor& S, at::Tensor& E, at::Tensor m, at::Ten
   l.mul_((m - newm).exp_()).add_(E.sum(dim));
   m.copy_(newm);
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #bd0c43bb
+CPU_SOURCE += r'''
 // Row and column log-sum-exp of S = scale * A B^T, never holding more than one tile per thread.
 std::vector<at::Tensor> clip_lse(at::Tensor A, at::Tensor Bm, double scale, int64_t tile) {
   check_pair(A, Bm);
@@ -138,7 +144,10 @@ std::vector<at::Tensor> clip_lse_backward(at::Tensor A, at::Tensor Bm, double sc
   });
   return {GB, GtA};
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #b0aba668
+CPU_SOURCE += r'''
 // SigLIP: sum over all pairs of softplus(L_ij), L = scale * A B^T + bias, and sum of sigmoid(L_ij).
 // With with_grad, the same pass also returns (G B, G^T A) for G = sigmoid(L): SigLIP needs no
 // global statistic, so its gradient is complete after one sweep.
@@ -191,7 +200,10 @@ constexpr int KC = 32;   // D chunk staged in shared memory for the logit tile
 constexpr int LDK = KC + 8;  // padded leading dim of the staged chunks (multiple of 8 for 16-bit WMMA)
 constexpr int DC = 64;   // output column chunk of the gradient products G @ Y
 constexpr int LDG = DC + 8;  // padded leading dim of the staged Y chunk
+'''
 
+# %% ../nbs/06_kernels.ipynb #5cd937a0
+CUDA_SOURCE += r'''
 // per input type: accumulator type, tensor-core use, tile size (TM x TM logits per block)
 template <typename T> struct Cfg { using acc = float; static constexpr bool mma = false; static constexpr int TM = 64; };
 template <> struct Cfg<double> { using acc = double; static constexpr bool mma = false; static constexpr int TM = 32; };
@@ -216,7 +228,10 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #f77c9672
+CUDA_SOURCE += r'''
 // shared-memory layout, carved from one static buffer (the staged X/Y chunks alias the staged Y
 // chunk of the gradient product: they are never live at the same time)
 template <typename T> struct Smem {
@@ -238,7 +253,10 @@ __device__ __forceinline__ void stage(const T* __restrict__ X, int n, int D, int
     dst[r * ld + k] = (gr < n && gk < D) ? X[(size_t)gr * D + gk] : from_acc<T>(0);
   }
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #7c6fd041
+CUDA_SOURCE += r'''
 // St = X[i0:i0+TM] @ Y[j0:j0+TM]^T (unscaled dot products, acc type), zero outside [0, n)
 template <typename T>
 __device__ void logit_tile(const T* __restrict__ X, const T* __restrict__ Y, int n, int D, int i0, int j0,
@@ -289,7 +307,10 @@ __device__ void logit_tile(const T* __restrict__ X, const T* __restrict__ Y, int
     for (int q = 0; q < Q; ++q) { const int idx = threadIdx.x + q * NT; St[(idx / TM) * LDS + idx % TM] = s[q]; }
   }
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #13b856b4
+CUDA_SOURCE += r'''
 // out[i0:i0+TM, :] += G @ Y[j0:j0+TM, :], G the (TM x TM) gradient tile (in St, or Gs for 16-bit inputs);
 // out is an fp32/fp64 (n_pad, Dp) workspace owned row-block-wise by one thread block (no atomics)
 template <typename T>
@@ -341,7 +362,10 @@ __device__ void accumulate(const T* __restrict__ Y, int n, int D, int Dp, int i0
   acc* St = reinterpret_cast<acc*>(smem_ + Smem<T>::off_st);                     \
   T* Gs = reinterpret_cast<T*>(smem_ + Smem<T>::off_g);                          \
   (void)Ys2; (void)Gs;
+'''
 
+# %% ../nbs/06_kernels.ipynb #2a41d0af
+CUDA_SOURCE += r'''
 // lse[i] = log sum_j exp(scale * x_i . y_j): online (running max, running sum) over column tiles
 template <typename T>
 __global__ void __launch_bounds__(NT) lse_rows_kernel(const T* __restrict__ X, const T* __restrict__ Y, int n, int D,
@@ -368,7 +392,10 @@ __global__ void __launch_bounds__(NT) lse_rows_kernel(const T* __restrict__ X, c
   }
   if (threadIdx.x < TM && i0 + threadIdx.x < n) lse[i0 + threadIdx.x] = rowm[threadIdx.x] + log(rowl[threadIdx.x]);
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #5d091ee7
+CUDA_SOURCE += r'''
 // out += G @ Y, G_ij = gscale * (gr_i exp(s_ij - r_i) + gc_j exp(s_ij - c_j))   (CLIP, mode 0)
 //                 G_ij = gscale * sigmoid(s_ij + bias)                         (SigLIP, mode 1)
 template <typename T, int MODE>
@@ -397,7 +424,10 @@ __global__ void __launch_bounds__(NT) grad_rows_kernel(const T* __restrict__ X, 
     accumulate<T>(Y, n, D, Dp, i0, j0, St, Gs, Ys2, out);
   }
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #2441e184
+CUDA_SOURCE += r'''
 // per-block partial sums of softplus(L_ij) and sigmoid(L_ij), L = scale * x_i . y_j + bias
 template <typename T>
 __global__ void __launch_bounds__(NT) siglip_sums_kernel(const T* __restrict__ X, const T* __restrict__ Y, int n, int D,
@@ -454,6 +484,10 @@ static void check_pair(const at::Tensor& A, const at::Tensor& B) {
 }
 
 static at::ScalarType acc_type(const at::Tensor& A) { return A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+'''
+
+# %% ../nbs/06_kernels.ipynb #12a3c5c0
+CUDA_SOURCE += r'''
 template <typename T> static const T* ptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
 
 // G @ Y for one side (rows of X), in an fp32/fp64 workspace padded to whole tiles
@@ -538,6 +572,8 @@ std::vector<at::Tensor> siglip_sums(at::Tensor A, at::Tensor B, double scale, do
   return {sp, sg, GB, GtA};
 }
 '''
+
+# %% ../nbs/06_kernels.ipynb #39c3c706
 CUDA_DECLS = r'''
 #include <torch/extension.h>
 #include <vector>
