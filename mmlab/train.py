@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from fastcore.basics import patch
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -520,195 +522,217 @@ class Trainer:
         self._it, self._epoch_rng = None, None
         self.history = []                                       # every logged record
 
-    def fit(self) -> list[dict]:
-        "Train until `cfg.steps` updates; return the logged records."
-        cfg = self.cfg
-        self.model.train(); self._event("on_fit_start")
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            self._event("on_step_start")
-            lr = self.opt.param_groups[0]["lr"]
-            terms = self._forward_backward()                    # K micro-batches, gradients accumulated
-            self._event("on_after_backward")
-            grad_norm = self._clip_gradients()
-            if self.scaler: self.scaler.step(self.opt); self.scaler.update()
-            else: self.opt.step()
-            self.sched.step()                                   # the rate of the next update
-            self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
-                         | ({} if list(terms) == ["loss"] else terms)
-                         | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
-            self._event("on_step_end")
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: self._event("on_eval")
-            if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
-                self.save()
-        self._event("on_fit_end")
-        return self.history
+# %% ../nbs/07_train.ipynb #37ae6b2e
+@patch
+def fit(self:Trainer) -> list[dict]:
+    "Train until `cfg.steps` updates; return the logged records."
+    cfg = self.cfg
+    self.model.train(); self._event("on_fit_start")
+    while self.step < cfg.steps:
+        t0 = time.perf_counter()
+        self._event("on_step_start")
+        lr = self.opt.param_groups[0]["lr"]
+        terms = self._forward_backward()                    # K micro-batches, gradients accumulated
+        self._event("on_after_backward")
+        grad_norm = self._clip_gradients()
+        if self.scaler: self.scaler.step(self.opt); self.scaler.update()
+        else: self.opt.step()
+        self.sched.step()                                   # the rate of the next update
+        self.step += 1
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
+                     | ({} if list(terms) == ["loss"] else terms)
+                     | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
+        self._event("on_step_end")
+        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: self._event("on_eval")
+        if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
+            self.save()
+    self._event("on_fit_end")
+    return self.history
 
-    def _forward_backward(self) -> dict:
-        "Zero the gradients, then forward + backward `grad_accum` micro-batches; return mean term values."
-        K, means = self.cfg.grad_accum, {}
-        self.opt.zero_grad(set_to_none=True)
-        backward = lambda loss: (self.scaler.scale(loss / K) if self.scaler else loss / K).backward()
-        for micro in range(K):
-            batch = to_device(self._next_batch(), self.device)
-            if getattr(self.loss_fn, "backward_inside", False):   # e.g. GradCache: runs its own backward passes
-                terms = loss_terms(self.loss_fn(self.model, batch, backward=backward,
-                                                autocast=partial(autocast, self.device, self.precision)))
-            else:
-                with autocast(self.device, self.precision):
-                    terms = loss_terms(self.loss_fn(self.model, batch))
-            values = torch.stack([t.detach().float() for t in terms.values()]).cpu()   # one sync per micro-batch
-            if not self._all_finite(values):
-                self._non_finite(terms, values, micro)
-            if not getattr(self.loss_fn, "backward_inside", False): backward(sum(terms.values()))
-            for name, v in zip(terms, values.tolist()): means[name] = means.get(name, 0.0) + v / K
-        if self.world > 1: means = self._average_across_ranks(means)
-        return means
+# %% ../nbs/07_train.ipynb #eb731650
+@patch
+def _forward_backward(self:Trainer) -> dict:
+    "Zero the gradients, then forward + backward `grad_accum` micro-batches; return mean term values."
+    K, means = self.cfg.grad_accum, {}
+    self.opt.zero_grad(set_to_none=True)
+    backward = lambda loss: (self.scaler.scale(loss / K) if self.scaler else loss / K).backward()
+    for micro in range(K):
+        batch = to_device(self._next_batch(), self.device)
+        if getattr(self.loss_fn, "backward_inside", False):   # e.g. GradCache: runs its own backward passes
+            terms = loss_terms(self.loss_fn(self.model, batch, backward=backward,
+                                            autocast=partial(autocast, self.device, self.precision)))
+        else:
+            with autocast(self.device, self.precision):
+                terms = loss_terms(self.loss_fn(self.model, batch))
+        values = torch.stack([t.detach().float() for t in terms.values()]).cpu()   # one sync per micro-batch
+        if not self._all_finite(values):
+            self._non_finite(terms, values, micro)
+        if not getattr(self.loss_fn, "backward_inside", False): backward(sum(terms.values()))
+        for name, v in zip(terms, values.tolist()): means[name] = means.get(name, 0.0) + v / K
+    if self.world > 1: means = self._average_across_ranks(means)
+    return means
 
-    def _broadcast_model(self):
-        "Start every rank from rank 0's parameters and buffers."
-        import torch.distributed as dist
-        for t in list(self.model.parameters()) + list(self.model.buffers()): dist.broadcast(t.data, src=0)
+@patch
+def _clip_gradients(self:Trainer) -> float:
+    "Unscale (fp16), clip to `clip_grad_norm`, and return the global gradient norm before clipping."
+    if self.scaler: self.scaler.unscale_(self.opt)
+    params = [p for p in self.model.parameters() if p.grad is not None]   # model order, as a hand loop would
+    if not params: raise InputError("Trainer: the loss did not produce a gradient for any trainable parameter")
+    limit = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
+    total = torch.nn.utils.get_total_norm([p.grad for p in params]); norm = total.item()
+    if not math.isfinite(norm) and self.scaler is None:   # with fp16 the scaler skips such steps by design
+        name = next((n for n, p in self.model.named_parameters()   # before clipping, which spreads a NaN to all
+                     if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
+        raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1} (first bad parameter {name!r}) "
+                             "although every loss term was finite; lower lr or use fp32")
+    torch.nn.utils.clip_grads_with_norm_(params, limit, total)   # = clip_grad_norm_, split to look in between
+    return norm
 
-    def _all_finite(self, values:Tensor) -> bool:
-        "True when this micro-batch's terms are finite on every rank (all ranks then stop together)."
-        ok = bool(torch.isfinite(values).all())
-        if self.world == 1: return ok
-        import torch.distributed as dist
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        dist.all_reduce(flag)
-        if ok and flag.item() > 0:
-            raise NonFiniteError(f"non-finite loss at step {self.step + 1} on another rank (this is rank {self.rank})")
-        return ok
+# %% ../nbs/07_train.ipynb #44c85556
+@patch
+def _broadcast_model(self:Trainer):
+    "Start every rank from rank 0's parameters and buffers."
+    import torch.distributed as dist
+    for t in list(self.model.parameters()) + list(self.model.buffers()): dist.broadcast(t.data, src=0)
 
-    def _average_across_ranks(self, means:dict) -> dict:
-        "Average the gradients (one flat all-reduce, as DDP would) and the logged term values over ranks."
-        import torch.distributed as dist
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat); flat /= self.world
-        i = 0
-        for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
-        vals = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(vals); vals /= self.world
-        return dict(zip(means, vals.tolist()))
+@patch
+def _all_finite(self:Trainer, values:Tensor) -> bool:
+    "True when this micro-batch's terms are finite on every rank (all ranks then stop together)."
+    ok = bool(torch.isfinite(values).all())
+    if self.world == 1: return ok
+    import torch.distributed as dist
+    flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+    dist.all_reduce(flag)
+    if ok and flag.item() > 0:
+        raise NonFiniteError(f"non-finite loss at step {self.step + 1} on another rank (this is rank {self.rank})")
+    return ok
 
-    def _non_finite(self, terms, values, micro):
-        "Stop the run: name the update, micro-batch, data position and the offending term(s)."
-        bad = [n for n, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-        all_terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(terms, values.tolist()))
-        raise NonFiniteError(
-            f"non-finite loss at step {self.step + 1} (micro-batch {micro + 1}/{self.cfg.grad_accum}, epoch "
-            f"{self.epoch}, batch {self.batch_in_epoch}): term {bad[0]!r} is {values[list(terms).index(bad[0])].item()}"
-            f" (terms: {all_terms}). Parameters are unchanged from step {self.step}; lower lr, add warmup, "
-            "check this batch, or use fp32")
+@patch
+def _average_across_ranks(self:Trainer, means:dict) -> dict:
+    "Average the gradients (one flat all-reduce, as DDP would) and the logged term values over ranks."
+    import torch.distributed as dist
+    grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat); flat /= self.world
+    i = 0
+    for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
+    vals = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
+    dist.all_reduce(vals); vals /= self.world
+    return dict(zip(means, vals.tolist()))
 
-    def _clip_gradients(self) -> float:
-        "Unscale (fp16), clip to `clip_grad_norm`, and return the global gradient norm before clipping."
-        if self.scaler: self.scaler.unscale_(self.opt)
-        params = [p for p in self.model.parameters() if p.grad is not None]   # model order, as a hand loop would
-        if not params: raise InputError("Trainer: the loss did not produce a gradient for any trainable parameter")
-        limit = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
-        total = torch.nn.utils.get_total_norm([p.grad for p in params]); norm = total.item()
-        if not math.isfinite(norm) and self.scaler is None:   # with fp16 the scaler skips such steps by design
-            name = next((n for n, p in self.model.named_parameters()   # before clipping, which spreads a NaN to all
-                         if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
-            raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1} (first bad parameter {name!r}) "
-                                 "although every loss term was finite; lower lr or use fp32")
-        torch.nn.utils.clip_grads_with_norm_(params, limit, total)   # = clip_grad_norm_, split to look in between
-        return norm
+@patch
+def _non_finite(self:Trainer, terms, values, micro):
+    "Stop the run: name the update, micro-batch, data position and the offending term(s)."
+    bad = [n for n, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+    all_terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(terms, values.tolist()))
+    raise NonFiniteError(
+        f"non-finite loss at step {self.step + 1} (micro-batch {micro + 1}/{self.cfg.grad_accum}, epoch "
+        f"{self.epoch}, batch {self.batch_in_epoch}): term {bad[0]!r} is {values[list(terms).index(bad[0])].item()}"
+        f" (terms: {all_terms}). Parameters are unchanged from step {self.step}; lower lr, add warmup, "
+        "check this batch, or use fp32")
 
-    def _next_batch(self):
-        "The next batch; at the end of the data, start a new epoch (recording the RNG state before iter)."
-        if self._it is None: self._start_epoch()
+# %% ../nbs/07_train.ipynb #48237c9c
+@patch
+def _next_batch(self:Trainer):
+    "The next batch; at the end of the data, start a new epoch (recording the RNG state before iter)."
+    if self._it is None: self._start_epoch()
+    try: batch = next(self._it)
+    except StopIteration:
+        self.epoch += 1; self._start_epoch()
         try: batch = next(self._it)
-        except StopIteration:
-            self.epoch += 1; self._start_epoch()
-            try: batch = next(self._it)
-            except StopIteration: raise InputError("Trainer: data produced no batches") from None
-        self.batch_in_epoch += 1
-        return batch
+        except StopIteration: raise InputError("Trainer: data produced no batches") from None
+    self.batch_in_epoch += 1
+    return batch
 
-    def _set_sampler_epoch(self):
-        "DistributedSampler (and similar) shuffle by epoch number: tell them which epoch this is."
-        sampler = getattr(self.data, "sampler", None)
-        if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)
+@patch
+def _set_sampler_epoch(self:Trainer):
+    "DistributedSampler (and similar) shuffle by epoch number: tell them which epoch this is."
+    sampler = getattr(self.data, "sampler", None)
+    if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)
 
-    def _start_epoch(self):
-        self.batch_in_epoch = 0
-        self._set_sampler_epoch()
-        self._epoch_rng = rng_state(self.generator)           # restored on resume to replay this epoch's order
-        self._it = iter(self.data)
+@patch
+def _start_epoch(self:Trainer):
+    self.batch_in_epoch = 0
+    self._set_sampler_epoch()
+    self._epoch_rng = rng_state(self.generator)           # restored on resume to replay this epoch's order
+    self._it = iter(self.data)
 
-    def log(self, record:dict):
-        "Record metrics (floats) and pass them to the callbacks' `on_log`."
-        record = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in record.items()}
-        self.history.append(record); self._event("on_log", record)
+@patch
+def log(self:Trainer, record:dict):
+    "Record metrics (floats) and pass them to the callbacks' `on_log`."
+    record = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in record.items()}
+    self.history.append(record); self._event("on_log", record)
 
-    def _event(self, name, *args):
-        for cb in self.callbacks: getattr(cb, name)(self, *args)
+@patch
+def _event(self:Trainer, name, *args):
+    for cb in self.callbacks: getattr(cb, name)(self, *args)
 
-    def state_dict(self) -> dict:
-        "Everything needed to continue the run exactly: model, optimiser, schedule, scaler, RNG, data position."
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "rng": self._per_rank(rng_state(self.generator)), "epoch_rng": self._per_rank(self._epoch_rng),
-                "world_size": self.world, "config": asdict(self.cfg),
-                "callbacks": [cb.state_dict() for cb in self.callbacks]}
+# %% ../nbs/07_train.ipynb #d8826db3
+@patch
+def state_dict(self:Trainer) -> dict:
+    "Everything needed to continue the run exactly: model, optimiser, schedule, scaler, RNG, data position."
+    return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": self._per_rank(rng_state(self.generator)), "epoch_rng": self._per_rank(self._epoch_rng),
+            "world_size": self.world, "config": asdict(self.cfg),
+            "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
-    def _per_rank(self, obj) -> list:
-        "[obj of rank 0, obj of rank 1, ...] (each rank has its own random state)."
-        if self.world == 1: return [obj]
+@patch
+def _per_rank(self:Trainer, obj) -> list:
+    "[obj of rank 0, obj of rank 1, ...] (each rank has its own random state)."
+    if self.world == 1: return [obj]
+    import torch.distributed as dist
+    out = [None] * self.world; dist.all_gather_object(out, obj)
+    return out
+
+@patch
+def save(self:Trainer) -> Path:
+    "Write a checkpoint of the current state to `out_dir/checkpoints` (atomically; rank 0 writes) and announce it."
+    if self.out_dir is None: raise ConfigError("Trainer.save: TrainConfig.out_dir is None; set it to write checkpoints")
+    tensors = {}; state = encode_state(self.state_dict(), tensors)   # collective under torchrun
+    path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
+    if self.rank == 0: save_checkpoint(self.out_dir / "checkpoints", self.step, tensors, state, self.cfg.keep_last)
+    if self.world > 1:
         import torch.distributed as dist
-        out = [None] * self.world; dist.all_gather_object(out, obj)
-        return out
+        dist.barrier()
+    self._event("on_checkpoint", path)
+    return path
 
-    def save(self) -> Path:
-        "Write a checkpoint of the current state to `out_dir/checkpoints` (atomically; rank 0 writes) and announce it."
-        if self.out_dir is None: raise ConfigError("Trainer.save: TrainConfig.out_dir is None; set it to write checkpoints")
-        tensors = {}; state = encode_state(self.state_dict(), tensors)   # collective under torchrun
-        path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
-        if self.rank == 0: save_checkpoint(self.out_dir / "checkpoints", self.step, tensors, state, self.cfg.keep_last)
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-        self._event("on_checkpoint", path)
-        return path
-
-    def resume(self, path:str|Path) -> Path:
-        "Load a checkpoint (a step-* folder, or the newest one in a folder or its checkpoints/) and continue from it."
-        p = Path(path)
-        if not (p / "state.json").exists():
-            p = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
-            if p is None: raise CheckpointError(f"no checkpoint found in {path} or {Path(path) / 'checkpoints'}")
-        tensors, state = load_checkpoint(p); s = decode_state(state, tensors)
-        try: self.model.load_state_dict(s["model"])
-        except RuntimeError as e: raise CheckpointError(f"{p}: model does not match the checkpoint: {e}") from e
-        try: self.opt.load_state_dict(s["optimizer"])
-        except (ValueError, KeyError) as e: raise CheckpointError(f"{p}: optimiser state does not match: {e}") from e
-        self.sched.load_state_dict(s["scheduler"])
-        if self.scaler and s["scaler"]: self.scaler.load_state_dict(s["scaler"])
-        if len(s["callbacks"]) != len(self.callbacks):
-            raise CheckpointError(f"{p}: saved with {len(s['callbacks'])} callbacks, this trainer has {len(self.callbacks)}")
-        for cb, cs in zip(self.callbacks, s["callbacks"]): cb.load_state_dict(cs)
-        if s["world_size"] != self.world:
-            raise CheckpointError(f"{p}: saved by {s['world_size']} process(es), resumed with {self.world}; "
-                                  "bit-identical resumption needs the same world size")
-        self.step, self.epoch = s["step"], s["epoch"]
-        self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
-        if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
-            set_rng_state(self._epoch_rng, self.generator); self._set_sampler_epoch(); self._it = iter(self.data)
-            for i in range(s["batch_in_epoch"]):
-                try: next(self._it)
-                except StopIteration:
-                    raise CheckpointError(f"{p}: the data has fewer than {s['batch_in_epoch']} batches per epoch; "
-                                          "it is not the data this run was saved with") from None
-        self.batch_in_epoch = s["batch_in_epoch"]
-        set_rng_state(s["rng"][self.rank], self.generator)
-        return p
+# %% ../nbs/07_train.ipynb #bfc12c40
+@patch
+def resume(self:Trainer, path:str|Path) -> Path:
+    "Load a checkpoint (a step-* folder, or the newest one in a folder or its checkpoints/) and continue from it."
+    p = Path(path)
+    if not (p / "state.json").exists():
+        p = latest_checkpoint(p / "checkpoints") or latest_checkpoint(p)
+        if p is None: raise CheckpointError(f"no checkpoint found in {path} or {Path(path) / 'checkpoints'}")
+    tensors, state = load_checkpoint(p); s = decode_state(state, tensors)
+    try: self.model.load_state_dict(s["model"])
+    except RuntimeError as e: raise CheckpointError(f"{p}: model does not match the checkpoint: {e}") from e
+    try: self.opt.load_state_dict(s["optimizer"])
+    except (ValueError, KeyError) as e: raise CheckpointError(f"{p}: optimiser state does not match: {e}") from e
+    self.sched.load_state_dict(s["scheduler"])
+    if self.scaler and s["scaler"]: self.scaler.load_state_dict(s["scaler"])
+    if len(s["callbacks"]) != len(self.callbacks):
+        raise CheckpointError(f"{p}: saved with {len(s['callbacks'])} callbacks, this trainer has {len(self.callbacks)}")
+    for cb, cs in zip(self.callbacks, s["callbacks"]): cb.load_state_dict(cs)
+    if s["world_size"] != self.world:
+        raise CheckpointError(f"{p}: saved by {s['world_size']} process(es), resumed with {self.world}; "
+                              "bit-identical resumption needs the same world size")
+    self.step, self.epoch = s["step"], s["epoch"]
+    self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
+    if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
+        set_rng_state(self._epoch_rng, self.generator); self._set_sampler_epoch(); self._it = iter(self.data)
+        for i in range(s["batch_in_epoch"]):
+            try: next(self._it)
+            except StopIteration:
+                raise CheckpointError(f"{p}: the data has fewer than {s['batch_in_epoch']} batches per epoch; "
+                                      "it is not the data this run was saved with") from None
+    self.batch_in_epoch = s["batch_in_epoch"]
+    set_rng_state(s["rng"][self.rank], self.generator)
+    return p
 
 # %% ../nbs/07_train.ipynb #a8f3131e
 def split_batch(batch, chunk_size:int) -> list:
