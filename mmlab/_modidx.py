@@ -35,7 +35,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmlab.core.Settings': ('core.html#settings', 'mmlab/core.py'),
                             'mmlab.core.SettingsError': ('core.html#settingserror', 'mmlab/core.py'),
                             'mmlab.core.ShapeError': ('core.html#shapeerror', 'mmlab/core.py'),
-                            'mmlab.core._allowed': ('core.html#_allowed', 'mmlab/core.py'),
                             'mmlab.core._fmt': ('core.html#_fmt', 'mmlab/core.py'),
                             'mmlab.core._parse_setting': ('core.html#_parse_setting', 'mmlab/core.py'),
                             'mmlab.core._read_settings_file': ('core.html#_read_settings_file', 'mmlab/core.py'),

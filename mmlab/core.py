@@ -77,27 +77,20 @@ class Settings:
 SETTING_KEYS = tuple(f.name for f in fields(Settings) if f.name != "source")
 
 # %% ../nbs/00_core.ipynb #db2da081
-def _allowed(key):
-    "Human-readable description of the values `key` accepts."
-    return {"device": "auto, cpu, mps, cuda or cuda:N", "precision": ", ".join(PRECISIONS),
-            "seed": "an integer >= 0"}.get(key, "a path")
+_RULES = {"device": (DEVICE_PATTERN.match, "auto, cpu, mps, cuda or cuda:N"),   # key -> (accepts, what is expected)
+          "precision": (PRECISIONS.__contains__, ", ".join(PRECISIONS)),
+          "seed": (str.isdecimal, "an integer >= 0")}
 
-def _parse_setting(key:str, value:str, base:Path, where:str):
-    "Parse the string `value` of setting `key` found in `where`; paths resolve against `base`."
+def _parse_setting(key:str, value:str, base:Path, where:str, allowed=SETTING_KEYS):
+    "Parse `value` of setting `key` found in `where` (paths resolve against `base`); unknown keys list `allowed`."
     if key not in SETTING_KEYS:
-        raise SettingsError(f"unknown setting {key!r} in {where}; allowed keys: {', '.join(SETTING_KEYS)}")
+        raise SettingsError(f"unknown setting {key!r} in {where}; allowed keys: {', '.join(allowed)}")
     value = value.strip()
-    bad = SettingsError(f"bad value {value!r} for setting {key!r} in {where}; expected {_allowed(key)}")
-    if key == "device":
-        if not DEVICE_PATTERN.match(value): raise bad
-        return value
-    if key == "precision":
-        if value not in PRECISIONS: raise bad
-        return value
-    if key == "seed":
-        if not re.fullmatch(r"\d+", value): raise bad
-        return int(value)
-    if not value: raise bad
+    accepts, expected = _RULES.get(key, (bool, "a path"))
+    if not accepts(value):
+        raise SettingsError(f"bad value {value!r} for setting {key!r} in {where}; expected {expected}")
+    if key == "seed": return int(value)
+    if key in _RULES: return value                 # device, precision: the checked string
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
 
@@ -140,10 +133,8 @@ def get_settings(path:str|Path|None=None, env:dict|None=None) -> Settings:
         values.update(_read_settings_file(path)); sources.append(str(path))
     for var in sorted(k for k in env if k.startswith("MMLAB_") and k not in ENV_NON_SETTINGS):
         key = var[len("MMLAB_"):].lower()
-        if key not in SETTING_KEYS:
-            raise SettingsError(f"unknown environment variable {var}; allowed: "
-                                + ", ".join(f"MMLAB_{k.upper()}" for k in SETTING_KEYS))
-        values[key] = _parse_setting(key, env[var], Path.cwd(), f"environment variable {var}")
+        values[key] = _parse_setting(key, env[var], Path.cwd(), f"environment variable {var}",
+                                     [f"MMLAB_{k.upper()}" for k in SETTING_KEYS])
         sources.append(var)
     s = Settings(**values, source=" < ".join(sources))
     return replace(s, **{k: getattr(s, k).expanduser() for k in SETTING_KEYS if isinstance(getattr(s, k), Path)})
@@ -166,16 +157,13 @@ def get_device(device:str|torch.device|None=None) -> torch.device:
     if isinstance(device, torch.device): device = str(device)
     name = get_settings().device if device is None else device
     if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
-        raise DeviceError(f"unknown device {name!r}; expected auto, cpu, mps, cuda or cuda:N")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
+        raise DeviceError(f"unknown device {name!r}; expected {_RULES['device'][1]}")
+    has_mps = torch.backends.mps.is_available()
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {name!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
-        idx = int(name.split(":")[1]) if ":" in name else 0
-        if idx >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if name == "mps" and not has_mps: raise DeviceError("device 'mps' requested but MPS is not available here")
     return torch.device(name)
 
@@ -246,12 +234,11 @@ def check_finite(x:torch.Tensor, name:str):
 
 def check_unit_norm(x:torch.Tensor, name:str, atol:float=1e-3):
     "Raise `InputError` unless every row of `x` (..., D) has L2 norm 1 within `atol`."
-    norms = x.detach().float().norm(dim=-1)
-    worst = (norms - 1).abs().max() if norms.numel() else torch.tensor(0.)
-    if worst > atol:
+    norms = x.detach().float().norm(dim=-1).flatten()
+    if norms.numel() and (norms - 1).abs().max() > atol:
         i = int((norms - 1).abs().argmax())
         raise InputError(f"{name}: rows must be L2-normalised (norm 1 within {atol}); row {i} has norm "
-                         f"{norms.flatten()[i].item():.4g}. Normalise with torch.nn.functional.normalize(x, dim=-1)")
+                         f"{norms[i].item():.4g}. Normalise with torch.nn.functional.normalize(x, dim=-1)")
 
 # %% ../nbs/00_core.ipynb #5f35b0ef
 def in_test() -> bool:
