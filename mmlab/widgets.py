@@ -53,6 +53,12 @@ class TrainingDashboard(LivePlot):
         display(self.fig)
 
 # %% ../nbs/10_widgets.ipynb #22d34f26
+class _View:
+    "Shows its `widget` (controls and figure) when it is a cell's value."
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
 def _run_dict(runs) -> dict:
     "Normalise `runs` to {name: {'x', 'y', 'class_emb'}}."
     if isinstance(runs, (tuple, list)): runs = {"model": runs}
@@ -63,8 +69,7 @@ def _run_dict(runs) -> dict:
         if not isinstance(r, dict) or "x" not in r or "y" not in r:
             raise InputTypeError(f"GapExplorer: run {name!r} must be (x, y[, class_emb]) or a dict with 'x' and 'y'")
         check_shape(r["x"], f"runs[{name!r}].x", ("N", "D")); check_shape(r["y"], f"runs[{name!r}].y", r["x"].shape)
-        out[str(name)] = {"x": r["x"].detach().double().cpu(), "y": r["y"].detach().double().cpu(),
-                          "class_emb": None if r.get("class_emb") is None else r["class_emb"].detach().double().cpu()}
+        out[str(name)] = {k: None if r.get(k) is None else r[k].detach().double().cpu() for k in ("x", "y", "class_emb")}
     return out
 
 def gap_readout(x:Tensor, y:Tensor,              # (N, D) L2-normalised paired embeddings (already shifted)
@@ -76,12 +81,12 @@ def gap_readout(x:Tensor, y:Tensor,              # (N, D) L2-normalised paired e
     m = gap_metrics(x, y, separability_probe=False)
     out = {k: m[k] for k in ("gap_norm", "relative_gap", "centroid_cosine", "instance_gap")}
     if class_emb is not None and labels is not None: out["zero_shot"] = zero_shot_eval(x, class_emb, labels)["accuracy"]
-    r = retrieval_eval(x, y, labels, labels, ks=(1,)) if labels is not None else retrieval_eval(x, y, ks=(1,))
+    r = retrieval_eval(x, y, labels, labels, ks=(1,))                 # no labels: x[i] pairs with y[i]
     out["x_to_y_R@1"], out["y_to_x_R@1"] = r["a_to_b"]["R@1"], r["b_to_a"]["R@1"]
     return out
 
 # %% ../nbs/10_widgets.ipynb #9f2fa2b9
-class GapExplorer:
+class GapExplorer(_View):
     "2-D/3-D view of two modalities with a slider that shifts them along the gap and live gap / zero-shot / R@1 labels."
     def __init__(self, runs,                        # (x, y[, class_emb]) or {name: (x, y[, class_emb])}: (N, D) unit rows
                  labels:Tensor|None=None,           # (N,) classes: colours, zero-shot targets, retrieval groups
@@ -116,7 +121,6 @@ class GapExplorer:
         self.lam.observe(lambda ch: self.update(), names="value")
         self.run.observe(lambda ch: self._select_run(), names="value")
         self.widget = W.VBox([W.HBox([self.run, self.lam]), self.readout, self.fig])
-        self.values = {}
         self._select_run()
 
     def _select_run(self):
@@ -160,12 +164,8 @@ class GapExplorer:
         parts += [f"{self.names[0]}→{self.names[1]} R@1 = {v['x_to_y_R@1']:.4f}", f"{self.names[1]}→{self.names[0]} R@1 = {v['y_to_x_R@1']:.4f}"]
         self.readout.value = "<span class='mmlab-gap-readout'>" + " · ".join(parts) + "</span>"
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
 # %% ../nbs/10_widgets.ipynb #826f3ece
-class AttentionExplorer:
+class AttentionExplorer(_View):
     "Heatmap of attention rollout or one layer/head's map over an input, with sample / tower / layer / head controls."
     def __init__(self, model,                       # a MultiModalModel with mmlab towers
                  batch:dict,                        # a collated batch holding the towers' modalities
@@ -180,8 +180,7 @@ class AttentionExplorer:
         n = len(batch["label"]) if "label" in batch else len(batch[mods[0]])
         self.sample = W.IntSlider(0, 0, n - 1, description="sample", continuous_update=False)
         self.tower = W.Dropdown(options=mods, description="tower")
-        self.layer = W.Dropdown(description="layer")
-        self.head = W.Dropdown(description="head")
+        self.layer, self.head = W.Dropdown(description="layer"), W.Dropdown(description="head")
         self.info = W.HTML()
         self.fig = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=("input", "relevance")))
         self.fig.add_trace(go.Heatmap(colorscale="gray", showscale=False), 1, 1)
@@ -206,8 +205,7 @@ class AttentionExplorer:
         "The relevance map of the selected sample, laid out like the input."
         m, i = self.tower.value, int(self.sample.value)
         inp = tower_inputs(take(self.batch, [i]), m)
-        return attention_map(self.model.towers[m], inp, layer=self.layer.value,
-                             head=self.head.value if self.layer.value is not None else None)[0]
+        return attention_map(self.model.towers[m], inp, layer=self.layer.value, head=self.head.value)[0]
 
     def update(self):
         "Recompute the map and redraw both heatmaps in place."
@@ -227,16 +225,11 @@ class AttentionExplorer:
             inp, rel = ids.float().numpy()[None], rel[None, :L]
         self.values = {"map": rel}
         with self.fig.batch_update():
-            self.fig.data[0].z = inp; self.fig.data[1].z = rel
-            self.fig.data[1].x = labels; self.fig.data[0].x = labels
+            for t, z in zip(self.fig.data, (inp, rel)): t.z, t.x = z, labels
         what = "rollout (all layers)" if self.layer.value is None else f"layer {self.layer.value}, " + \
             ("mean of heads" if self.head.value is None else f"head {self.head.value}")
         cap = f" · “{self.batch['caption'][i]}”" if "caption" in self.batch else ""
         self.info.value = f"{m} tower, {what}; sample {i}, label {int(self.batch['label'][i]) if 'label' in self.batch else '-'}{cap}"
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
 
 # %% ../nbs/10_widgets.ipynb #488a37a7
 def _png(img:Tensor) -> bytes:
@@ -263,7 +256,7 @@ def partner_rank(q:Tensor, gallery:Tensor, i:int) -> int:
     return int((s >= s[i]).sum())
 
 # %% ../nbs/10_widgets.ipynb #e67a7fe6
-class EmbeddingExplorer:
+class EmbeddingExplorer(_View):
     "PCA/t-SNE/UMAP scatter of two paired modalities: hover shows the sample, click lists cross-modal neighbours, selection is summarised."
     def __init__(self, x:Tensor, y:Tensor,          # (N, D) paired embeddings of the two modalities
                  labels:Tensor|None=None,           # (N,) classes (colour)
@@ -279,22 +272,18 @@ class EmbeddingExplorer:
         self.x, self.y = x.detach().double().cpu(), y.detach().double().cpu()
         self.labels, self.names, self.k, self.seed = labels, tuple(names), k, seed
         self.images, self.captions = images, captions
-        self._coords = {}
-        self.coords = self._reduce(method)
         col = None if labels is None else labels.numpy()
-        def hover(m):
-            n = len(self.x)
-            return [f"{m} {i}" + (f" · label {int(labels[i])}" if labels is not None else "") +
-                    (f" · “{captions[i]}”" if captions is not None else "") for i in range(n)]
+        hover = lambda m: [f"{m} {i}" + (f" · label {int(labels[i])}" if labels is not None else "") +
+                           (f" · “{captions[i]}”" if captions is not None else "") for i in range(len(self.x))]
         mk = lambda sym: dict(symbol=sym, size=7, color=col, colorscale="Turbo", line=dict(width=0))
-        c0, c1 = self.coords[names[0]], self.coords[names[1]]
-        self.fig = go.FigureWidget(data=[
-            go.Scatter(x=c0[:, 0], y=c0[:, 1], mode="markers", name=names[0], marker=mk("circle"), hovertext=hover(names[0]), hoverinfo="text"),
-            go.Scatter(x=c1[:, 0], y=c1[:, 1], mode="markers", name=names[1], marker=mk("x"), hovertext=hover(names[1]), hoverinfo="text"),
-            go.Scatter(x=[], y=[], mode="markers", name="neighbours", marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(width=2, color="black")), hoverinfo="skip"),
-            go.Scatter(x=[], y=[], mode="lines", name="query→partner", line=dict(color="crimson", width=2), hoverinfo="skip")])
-        self.fig.update_layout(height=460, width=640, margin=dict(t=30, b=30, l=30, r=10), dragmode="select",
-                               title=f"{method.upper()} of both modalities (fitted jointly)")
+        self.fig = go.FigureWidget(data=[      # coordinates and title are set by set_method
+            go.Scatter(mode="markers", name=names[0], marker=mk("circle"), hovertext=hover(names[0]), hoverinfo="text"),
+            go.Scatter(mode="markers", name=names[1], marker=mk("x"), hovertext=hover(names[1]), hoverinfo="text"),
+            go.Scatter(mode="markers", name="neighbours", marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(width=2, color="black")), hoverinfo="skip"),
+            go.Scatter(mode="lines", name="query→partner", line=dict(color="crimson", width=2), hoverinfo="skip")])
+        self.fig.update_layout(height=460, width=640, margin=dict(t=30, b=30, l=30, r=10), dragmode="select")
+        self._coords = {}
+        self.set_method(method)
         self.method = W.Dropdown(options=[("PCA", "pca"), ("t-SNE", "tsne"), ("UMAP", "umap")], value=method,
                                  description="view")
         self.method.observe(lambda ch: self.set_method(ch["new"]), names="value")
@@ -306,19 +295,13 @@ class EmbeddingExplorer:
         self.widget = W.HBox([self.fig, side])
         self.last_click, self.last_selection = None, None
 
-    def _reduce(self, method:str) -> dict:
-        "Coordinates of both modalities under `method` (cached: t-SNE and UMAP take seconds)."
-        if method not in self._coords:
-            self._coords[method] = reduce_embeddings({self.names[0]: self.x, self.names[1]: self.y}, method, 2, seed=self.seed)
-        return self._coords[method]
-
     def set_method(self, method:str):
         "Switch the 2-D view (pca | tsne | umap); neighbour marks are cleared."
-        self.coords = self._reduce(method)
-        c0, c1 = self.coords[self.names[0]], self.coords[self.names[1]]
+        if method not in self._coords:     # cached: t-SNE and UMAP take seconds
+            self._coords[method] = reduce_embeddings({self.names[0]: self.x, self.names[1]: self.y}, method, 2, seed=self.seed)
+        self.coords = self._coords[method]
         with self.fig.batch_update():
-            self.fig.data[0].x, self.fig.data[0].y = c0[:, 0], c0[:, 1]
-            self.fig.data[1].x, self.fig.data[1].y = c1[:, 0], c1[:, 1]
+            for t, n in zip(self.fig.data, self.names): t.x, t.y = self.coords[n][:, 0], self.coords[n][:, 1]
             for t in self.fig.data[2:]: t.x, t.y = [], []
             self.fig.layout.title.text = f"{method.upper()} of both modalities (fitted jointly)"
 
@@ -369,8 +352,8 @@ class EmbeddingExplorer:
         idx0, idx1 = [int(i) for i in idx0], [int(i) for i in idx1]
         res = {"n": {self.names[0]: len(idx0), self.names[1]: len(idx1)}}
         if self.labels is not None:
-            labs = torch.cat([self.labels[idx0], self.labels[idx1]]) if idx0 or idx1 else torch.zeros(0, dtype=torch.long)
-            res["classes"] = {int(c): int(n) for c, n in zip(*np.unique(labs.numpy(), return_counts=True))}
+            labs = self.labels[idx0 + idx1].numpy()
+            res["classes"] = {int(c): int(n) for c, n in zip(*np.unique(labs, return_counts=True))}
         both = sorted(set(idx0) & set(idx1))
         if len(both) >= 2:
             res["pairs"] = len(both)
@@ -378,7 +361,3 @@ class EmbeddingExplorer:
         self.last_selection = res
         self.select_info.value = f"<b>selection</b>: {res}"
         return res
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
