@@ -860,8 +860,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.widgets.GapExplorer.update': ('widgets.html#gapexplorer.update', 'mmlab/widgets.py'),
                                'mmlab.widgets.TrainingDashboard': ('widgets.html#trainingdashboard', 'mmlab/widgets.py'),
                                'mmlab.widgets.TrainingDashboard.__init__': ('widgets.html#trainingdashboard.__init__', 'mmlab/widgets.py'),
-                               'mmlab.widgets.TrainingDashboard._ipython_display_': ( 'widgets.html#trainingdashboard._ipython_display_',
-                                                                                      'mmlab/widgets.py'),
                                'mmlab.widgets.TrainingDashboard.on_fit_start': ( 'widgets.html#trainingdashboard.on_fit_start',
                                                                                  'mmlab/widgets.py'),
                                'mmlab.widgets.TrainingDashboard.redraw': ('widgets.html#trainingdashboard.redraw', 'mmlab/widgets.py'),

@@ -215,10 +215,9 @@ def check_shape(x,                       # the tensor to check
         raise ShapeError(f"{name}: expected {len(spec)}-D tensor of shape {_fmt(spec)}, got shape {_fmt(x.shape)}")
     for i, (want, got) in enumerate(zip(spec, x.shape)):
         if isinstance(want, str):
-            if want in dims and dims[want] != got:
+            if dims.setdefault(want, got) != got:     # binds a new name, compares a bound one
                 raise ShapeError(f"{name}: expected shape {_fmt(spec)} with {want}={dims[want]} "
                                  f"(set by an earlier argument), got shape {_fmt(x.shape)}")
-            dims[want] = got
         elif want is not None and want != got:
             raise ShapeError(f"{name}: expected size {want} in dimension {i} of {_fmt(spec)}, got shape {_fmt(x.shape)}")
     return dims
@@ -228,9 +227,8 @@ def check_finite(x:torch.Tensor, name:str):
     "Raise `NonFiniteError` naming the count and first position of NaN/Inf values in `x`."
     bad = ~torch.isfinite(x)
     if bad.any():
-        first = tuple(int(i) for i in bad.nonzero()[0])
         raise NonFiniteError(f"{name}: {int(bad.sum())} non-finite value(s) (NaN/Inf) in tensor of shape "
-                             f"{_fmt(x.shape)}; first at index {first}")
+                             f"{_fmt(x.shape)}; first at index {tuple(bad.nonzero()[0].tolist())}")
 
 def check_unit_norm(x:torch.Tensor, name:str, atol:float=1e-3):
     "Raise `InputError` unless every row of `x` (..., D) has L2 norm 1 within `atol`."

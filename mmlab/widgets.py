@@ -11,11 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% auto #0
-__all__ = ['TrainingDashboard', 'gap_readout', 'GapExplorer', 'AttentionExplorer', 'cross_modal_neighbours', 'partner_rank',
-           'EmbeddingExplorer']
-
-# %% ../nbs/10_widgets.ipynb #3eae7b55
 from .core import InputError, InputTypeError, check_shape
 from .analysis import (attention_map, fit_pca, gap_metrics, gap_vector, pca_transform, reduce_embeddings,
                             shift_embeddings)
@@ -23,14 +18,25 @@ from .data import take
 from .encoders import tower_inputs
 from .train import LivePlot
 
+# %% auto #0
+__all__ = ['TrainingDashboard', 'gap_readout', 'GapExplorer', 'AttentionExplorer', 'cross_modal_neighbours', 'partner_rank',
+           'EmbeddingExplorer']
+
 # %% ../nbs/10_widgets.ipynb #82fd15cc
-class TrainingDashboard(LivePlot):
+class _View:
+    "Shows its `widget` (controls and figure) when it is a cell's value."
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+class TrainingDashboard(LivePlot, _View):
     "`history_figure` in a plotly FigureWidget updated in place; a Trainer callback or a plain `update(record)`."
     def __init__(self, every:int=1,     # records between redraws (and one at the first); every record is kept
                  height:int=300):       # figure height in pixels
         import plotly.graph_objects as go
         super().__init__(every, height)
-        self.fig, self.mode = go.FigureWidget(self.figure()), "live"   # a widget is live wherever it is shown
+        self.widget = self.fig = go.FigureWidget(self.figure())
+        self.mode = "live"                                              # a widget is live wherever it is shown
     def on_fit_start(self, trainer): pass                              # one widget, drawn across fits
 
     def update(self, record:dict):
@@ -48,17 +54,7 @@ class TrainingDashboard(LivePlot):
             else: self.fig.data = []; self.fig.add_traces(new.data)
             self.fig.layout = new.layout
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.fig)
-
 # %% ../nbs/10_widgets.ipynb #22d34f26
-class _View:
-    "Shows its `widget` (controls and figure) when it is a cell's value."
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
 def _run_dict(runs) -> dict:
     "Normalise `runs` to {name: {'x', 'y', 'class_emb'}}."
     if isinstance(runs, (tuple, list)): runs = {"model": runs}
@@ -102,9 +98,8 @@ class GapExplorer(_View):
         self.max_points = max_points
         n = next(iter(self.runs.values()))["x"].shape[0]
         if labels is not None: check_shape(labels, "labels", (n,))
-        self.lam = W.FloatSlider(value=0.0, min=lam_range[0], max=lam_range[1], step=lam_range[2],
-                                 description="shift λ", continuous_update=True, readout_format=".2f",
-                                 layout=W.Layout(width="420px"))
+        self.lam = W.FloatSlider(value=0.0, min=lam_range[0], max=lam_range[1], step=lam_range[2], description="shift λ",
+                                 continuous_update=True, readout_format=".2f", layout=W.Layout(width="420px"))
         self.run = W.Dropdown(options=list(self.runs), description="model", layout=W.Layout(width="260px"))
         self.readout = W.HTML()
         Sc = go.Scatter3d if dim == 3 else go.Scatter
@@ -153,10 +148,9 @@ class GapExplorer(_View):
         px, py = pca_transform(xs[:k], *self.pca), pca_transform(ys[:k], *self.pca)
         cen = pca_transform(torch.stack([xs.mean(0), ys.mean(0)]), *self.pca)
         seg = np.full((3 * len(px), self.dim), np.nan); seg[0::3], seg[1::3] = px, py
-        axes = "xyz"[: self.dim]
         with self.fig.batch_update():
             for t, p in zip(self.fig.data, (px, py, seg, cen)):
-                for j, a in enumerate(axes): setattr(t, a, p[:, j])
+                for j, a in enumerate("xyz"[:self.dim]): setattr(t, a, p[:, j])
         v = self.values
         parts = [f"gap ‖u‖ = <b>{v['gap_norm']:.4f}</b>", f"relative gap = <b>{v['relative_gap']:.4f}</b>",
                  f"centroid cos = {v['centroid_cosine']:.4f}"]
@@ -195,10 +189,9 @@ class AttentionExplorer(_View):
 
     def _options(self):
         t = self.model.towers[self.tower.value]
-        L, H = len(t.blocks), t.config.num_heads
         with self.layer.hold_trait_notifications(), self.head.hold_trait_notifications():
-            self.layer.options = [("rollout", None)] + [(str(i), i) for i in range(L)]
-            self.head.options = [("mean", None)] + [(str(h), h) for h in range(H)]
+            self.layer.options = [("rollout", None)] + [(str(i), i) for i in range(len(t.blocks))]
+            self.head.options = [("mean", None)] + [(str(h), h) for h in range(t.config.num_heads)]
             self.layer.value, self.head.value = None, None
 
     def current_map(self) -> Tensor:
@@ -211,18 +204,15 @@ class AttentionExplorer(_View):
         "Recompute the map and redraw both heatmaps in place."
         m, i = self.tower.value, int(self.sample.value)
         rel = self.current_map().numpy()
-        x = self.batch[m][i]
-        labels = None
+        x, labels = self.batch[m][i], None
+        n = int(self.batch[f"{m}_lengths"][i]) if f"{m}_lengths" in self.batch else x.shape[-1]   # real frames / tokens
         if m == "image": inp = x.float().mean(0).numpy()
         elif m == "audio":
-            T = int(self.batch["audio_lengths"][i]) if "audio_lengths" in self.batch else x.shape[-1]
-            inp = x[:, :T].numpy(); rel = rel[:, : math.ceil(T / self.model.towers[m].config.patch_size[1])]
+            inp = x[:, :n].numpy(); rel = rel[:, : math.ceil(n / self.model.towers[m].config.patch_size[1])]
         else:
-            L = int(self.batch["text_lengths"][i]) if "text_lengths" in self.batch else x.shape[-1]
-            ids = x[:L]
-            labels = list(self.tokenizer.decode([int(t)]) or "·" for t in ids) if self.tokenizer is not None else [str(int(t)) for t in ids]
-            labels = [f"{j}:{s}" for j, s in enumerate(labels)]
-            inp, rel = ids.float().numpy()[None], rel[None, :L]
+            decode = (lambda t: self.tokenizer.decode([t]) or "·") if self.tokenizer is not None else str
+            labels = [f"{j}:{decode(t)}" for j, t in enumerate(x[:n].tolist())]
+            inp, rel = x[:n].float().numpy()[None], rel[None, :n]
         self.values = {"map": rel}
         with self.fig.batch_update():
             for t, z in zip(self.fig.data, (inp, rel)): t.z, t.x = z, labels
