@@ -66,7 +66,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmlab.data.CharTokenizer.__repr__': ('data.html#chartokenizer.__repr__', 'mmlab/data.py'),
                             'mmlab.data.CharTokenizer.decode': ('data.html#chartokenizer.decode', 'mmlab/data.py'),
                             'mmlab.data.CharTokenizer.encode': ('data.html#chartokenizer.encode', 'mmlab/data.py'),
-                            'mmlab.data.CharTokenizer.pad_id': ('data.html#chartokenizer.pad_id', 'mmlab/data.py'),
                             'mmlab.data.CharTokenizer.vocab_size': ('data.html#chartokenizer.vocab_size', 'mmlab/data.py'),
                             'mmlab.data.FeatureCache': ('data.html#featurecache', 'mmlab/data.py'),
                             'mmlab.data.FeatureCache.__init__': ('data.html#featurecache.__init__', 'mmlab/data.py'),

@@ -208,6 +208,7 @@ def image_augment(size:int=64,                # output side (pixels)
 class CharTokenizer:
     "Character-level tokenizer over a fixed alphabet: `encode(str) -> (L,) ids`, `decode(ids) -> str`."
     PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    pad_id = PAD                       # the padding id, under the name every tokenizer uses
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
     def __init__(self,
                  alphabet:str=" abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"!?-()", # symbols with their own id
@@ -224,8 +225,6 @@ class CharTokenizer:
         self.itos = {i: c for c, i in self.stoi.items()}
     @property
     def vocab_size(self) -> int: return len(self.SPECIALS) + len(self.alphabet)
-    @property
-    def pad_id(self) -> int: return self.PAD
     def encode(self, text:str) -> torch.Tensor:
         if not isinstance(text, str): raise InputTypeError(f"CharTokenizer.encode: expected str, got {type(text).__name__}")
         if self.lower: text = text.lower()

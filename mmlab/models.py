@@ -524,10 +524,8 @@ class MultiModalMAE(Model):
             losses[n] = mae_loss(preds[n], targets[n], per[n], self.norm_pix[n])
         loss = sum(losses.values())
         if self.contrastive_weight > 0:
-            emb, start = {}, 0
-            for n in names:                                  # visible tokens of modality n are contiguous in enc
-                k = int((~per[n][0]).sum())
-                emb[n] = F.normalize(self.proj[n](enc[:, start:start + k].mean(1)), dim=-1); start += k
+            counts = [int((~per[n][0]).sum()) for n in names]   # visible tokens of each modality are contiguous in enc
+            emb = {n: F.normalize(self.proj[n](e.mean(1)), dim=-1) for n, e in zip(names, enc.split(counts, 1))}
             scale = self.log_scale.exp().clamp(max=100)
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             losses["contrastive"] = sum(clip_loss(emb[a], emb[b], scale) for a, b in pairs) / len(pairs)
