@@ -5,6 +5,7 @@
 # %% ../nbs/01_data.ipynb #f00aa73a
 from __future__ import annotations
 import csv, hashlib, io, json, os, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,9 +80,6 @@ def check_modalities(modalities, where:str="modalities") -> tuple:
     if not modalities: raise ConfigError(f"{where}: empty list of modalities; expected a subset of {', '.join(MODALITIES)}")
     return tuple(m for m in MODALITIES if m in modalities)
 
-def _check_on_error(on_error):
-    if on_error not in ON_ERROR: raise ConfigError(f"on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
-
 # %% ../nbs/01_data.ipynb #0bf97d80
 def resample(wave:torch.Tensor, # (T,) or (..., T) waveform
              orig_sr:int,       # its sample rate (Hz)
@@ -99,6 +97,12 @@ class Resample:
     def __repr__(self): return f"Resample({self.orig_sr}->{self.new_sr})"
 
 # %% ../nbs/01_data.ipynb #56eefcbe
+@contextmanager
+def _reading(what:str, expected:str):
+    "Re-raise any error of the block as a `DataError`: what failed, the cause, and what was expected."
+    try: yield
+    except Exception as e: raise DataError(f"{what} ({type(e).__name__}: {e}); expected {expected}") from e
+
 def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a file
                  where:str="",         # where it came from (file, row), for error messages
                  sample_rate:int=SAMPLE_RATE, # the rate required (Hz)
@@ -109,10 +113,8 @@ def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a fi
     where = where or (str(src) if not isinstance(src, bytes) else "<bytes>")
     if not isinstance(src, bytes) and not Path(src).is_file():
         raise MissingFileError(f"{where}: audio file {str(src)!r} does not exist")
-    try: x, sr = sf.read(io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise DataError(f"{where}: cannot decode audio ({type(e).__name__}: {e}); expected a readable "
-                        f"WAV/FLAC/Ogg/MP3 file") from e
+    with _reading(f"{where}: cannot decode audio", "a readable WAV/FLAC/Ogg/MP3 file"):
+        x, sr = sf.read(io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True)
     if x.shape[0] == 0: raise DataError(f"{where}: audio file has 0 samples; expected a non-empty clip")
     if not np.isfinite(x).all(): raise DataError(f"{where}: audio holds NaN/Inf samples")
     wave = torch.from_numpy(x.mean(1) if x.shape[1] > 1 else x[:, 0].copy())
@@ -130,11 +132,8 @@ def read_image(path:str|Path, # an image file (PNG, JPEG, ...)
     from PIL import Image
     where = where or str(path)
     if not Path(path).is_file(): raise MissingFileError(f"{where}: image file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im: arr = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e}); expected a readable "
-                        f"PNG/JPEG/... file") from e
+    with _reading(f"{where}: cannot decode image", "a readable PNG/JPEG/... file"), Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
 
 # %% ../nbs/01_data.ipynb #4ecdc01b
@@ -209,6 +208,7 @@ def image_augment(size:int=64,                # output side (pixels)
 class CharTokenizer:
     "Character-level tokenizer over a fixed alphabet: `encode(str) -> (L,) ids`, `decode(ids) -> str`."
     PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    pad_id = PAD                       # the padding id, under the name every tokenizer uses
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
     def __init__(self,
                  alphabet:str=" abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"!?-()", # symbols with their own id
@@ -225,8 +225,6 @@ class CharTokenizer:
         self.itos = {i: c for c, i in self.stoi.items()}
     @property
     def vocab_size(self) -> int: return len(self.SPECIALS) + len(self.alphabet)
-    @property
-    def pad_id(self) -> int: return self.PAD
     def encode(self, text:str) -> torch.Tensor:
         if not isinstance(text, str): raise InputTypeError(f"CharTokenizer.encode: expected str, got {type(text).__name__}")
         if self.lower: text = text.lower()
@@ -252,16 +250,13 @@ class HFTokenizer:
             raise MissingFileError(f"HFTokenizer: tokenizer folder {str(path)!r} does not exist; expected a folder "
                                    f"written by save_pretrained (tokenizer.json, tokenizer_config.json)")
         from transformers import AutoTokenizer
-        try: self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:
-            raise DataError(f"HFTokenizer: cannot load a tokenizer from {str(path)!r} ({type(e).__name__}: {e})") from e
+        with _reading(f"HFTokenizer: cannot load a tokenizer from {str(path)!r}", "a folder written by save_pretrained"):
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.path, self.max_len = Path(path), max_len
-        pad = self.tok.pad_token_id
-        self._pad = pad if pad is not None else (self.tok.eos_token_id if self.tok.eos_token_id is not None else 0)
+        # the padding id: the tokenizer's own, else its end-of-sequence id, else 0
+        self.pad_id = next((i for i in (self.tok.pad_token_id, self.tok.eos_token_id) if i is not None), 0)
     @property
     def vocab_size(self) -> int: return len(self.tok)
-    @property
-    def pad_id(self) -> int: return self._pad
     def encode(self, text:str) -> torch.Tensor:
         if not isinstance(text, str): raise InputTypeError(f"HFTokenizer.encode: expected str, got {type(text).__name__}")
         return torch.tensor(self.tok(text, truncation=True, max_length=self.max_len)["input_ids"], dtype=torch.long)
@@ -375,10 +370,7 @@ def padding_inputs(batch:dict, name:str) -> dict:
 # %% ../nbs/01_data.ipynb #a77c423a
 def _check_image(ds, p, where):
     from PIL import Image
-    try:
-        with Image.open(p) as im: im.verify()
-    except Exception as e:
-        raise DataError(f"{where}: cannot read image {str(p)!r} ({type(e).__name__}: {e}); expected a valid image file") from e
+    with _reading(f"{where}: cannot read image {str(p)!r}", "a valid image file"), Image.open(p) as im: im.verify()
 
 def _read_image(ds, p, where):
     x = read_image(p, where)
@@ -387,23 +379,24 @@ def _read_image(ds, p, where):
 
 def _check_audio(ds, p, where):
     import soundfile as sf
-    try: info = sf.info(str(p))
-    except Exception as e:
-        raise DataError(f"{where}: cannot read audio {str(p)!r} ({type(e).__name__}: {e}); expected a WAV/FLAC/Ogg/MP3 file") from e
+    with _reading(f"{where}: cannot read audio {str(p)!r}", "a WAV/FLAC/Ogg/MP3 file"): info = sf.info(str(p))
     if info.samplerate != ds.sample_rate and not ds.resample:
         raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {ds.sample_rate} Hz; "
                         f"resample the file or pass resample=True")
     if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
 
-def _read_audio(ds, p, where):
-    data, feats = p.read_bytes(), ds.audio_features
-    def compute():
-        with one_thread():
-            wave = decode_audio(data, f"{where}: {p}", ds.sample_rate, ds.resample)
-            return feats(wave) if feats is not None else wave
-    key = getattr(feats, "cache_key", None) if feats is not None else f"wave-{ds.sample_rate}"
-    if ds.cache is None or key is None: return compute()
-    return ds.cache.get(content_hash(data), f"{key}-rs{int(ds.resample)}", compute)
+def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
+    "Clip `data` decoded at `ds.sample_rate`, then `ds.audio_features`, through `ds.cache` when there is one."
+    feats, wave_key = ds.audio_features, f"wave-{ds.sample_rate}"
+    decode = lambda: decode_audio(data, where, ds.sample_rate, ds.resample)
+    features = lambda wave: feats(wave) if feats is not None else wave
+    key = getattr(feats, "cache_key", None) if feats is not None else wave_key
+    if ds.cache is None: return features(decode())
+    if key is None:   # features without a cache_key: only the decoded waveform is cached
+        return features(ds.cache.get(content_hash(data), wave_key + suffix, decode))
+    return ds.cache.get(content_hash(data), key + suffix, lambda: features(decode()))
+
+def _read_audio(ds, p, where): return _cached_audio(ds, p.read_bytes(), f"{where}: {p}", f"-rs{int(ds.resample)}")
 
 def _check_caption(ds, v, where):
     if not isinstance(v, str) or not v.strip():
@@ -430,13 +423,10 @@ def dataset_meta(name:str, root:str|Path|None=None) -> dict:
     if not p.is_file(): raise MissingFileError(f"{p} does not exist; is data_root ({p.parent.parent}) the mmlab datasets folder?")
     return json.loads(p.read_text())
 
-# %% ../nbs/01_data.ipynb #77fbc4e0
-def _apply(tf, x):
-    return tf(x) if tf is not None else x
-
 # %% ../nbs/01_data.ipynb #a7228c48
 class BundledDataset(Dataset):
     "One split of a bundled dataset; items are dicts with the requested modalities (see `load_dataset`)."
+    sample_rate, resample = SAMPLE_RATE, False     # its clips are stored at the kit's rate
     def __init__(self, path:Path, meta:dict, modalities=None, image_size:int|None=None, audio_features=None,
                  transforms:dict|None=None, cache:bool|FeatureCache=True):
         self.path, self.meta, self.modalities = Path(path), meta, check_modalities(modalities)
@@ -445,24 +435,22 @@ class BundledDataset(Dataset):
         self.audio_features, self.transforms = audio_features, _check_transforms(transforms)
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         self.label_names, self.vocab = meta["label_names"], meta.get("vocab", {})
-        try:   # reading the members inside the try: a damaged member (bad CRC, pickled object array) is a DataError too
-            with np.load(self.path, allow_pickle=False) as z:
-                keys = set(z.files)
-                self.labels = z["label"]
-                self.attrs = {k[5:]: z[k] for k in sorted(keys) if k.startswith("attr_")}
-                self.images = z["image"] if "image" in self.modalities else None
-                self.texts = z["text"] if "text" in self.modalities else None
-                if "audio" in self.modalities:
-                    self.audio_bytes, self.audio_offsets = z["audio_bytes"], z["audio_offsets"]
-                # digits: the clip paired with each image, and the clips' own attributes
-                self.clip = z["clip"] if "clip" in keys else np.arange(len(self.labels))
-                for k in ("speaker", "speed", "pitch"):
-                    if f"clip_{k}" in keys: self.attrs[k] = z[f"clip_{k}"][self.clip]
-                if "clip" in keys: self.attrs["clip"] = self.clip
-        except Exception as e:
-            raise DataError(f"{self.path}: cannot read the dataset file ({type(e).__name__}: {e}); expected an "
-                            f"uncorrupted .npz (compare its sha256 with datasets_small/DATASHEET.md)") from e
-        self._hashes = {}
+        # the members are read inside: a damaged member (bad CRC, pickled object array) is a DataError too
+        with (_reading(f"{self.path}: cannot read the dataset file",
+                       "an uncorrupted .npz (compare its sha256 with datasets_small/DATASHEET.md)"),
+              np.load(self.path, allow_pickle=False) as z):
+            keys = set(z.files)
+            self.labels = z["label"]
+            self.attrs = {k[5:]: z[k] for k in sorted(keys) if k.startswith("attr_")}
+            self.images = z["image"] if "image" in self.modalities else None
+            self.texts = z["text"] if "text" in self.modalities else None
+            if "audio" in self.modalities:
+                self.audio_bytes, self.audio_offsets = z["audio_bytes"], z["audio_offsets"]
+            # digits: the clip paired with each image, and the clips' own attributes
+            self.clip = z["clip"] if "clip" in keys else np.arange(len(self.labels))
+            for k in ("speaker", "speed", "pitch"):
+                if f"clip_{k}" in keys: self.attrs[k] = z[f"clip_{k}"][self.clip]
+            if "clip" in keys: self.attrs["clip"] = self.clip
     def __len__(self): return len(self.labels)
     def clip_bytes(self, i:int) -> bytes:
         "The encoded (Ogg/Opus) bytes of the clip paired with item `i`."
@@ -475,21 +463,7 @@ class BundledDataset(Dataset):
             x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
         return x.contiguous()
     def _audio(self, i):
-        data = self.clip_bytes(i); where = f"{self.path} clip {int(self.clip[i])} (item {i})"
-        decode = lambda: decode_audio(data, where)
-        feats = self.audio_features
-        def compute():
-            with one_thread(): return feats(decode()) if feats is not None else decode()
-        if self.cache is None: return compute()
-        key = getattr(feats, "cache_key", None) if feats is not None else f"wave-{SAMPLE_RATE}"
-        if key is None:   # an uncacheable feature transform: cache the decoded waveform only
-            wave = self.cache.get(self._hash(i, data), f"wave-{SAMPLE_RATE}", decode)
-            with one_thread(): return feats(wave)
-        return self.cache.get(self._hash(i, data), key, compute)
-    def _hash(self, i, data):
-        c = int(self.clip[i])
-        if c not in self._hashes: self._hashes[c] = content_hash(data)
-        return self._hashes[c]
+        return _cached_audio(self, self.clip_bytes(i), f"{self.path} clip {int(self.clip[i])} (item {i})")
     def __getitem__(self, i:int) -> dict:
         if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} items")
         i = int(i) % len(self)
@@ -506,6 +480,8 @@ class BundledDataset(Dataset):
         return f"BundledDataset({self.name!r}, {self.split!r}, n={len(self)}, modalities={list(self.modalities)})"
 
 # %% ../nbs/01_data.ipynb #7b782a13
+def _apply(tf, x): return tf(x) if tf is not None else x
+
 def _check_transforms(transforms):
     transforms = dict(transforms or {})
     check_modalities(list(transforms) or None, "transforms")
@@ -553,14 +529,10 @@ def collate(items:list,          # examples (dicts); None entries (skipped rows)
             batch[m] = None; continue
         batch.update(get_modality(m).collate(m, xs, pad_id=pad_id, audio_pad=audio_pad))
     if "caption" in items[0]: batch["caption"] = [it.get("caption") for it in items]
-    if all("label" in it for it in items):
-        labels = [it["label"] for it in items]
-        batch["label"] = torch.tensor(labels) if all(isinstance(l, (int, np.integer)) for l in labels) else labels
+    column = lambda vs: torch.tensor(vs) if all(isinstance(v, (int, np.integer)) for v in vs) else vs   # ints -> tensor
+    if all("label" in it for it in items): batch["label"] = column([it["label"] for it in items])
     if all("attrs" in it for it in items):
-        keys = items[0]["attrs"].keys()
-        batch["attrs"] = {k: (torch.tensor([it["attrs"].get(k) for it in items])
-                              if all(isinstance(it["attrs"].get(k), (int, np.integer)) for it in items)
-                              else [it["attrs"].get(k) for it in items]) for k in keys}
+        batch["attrs"] = {k: column([it["attrs"].get(k) for it in items]) for k in items[0]["attrs"]}
     if all("index" in it for it in items): batch["index"] = torch.tensor([it["index"] for it in items])
     return batch
 
@@ -706,7 +678,8 @@ class ManifestDataset(Dataset):
                  on_error:str="raise",       # "raise" or "skip" bad rows (counted and reported)
                  cache:bool|FeatureCache=True, # cache decoded audio / features on disk
                 ):
-        self.path = Path(path); _check_on_error(on_error)
+        if on_error not in ON_ERROR: raise ConfigError(f"on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
+        self.path = Path(path)
         if not self.path.is_file(): raise MissingFileError(f"manifest {str(self.path)!r} does not exist")
         self.root = Path(root) if root is not None else self.path.parent
         cols, rows = _read_manifest(self.path)

@@ -49,19 +49,15 @@ def model_from_config(d:dict) -> nn.Module:
     return MODEL_CLASSES[d["class"]].from_config(d["config"])
 
 # %% ../nbs/05b_models.ipynb #036a752c
-def _describe(v):
-    "A tower (or a dict of towers) as its `model_config`; any other argument as it is."
-    if isinstance(v, nn.Module): return model_config(v)
-    if isinstance(v, dict) and v and all(isinstance(t, nn.Module) for t in v.values()): return {k: model_config(t) for k, t in v.items()}
+def _map_towers(v, is_tower, f):
+    "`f` of a tower, or of each tower of a non-empty dict of towers; any other argument as it is."
+    if is_tower(v): return f(v)
+    if isinstance(v, dict) and v and all(map(is_tower, v.values())): return {k: f(t) for k, t in v.items()}
     return v
 
 def _is_described(v): return isinstance(v, dict) and set(v) == {"class", "config"}
-
-def _rebuild(v):
-    "Inverse of `_describe`: descriptions of towers become fresh towers."
-    if _is_described(v): return model_from_config(v)
-    if isinstance(v, dict) and v and all(map(_is_described, v.values())): return {k: model_from_config(t) for k, t in v.items()}
-    return v
+def _describe(v): return _map_towers(v, lambda t: isinstance(t, nn.Module), model_config)   # towers -> descriptions
+def _rebuild(v): return _map_towers(v, _is_described, model_from_config)   # descriptions -> fresh towers
 
 # %% ../nbs/05b_models.ipynb #fdb3a4d6
 class Model(nn.Module):
@@ -182,10 +178,7 @@ class MultiModalModel(Model):
     def forward(self, batch:dict) -> dict:
         "{modality: (B, E) normalised embeddings, 'logit_scale': e^t, 'logit_bias': b or None}."
         if not isinstance(batch, dict): raise InputTypeError(f"MultiModalModel: expected a batch dict, got {type(batch).__name__}")
-        out = {}
-        for m in self.towers:
-            if batch.get(m) is None: continue
-            out[m] = self.encode(m, **tower_inputs(batch, m))
+        out = {m: self.encode(m, **tower_inputs(batch, m)) for m in self.towers if batch.get(m) is not None}
         if not out:
             raise InputError(f"MultiModalModel: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
         out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
@@ -210,6 +203,11 @@ def register_model(fn):
     MODEL_REGISTRY[fn.__name__] = fn
     return fn
 
+def _preset(name:str, doc:str, build):
+    "Register the builder `build` as the preset `name`, documented by `doc`."
+    build.__name__ = build.__qualname__ = name; build.__doc__ = doc
+    return register_model(build)
+
 def list_models(pattern:str="*") -> list:
     "Names of registered presets matching a glob pattern."
     import fnmatch
@@ -225,17 +223,13 @@ def create_model(name:str, **overrides) -> nn.Module:
     return MODEL_REGISTRY[name](**overrides)
 
 # %% ../nbs/05b_models.ipynb #f07bb1e8
-def _register_towers(prefix, tower, config_cls):
-    for size in config_cls.PRESETS:
-        def build(size=size, **kw): return tower(config_cls.preset(size, **kw))
-        build.__name__ = build.__qualname__ = f"{prefix}_{size}"
-        build.__doc__ = f"{tower.__name__} with the {size!r} preset of {config_cls.__name__}."
-        register_model(build)
+def _tower_presets(prefix, tower):
+    for size in tower.config_class.PRESETS:
+        _preset(f"{prefix}_{size}", f"{tower.__name__} with the {size!r} preset of {tower.config_class.__name__}.",
+                lambda size=size, **kw: tower(tower.config_class.preset(size, **kw)))
 
-_register_towers("vit", ViTEncoder, ViTConfig)
-_register_towers("audio", AudioEncoder, AudioConfig)
-_register_towers("text", TextEncoder, TextConfig)
-_register_towers("fusion", FusionEncoder, FusionConfig)
+for _prefix, _tower in dict(vit=ViTEncoder, audio=AudioEncoder, text=TextEncoder, fusion=FusionEncoder).items():
+    _tower_presets(_prefix, _tower)
 
 def make_tower(modality:str, size:str="small", **overrides) -> nn.Module:
     "A fresh tower for `modality`: its registered tower class (`Modality.tower`) with the config preset `size`."
@@ -246,13 +240,9 @@ def make_tower(modality:str, size:str="small", **overrides) -> nn.Module:
     cls = MODEL_CLASSES[name]
     return cls(cls.config_class.preset(size, **overrides))
 
-def _mm(size, modalities, proj_dim, **kw):
-    return MultiModalModel({m: make_tower(m, size) for m in modalities}, proj_dim=proj_dim, **kw)
-
 def _mm_preset(name, size, modalities, proj_dim, doc):
-    def build(**kw): return _mm(size, modalities, kw.pop("proj_dim", proj_dim), **kw)
-    build.__name__, build.__qualname__, build.__doc__ = name, name, doc
-    return register_model(build)
+    return _preset(name, doc, lambda **kw: MultiModalModel({m: make_tower(m, size) for m in modalities},
+                                                           **{"proj_dim": proj_dim, **kw}))
 
 clip_tiny = _mm_preset("clip_tiny", "tiny", ("image", "text"), 32, "Image-text CLIP model from tiny towers (E=32).")
 clip_small = _mm_preset("clip_small", "small", ("image", "text"), 128,
@@ -476,7 +466,8 @@ class MultiModalMAE(Model):
         for p in self.modality_embed.values(): nn.init.normal_(p, std=0.02)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
-        self.decoders = nn.ModuleDict({n: MAEDecoder(embed_dim, self._patch_dim(t), decoder_dim, decoder_depth,
+        patch_dim = lambda t: math.prod(t.config.patch_size) * (t.config.in_chans if isinstance(t, ViTEncoder) else 1)
+        self.decoders = nn.ModuleDict({n: MAEDecoder(embed_dim, patch_dim(t), decoder_dim, decoder_depth,
                                                      decoder_heads, cross=True) for n, t in adapters.items()})
         self.visible, self.alpha, self.contrastive_weight = visible, alpha, contrastive_weight
         self.norm_pix = norm_pix if isinstance(norm_pix, dict) else {n: bool(norm_pix) for n in adapters}
@@ -491,19 +482,11 @@ class MultiModalMAE(Model):
                          f"so there is no stand-alone {modality} tower; use mmae_features(model, batch, {modality!r}) for "
                          f"features, or model.adapters[{modality!r}] for the adapter (patch embedding and positions) alone")
 
-    @staticmethod
-    def _patch_dim(t):
-        ph, pw = t.config.patch_size
-        return ph * pw * (t.config.in_chans if isinstance(t, ViTEncoder) else 1)
-
-    def _budget(self, total):
-        n = self.visible if isinstance(self.visible, int) else int(round(self.visible * total))
-        if not 0 < n < total: raise ConfigError(f"MultiModalMAE: visible budget {self.visible} of {total} tokens gives {n}; need 0 < n < {total}")
-        return n
-
     def make_mask(self, B:int, sizes:dict, generator=None, device=None) -> tuple:
         "(Mask over the concatenated tokens, modality -> hidden map): Dirichlet budget, or fixed ratios with the contrastive term."
-        total = sum(sizes.values()); n = self._budget(total)
+        total = sum(sizes.values())
+        n = self.visible if isinstance(self.visible, int) else int(round(self.visible * total))
+        if not 0 < n < total: raise ConfigError(f"MultiModalMAE: visible budget {self.visible} of {total} tokens gives {n}; need 0 < n < {total}")
         if self.contrastive_weight > 0:                      # CAV-MAE: every modality keeps the same fraction
             per = {k: random_mask(B, L, 1 - n / total, generator=generator, device=device).mask for k, L in sizes.items()}
             return mask_from_bool(torch.cat(list(per.values()), 1)), per
@@ -541,10 +524,8 @@ class MultiModalMAE(Model):
             losses[n] = mae_loss(preds[n], targets[n], per[n], self.norm_pix[n])
         loss = sum(losses.values())
         if self.contrastive_weight > 0:
-            emb, start = {}, 0
-            for n in names:                                  # visible tokens of modality n are contiguous in enc
-                k = int((~per[n][0]).sum())
-                emb[n] = F.normalize(self.proj[n](enc[:, start:start + k].mean(1)), dim=-1); start += k
+            counts = [int((~per[n][0]).sum()) for n in names]   # visible tokens of each modality are contiguous in enc
+            emb = {n: F.normalize(self.proj[n](e.mean(1)), dim=-1) for n, e in zip(names, enc.split(counts, 1))}
             scale = self.log_scale.exp().clamp(max=100)
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             losses["contrastive"] = sum(clip_loss(emb[a], emb[b], scale) for a, b in pairs) / len(pairs)
@@ -752,25 +733,20 @@ class CaptionDecoder(nn.Module):
         return self.head(self.norm(x))
 
 # %% ../nbs/05b_models.ipynb #ecbae74d
-def _preset(name, doc):
-    def deco(fn):
-        fn.__name__ = fn.__qualname__ = name; fn.__doc__ = doc
-        return register_model(fn)
-    return deco
-
 def _vit(size, **kw): return ViTEncoder(ViTConfig.preset(size, **kw))
 
 for _s in ("tiny", "small"):
-    _preset(f"mae_{_s}", f"MAE on the {_s} ViT: decoder 64 wide, 1 block, 2 heads, 75 % hidden (the mae recipe's defaults).")(
-        lambda size=_s, **kw: MAE(_vit(size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
-                                                        norm_pix=True), **kw}))
-    _preset(f"simmim_{_s}", f"SimMIM on the {_s} ViT: 60 % hidden in 2x2-token blocks, linear pixel head.")(
-        lambda size=_s, **kw: SimMIM(_vit(size), **kw))
-    _preset(f"byol_{_s}", f"BYOL on the {_s} ViT: projection 64, hidden 128, momentum 0.99 over 200 steps (the byol recipe's defaults).")(
-        lambda size=_s, **kw: BYOLModel(_vit(size), **{**dict(dim=64, hidden=128, total_steps=200, base_momentum=0.99), **kw}))
-    _preset(f"dino_{_s}", f"DINO on the {_s} ViT: 256 prototypes, BatchNorm head, momentum 0.99 over 200 steps (the dino recipe's defaults).")(
-        lambda size=_s, **kw: DINOModel(_vit(size), **{**dict(out_dim=256, hidden=128, bottleneck=64, total_steps=200,
-                                                              base_momentum=0.99, head_bn=True), **kw}))
+    _preset(f"mae_{_s}", f"MAE on the {_s} ViT: decoder 64 wide, 1 block, 2 heads, 75 % hidden (the mae recipe's defaults).",
+            lambda size=_s, **kw: MAE(_vit(size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2,
+                                                            mask_ratio=0.75, norm_pix=True), **kw}))
+    _preset(f"simmim_{_s}", f"SimMIM on the {_s} ViT: 60 % hidden in 2x2-token blocks, linear pixel head.",
+            lambda size=_s, **kw: SimMIM(_vit(size), **kw))
+    _preset(f"byol_{_s}", f"BYOL on the {_s} ViT: projection 64, hidden 128, momentum 0.99 over 200 steps (the byol recipe's defaults).",
+            lambda size=_s, **kw: BYOLModel(_vit(size), **{**dict(dim=64, hidden=128, total_steps=200,
+                                                                  base_momentum=0.99), **kw}))
+    _preset(f"dino_{_s}", f"DINO on the {_s} ViT: 256 prototypes, BatchNorm head, momentum 0.99 over 200 steps (the dino recipe's defaults).",
+            lambda size=_s, **kw: DINOModel(_vit(size), **{**dict(out_dim=256, hidden=128, bottleneck=64, head_bn=True,
+                                                                  total_steps=200, base_momentum=0.99), **kw}))
 
 def _hubert(size, n_mels=32, frame_hop=4, num_units=32, mask_ratio=0.5, span=3, **kw):
     enc = AudioEncoder(AudioConfig.preset(size, n_mels=n_mels, patch_size=(n_mels, frame_hop)))
@@ -786,7 +762,7 @@ def _av_mae(size, n_mels=32, decoder_dim=64, **kw):
                                              contrastive_weight=0.0, norm_pix=True), **width, **kw})
 
 for _s in ("tiny", "small"):
-    _preset(f"hubert_{_s}", f"HuBERT on the {_s} audio tower, 32 mels in frames of 4, K=32 units, zero centroids (the hubert recipe's defaults).")(
-        lambda size=_s, **kw: _hubert(size, **kw))
-    _preset(f"av_mae_{_s}", f"Audio-visual MAE: {_s} image and audio adapters, a shared encoder of the {_s} ViT's width and depth (the av-mae recipe's defaults).")(
-        lambda size=_s, **kw: _av_mae(size, **kw))
+    _preset(f"hubert_{_s}", f"HuBERT on the {_s} audio tower, 32 mels in frames of 4, K=32 units, zero centroids (the hubert recipe's defaults).",
+            lambda size=_s, **kw: _hubert(size, **kw))
+    _preset(f"av_mae_{_s}", f"Audio-visual MAE: {_s} image and audio adapters, a shared encoder of the {_s} ViT's width and depth (the av-mae recipe's defaults).",
+            lambda size=_s, **kw: _av_mae(size, **kw))
