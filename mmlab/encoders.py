@@ -35,13 +35,6 @@ def attention_probs(q:torch.Tensor,               # (B, H, Nq, d) queries
     if attn_mask is not None: s = s.masked_fill(~attn_mask, float("-inf"))
     return s.softmax(dim=-1)
 
-def _attend(q, k, v, attn_mask, fused:bool, attn_drop:nn.Dropout):
-    "SDPA (fused) or the explicit softmax path; (B, H, Nq, d) out."
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                              dropout_p=attn_drop.p if attn_drop.training else 0.)
-    return attn_drop(attention_probs(q, k, attn_mask)) @ v
-
 # %% ../nbs/02_encoders.ipynb #20b2ffc6
 class Attention(nn.Module):
     "Multi-head self-attention (Vaswani et al. 2017) through SDPA, or the explicit path when `fused_attn=False`."
@@ -55,46 +48,48 @@ class Attention(nn.Module):
                  fused_attn:bool=True,          # SDPA (True) or explicit softmax (False)
                 ):
         super().__init__()
-        if dim % num_heads: raise ConfigError(f"Attention: dim={dim} must be divisible by num_heads={num_heads}")
+        if dim % num_heads: raise ConfigError(f"{type(self).__name__}: dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim, self.fused_attn = num_heads, dim // num_heads, fused_attn
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self._in_proj(dim, qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(proj_drop)
 
-    def forward(self, x:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+    def _in_proj(self, dim, qkv_bias): self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+
+    def _heads(self, x:torch.Tensor, n:int) -> tuple:     # (B, N, n*D) -> n tensors (B, H, N, d)
+        return x.reshape(*x.shape[:2], n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend(self, q, k, v, attn_mask) -> torch.Tensor:  # (B, H, Nq, d) queries -> (B, Nq, D)
+        "q/k norms, SDPA or the explicit softmax path, then the heads concatenated and projected."
         q, k = self.q_norm(q), self.k_norm(k)
-        x = _attend(q, k, v, attn_mask, self.fused_attn, self.attn_drop)          # (B, H, N, d)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.attn_drop.training else 0.)
+        else: x = self.attn_drop(attention_probs(q, k, attn_mask)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+
+    def forward(self, x:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
+        return self._attend(*self._heads(self.qkv(x), 3), attn_mask)
 
 # %% ../nbs/02_encoders.ipynb #ed3111d2
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     "Multi-head cross-attention: queries from `x`, keys and values from `context` (ALBEF / BLIP fusion)."
     def __init__(self, dim:int,                 # query token width D
                  num_heads:int=8,               # heads H
                  context_dim:int|None=None,     # width of the context tokens (default D)
                  qkv_bias:bool=True, qk_norm:bool=False, attn_drop:float=0., proj_drop:float=0.,
                  norm_layer=nn.LayerNorm, fused_attn:bool=True):
-        super().__init__()
-        if dim % num_heads: raise ConfigError(f"CrossAttention: dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim, self.fused_attn = num_heads, dim // num_heads, fused_attn
+        self.context_dim = context_dim or dim   # read by `_in_proj` while `Attention.__init__` runs
+        super().__init__(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer, fused_attn)
+
+    def _in_proj(self, dim, qkv_bias):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(proj_drop)
+        self.kv = nn.Linear(self.context_dim, dim * 2, bias=qkv_bias)
 
     def forward(self, x:torch.Tensor, context:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
-        B, N, C = x.shape; M = context.shape[1]
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)                  # (B, H, N, d)
-        k, v = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, M, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = _attend(q, k, v, attn_mask, self.fused_attn, self.attn_drop)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return self._attend(self._heads(self.q(x), 1)[0], *self._heads(self.kv(context), 2), attn_mask)
 
 # %% ../nbs/02_encoders.ipynb #5386d364
 def drop_path(x:torch.Tensor, p:float=0., training:bool=False) -> torch.Tensor:
@@ -147,7 +142,7 @@ class Block(nn.Module):
 def set_fused_attn(model:nn.Module, fused:bool=True) -> nn.Module:
     "Switch every attention module of `model` between SDPA (`fused=True`) and the explicit path."
     for m in model.modules():
-        if isinstance(m, (Attention, CrossAttention)): m.fused_attn = fused
+        if isinstance(m, Attention): m.fused_attn = fused
     return model
 
 # %% ../nbs/02_encoders.ipynb #808f10e6
@@ -852,7 +847,7 @@ def _attention_modules(model:nn.Module) -> list:
     out, hf = [], []
     for n, m in model.named_modules():
         if getattr(m, "is_hf_tower", False): hf.append((n + "." if n else "", m.model))   # an HFEncoder
-        if isinstance(m, (Attention, CrossAttention)): out.append((n, m, None))
+        if isinstance(m, Attention): out.append((n, m, None))
         elif hasattr(m, "scaling") and "Attention" in type(m).__name__:          # a transformers attention module
             owner = [o for p, o in hf if n.startswith(p)]
             if owner: out.append((n, m, owner[-1]))
@@ -873,13 +868,11 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
     mods = _attention_modules(model)
     if not mods: raise InputError(f"capture_attention: {type(model).__name__} has no attention modules (mmlab or HFEncoder)")
     names = [n for n, _, _ in mods]
-    if layers is None: chosen = mods
-    else:
-        chosen = []
-        for l in ([layers] if isinstance(layers, (int, str)) else layers):
-            if isinstance(l, int) and -len(mods) <= l < len(mods): chosen.append(mods[l])
-            elif isinstance(l, str) and l in names: chosen.append(mods[names.index(l)])
-            else: raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
+    def pick(l):
+        if isinstance(l, int) and -len(mods) <= l < len(mods): return mods[l]
+        if isinstance(l, str) and l in names: return mods[names.index(l)]
+        raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
+    chosen = mods if layers is None else [pick(l) for l in ([layers] if isinstance(layers, (int, str)) else layers)]
     maps, handles, hf_models = {}, [], {}
     def store(name, p):
         if heads is not None:
@@ -891,16 +884,12 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
         if owner is not None:                                         # transformers module: see `_hf_capture_attention`
             _HF_CAPTURE[id(mod)] = lambda p, name=name: store(name, p)
             hf_models[id(owner)] = owner; continue
-        st = {}
-        def pre(m, args, kwargs, st=st):
-            st["attn_mask"] = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
-        def grab(key, st=st):
-            def hook(m, inp, out): st[key] = out.detach()
-            return hook
-        def post(m, args, kwargs, out, st=st, name=name):
-            with torch.no_grad(): store(name, attention_probs(st["q"], st["k"], st["attn_mask"]))
-        handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                    mod.q_norm.register_forward_hook(grab("q")), mod.k_norm.register_forward_hook(grab("k")),
+        qk = {}                                                       # q_norm / k_norm module -> its output
+        def grab(m, inp, out, qk=qk): qk[m] = out.detach()
+        def post(m, args, kwargs, out, qk=qk, name=name):
+            mask = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
+            with torch.no_grad(): store(name, attention_probs(qk[m.q_norm], qk[m.k_norm], mask))
+        handles += [mod.q_norm.register_forward_hook(grab), mod.k_norm.register_forward_hook(grab),
                     mod.register_forward_hook(post, with_kwargs=True)]
     switched = []
     try:
@@ -1024,7 +1013,7 @@ def count_params(model:nn.Module, trainable:bool=False) -> int:
 def count_flops(model:nn.Module, **inputs) -> int:
     "Forward FLOPs (2 per multiply-add) of `model(**inputs)`, counted on the explicit attention path."
     from torch.utils.flop_counter import FlopCounterMode
-    fused = {m: m.fused_attn for m in model.modules() if isinstance(m, (Attention, CrossAttention))}
+    fused = {m: m.fused_attn for m in model.modules() if isinstance(m, Attention)}
     set_fused_attn(model, False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc: model(**inputs)
