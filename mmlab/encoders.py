@@ -292,6 +292,19 @@ class EncoderOutput(NamedTuple):
     pooled: torch.Tensor              # (B, D) pooled vector
     valid: torch.Tensor|None = None   # (B, N) bool, True for real tokens; None when all are real
 
+def _masked_mean(t:torch.Tensor, valid:torch.Tensor|None) -> torch.Tensor:   # (B, N, D), (B, N) -> (B, D)
+    "Mean over the real tokens (`valid` True), or over all tokens when `valid` is None."
+    if valid is None: return t.mean(1)
+    w = valid.to(t.dtype)[..., None]
+    return (t * w).sum(1) / w.sum(1).clamp_min(1)
+
+def _attn_mask(valid:torch.Tensor|None, causal:bool=False, n:int=0, device=None) -> torch.Tensor|None:
+    "SDPA's `attn_mask`, True = may attend: keys limited to `valid` (B, n); `causal` adds the triangle, diagonal always allowed."
+    m = None if valid is None else valid.bool()[:, None, None, :]                 # (B, 1, 1, n)
+    if not causal: return m
+    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]    # (1, 1, n, n)
+    return tri if m is None else (tri & m) | torch.eye(n, dtype=torch.bool, device=device)
+
 def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) map such as `valid`)
                   idx:torch.Tensor,       # (B, K) long indices into N
                  ) -> torch.Tensor:       # (B, K, ...)
@@ -349,8 +362,8 @@ class TransformerEncoder(nn.Module):
         raise NotImplementedError
 
     def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "SDPA's `attn_mask` (B, 1, 1, n), True = may attend, from `valid` of the full sequence (prefix included)."
-        return None if valid is None else valid[:, None, None, :]
+        "SDPA's `attn_mask`, True = may attend, from `valid` of the full sequence (prefix included); causal text adds the triangle."
+        return _attn_mask(valid, getattr(self.config, "causal", False), n, self.norm.weight.device)
 
     def forward_tokens(self, x:torch.Tensor,                 # (B, N, D) embedded tokens (with positions)
                        valid:torch.Tensor|None=None,         # (B, N) bool, True for real tokens
@@ -381,13 +394,9 @@ class TransformerEncoder(nn.Module):
                      pre_logits:bool=True,                    # towers have no classifier: always the pooled vector
                     ) -> torch.Tensor:                        # (B, D)
         "Pool: the [CLS] token, the mean of the real tokens, or the last real token."
-        P = self.num_prefix_tokens
         if self.config.pool == "cls": return x[:, 0]
-        t = x[:, P:]
-        if self.config.pool == "mean":
-            if valid is None: return t.mean(dim=1)
-            w = valid.to(t.dtype)[..., None]
-            return (t * w).sum(1) / w.sum(1).clamp_min(1)
+        t = x[:, self.num_prefix_tokens:]
+        if self.config.pool == "mean": return _masked_mean(t, valid)
         if valid is None: return t[:, -1]                      # "last"
         last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(dim=1)
         return t[torch.arange(t.shape[0], device=t.device), last]
@@ -425,8 +434,7 @@ class ViTEncoder(TransformerEncoder):
         cfg = self.config
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.grid_size = (cfg.img_size[0] // cfg.patch_size[0], cfg.img_size[1] // cfg.patch_size[1])
-        n = self.grid_size[0] * self.grid_size[1]
-        if cfg.pos_embed == "learned": self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.embed_dim))
+        if cfg.pos_embed == "learned": self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), cfg.embed_dim))
         else: self.register_buffer("pos_embed", sincos_2d(*self.grid_size, cfg.embed_dim)[None], persistent=False)
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.02)
@@ -439,15 +447,12 @@ class ViTEncoder(TransformerEncoder):
         "Inverse of `patchify`; `grid` defaults to the config's patch grid."
         return unpatchify(x, self.config.patch_size, grid or self.grid_size, self.config.in_chans)
 
-    def _check(self, x):
+    def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
+        "Patch embedding without positions, and the patch grid (gh, gw)."
         check_shape(x, "image", ("B", self.config.in_chans, "H", "W"))
         ph, pw = self.config.patch_size
         if x.shape[2] % ph or x.shape[3] % pw:
             raise ShapeError(f"ViTEncoder: image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {ph}x{pw}")
-
-    def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
-        "Patch embedding without positions, and the patch grid (gh, gw)."
-        self._check(x)
         t = self.patch_embed(x)                                   # (B, gh, gw, D)
         return t.flatten(1, 2), tuple(t.shape[1:3])
 
@@ -540,16 +545,6 @@ class AudioEncoder(TransformerEncoder):
         "Inverse of `patchify`."
         return unpatchify_spec(x, self.config.patch_size, self.config.n_mels)
 
-    def _check(self, x, lengths):
-        if x.dim() == 4 and x.shape[1] == 1: x = x[:, 0]                   # accept (B, 1, F, T)
-        dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
-        if lengths is not None:
-            check_shape(lengths, "lengths", ("B",), dims)
-            if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
-                raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
-                                 f"got min {int(lengths.min())}, max {int(lengths.max())}")
-        return x
-
     def valid_frames(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
         "Real frames: t < length."
         return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
@@ -562,8 +557,14 @@ class AudioEncoder(TransformerEncoder):
 
     def embed_patches(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
         "Patch embedding without positions: ((B, T'*F', D), time patches T')."
-        x = self._check(spec, lengths)
-        if lengths is not None: x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)  # padding content is irrelevant
+        x = spec[:, 0] if spec.dim() == 4 and spec.shape[1] == 1 else spec      # accept (B, 1, F, T)
+        dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
+        if lengths is not None:
+            check_shape(lengths, "lengths", ("B",), dims)
+            if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
+                raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
+                                 f"got min {int(lengths.min())}, max {int(lengths.max())}")
+            x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)   # padding content is irrelevant
         x = F.pad(x, (0, (-x.shape[-1]) % self.config.patch_size[1]))
         t = self.patch_embed(x[:, None]).transpose(1, 2)                   # (B, T', F', D)
         return t.flatten(1, 2), t.shape[1]
@@ -622,13 +623,6 @@ class TextEncoder(TransformerEncoder):
         else: self.register_buffer("pos_embed", sincos_1d(torch.arange(cfg.max_len), cfg.embed_dim)[None], persistent=False)
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.01)
-
-    def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "Keys restricted to `valid` tokens, and the causal triangle when `causal`; the diagonal is always allowed."
-        if not self.config.causal: return super().attn_mask(valid, n)
-        eye = torch.eye(n, dtype=torch.bool, device=self.pos_embed.device)
-        m = torch.ones(n, n, dtype=torch.bool, device=eye.device).tril()[None, None]   # (1, 1, n, n)
-        return m if valid is None else (m & valid[:, None, None, :]) | eye
 
     def embed(self, ids:torch.Tensor,                          # (B, L) token ids
               padding_mask:torch.Tensor|None=None,             # (B, L) bool, True = padding
@@ -765,12 +759,8 @@ class FusionEncoder(nn.Module):
                ) -> torch.Tensor:                             # (B, L, D)
         dims = check_shape(text, "text", ("B", "L", self.config.embed_dim))
         check_shape(context, "context", ("B", "M", self.config.context_dim or self.config.embed_dim), dims)
-        L = text.shape[1]
-        self_am = None if text_valid is None else text_valid.bool()[:, None, None, :]      # SDPA's: True = may attend
-        if self.config.causal:
-            tri = torch.ones(L, L, dtype=torch.bool, device=text.device).tril()[None, None]
-            self_am = tri if self_am is None else (tri & self_am) | torch.eye(L, dtype=torch.bool, device=text.device)
-        cross_am = None if context_valid is None else context_valid.bool()[:, None, None, :]
+        self_am = _attn_mask(text_valid, self.config.causal, text.shape[1], text.device)
+        cross_am = _attn_mask(context_valid)
         x = text
         for blk in self.blocks: x = blk(x, context, self_am, cross_am)
         return self.norm(x)
@@ -958,15 +948,11 @@ class HFEncoder(nn.Module):
             if padding_mask.shape[1] == h.shape[1]: valid = ~padding_mask.bool()
             elif hasattr(self.model, "_get_feature_vector_attention_mask"):   # wav2vec2 / HuBERT: samples -> frames
                 valid = self.model._get_feature_vector_attention_mask(h.shape[1], kw["attention_mask"]).bool()
-        if self.pool == "cls": pooled = h[:, 0]
-        elif self.pool == "pooler":
-            if getattr(out, "pooler_output", None) is None:
-                raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
-            pooled = out.pooler_output
-        elif valid is None: pooled = h.mean(1)
-        else:
-            w = valid.to(h.dtype)[..., None]
-            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1)
+        if self.pool == "mean": pooled = _masked_mean(h, valid)
+        elif self.pool == "cls": pooled = h[:, 0]
+        elif getattr(out, "pooler_output", None) is None:
+            raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
+        else: pooled = out.pooler_output
         return EncoderOutput(h, pooled, valid)
 
     def get_config(self) -> dict:
