@@ -286,6 +286,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mmlab.encoders.ViTEncoder.unpatchify': ('encoders.html#vitencoder.unpatchify', 'mmlab/encoders.py'),
                                 'mmlab.encoders._attention_modules': ('encoders.html#_attention_modules', 'mmlab/encoders.py'),
                                 'mmlab.encoders._attn_mask': ('encoders.html#_attn_mask', 'mmlab/encoders.py'),
+                                'mmlab.encoders._check_index': ('encoders.html#_check_index', 'mmlab/encoders.py'),
                                 'mmlab.encoders._hf_capture_attention': ('encoders.html#_hf_capture_attention', 'mmlab/encoders.py'),
                                 'mmlab.encoders._init_weights': ('encoders.html#_init_weights', 'mmlab/encoders.py'),
                                 'mmlab.encoders._masked_mean': ('encoders.html#_masked_mean', 'mmlab/encoders.py'),

@@ -305,17 +305,19 @@ def _attn_mask(valid:torch.Tensor|None, causal:bool=False, n:int=0, device=None)
     tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]    # (1, 1, n, n)
     return tri if m is None else (tri & m) | torch.eye(n, dtype=torch.bool, device=device)
 
+def _check_index(x, what:str, n:int, bound:str):
+    "Raise unless `x` is an integer tensor with entries in [0, n); `what` names the entries, `bound` says what n is."
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+        raise InputTypeError(f"{what} must be an integer tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not torch.compiler.is_compiling() and x.numel() and (x.min() < 0 or x.max() >= n):
+        raise InputError(f"{what} must lie in [0, {n}) ({bound}), got min {int(x.min())}, max {int(x.max())}")
+
 def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) map such as `valid`)
                   idx:torch.Tensor,       # (B, K) long indices into N
                  ) -> torch.Tensor:       # (B, K, ...)
     "Select tokens per sample: out[b, k] = x[b, idx[b, k]]."
-    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        raise InputTypeError(f"visible_idx: expected an integer tensor of shape (B, N_vis), got "
-                             f"{type(idx).__name__ if not isinstance(idx, torch.Tensor) else idx.dtype}")
+    _check_index(idx, "visible_idx: indices", x.shape[1], "the number of tokens")
     check_shape(idx, "visible_idx", (x.shape[0], None))
-    if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= x.shape[1]):
-        raise InputError(f"visible_idx: indices must lie in [0, {x.shape[1]}) (the number of tokens), "
-                         f"got min {int(idx.min())}, max {int(idx.max())}")
     idx = idx.long()
     return torch.gather(x, 1, idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
 
@@ -356,9 +358,8 @@ class TransformerEncoder(nn.Module):
         if self.cls_token is not None: nn.init.normal_(self.cls_token, std=0.02)
         return self
 
-    # --- modality-specific: subclasses define `embed`
     def embed(self, x, *args, **kwargs):
-        "Tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
+        "Defined by each tower: tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
         raise NotImplementedError
 
     def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
@@ -551,8 +552,7 @@ class AudioEncoder(TransformerEncoder):
 
     def valid_tokens(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
         "Real patches: those whose first frame is a real frame, repeated over frequency patches."
-        pt = self.config.patch_size[1]
-        starts = torch.arange(0, T, pt, device=lengths.device)             # (T',)
+        starts = torch.arange(0, T, self.config.patch_size[1], device=lengths.device)   # (T',) first frames
         return (starts[None] < lengths[:, None]).repeat_interleave(self.freq_patches, dim=1)
 
     def embed_patches(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
@@ -629,14 +629,10 @@ class TextEncoder(TransformerEncoder):
              ) -> tuple:                                       # ((B, L, D), (B, L) bool or None)
         "Token embeddings plus positions, and `valid` (True for real tokens)."
         dims = check_shape(ids, "ids", ("B", "L"))
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise InputTypeError(f"TextEncoder: ids must be integer token ids, got dtype {ids.dtype}")
+        _check_index(ids, "TextEncoder: token ids", self.config.vocab_size, "vocab_size")
         L = ids.shape[1]
         if L > self.config.max_len:
             raise ShapeError(f"TextEncoder: sequence length {L} exceeds max_len={self.config.max_len}; truncate the tokens")
-        if not torch.compiler.is_compiling() and ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise InputError(f"TextEncoder: token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
-                             f"got min {int(ids.min())}, max {int(ids.max())}")
         valid = None
         if padding_mask is not None:
             check_shape(padding_mask, "padding_mask", ("B", "L"), dims)
@@ -895,21 +891,18 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
         for _, mod, owner in chosen:
             if owner is not None: _HF_CAPTURE.pop(id(mod), None)
 
-# %% ../nbs/02_encoders.ipynb #d892e811
-_HF_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
-_HF_POOL = {"text": "mean", "image": "cls", "audio": "mean"}
-
 # %% ../nbs/02_encoders.ipynb #89928a82
 class HFEncoder(nn.Module):
     "A Hugging Face `transformers` encoder (text, image or audio) behind the tower interface."
     is_hf_tower = True                         # lets `capture_attention` find the transformers attention inside
+    _INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}   # the model's input argument
     def __init__(self, model:nn.Module,        # a transformers PreTrainedModel (AutoModel)
                  modality:str="text",          # text | image | audio: picks the input argument
                  pool:str="auto",              # auto | cls | mean | pooler (auto: mean for text/audio, cls for images)
                 ):
         super().__init__()
-        if modality not in _HF_INPUT: raise ConfigError(f"HFEncoder: modality={modality!r}; expected one of {', '.join(_HF_INPUT)}")
-        pool = _HF_POOL[modality] if pool == "auto" else pool
+        if modality not in self._INPUT: raise ConfigError(f"HFEncoder: modality={modality!r}; expected one of {', '.join(self._INPUT)}")
+        pool = ("cls" if modality == "image" else "mean") if pool == "auto" else pool
         if pool not in ("cls", "mean", "pooler"): raise ConfigError(f"HFEncoder: pool={pool!r}; expected auto, cls, mean or pooler")
         self.model, self.modality, self.pool = model, modality, pool
         self.embed_dim = model.config.hidden_size
@@ -939,7 +932,7 @@ class HFEncoder(nn.Module):
         if visible_idx is not None:
             raise InputError("HFEncoder: visible_idx is not supported by Hugging Face towers (their embedding is internal); "
                              "use an mmlab tower (ViTEncoder, AudioEncoder, TextEncoder) for masked modelling")
-        kw = {_HF_INPUT[self.modality]: x}
+        kw = {self._INPUT[self.modality]: x}
         if padding_mask is not None: kw["attention_mask"] = (~padding_mask.bool()).long()   # Hugging Face's: 1 = real
         out = self.model(**kw)
         h = out.last_hidden_state                                 # (B, N, D)
