@@ -35,13 +35,6 @@ def attention_probs(q:torch.Tensor,               # (B, H, Nq, d) queries
     if attn_mask is not None: s = s.masked_fill(~attn_mask, float("-inf"))
     return s.softmax(dim=-1)
 
-def _attend(q, k, v, attn_mask, fused:bool, attn_drop:nn.Dropout):
-    "SDPA (fused) or the explicit softmax path; (B, H, Nq, d) out."
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                              dropout_p=attn_drop.p if attn_drop.training else 0.)
-    return attn_drop(attention_probs(q, k, attn_mask)) @ v
-
 # %% ../nbs/02_encoders.ipynb #20b2ffc6
 class Attention(nn.Module):
     "Multi-head self-attention (Vaswani et al. 2017) through SDPA, or the explicit path when `fused_attn=False`."
@@ -55,46 +48,48 @@ class Attention(nn.Module):
                  fused_attn:bool=True,          # SDPA (True) or explicit softmax (False)
                 ):
         super().__init__()
-        if dim % num_heads: raise ConfigError(f"Attention: dim={dim} must be divisible by num_heads={num_heads}")
+        if dim % num_heads: raise ConfigError(f"{type(self).__name__}: dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim, self.fused_attn = num_heads, dim // num_heads, fused_attn
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self._in_proj(dim, qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(proj_drop)
 
-    def forward(self, x:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+    def _in_proj(self, dim, qkv_bias): self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+
+    def _heads(self, x:torch.Tensor, n:int) -> tuple:     # (B, N, n*D) -> n tensors (B, H, N, d)
+        return x.reshape(*x.shape[:2], n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend(self, q, k, v, attn_mask) -> torch.Tensor:  # (B, H, Nq, d) queries -> (B, Nq, D)
+        "q/k norms, SDPA or the explicit softmax path, then the heads concatenated and projected."
         q, k = self.q_norm(q), self.k_norm(k)
-        x = _attend(q, k, v, attn_mask, self.fused_attn, self.attn_drop)          # (B, H, N, d)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.attn_drop.training else 0.)
+        else: x = self.attn_drop(attention_probs(q, k, attn_mask)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+
+    def forward(self, x:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
+        return self._attend(*self._heads(self.qkv(x), 3), attn_mask)
 
 # %% ../nbs/02_encoders.ipynb #ed3111d2
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     "Multi-head cross-attention: queries from `x`, keys and values from `context` (ALBEF / BLIP fusion)."
     def __init__(self, dim:int,                 # query token width D
                  num_heads:int=8,               # heads H
                  context_dim:int|None=None,     # width of the context tokens (default D)
                  qkv_bias:bool=True, qk_norm:bool=False, attn_drop:float=0., proj_drop:float=0.,
                  norm_layer=nn.LayerNorm, fused_attn:bool=True):
-        super().__init__()
-        if dim % num_heads: raise ConfigError(f"CrossAttention: dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim, self.fused_attn = num_heads, dim // num_heads, fused_attn
+        self.context_dim = context_dim or dim   # read by `_in_proj` while `Attention.__init__` runs
+        super().__init__(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer, fused_attn)
+
+    def _in_proj(self, dim, qkv_bias):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(proj_drop)
+        self.kv = nn.Linear(self.context_dim, dim * 2, bias=qkv_bias)
 
     def forward(self, x:torch.Tensor, context:torch.Tensor, attn_mask:torch.Tensor|None=None) -> torch.Tensor:
-        B, N, C = x.shape; M = context.shape[1]
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)                  # (B, H, N, d)
-        k, v = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, M, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = _attend(q, k, v, attn_mask, self.fused_attn, self.attn_drop)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return self._attend(self._heads(self.q(x), 1)[0], *self._heads(self.kv(context), 2), attn_mask)
 
 # %% ../nbs/02_encoders.ipynb #5386d364
 def drop_path(x:torch.Tensor, p:float=0., training:bool=False) -> torch.Tensor:
@@ -147,7 +142,7 @@ class Block(nn.Module):
 def set_fused_attn(model:nn.Module, fused:bool=True) -> nn.Module:
     "Switch every attention module of `model` between SDPA (`fused=True`) and the explicit path."
     for m in model.modules():
-        if isinstance(m, (Attention, CrossAttention)): m.fused_attn = fused
+        if isinstance(m, Attention): m.fused_attn = fused
     return model
 
 # %% ../nbs/02_encoders.ipynb #808f10e6
@@ -297,17 +292,32 @@ class EncoderOutput(NamedTuple):
     pooled: torch.Tensor              # (B, D) pooled vector
     valid: torch.Tensor|None = None   # (B, N) bool, True for real tokens; None when all are real
 
+def _masked_mean(t:torch.Tensor, valid:torch.Tensor|None) -> torch.Tensor:   # (B, N, D), (B, N) -> (B, D)
+    "Mean over the real tokens (`valid` True), or over all tokens when `valid` is None."
+    if valid is None: return t.mean(1)
+    w = valid.to(t.dtype)[..., None]
+    return (t * w).sum(1) / w.sum(1).clamp_min(1)
+
+def _attn_mask(valid:torch.Tensor|None, causal:bool=False, n:int=0, device=None) -> torch.Tensor|None:
+    "SDPA's `attn_mask`, True = may attend: keys limited to `valid` (B, n); `causal` adds the triangle, diagonal always allowed."
+    m = None if valid is None else valid.bool()[:, None, None, :]                 # (B, 1, 1, n)
+    if not causal: return m
+    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]    # (1, 1, n, n)
+    return tri if m is None else (tri & m) | torch.eye(n, dtype=torch.bool, device=device)
+
+def _check_index(x, what:str, n:int, bound:str):
+    "Raise unless `x` is an integer tensor with entries in [0, n); `what` names the entries, `bound` says what n is."
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+        raise InputTypeError(f"{what} must be an integer tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not torch.compiler.is_compiling() and x.numel() and (x.min() < 0 or x.max() >= n):
+        raise InputError(f"{what} must lie in [0, {n}) ({bound}), got min {int(x.min())}, max {int(x.max())}")
+
 def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) map such as `valid`)
                   idx:torch.Tensor,       # (B, K) long indices into N
                  ) -> torch.Tensor:       # (B, K, ...)
     "Select tokens per sample: out[b, k] = x[b, idx[b, k]]."
-    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
-        raise InputTypeError(f"visible_idx: expected an integer tensor of shape (B, N_vis), got "
-                             f"{type(idx).__name__ if not isinstance(idx, torch.Tensor) else idx.dtype}")
+    _check_index(idx, "visible_idx: indices", x.shape[1], "the number of tokens")
     check_shape(idx, "visible_idx", (x.shape[0], None))
-    if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= x.shape[1]):
-        raise InputError(f"visible_idx: indices must lie in [0, {x.shape[1]}) (the number of tokens), "
-                         f"got min {int(idx.min())}, max {int(idx.max())}")
     idx = idx.long()
     return torch.gather(x, 1, idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
 
@@ -348,14 +358,13 @@ class TransformerEncoder(nn.Module):
         if self.cls_token is not None: nn.init.normal_(self.cls_token, std=0.02)
         return self
 
-    # --- modality-specific: subclasses define `embed`
     def embed(self, x, *args, **kwargs):
-        "Tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
+        "Defined by each tower: tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
         raise NotImplementedError
 
     def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "SDPA's `attn_mask` (B, 1, 1, n), True = may attend, from `valid` of the full sequence (prefix included)."
-        return None if valid is None else valid[:, None, None, :]
+        "SDPA's `attn_mask`, True = may attend, from `valid` of the full sequence (prefix included); causal text adds the triangle."
+        return _attn_mask(valid, getattr(self.config, "causal", False), n, self.norm.weight.device)
 
     def forward_tokens(self, x:torch.Tensor,                 # (B, N, D) embedded tokens (with positions)
                        valid:torch.Tensor|None=None,         # (B, N) bool, True for real tokens
@@ -386,13 +395,9 @@ class TransformerEncoder(nn.Module):
                      pre_logits:bool=True,                    # towers have no classifier: always the pooled vector
                     ) -> torch.Tensor:                        # (B, D)
         "Pool: the [CLS] token, the mean of the real tokens, or the last real token."
-        P = self.num_prefix_tokens
         if self.config.pool == "cls": return x[:, 0]
-        t = x[:, P:]
-        if self.config.pool == "mean":
-            if valid is None: return t.mean(dim=1)
-            w = valid.to(t.dtype)[..., None]
-            return (t * w).sum(1) / w.sum(1).clamp_min(1)
+        t = x[:, self.num_prefix_tokens:]
+        if self.config.pool == "mean": return _masked_mean(t, valid)
         if valid is None: return t[:, -1]                      # "last"
         last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(dim=1)
         return t[torch.arange(t.shape[0], device=t.device), last]
@@ -430,8 +435,7 @@ class ViTEncoder(TransformerEncoder):
         cfg = self.config
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.grid_size = (cfg.img_size[0] // cfg.patch_size[0], cfg.img_size[1] // cfg.patch_size[1])
-        n = self.grid_size[0] * self.grid_size[1]
-        if cfg.pos_embed == "learned": self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.embed_dim))
+        if cfg.pos_embed == "learned": self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), cfg.embed_dim))
         else: self.register_buffer("pos_embed", sincos_2d(*self.grid_size, cfg.embed_dim)[None], persistent=False)
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.02)
@@ -444,15 +448,12 @@ class ViTEncoder(TransformerEncoder):
         "Inverse of `patchify`; `grid` defaults to the config's patch grid."
         return unpatchify(x, self.config.patch_size, grid or self.grid_size, self.config.in_chans)
 
-    def _check(self, x):
+    def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
+        "Patch embedding without positions, and the patch grid (gh, gw)."
         check_shape(x, "image", ("B", self.config.in_chans, "H", "W"))
         ph, pw = self.config.patch_size
         if x.shape[2] % ph or x.shape[3] % pw:
             raise ShapeError(f"ViTEncoder: image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {ph}x{pw}")
-
-    def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
-        "Patch embedding without positions, and the patch grid (gh, gw)."
-        self._check(x)
         t = self.patch_embed(x)                                   # (B, gh, gw, D)
         return t.flatten(1, 2), tuple(t.shape[1:3])
 
@@ -545,30 +546,25 @@ class AudioEncoder(TransformerEncoder):
         "Inverse of `patchify`."
         return unpatchify_spec(x, self.config.patch_size, self.config.n_mels)
 
-    def _check(self, x, lengths):
-        if x.dim() == 4 and x.shape[1] == 1: x = x[:, 0]                   # accept (B, 1, F, T)
-        dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
-        if lengths is not None:
-            check_shape(lengths, "lengths", ("B",), dims)
-            if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
-                raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
-                                 f"got min {int(lengths.min())}, max {int(lengths.max())}")
-        return x
-
     def valid_frames(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
         "Real frames: t < length."
         return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
 
     def valid_tokens(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
         "Real patches: those whose first frame is a real frame, repeated over frequency patches."
-        pt = self.config.patch_size[1]
-        starts = torch.arange(0, T, pt, device=lengths.device)             # (T',)
+        starts = torch.arange(0, T, self.config.patch_size[1], device=lengths.device)   # (T',) first frames
         return (starts[None] < lengths[:, None]).repeat_interleave(self.freq_patches, dim=1)
 
     def embed_patches(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
         "Patch embedding without positions: ((B, T'*F', D), time patches T')."
-        x = self._check(spec, lengths)
-        if lengths is not None: x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)  # padding content is irrelevant
+        x = spec[:, 0] if spec.dim() == 4 and spec.shape[1] == 1 else spec      # accept (B, 1, F, T)
+        dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
+        if lengths is not None:
+            check_shape(lengths, "lengths", ("B",), dims)
+            if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
+                raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
+                                 f"got min {int(lengths.min())}, max {int(lengths.max())}")
+            x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)   # padding content is irrelevant
         x = F.pad(x, (0, (-x.shape[-1]) % self.config.patch_size[1]))
         t = self.patch_embed(x[:, None]).transpose(1, 2)                   # (B, T', F', D)
         return t.flatten(1, 2), t.shape[1]
@@ -628,26 +624,15 @@ class TextEncoder(TransformerEncoder):
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.01)
 
-    def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "Keys restricted to `valid` tokens, and the causal triangle when `causal`; the diagonal is always allowed."
-        if not self.config.causal: return super().attn_mask(valid, n)
-        eye = torch.eye(n, dtype=torch.bool, device=self.pos_embed.device)
-        m = torch.ones(n, n, dtype=torch.bool, device=eye.device).tril()[None, None]   # (1, 1, n, n)
-        return m if valid is None else (m & valid[:, None, None, :]) | eye
-
     def embed(self, ids:torch.Tensor,                          # (B, L) token ids
               padding_mask:torch.Tensor|None=None,             # (B, L) bool, True = padding
              ) -> tuple:                                       # ((B, L, D), (B, L) bool or None)
         "Token embeddings plus positions, and `valid` (True for real tokens)."
         dims = check_shape(ids, "ids", ("B", "L"))
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise InputTypeError(f"TextEncoder: ids must be integer token ids, got dtype {ids.dtype}")
+        _check_index(ids, "TextEncoder: token ids", self.config.vocab_size, "vocab_size")
         L = ids.shape[1]
         if L > self.config.max_len:
             raise ShapeError(f"TextEncoder: sequence length {L} exceeds max_len={self.config.max_len}; truncate the tokens")
-        if not torch.compiler.is_compiling() and ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise InputError(f"TextEncoder: token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
-                             f"got min {int(ids.min())}, max {int(ids.max())}")
         valid = None
         if padding_mask is not None:
             check_shape(padding_mask, "padding_mask", ("B", "L"), dims)
@@ -770,12 +755,8 @@ class FusionEncoder(nn.Module):
                ) -> torch.Tensor:                             # (B, L, D)
         dims = check_shape(text, "text", ("B", "L", self.config.embed_dim))
         check_shape(context, "context", ("B", "M", self.config.context_dim or self.config.embed_dim), dims)
-        L = text.shape[1]
-        self_am = None if text_valid is None else text_valid.bool()[:, None, None, :]      # SDPA's: True = may attend
-        if self.config.causal:
-            tri = torch.ones(L, L, dtype=torch.bool, device=text.device).tril()[None, None]
-            self_am = tri if self_am is None else (tri & self_am) | torch.eye(L, dtype=torch.bool, device=text.device)
-        cross_am = None if context_valid is None else context_valid.bool()[:, None, None, :]
+        self_am = _attn_mask(text_valid, self.config.causal, text.shape[1], text.device)
+        cross_am = _attn_mask(context_valid)
         x = text
         for blk in self.blocks: x = blk(x, context, self_am, cross_am)
         return self.norm(x)
@@ -852,7 +833,7 @@ def _attention_modules(model:nn.Module) -> list:
     out, hf = [], []
     for n, m in model.named_modules():
         if getattr(m, "is_hf_tower", False): hf.append((n + "." if n else "", m.model))   # an HFEncoder
-        if isinstance(m, (Attention, CrossAttention)): out.append((n, m, None))
+        if isinstance(m, Attention): out.append((n, m, None))
         elif hasattr(m, "scaling") and "Attention" in type(m).__name__:          # a transformers attention module
             owner = [o for p, o in hf if n.startswith(p)]
             if owner: out.append((n, m, owner[-1]))
@@ -873,13 +854,11 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
     mods = _attention_modules(model)
     if not mods: raise InputError(f"capture_attention: {type(model).__name__} has no attention modules (mmlab or HFEncoder)")
     names = [n for n, _, _ in mods]
-    if layers is None: chosen = mods
-    else:
-        chosen = []
-        for l in ([layers] if isinstance(layers, (int, str)) else layers):
-            if isinstance(l, int) and -len(mods) <= l < len(mods): chosen.append(mods[l])
-            elif isinstance(l, str) and l in names: chosen.append(mods[names.index(l)])
-            else: raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
+    def pick(l):
+        if isinstance(l, int) and -len(mods) <= l < len(mods): return mods[l]
+        if isinstance(l, str) and l in names: return mods[names.index(l)]
+        raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
+    chosen = mods if layers is None else [pick(l) for l in ([layers] if isinstance(layers, (int, str)) else layers)]
     maps, handles, hf_models = {}, [], {}
     def store(name, p):
         if heads is not None:
@@ -891,16 +870,12 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
         if owner is not None:                                         # transformers module: see `_hf_capture_attention`
             _HF_CAPTURE[id(mod)] = lambda p, name=name: store(name, p)
             hf_models[id(owner)] = owner; continue
-        st = {}
-        def pre(m, args, kwargs, st=st):
-            st["attn_mask"] = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
-        def grab(key, st=st):
-            def hook(m, inp, out): st[key] = out.detach()
-            return hook
-        def post(m, args, kwargs, out, st=st, name=name):
-            with torch.no_grad(): store(name, attention_probs(st["q"], st["k"], st["attn_mask"]))
-        handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
-                    mod.q_norm.register_forward_hook(grab("q")), mod.k_norm.register_forward_hook(grab("k")),
+        qk = {}                                                       # q_norm / k_norm module -> its output
+        def grab(m, inp, out, qk=qk): qk[m] = out.detach()
+        def post(m, args, kwargs, out, qk=qk, name=name):
+            mask = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
+            with torch.no_grad(): store(name, attention_probs(qk[m.q_norm], qk[m.k_norm], mask))
+        handles += [mod.q_norm.register_forward_hook(grab), mod.k_norm.register_forward_hook(grab),
                     mod.register_forward_hook(post, with_kwargs=True)]
     switched = []
     try:
@@ -916,21 +891,18 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
         for _, mod, owner in chosen:
             if owner is not None: _HF_CAPTURE.pop(id(mod), None)
 
-# %% ../nbs/02_encoders.ipynb #d892e811
-_HF_INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}
-_HF_POOL = {"text": "mean", "image": "cls", "audio": "mean"}
-
 # %% ../nbs/02_encoders.ipynb #89928a82
 class HFEncoder(nn.Module):
     "A Hugging Face `transformers` encoder (text, image or audio) behind the tower interface."
     is_hf_tower = True                         # lets `capture_attention` find the transformers attention inside
+    _INPUT = {"text": "input_ids", "image": "pixel_values", "audio": "input_values"}   # the model's input argument
     def __init__(self, model:nn.Module,        # a transformers PreTrainedModel (AutoModel)
                  modality:str="text",          # text | image | audio: picks the input argument
                  pool:str="auto",              # auto | cls | mean | pooler (auto: mean for text/audio, cls for images)
                 ):
         super().__init__()
-        if modality not in _HF_INPUT: raise ConfigError(f"HFEncoder: modality={modality!r}; expected one of {', '.join(_HF_INPUT)}")
-        pool = _HF_POOL[modality] if pool == "auto" else pool
+        if modality not in self._INPUT: raise ConfigError(f"HFEncoder: modality={modality!r}; expected one of {', '.join(self._INPUT)}")
+        pool = ("cls" if modality == "image" else "mean") if pool == "auto" else pool
         if pool not in ("cls", "mean", "pooler"): raise ConfigError(f"HFEncoder: pool={pool!r}; expected auto, cls, mean or pooler")
         self.model, self.modality, self.pool = model, modality, pool
         self.embed_dim = model.config.hidden_size
@@ -960,7 +932,7 @@ class HFEncoder(nn.Module):
         if visible_idx is not None:
             raise InputError("HFEncoder: visible_idx is not supported by Hugging Face towers (their embedding is internal); "
                              "use an mmlab tower (ViTEncoder, AudioEncoder, TextEncoder) for masked modelling")
-        kw = {_HF_INPUT[self.modality]: x}
+        kw = {self._INPUT[self.modality]: x}
         if padding_mask is not None: kw["attention_mask"] = (~padding_mask.bool()).long()   # Hugging Face's: 1 = real
         out = self.model(**kw)
         h = out.last_hidden_state                                 # (B, N, D)
@@ -969,15 +941,11 @@ class HFEncoder(nn.Module):
             if padding_mask.shape[1] == h.shape[1]: valid = ~padding_mask.bool()
             elif hasattr(self.model, "_get_feature_vector_attention_mask"):   # wav2vec2 / HuBERT: samples -> frames
                 valid = self.model._get_feature_vector_attention_mask(h.shape[1], kw["attention_mask"]).bool()
-        if self.pool == "cls": pooled = h[:, 0]
-        elif self.pool == "pooler":
-            if getattr(out, "pooler_output", None) is None:
-                raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
-            pooled = out.pooler_output
-        elif valid is None: pooled = h.mean(1)
-        else:
-            w = valid.to(h.dtype)[..., None]
-            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1)
+        if self.pool == "mean": pooled = _masked_mean(h, valid)
+        elif self.pool == "cls": pooled = h[:, 0]
+        elif getattr(out, "pooler_output", None) is None:
+            raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
+        else: pooled = out.pooler_output
         return EncoderOutput(h, pooled, valid)
 
     def get_config(self) -> dict:
@@ -1024,7 +992,7 @@ def count_params(model:nn.Module, trainable:bool=False) -> int:
 def count_flops(model:nn.Module, **inputs) -> int:
     "Forward FLOPs (2 per multiply-add) of `model(**inputs)`, counted on the explicit attention path."
     from torch.utils.flop_counter import FlopCounterMode
-    fused = {m: m.fused_attn for m in model.modules() if isinstance(m, (Attention, CrossAttention))}
+    fused = {m: m.fused_attn for m in model.modules() if isinstance(m, Attention)}
     set_fused_attn(model, False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc: model(**inputs)
