@@ -18,7 +18,7 @@ from .core import (CheckpointError, ConfigError, InputError, InputTypeError, Mis
 from .data import get_modality
 from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttention, EncoderOutput, FusionConfig,
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
-                            gather_tokens, sincos_2d, tower_inputs)
+                            _attn_mask, _masked_mean, gather_tokens, sincos_2d, tower_inputs)
 from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, random_mask, span_mask
 from .losses import (DINOLoss, byol_loss, clip_loss, dino_loss, ema_update, hubert_loss, kmeans_targets, mae_loss,
                           momentum_schedule, simmim_loss)
@@ -539,12 +539,9 @@ def mmae_features(model:MultiModalMAE, batch:dict, modality:str) -> Tensor:
     kw = dict(tower_inputs(batch, modality))                # x, plus lengths or a padding mask where the modality has them
     t, valid = model.adapters[modality].embed(kw.pop("x"), **kw)
     t = t + model.modality_embed[modality]
-    am = None if valid is None else valid[:, None, None, :]  # SDPA's attn_mask: True = may attend
+    am = _attn_mask(valid)                                   # SDPA's attn_mask: True = may attend
     for blk in model.blocks: t = blk(t, attn_mask=am)
-    t = model.norm(t)
-    if valid is None: return t.mean(1)
-    w = valid.to(t.dtype)[..., None]
-    return (t * w).sum(1) / w.sum(1).clamp_min(1)
+    return _masked_mean(model.norm(t), valid)
 
 # %% ../nbs/05b_models.ipynb #bd2f46ed
 class HuBERTOutput(NamedTuple):
