@@ -11,21 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm, eval_mode
+
 # %% auto #0
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
            'shift_embeddings', 'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout',
            'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
-# %% ../nbs/09_analysis.ipynb #121705df
-from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm
-
 # %% ../nbs/09_analysis.ipynb #f199ef40
-def _emb(x, name:str, dims:dict) -> Tensor:
-    "Validate (N, D) finite, L2-normalised embeddings; return them as a float64 CPU tensor."
+def _emb(x, name:str, dims:dict, unit:bool=True) -> Tensor:
+    "Validate (N, D) finite embeddings (with `unit`: floating-point, L2-normalised); return them as a float64 CPU tensor."
     if isinstance(x, np.ndarray): x = torch.from_numpy(x)
     check_shape(x, name, ("N", "D"), dims)
-    if not x.is_floating_point(): raise InputTypeError(f"{name}: expected floating-point embeddings, got {x.dtype}")
-    check_finite(x, name); check_unit_norm(x, name)
+    if unit and not x.is_floating_point(): raise InputTypeError(f"{name}: expected floating-point embeddings, got {x.dtype}")
+    check_finite(x, name)
+    if unit: check_unit_norm(x, name)
     return x.detach().to("cpu", torch.float64)
 
 def gap_vector(x:Tensor,  # (N, D) L2-normalised embeddings of modality X (e.g. images)
@@ -42,16 +42,6 @@ def _offdiag_mean(s:Tensor) -> Tensor:
     n = s.shape[0]
     return (s.sum() - s.diagonal().sum()) / (n * (n - 1))
 
-def _sqdist(a:Tensor, b:Tensor) -> Tensor:
-    "(N, M) squared Euclidean distances."
-    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T).clamp_min(0)
-
-def _log_offdiag_mean_exp(s:Tensor) -> float:
-    "log of the mean of exp over the off-diagonal entries of a square matrix (stable)."
-    n = s.shape[0]
-    off = s.masked_select(~torch.eye(n, dtype=torch.bool))
-    return (torch.logsumexp(off, 0) - math.log(off.numel())).item()
-
 def uniformity(x:Tensor,           # (N, D) L2-normalised embeddings, N >= 2
                y:Tensor|None=None, # (N, D) a second modality: cross-modal uniformity over the pairs i != j
                t:float=2.0,        # scale of the Gaussian potential (Wang & Isola: 2)
@@ -61,7 +51,9 @@ def uniformity(x:Tensor,           # (N, D) L2-normalised embeddings, N >= 2
     y = x if y is None else _emb(y, "y", dims)
     if x.shape[0] < 2: raise InputError(f"uniformity: needs N >= 2 embeddings, got {x.shape[0]}")
     if t <= 0: raise InputError(f"uniformity: t must be > 0, got {t}")
-    return _log_offdiag_mean_exp(-t * _sqdist(x, y))
+    d2 = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T).clamp_min(0)   # (N, N) ||x_i - y_j||^2
+    off = (-t * d2).masked_select(~torch.eye(x.shape[0], dtype=torch.bool))            # the pairs i != j
+    return (torch.logsumexp(off, 0) - math.log(off.numel())).item()
 
 def mean_pairwise_cosine(x:Tensor, # (N, D) L2-normalised embeddings, N >= 2
                         ) -> float:
@@ -75,12 +67,10 @@ def effective_rank(x:Tensor,          # (N, D) embeddings (any norm)
                    center:bool=True,  # subtract the mean row first
                   ) -> float:         # in [1, min(N, D)]; 0 for an all-zero matrix
     "Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values."
-    if isinstance(x, np.ndarray): x = torch.from_numpy(x)
-    check_shape(x, "x", ("N", "D")); check_finite(x, "x")
-    x = x.detach().to("cpu", torch.float64)
+    x = _emb(x, "x", {}, unit=False)
     if center: x = x - x.mean(0)
     s = torch.linalg.svdvals(x)
-    if s.sum() <= 1e-12 * max(1, x.abs().max().item()) or s.sum() == 0: return 0.0
+    if s.sum() <= 1e-12 * max(1, x.abs().max().item()): return 0.0
     p = s / s.sum(); p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
 
@@ -175,8 +165,7 @@ def shift_experiment(x:Tensor,                 # (N, D) embeddings of the querie
             cs = F.normalize(class_emb.to(ys) + float(lam) / 2 * u.to(ys), dim=-1)
             row["zero_shot"] = zero_shot_eval(xs, cs, labels)["accuracy"]
         r = retrieval_eval(xs, ys, ids, ids, ks=ks, names=("x", "y"))
-        for d in ("x_to_y", "y_to_x"):
-            for k in ks: row[f"{d}_R@{k}"] = r[d][f"R@{k}"]
+        row |= {f"{d}_R@{k}": r[d][f"R@{k}"] for d in ("x_to_y", "y_to_x") for k in ks}
         rows.append(row)
     return rows
 
@@ -270,13 +259,9 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
                  ) -> Tensor:                  # image (B, gh, gw) | audio (B, F', T') | text (B, L)
     "Relevance of each input patch / spectrogram patch / token to the tower's pooled output, laid out like the input."
     from mmlab.encoders import AudioEncoder, ViTEncoder, capture_attention
-    was = tower.training; tower.eval()
-    try:
-        with torch.no_grad(), capture_attention(tower) as maps:
-            kw = {k: v for k, v in inputs.items() if k != "x"}
-            _, valid = tower.embed(inputs["x"], **kw)
-            tower(**inputs)
-    finally: tower.train(was)
+    with eval_mode(tower), capture_attention(tower) as maps:
+        _, valid = tower.embed(inputs["x"], **{k: v for k, v in inputs.items() if k != "x"})
+        tower(**inputs)
     maps = list(maps.values())
     if layer is None: R = attention_rollout(maps, head_fusion)
     else:
@@ -339,5 +324,4 @@ def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"
         kw = dict(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1) | kwargs
         Y = umap.UMAP(n_components=dim, **kw).fit_transform(Z.numpy())
     else: raise InputError(f"reduce_embeddings: method={method!r}; expected pca, tsne or umap")
-    sizes = np.cumsum([0] + [len(x) for x in X])
-    return {k: np.asarray(Y[sizes[i]:sizes[i + 1]]) for i, k in enumerate(names)}
+    return dict(zip(names, np.split(np.asarray(Y), np.cumsum([len(x) for x in X])[:-1])))
