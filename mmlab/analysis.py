@@ -99,8 +99,7 @@ def separability(x:Tensor,              # (N, D) embeddings of modality X
     n = x.shape[0]; n_test = int(round(n * test_size))
     if not 0 < test_size < 1 or n_test < 1 or n - n_test < 1:
         raise InputError(f"separability: need at least one training and one held-out pair; got N={n}, test_size={test_size}")
-    perm = np.random.default_rng(seed).permutation(n)
-    te, tr = perm[:n_test], perm[n_test:]
+    te, tr = np.split(np.random.default_rng(seed).permutation(n), [n_test])
     X = lambda idx: np.concatenate([x[idx].numpy(), y[idx].numpy()])
     lab = lambda idx: np.r_[np.zeros(len(idx)), np.ones(len(idx))]
     clf = LogisticRegression(C=C, max_iter=2000).fit(X(tr), lab(tr))
@@ -118,15 +117,11 @@ def gap_metrics(x:Tensor,                 # (N, D) L2-normalised embeddings of m
     if x.shape[0] < 2: raise InputError(f"gap_metrics: needs N >= 2 pairs, got {x.shape[0]}")
     cx, cy = x.mean(0), y.mean(0); u = cx - cy
     den = (cx.norm() * cy.norm()).item()
-    out = {"gap_norm": u.norm().item(),
-           "centroid_cosine": (cx @ cy).item() / den if den > 0 else float("nan"),
+    out = {"gap_norm": u.norm().item(), "centroid_cosine": (cx @ cy).item() / den if den > 0 else float("nan"),
            "centroid_norm_x": cx.norm().item(), "centroid_norm_y": cy.norm().item(),
-           "instance_gap": (x - y).norm(dim=1).mean().item(),
-           "alignment": (x - y).pow(2).sum(1).mean().item(),
-           "uniformity_x": uniformity(x, t=t), "uniformity_y": uniformity(y, t=t),
-           "uniformity_xy": uniformity(x, y, t=t),
-           "relative_gap": relative_gap(x, y),
-           "cone_x": mean_pairwise_cosine(x), "cone_y": mean_pairwise_cosine(y),
+           "instance_gap": (x - y).norm(dim=1).mean().item(), "alignment": (x - y).pow(2).sum(1).mean().item(),
+           "uniformity_x": uniformity(x, t=t), "uniformity_y": uniformity(y, t=t), "uniformity_xy": uniformity(x, y, t=t),
+           "relative_gap": relative_gap(x, y), "cone_x": mean_pairwise_cosine(x), "cone_y": mean_pairwise_cosine(y),
            "erank_x": effective_rank(x), "erank_y": effective_rank(y)}
     if separability_probe: out["separability"] = separability(x, y, seed=seed)
     return out
@@ -201,11 +196,10 @@ def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
                           max_len:int=32,   # longest caption (tokens)
                          ):
     "A seeded tiny CLIP (2-block ViT + 2-block text Transformer) for CPU experiments."
-    from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
-    from mmlab.models import MultiModalModel
+    from mmlab.models import MultiModalModel, make_tower
     torch.manual_seed(seed)
-    towers = {"image": ViTEncoder(ViTConfig.preset("tiny", img_size=img_size)),
-              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=vocab_size, max_len=max_len))}
+    towers = {"image": make_tower("image", "tiny", img_size=img_size),
+              "text": make_tower("text", "tiny", vocab_size=vocab_size, max_len=max_len)}
     return MultiModalModel(towers, proj_dim=proj_dim)
 
 # %% ../nbs/09_analysis.ipynb #88af2268
@@ -271,13 +265,11 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
             raise InputError(f"attention_map: head {head} out of range for {A.shape[1]} heads")
         R = A.mean(1) if head is None else A[:, head]
     rel = token_relevance(R, tower.num_prefix_tokens, tower.config.pool, valid)
-    B = rel.shape[0]
     if isinstance(tower, ViTEncoder):
         H, W = inputs["x"].shape[-2:]; ph, pw = tower.config.patch_size
-        return rel.reshape(B, H // ph, W // pw)
+        return rel.unflatten(1, (H // ph, W // pw))
     if isinstance(tower, AudioEncoder):                       # tokens are time-major: (T', F') -> (F', T')
-        Fp = tower.config.n_mels // tower.config.patch_size[0]
-        return rel.reshape(B, -1, Fp).transpose(1, 2)
+        return rel.unflatten(1, (-1, tower.config.n_mels // tower.config.patch_size[0])).transpose(1, 2)
     return rel
 
 # %% ../nbs/09_analysis.ipynb #3a6a6d01
@@ -289,10 +281,8 @@ def fit_pca(X:Tensor,      # (N, D) data
     check_shape(X, "X", ("N", "D"))
     if not 1 <= dim <= min(X.shape): raise InputError(f"fit_pca: dim must be in [1, {min(X.shape)}], got {dim}")
     mu = X.mean(0)
-    _, _, Vh = torch.linalg.svd(X - mu, full_matrices=False)
-    V = Vh[:dim]
-    sign = torch.sign(V.gather(1, V.abs().argmax(1, keepdim=True)))
-    return mu, V * sign
+    V = torch.linalg.svd(X - mu, full_matrices=False)[2][:dim]
+    return mu, V * torch.sign(V.gather(1, V.abs().argmax(1, keepdim=True)))   # largest loading of each component > 0
 
 def pca_transform(X:Tensor, mean:Tensor, components:Tensor) -> np.ndarray:  # (N, D) -> (N, dim)
     "Project with a fitted PCA."
@@ -308,11 +298,10 @@ def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"
                      ) -> dict:           # name -> (N_m, dim) numpy coordinates
     "Fit one reduction on the concatenation of all modalities and split the coordinates back per modality."
     if not embs: raise InputError("reduce_embeddings: no embeddings given")
-    names = list(embs)
-    X = [torch.as_tensor(np.asarray(embs[k].detach().cpu() if isinstance(embs[k], Tensor) else embs[k]), dtype=torch.float64)
-         for k in names]
+    X = [e.detach().cpu().double() if isinstance(e, Tensor) else torch.as_tensor(np.asarray(e), dtype=torch.float64)
+         for e in embs.values()]
     dims = {}
-    for k, x in zip(names, X): dims = check_shape(x, f"embs[{k!r}]", (None, "D"), dims)
+    for k, x in zip(embs, X): check_shape(x, f"embs[{k!r}]", (None, "D"), dims)
     Z = torch.cat(X); n = Z.shape[0]
     if method == "pca": Y = pca_transform(Z, *fit_pca(Z, dim))
     elif method == "tsne":
@@ -324,4 +313,4 @@ def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"
         kw = dict(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1) | kwargs
         Y = umap.UMAP(n_components=dim, **kw).fit_transform(Z.numpy())
     else: raise InputError(f"reduce_embeddings: method={method!r}; expected pca, tsne or umap")
-    return dict(zip(names, np.split(np.asarray(Y), np.cumsum([len(x) for x in X])[:-1])))
+    return dict(zip(embs, np.split(np.asarray(Y), np.cumsum([len(x) for x in X])[:-1])))
