@@ -683,7 +683,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes._convert': ('recipes.html#_convert', 'mmlab/recipes.py'),
                                'mmlab.recipes._fraction': ('recipes.html#_fraction', 'mmlab/recipes.py'),
                                'mmlab.recipes._ints': ('recipes.html#_ints', 'mmlab/recipes.py'),
-                               'mmlab.recipes._pad_id': ('recipes.html#_pad_id', 'mmlab/recipes.py'),
                                'mmlab.recipes._recipe_help': ('recipes.html#_recipe_help', 'mmlab/recipes.py'),
                                'mmlab.recipes._report_run': ('recipes.html#_report_run', 'mmlab/recipes.py'),
                                'mmlab.recipes._resume': ('recipes.html#_resume', 'mmlab/recipes.py'),

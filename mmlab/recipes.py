@@ -144,10 +144,6 @@ def is_manifest(dataset:str) -> bool:
     "True when `dataset` is a manifest path template (it contains `{split}`), not a bundled dataset's name."
     return "{split}" in dataset
 
-def _pad_id(recipe) -> int:
-    "The text padding id; only recipes that read text have a tokenizer (and a `max_len`)."
-    return CharTokenizer(max_len=recipe.max_len).pad_id if "text" in recipe.modalities else 0
-
 def label_names(recipe) -> list[str]|None:
     "Class names: the bundled dataset's, or the distinct labels of a manifest's train split (None if it has no labels)."
     if not is_manifest(recipe.dataset): return dataset_meta(recipe.dataset)["label_names"]
@@ -189,7 +185,7 @@ def split_dataset(recipe, split:str):
 
 def load_split(recipe, split:str, n:int|None=None) -> dict:
     "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
-    return stack_dataset(split_dataset(recipe, split), n, pad_id=_pad_id(recipe))
+    return stack_dataset(split_dataset(recipe, split), n, pad_id=CharTokenizer.PAD)
 
 # %% ../nbs/08a_recipes.ipynb #0566a9ef
 def train_data(recipe, n:int|None=None):
@@ -199,7 +195,7 @@ def train_data(recipe, n:int|None=None):
     if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
     if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
     return make_loader(ds, recipe.batch_size, seed=recipe.seed, num_workers=recipe.workers, drop_last=True,
-                       pad_id=_pad_id(recipe))
+                       pad_id=CharTokenizer.PAD)
 
 def model_device(model:nn.Module) -> torch.device:
     "The device of a model's parameters."
