@@ -11,21 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm, eval_mode
+
 # %% auto #0
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
            'shift_embeddings', 'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout',
            'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
-# %% ../nbs/09_analysis.ipynb #121705df
-from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm
-
 # %% ../nbs/09_analysis.ipynb #f199ef40
-def _emb(x, name:str, dims:dict) -> Tensor:
-    "Validate (N, D) finite, L2-normalised embeddings; return them as a float64 CPU tensor."
+def _emb(x, name:str, dims:dict, unit:bool=True) -> Tensor:
+    "Validate (N, D) finite embeddings (with `unit`: floating-point, L2-normalised); return them as a float64 CPU tensor."
     if isinstance(x, np.ndarray): x = torch.from_numpy(x)
     check_shape(x, name, ("N", "D"), dims)
-    if not x.is_floating_point(): raise InputTypeError(f"{name}: expected floating-point embeddings, got {x.dtype}")
-    check_finite(x, name); check_unit_norm(x, name)
+    if unit and not x.is_floating_point(): raise InputTypeError(f"{name}: expected floating-point embeddings, got {x.dtype}")
+    check_finite(x, name)
+    if unit: check_unit_norm(x, name)
     return x.detach().to("cpu", torch.float64)
 
 def gap_vector(x:Tensor,  # (N, D) L2-normalised embeddings of modality X (e.g. images)
@@ -42,16 +42,6 @@ def _offdiag_mean(s:Tensor) -> Tensor:
     n = s.shape[0]
     return (s.sum() - s.diagonal().sum()) / (n * (n - 1))
 
-def _sqdist(a:Tensor, b:Tensor) -> Tensor:
-    "(N, M) squared Euclidean distances."
-    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T).clamp_min(0)
-
-def _log_offdiag_mean_exp(s:Tensor) -> float:
-    "log of the mean of exp over the off-diagonal entries of a square matrix (stable)."
-    n = s.shape[0]
-    off = s.masked_select(~torch.eye(n, dtype=torch.bool))
-    return (torch.logsumexp(off, 0) - math.log(off.numel())).item()
-
 def uniformity(x:Tensor,           # (N, D) L2-normalised embeddings, N >= 2
                y:Tensor|None=None, # (N, D) a second modality: cross-modal uniformity over the pairs i != j
                t:float=2.0,        # scale of the Gaussian potential (Wang & Isola: 2)
@@ -61,7 +51,9 @@ def uniformity(x:Tensor,           # (N, D) L2-normalised embeddings, N >= 2
     y = x if y is None else _emb(y, "y", dims)
     if x.shape[0] < 2: raise InputError(f"uniformity: needs N >= 2 embeddings, got {x.shape[0]}")
     if t <= 0: raise InputError(f"uniformity: t must be > 0, got {t}")
-    return _log_offdiag_mean_exp(-t * _sqdist(x, y))
+    d2 = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T).clamp_min(0)   # (N, N) ||x_i - y_j||^2
+    off = (-t * d2).masked_select(~torch.eye(x.shape[0], dtype=torch.bool))            # the pairs i != j
+    return (torch.logsumexp(off, 0) - math.log(off.numel())).item()
 
 def mean_pairwise_cosine(x:Tensor, # (N, D) L2-normalised embeddings, N >= 2
                         ) -> float:
@@ -75,12 +67,10 @@ def effective_rank(x:Tensor,          # (N, D) embeddings (any norm)
                    center:bool=True,  # subtract the mean row first
                   ) -> float:         # in [1, min(N, D)]; 0 for an all-zero matrix
     "Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values."
-    if isinstance(x, np.ndarray): x = torch.from_numpy(x)
-    check_shape(x, "x", ("N", "D")); check_finite(x, "x")
-    x = x.detach().to("cpu", torch.float64)
+    x = _emb(x, "x", {}, unit=False)
     if center: x = x - x.mean(0)
     s = torch.linalg.svdvals(x)
-    if s.sum() <= 1e-12 * max(1, x.abs().max().item()) or s.sum() == 0: return 0.0
+    if s.sum() <= 1e-12 * max(1, x.abs().max().item()): return 0.0
     p = s / s.sum(); p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
 
@@ -109,8 +99,7 @@ def separability(x:Tensor,              # (N, D) embeddings of modality X
     n = x.shape[0]; n_test = int(round(n * test_size))
     if not 0 < test_size < 1 or n_test < 1 or n - n_test < 1:
         raise InputError(f"separability: need at least one training and one held-out pair; got N={n}, test_size={test_size}")
-    perm = np.random.default_rng(seed).permutation(n)
-    te, tr = perm[:n_test], perm[n_test:]
+    te, tr = np.split(np.random.default_rng(seed).permutation(n), [n_test])
     X = lambda idx: np.concatenate([x[idx].numpy(), y[idx].numpy()])
     lab = lambda idx: np.r_[np.zeros(len(idx)), np.ones(len(idx))]
     clf = LogisticRegression(C=C, max_iter=2000).fit(X(tr), lab(tr))
@@ -128,15 +117,11 @@ def gap_metrics(x:Tensor,                 # (N, D) L2-normalised embeddings of m
     if x.shape[0] < 2: raise InputError(f"gap_metrics: needs N >= 2 pairs, got {x.shape[0]}")
     cx, cy = x.mean(0), y.mean(0); u = cx - cy
     den = (cx.norm() * cy.norm()).item()
-    out = {"gap_norm": u.norm().item(),
-           "centroid_cosine": (cx @ cy).item() / den if den > 0 else float("nan"),
+    out = {"gap_norm": u.norm().item(), "centroid_cosine": (cx @ cy).item() / den if den > 0 else float("nan"),
            "centroid_norm_x": cx.norm().item(), "centroid_norm_y": cy.norm().item(),
-           "instance_gap": (x - y).norm(dim=1).mean().item(),
-           "alignment": (x - y).pow(2).sum(1).mean().item(),
-           "uniformity_x": uniformity(x, t=t), "uniformity_y": uniformity(y, t=t),
-           "uniformity_xy": uniformity(x, y, t=t),
-           "relative_gap": relative_gap(x, y),
-           "cone_x": mean_pairwise_cosine(x), "cone_y": mean_pairwise_cosine(y),
+           "instance_gap": (x - y).norm(dim=1).mean().item(), "alignment": (x - y).pow(2).sum(1).mean().item(),
+           "uniformity_x": uniformity(x, t=t), "uniformity_y": uniformity(y, t=t), "uniformity_xy": uniformity(x, y, t=t),
+           "relative_gap": relative_gap(x, y), "cone_x": mean_pairwise_cosine(x), "cone_y": mean_pairwise_cosine(y),
            "erank_x": effective_rank(x), "erank_y": effective_rank(y)}
     if separability_probe: out["separability"] = separability(x, y, seed=seed)
     return out
@@ -175,8 +160,7 @@ def shift_experiment(x:Tensor,                 # (N, D) embeddings of the querie
             cs = F.normalize(class_emb.to(ys) + float(lam) / 2 * u.to(ys), dim=-1)
             row["zero_shot"] = zero_shot_eval(xs, cs, labels)["accuracy"]
         r = retrieval_eval(xs, ys, ids, ids, ks=ks, names=("x", "y"))
-        for d in ("x_to_y", "y_to_x"):
-            for k in ks: row[f"{d}_R@{k}"] = r[d][f"R@{k}"]
+        row |= {f"{d}_R@{k}": r[d][f"R@{k}"] for d in ("x_to_y", "y_to_x") for k in ks}
         rows.append(row)
     return rows
 
@@ -212,11 +196,10 @@ def tiny_image_text_model(vocab_size:int,   # the tokenizer's vocabulary
                           max_len:int=32,   # longest caption (tokens)
                          ):
     "A seeded tiny CLIP (2-block ViT + 2-block text Transformer) for CPU experiments."
-    from mmlab.encoders import TextEncoder, TextConfig, ViTEncoder, ViTConfig
-    from mmlab.models import MultiModalModel
+    from mmlab.models import MultiModalModel, make_tower
     torch.manual_seed(seed)
-    towers = {"image": ViTEncoder(ViTConfig.preset("tiny", img_size=img_size)),
-              "text": TextEncoder(TextConfig.preset("tiny", vocab_size=vocab_size, max_len=max_len))}
+    towers = {"image": make_tower("image", "tiny", img_size=img_size),
+              "text": make_tower("text", "tiny", vocab_size=vocab_size, max_len=max_len)}
     return MultiModalModel(towers, proj_dim=proj_dim)
 
 # %% ../nbs/09_analysis.ipynb #88af2268
@@ -270,13 +253,9 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
                  ) -> Tensor:                  # image (B, gh, gw) | audio (B, F', T') | text (B, L)
     "Relevance of each input patch / spectrogram patch / token to the tower's pooled output, laid out like the input."
     from mmlab.encoders import AudioEncoder, ViTEncoder, capture_attention
-    was = tower.training; tower.eval()
-    try:
-        with torch.no_grad(), capture_attention(tower) as maps:
-            kw = {k: v for k, v in inputs.items() if k != "x"}
-            _, valid = tower.embed(inputs["x"], **kw)
-            tower(**inputs)
-    finally: tower.train(was)
+    with eval_mode(tower), capture_attention(tower) as maps:
+        _, valid = tower.embed(inputs["x"], **{k: v for k, v in inputs.items() if k != "x"})
+        tower(**inputs)
     maps = list(maps.values())
     if layer is None: R = attention_rollout(maps, head_fusion)
     else:
@@ -286,13 +265,11 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
             raise InputError(f"attention_map: head {head} out of range for {A.shape[1]} heads")
         R = A.mean(1) if head is None else A[:, head]
     rel = token_relevance(R, tower.num_prefix_tokens, tower.config.pool, valid)
-    B = rel.shape[0]
     if isinstance(tower, ViTEncoder):
         H, W = inputs["x"].shape[-2:]; ph, pw = tower.config.patch_size
-        return rel.reshape(B, H // ph, W // pw)
+        return rel.unflatten(1, (H // ph, W // pw))
     if isinstance(tower, AudioEncoder):                       # tokens are time-major: (T', F') -> (F', T')
-        Fp = tower.config.n_mels // tower.config.patch_size[0]
-        return rel.reshape(B, -1, Fp).transpose(1, 2)
+        return rel.unflatten(1, (-1, tower.config.n_mels // tower.config.patch_size[0])).transpose(1, 2)
     return rel
 
 # %% ../nbs/09_analysis.ipynb #3a6a6d01
@@ -304,10 +281,8 @@ def fit_pca(X:Tensor,      # (N, D) data
     check_shape(X, "X", ("N", "D"))
     if not 1 <= dim <= min(X.shape): raise InputError(f"fit_pca: dim must be in [1, {min(X.shape)}], got {dim}")
     mu = X.mean(0)
-    _, _, Vh = torch.linalg.svd(X - mu, full_matrices=False)
-    V = Vh[:dim]
-    sign = torch.sign(V.gather(1, V.abs().argmax(1, keepdim=True)))
-    return mu, V * sign
+    V = torch.linalg.svd(X - mu, full_matrices=False)[2][:dim]
+    return mu, V * torch.sign(V.gather(1, V.abs().argmax(1, keepdim=True)))   # largest loading of each component > 0
 
 def pca_transform(X:Tensor, mean:Tensor, components:Tensor) -> np.ndarray:  # (N, D) -> (N, dim)
     "Project with a fitted PCA."
@@ -323,11 +298,10 @@ def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"
                      ) -> dict:           # name -> (N_m, dim) numpy coordinates
     "Fit one reduction on the concatenation of all modalities and split the coordinates back per modality."
     if not embs: raise InputError("reduce_embeddings: no embeddings given")
-    names = list(embs)
-    X = [torch.as_tensor(np.asarray(embs[k].detach().cpu() if isinstance(embs[k], Tensor) else embs[k]), dtype=torch.float64)
-         for k in names]
+    X = [e.detach().cpu().double() if isinstance(e, Tensor) else torch.as_tensor(np.asarray(e), dtype=torch.float64)
+         for e in embs.values()]
     dims = {}
-    for k, x in zip(names, X): dims = check_shape(x, f"embs[{k!r}]", (None, "D"), dims)
+    for k, x in zip(embs, X): check_shape(x, f"embs[{k!r}]", (None, "D"), dims)
     Z = torch.cat(X); n = Z.shape[0]
     if method == "pca": Y = pca_transform(Z, *fit_pca(Z, dim))
     elif method == "tsne":
@@ -339,5 +313,4 @@ def reduce_embeddings(embs:dict,          # name -> (N_m, D) embeddings (e.g. {"
         kw = dict(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1) | kwargs
         Y = umap.UMAP(n_components=dim, **kw).fit_transform(Z.numpy())
     else: raise InputError(f"reduce_embeddings: method={method!r}; expected pca, tsne or umap")
-    sizes = np.cumsum([0] + [len(x) for x in X])
-    return {k: np.asarray(Y[sizes[i]:sizes[i + 1]]) for i, k in enumerate(names)}
+    return dict(zip(embs, np.split(np.asarray(Y), np.cumsum([len(x) for x in X])[:-1])))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
-import json, math, sys, time
+import json, sys, time
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from itertools import combinations
@@ -14,13 +14,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError, eval_mode,
+from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings)
-from .data import MODALITIES, InMemoryBatches, stack_dataset
+from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
+                        dataset_meta, image_augment, load_dataset, make_loader, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
-                          mmae_features)
+                          mmae_features, save_model)
 from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, history_figure, latest_checkpoint,
                          load_checkpoint)
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
@@ -44,6 +45,16 @@ FROM_SETTINGS = ("device", "precision", "seed")   # fields whose default is the 
 def _setting(key:str):
     "A dataclass field whose default is read from the settings (settings.ini, `MMLAB_<KEY>`) when a recipe is made."
     return field(default_factory=lambda: getattr(get_settings(), key))
+
+def _check(cfg, ok, want:str, *keys):
+    "Raise `ConfigError` naming `<recipe>.<key>=<value>` and what was expected unless `ok(value)`, for each key."
+    for k in keys:
+        if not ok(getattr(cfg, k)): raise ConfigError(f"{cfg.name}.{k}={getattr(cfg, k)!r}: expected {want}")
+
+def _ints(cfg, *keys, least:int=1):
+    _check(cfg, lambda v: isinstance(v, int) and v >= least, f"an integer >= {least}", *keys)
+def _fraction(cfg, *keys): _check(cfg, lambda v: 0 < v < 1, "a fraction in (0, 1)", *keys)
+def _choice(cfg, key, allowed): _check(cfg, lambda v: v in allowed, f"one of {', '.join(map(str, allowed))}", key)
 
 # %% ../nbs/08a_recipes.ipynb #44cb0f85
 @dataclass
@@ -69,12 +80,9 @@ class RunFields:
 
     def __post_init__(self):
         "Check the shared fields (the trainer's by `TrainConfig` itself, named as this recipe's); recipes call this first."
-        _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _positive(self, "batch_size")
-        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
-            raise ConfigError(f"{self.name}.device={self.device!r}: expected auto, cpu, mps, cuda or cuda:N")
-        for k in ("threads", "workers", "ckpt_every", "seed"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
-                raise ConfigError(f"{self.name}.{k}={getattr(self, k)!r}: expected an integer >= 0")
+        _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _ints(self, "batch_size")
+        _check(self, lambda v: isinstance(v, str) and DEVICE_PATTERN.match(v), "auto, cpu, mps, cuda or cuda:N", "device")
+        _ints(self, "threads", "workers", "ckpt_every", "seed", least=0)
         try: self.train_config()
         except ConfigError as e: raise ConfigError(str(e).replace("TrainConfig.", f"{self.name}.", 1)) from None
 
@@ -89,24 +97,13 @@ class RunFields:
 def field_help(cls) -> dict:
     "Each field's meaning: the `# comment` beside it in the class that defines it, or in the nearest base class."
     from fastcore.docments import docments
-    out = {}
-    for c in reversed([c for c in cls.__mro__ if is_dataclass(c)]): out |= {k: v for k, v in docments(c, full=False).items() if v}
-    return out
+    bases_first = reversed([c for c in cls.__mro__ if is_dataclass(c)])     # so the nearest class's comment wins
+    return {k: v for c in bases_first for k, v in docments(c, full=False).items() if v}
 
 def recipe_fields(cls) -> list:
     "The fields of a recipe class, its own first, then the shared `RunFields` (the order help and errors list them)."
     shared = {f.name for f in fields(RunFields)}
     return sorted(fields(cls), key=lambda f: f.name in shared)
-
-def _positive(cfg, *keys):
-    "Raise unless every field in `keys` is an integer >= 1."
-    for k in keys:
-        if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1:
-            raise ConfigError(f"{cfg.name}.{k}={getattr(cfg, k)!r}: expected an integer >= 1")
-
-def _fraction(cfg, key):
-    "Raise unless the field is in (0, 1)."
-    if not 0 < getattr(cfg, key) < 1: raise ConfigError(f"{cfg.name}.{key}={getattr(cfg, key)!r}: expected a fraction in (0, 1)")
 
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
 @dataclass
@@ -130,20 +127,15 @@ class ClipRecipe(RunFields):
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.modalities, str): self.modalities = tuple(m.strip() for m in self.modalities.split(",") if m.strip())
-        self.modalities = tuple(self.modalities)
-        bad = [m for m in self.modalities if m not in MODALITIES]
-        if bad or not 2 <= len(self.modalities) <= 3 or len(set(self.modalities)) != len(self.modalities):
-            raise ConfigError(f"{self.name}.modalities={','.join(self.modalities)!r}: expected two or three distinct of {', '.join(MODALITIES)}")
+        ms = self.modalities = tuple(self.modalities)
+        if not (set(ms) <= set(MODALITIES) and 2 <= len(ms) <= 3 and len(set(ms)) == len(ms)):
+            raise ConfigError(f"{self.name}.modalities={','.join(ms)!r}: expected two or three distinct of {', '.join(MODALITIES)}")
         _choice(self, "loss", LOSSES); _choice(self, "targets", TARGETS)
-        if self.loss == "symile" and len(self.modalities) != 3:
-            raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(self.modalities)}")
+        if self.loss == "symile" and len(ms) != 3:
+            raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(ms)}")
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
-        _positive(self, "proj_dim", "n_mels", "max_len")
-
-def _choice(cfg, key, allowed):
-    v = getattr(cfg, key)
-    if v not in allowed: raise ConfigError(f"{cfg.name}.{key}={v!r}: expected one of {', '.join(map(str, allowed))}")
+        _ints(self, "proj_dim", "n_mels", "max_len")
 
 # %% ../nbs/08a_recipes.ipynb #c2d16c26
 MAX_BANK = 10_000   # training examples held in memory for kNN banks and k-means (manifests can be far larger)
@@ -152,26 +144,14 @@ def is_manifest(dataset:str) -> bool:
     "True when `dataset` is a manifest path template (it contains `{split}`), not a bundled dataset's name."
     return "{split}" in dataset
 
-def _tokenizer(recipe):
-    from mmlab.data import CharTokenizer
-    return CharTokenizer(max_len=recipe.max_len)
-
-def _pad_id(recipe) -> int:
-    "The text padding id; only recipes that read text have a tokenizer (and a `max_len`)."
-    return _tokenizer(recipe).pad_id if "text" in recipe.modalities else 0
-
-def _label_order(key:str):
-    "Sort integer labels numerically, then the others alphabetically."
-    return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
-
 def label_names(recipe) -> list[str]|None:
     "Class names: the bundled dataset's, or the distinct labels of a manifest's train split (None if it has no labels)."
-    from mmlab.data import _read_manifest, dataset_meta
     if not is_manifest(recipe.dataset): return dataset_meta(recipe.dataset)["label_names"]
     path = Path(recipe.dataset.format(split="train"))
     if not path.is_file(): raise MissingFileError(f"{recipe.name}.dataset: train manifest {str(path)!r} does not exist")
     keys = {str(r["label"]) for _, r in _read_manifest(path)[1] if r.get("label") is not None}
-    return sorted(keys, key=_label_order) or None
+    numbers_first = lambda k: (0, int(k), "") if k.lstrip("-").isdigit() else (1, 0, k)   # then the others alphabetically
+    return sorted(keys, key=numbers_first) or None
 
 # %% ../nbs/08a_recipes.ipynb #ce4b60bb
 class LabelIndex(torch.utils.data.Dataset):
@@ -191,10 +171,9 @@ class LabelIndex(torch.utils.data.Dataset):
 
 def split_dataset(recipe, split:str):
     "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
-    from mmlab.data import LogMel, ManifestDataset, load_dataset
     ms = recipe.modalities                                  # a recipe has `n_mels` only if it reads audio, `max_len` text
     kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
-              transforms={"text": _tokenizer(recipe)} if "text" in ms else None,
+              transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
               image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
     ds = ManifestDataset(recipe.dataset.format(split=split), **kw)
@@ -206,18 +185,17 @@ def split_dataset(recipe, split:str):
 
 def load_split(recipe, split:str, n:int|None=None) -> dict:
     "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
-    return stack_dataset(split_dataset(recipe, split), n, pad_id=_pad_id(recipe))
+    return stack_dataset(split_dataset(recipe, split), n, pad_id=CharTokenizer.PAD)
 
 # %% ../nbs/08a_recipes.ipynb #0566a9ef
 def train_data(recipe, n:int|None=None):
     "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
     if not is_manifest(recipe.dataset): return InMemoryBatches(load_split(recipe, "train", n), recipe.batch_size, recipe.seed)
-    from mmlab.data import make_loader
     ds = split_dataset(recipe, "train")
     if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
     if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
     return make_loader(ds, recipe.batch_size, seed=recipe.seed, num_workers=recipe.workers, drop_last=True,
-                       pad_id=_pad_id(recipe))
+                       pad_id=CharTokenizer.PAD)
 
 def model_device(model:nn.Module) -> torch.device:
     "The device of a model's parameters."
@@ -231,7 +209,6 @@ def build_model(recipe) -> MultiModalModel:
     kw = dict(init_scale=10.0, init_bias=-10.0) if recipe.loss == "siglip" else {}
     return MultiModalModel(towers, proj_dim=recipe.proj_dim, **kw)
 
-# %% ../nbs/08a_recipes.ipynb #e211b998
 def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip") -> Tensor:
     "The loss of one modality pair: plain diagonal targets when `labels` is None, label-aware otherwise."
     s, t = out["logit_scale"], out.get("logit_bias")
@@ -264,10 +241,8 @@ def class_prompts(label_names:list[str]) -> list[list[str]]:
 
 def text_classes(model, recipe, label_names:list[str]) -> Tensor:
     "(C, E) class embeddings from the text tower: the template ensemble of each class's prompts."
-    from mmlab.data import collate
-    tok = _tokenizer(recipe)
-    def encode(ps):
-        return embed(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
+    tok = CharTokenizer(max_len=recipe.max_len)
+    encode = lambda ps: embed(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
     return class_embeddings([encode(ps) for ps in class_prompts(label_names)])
 
 def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dict, dict]:
@@ -275,14 +250,13 @@ def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dic
     emb, y, m = embed(model, batch), batch["label"], {}
     if "text" in recipe.modalities and label_names:            # zero-shot needs class names
         cls = text_classes(model, recipe, label_names)
-        for q in recipe.modalities:
-            if q == "text": continue
+        for q in (q for q in recipe.modalities if q != "text"):
             r = zero_shot_eval(emb[q], cls, y)
             m |= {f"zero_shot/text_to_{q}/{k}": r[k] for k in ("accuracy", "top5", "chance") if k in r}
     for a, b in combinations(recipe.modalities, 2):   # a match is any item of the same class (captions repeat)
         r = retrieval_eval(emb[a], emb[b], y, y, names=(a, b))
-        for d, res in r.items():
-            for k in ("R@1", "R@5", "R@10", "mean_rank", "chance_R@1", "chance_R@5", "chance_R@10"): m[f"retrieval/{d}/{k}"] = res[k]
+        m |= {f"retrieval/{d}/{k}": res[k] for d, res in r.items()
+              for k in ("R@1", "R@5", "R@10", "mean_rank", "chance_R@1", "chance_R@5", "chance_R@10")}
     return m, emb
 
 # %% ../nbs/08a_recipes.ipynb #8d9cd489
@@ -296,8 +270,7 @@ def knn_metrics(model,                  # the model `feats` runs (in eval mode, 
     "Weighted kNN accuracy (k = 20, tau = 0.07) of `batch` against `train_batch`: {knn/<modality>/accuracy, .../chance}."
     if not label_names: return {}
     f = lambda rows: embed(model, rows, lambda _, b: feats(b))
-    r = knn_eval(f(train_batch), train_batch["label"], f(batch), batch["label"],
-                 num_classes=len(label_names))
+    r = knn_eval(f(train_batch), train_batch["label"], f(batch), batch["label"], num_classes=len(label_names))
     return {f"knn/{modality}/accuracy": r["accuracy"], f"knn/{modality}/chance": r["chance"]}
 
 # %% ../nbs/08a_recipes.ipynb #f9649dcc
@@ -313,7 +286,7 @@ class MaeRecipe(RunFields):
     name, modalities = "mae", ("image",)   # fixed: one modality
     def __post_init__(self):
         super().__post_init__()
-        _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _positive(self, "decoder_dim", "decoder_depth")
+        _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _ints(self, "decoder_dim", "decoder_depth")
     def make_model(self):
         torch.manual_seed(self.seed)
         return MAE(ViTEncoder(ViTConfig.preset(self.size)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
@@ -321,13 +294,10 @@ class MaeRecipe(RunFields):
     def make_loss(self): return lambda model, batch: model(batch["image"]).loss
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the encoder's pooled features (train -> `batch`) and the masked-patch loss on `batch`."
-        with eval_mode(model):
-            dev = model_device(model)
-            m = knn_metrics(model, lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image")
-            g = torch.Generator(dev).manual_seed(0)               # the same masks every evaluation
-            mse = embed(model, batch, lambda m, b: m(b["image"], generator=g).loss.expand(len(b["image"])))
-            m["mae/image/masked_mse"] = mse.mean().item()        # mean over examples
-        return m
+        m = knn_metrics(model, lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image")
+        g = torch.Generator(model_device(model)).manual_seed(0)   # the same masks every evaluation
+        mse = embed(model, batch, lambda m, b: m(b["image"], generator=g).loss.expand(len(b["image"])))
+        return m | {"mae/image/masked_mse": mse.mean().item()}   # mean over examples
 
 # %% ../nbs/08a_recipes.ipynb #d9327726
 class TeacherUpdate(Callback):
@@ -352,21 +322,20 @@ class ByolRecipe(RunFields):
     name, modalities = "byol", ("image",)
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.base_momentum <= 1: raise ConfigError(f"byol.base_momentum={self.base_momentum!r}: expected a value in [0, 1]")
-        if not 0 < self.crop_scale <= 1: raise ConfigError(f"byol.crop_scale={self.crop_scale!r}: expected a fraction in (0, 1]")
-        _positive(self, "dim", "hidden")
+        _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "base_momentum")
+        _check(self, lambda v: 0 < v <= 1, "a fraction in (0, 1]", "crop_scale")
+        _ints(self, "dim", "hidden")
     def make_model(self):
         torch.manual_seed(self.seed)
         return BYOLModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.steps, self.base_momentum)
     def make_loss(self):
-        from mmlab.data import image_augment
         aug = image_augment(size=ViTConfig.preset(self.size).img_size[0], scale=(self.crop_scale, 1.0))
         return lambda model, batch: model(*augment_views(batch["image"], aug))
     def callbacks(self): return [TeacherUpdate()]
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the online encoder's pooled features (train -> `batch`)."
         enc = model.online["encoder"]
-        with eval_mode(model): return knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image")
+        return knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image")
 
 # %% ../nbs/08a_recipes.ipynb #77cb7620
 @dataclass
@@ -387,13 +356,10 @@ class DinoRecipe(RunFields):
     name, modalities = "dino", ("image",)
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
-        if not isinstance(self.local_crops, int) or self.local_crops < 0:
-            raise ConfigError(f"dino.local_crops={self.local_crops!r}: expected an integer >= 0")
-        for k in ("student_temp", "teacher_temp"):
-            if not getattr(self, k) > 0: raise ConfigError(f"dino.{k}={getattr(self, k)!r}: expected a temperature > 0")
-        for k in ("center_momentum", "base_momentum"):
-            if not 0 <= getattr(self, k) <= 1: raise ConfigError(f"dino.{k}={getattr(self, k)!r}: expected a value in [0, 1]")
+        _ints(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
+        _ints(self, "local_crops", least=0)
+        _check(self, lambda v: v > 0, "a temperature > 0", "student_temp", "teacher_temp")
+        _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "center_momentum", "base_momentum")
         if not 0 < self.local_scale < self.global_scale <= 1:
             raise ConfigError(f"dino: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
                               f"global_scale={self.global_scale!r}")
@@ -402,23 +368,16 @@ class DinoRecipe(RunFields):
         return DINOModel(ViTEncoder(ViTConfig.preset(self.size)), self.out_dim, self.hidden, self.bottleneck, self.steps,
                          self.base_momentum, self.student_temp, self.teacher_temp, self.center_momentum, self.head_bn)
     def make_loss(self):
-        from mmlab.data import image_augment
         size = ViTConfig.preset(self.size).img_size[0]
         glob = image_augment(size=size, scale=(self.global_scale, 1.0))
         local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
-        def loss_fn(model, batch):
-            x = batch["image"]
-            return {"dino": model(augment_views(x, glob, 2), augment_views(x, local, self.local_crops))}
-        return loss_fn
+        views = lambda x: (augment_views(x, glob, 2), augment_views(x, local, self.local_crops))   # 2 global, then local
+        return lambda model, batch: {"dino": model(*views(batch["image"]))}
     def callbacks(self): return [TeacherUpdate()]
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
-        with eval_mode(model):
-            teacher, student = model.teacher.module, model.online
-            m = knn_metrics(model, lambda b: teacher["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image")
-            m |= {k.replace("image", "image_student"): v for k, v in knn_metrics(
-                model, lambda b: student["encoder"](b["image"]).pooled, train_batch, batch, label_names, "image").items()}
-        return m
+        knn = lambda enc, key: knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, key)
+        return knn(model.teacher.module["encoder"], "image") | knn(model.online["encoder"], "image_student")
 
 # %% ../nbs/08a_recipes.ipynb #0bb6e04b
 @dataclass
@@ -433,7 +392,7 @@ class HubertRecipe(RunFields):
     name, modalities = "hubert", ("audio",)
     def __post_init__(self):
         super().__post_init__()
-        _fraction(self, "mask_ratio"); _positive(self, "n_mels", "frame_hop", "num_units", "span")
+        _fraction(self, "mask_ratio"); _ints(self, "n_mels", "frame_hop", "num_units", "span")
     def make_model(self, centroids:Tensor|None=None):
         torch.manual_seed(self.seed)
         enc = AudioEncoder(AudioConfig.preset(self.size, n_mels=self.n_mels, patch_size=(self.n_mels, self.frame_hop)))
@@ -449,7 +408,7 @@ class HubertRecipe(RunFields):
         def feats(b):
             h, v = model.hubert.hidden_states(b["audio"]), model.valid_frames(b).float()
             return (h * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp(min=1)
-        with eval_mode(model): return knn_metrics(model, feats, train_batch, batch, label_names, "audio")
+        return knn_metrics(model, feats, train_batch, batch, label_names, "audio")
 
 # %% ../nbs/08a_recipes.ipynb #3454287b
 @dataclass
@@ -467,10 +426,10 @@ class AvMaeRecipe(RunFields):
     name, modalities = "av-mae", ("image", "audio")
     def __post_init__(self):
         super().__post_init__()
-        _fraction(self, "visible"); _positive(self, "decoder_dim", "decoder_depth", "n_mels")
+        _fraction(self, "visible"); _ints(self, "decoder_dim", "decoder_depth", "n_mels")
         _choice(self, "norm_pix", (True, False))
-        if not self.alpha > 0: raise ConfigError(f"av-mae.alpha={self.alpha!r}: expected a concentration > 0")
-        if not self.contrastive_weight >= 0: raise ConfigError(f"av-mae.contrastive_weight={self.contrastive_weight!r}: expected >= 0")
+        _check(self, lambda v: v > 0, "a concentration > 0", "alpha")
+        _check(self, lambda v: v >= 0, ">= 0", "contrastive_weight")
     def make_model(self):
         torch.manual_seed(self.seed)
         v = ViTConfig.preset(self.size); width = dict(embed_dim=v.embed_dim, num_heads=v.num_heads)
@@ -488,17 +447,14 @@ class AvMaeRecipe(RunFields):
         return loss_fn
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of each modality's unmasked, mean-pooled encoder features; masked MSE per modality."
-        dev = model_device(model); m = {}
-        with eval_mode(model):
-            for mod in self.modalities:
-                m |= knn_metrics(model, lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod)
-            g = torch.Generator(dev).manual_seed(0)              # the same masks every evaluation
-            def mse(b):                                           # (n, M): each chunk's loss per modality, per row
-                out = model({k: b[k] for k in self.modalities}, generator=g)
-                return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
-            per = embed(model, batch, lambda _, b: mse(b)).mean(0)
-            m |= {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
-        return m
+        m, g = {}, torch.Generator(model_device(model)).manual_seed(0)   # g: the same masks every evaluation
+        for mod in self.modalities:
+            m |= knn_metrics(model, lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod)
+        def mse(model, b):                                    # (n, M): each chunk's loss per modality, per row
+            out = model({k: b[k] for k in self.modalities}, generator=g)
+            return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
+        per = embed(model, batch, mse).mean(0)
+        return m | {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
 
 # %% ../nbs/08a_recipes.ipynb #e67e920a
 @dataclass
@@ -565,12 +521,10 @@ def get_recipe(name:str, **overrides):
     "A recipe config by name with typed overrides; unknown names, keys and values raise `ConfigError`."
     if name not in RECIPES: raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     cls = RECIPES[name]; allowed = {f.name: f for f in recipe_fields(cls)}
-    kw = {}
-    for k, v in overrides.items():
-        k = k.replace("-", "_")
+    kw = {k.replace("-", "_"): v for k, v in overrides.items()}
+    for k in kw:
         if k not in allowed: raise ConfigError(f"recipe {name!r} has no key {k!r}; allowed keys: {', '.join(allowed)}")
-        kw[k] = _convert(name, k, v, field_default(allowed[k]))
-    return cls(**kw)
+    return cls(**{k: _convert(name, k, v, field_default(allowed[k])) for k, v in kw.items()})
 
 def field_default(f):
     "The default of a recipe field: its value, or (device, precision, seed) the setting read now."
@@ -580,13 +534,11 @@ def _convert(name, key, v, default):
     "Parse a CLI string into the type of the field's default."
     if not isinstance(v, str): return v
     try:
-        if isinstance(default, bool): 
-            if v.lower() not in ("true", "false", "1", "0"): raise ValueError(v)
-            return v.lower() in ("true", "1")
+        if isinstance(default, bool): return {"true": True, "1": True, "false": False, "0": False}[v.lower()]
         if isinstance(default, int): return int(v)
         if isinstance(default, float): return float(v)
         if isinstance(default, tuple): return tuple(s.strip() for s in v.split(",") if s.strip())
-    except ValueError:
+    except (ValueError, KeyError):
         raise ConfigError(f"recipe {name!r}: --{key} {v!r} is not a valid {type(default).__name__} (default {default!r})") from None
     return v
 
@@ -614,7 +566,6 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
     import csv
     import soundfile as sf
     from PIL import Image
-    from mmlab.data import dataset_meta, load_dataset
     meta, ds = dataset_meta(dataset), load_dataset(dataset, split)
     folder = Path(folder); (folder / split).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -634,26 +585,20 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
 def embedding_figure(emb:dict, labels:Tensor, n:int=300):
     "Plotly scatter: PCA of every modality's embeddings (first n items) in one plane, coloured by modality."
     import plotly.graph_objects as go
-    ms = list(emb); X = torch.cat([emb[m][:n] for m in ms]).double()
+    X = torch.cat([e[:n] for e in emb.values()]).double()
     Xc = X - X.mean(0)
-    _, _, V = torch.linalg.svd(Xc, full_matrices=False)
-    P = (Xc @ V[:2].T).numpy(); fig = go.Figure(); i = 0
-    for m in ms:
-        k = min(n, len(emb[m])); y = labels[:k].tolist()
-        fig.add_trace(go.Scatter(x=P[i:i + k, 0], y=P[i:i + k, 1], mode="markers", name=m, text=[f"{m}, class {c}" for c in y],
-                                 marker=dict(size=5, opacity=0.7), hoverinfo="text"))
-        i += k
-    fig.update_layout(title="embeddings (PCA of all modalities together)", height=420, width=620,
-                      margin=dict(t=40, b=40, l=40, r=10))
-    return fig
+    P = (Xc @ torch.linalg.svd(Xc, full_matrices=False)[2][:2].T).split([min(n, len(e)) for e in emb.values()])
+    traces = [go.Scatter(x=p[:, 0].numpy(), y=p[:, 1].numpy(), mode="markers", name=m, hoverinfo="text",
+                         marker=dict(size=5, opacity=0.7), text=[f"{m}, class {c}" for c in labels[:len(p)].tolist()])
+              for m, p in zip(emb, P)]
+    return go.Figure(traces).update_layout(title="embeddings (PCA of all modalities together)", height=420, width=620,
+                                           margin=dict(t=40, b=40, l=40, r=10))
 
 # %% ../nbs/08a_recipes.ipynb #380e3f06
 def metrics_tables(metrics:dict) -> str:
     "HTML tables: zero-shot accuracy and retrieval recall, each beside its chance level."
-    def table(head, rows):
-        h = "".join(f"<th>{c}</th>" for c in head)
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><tr>{h}</tr>{body}</table>"
+    row = lambda cells, tag="td": "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>"
+    table = lambda head, rows: "<table>" + row(head, "th") + "".join(map(row, rows)) + "</table>"
     f = lambda v: f"{100 * v:.1f}%"
     zs = sorted({k.split("/")[1] for k in metrics if k.startswith("zero_shot/")})
     zs_rows = [[d.replace("_", " "), f(metrics[f"zero_shot/{d}/accuracy"]), f(metrics[f"zero_shot/{d}/chance"]),
@@ -672,7 +617,6 @@ def write_report(path:str|Path, recipe, history:list[dict], metrics:dict, emb:di
     "A self-contained HTML report (plotly.js inlined: works offline): config, loss curves, tables, embedding plot."
     figs = [history_figure(history)] + ([embedding_figure(emb, labels)] if emb is not None else [])
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
-    cfg = json.dumps(recipe_dict(recipe), indent=1)
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlab {recipe.name} report</title><style>"
             "body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
@@ -680,7 +624,7 @@ def write_report(path:str|Path, recipe, history:list[dict], metrics:dict, emb:di
             f"<h1>mmlab {recipe.name}: {', '.join(recipe.modalities)} on {recipe.dataset}</h1>"
             f"<p>{recipe.steps} steps{took}; evaluated on the {recipe.eval_split} split.</p>"
             + parts[0] + metrics_tables(metrics) + "".join(parts[1:])
-            + f"<h2>Recipe</h2><pre>{cfg}</pre></body></html>")
+            + f"<h2>Recipe</h2><pre>{json.dumps(recipe_dict(recipe), indent=1)}</pre></body></html>")
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(html)
     return p
 
@@ -767,8 +711,7 @@ def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "quickstart":
-        kw = parse_overrides(rest); out = kw.pop("out", None)
-        res = quickstart(out, **kw)
+        res = quickstart(**parse_overrides(rest))
         m = res.metrics
         print(f"quickstart: {res.seconds:.1f} s; zero-shot accuracy text->image "
               f"{m['zero_shot/text_to_image/accuracy']:.1%}, text->audio {m['zero_shot/text_to_audio/accuracy']:.1%} (chance 10%)")
@@ -827,7 +770,6 @@ def export_tower(run:str|Path,            # a finished run folder (or one of its
                  out:str|Path,            # folder to write config.json + model.safetensors into
                 ) -> Path:
     "Save the `modality` tower of a run with `save_model`: `load_model(out)` rebuilds it, its keys load strictly into a fresh tower."
-    from mmlab.models import save_model
     try: tower = pretrained_tower(run, modality)
     except CheckpointError as e: raise CheckpointError(f"mmlab export: cannot take the {modality!r} tower of {run}: {e}") from e
     return save_model(tower, out)
@@ -841,8 +783,7 @@ class LitRecipe(ClipRecipe):
     name = "lit"
     def __post_init__(self):
         super().__post_init__()
-        if self.locked not in self.modalities:
-            raise ConfigError(f"lit.locked={self.locked!r}: expected one of the recipe's modalities {', '.join(self.modalities)}")
+        _choice(self, "locked", self.modalities)
     def make_model(self):
         model = build_model(self)
         if self.init_from:
