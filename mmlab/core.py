@@ -20,41 +20,18 @@ __all__ = ['DEVICE_PATTERN', 'PRECISIONS', 'ENV_NON_SETTINGS', 'SETTING_KEYS', '
            'check_shape', 'check_finite', 'check_unit_norm', 'in_test']
 
 # %% ../nbs/00_core.ipynb #0f9a97d0
-class MMLabError(Exception):
-    "Base class of every error mmlab raises on purpose."
-
-class ConfigError(MMLabError, ValueError):
-    "A setting, recipe or command-line option has an unknown key or a bad value."
-
-class SettingsError(ConfigError):
-    "`settings.ini` or an `MMLAB_*` environment variable is unknown or invalid."
-
-class InputError(MMLabError, ValueError):
-    "A function got a value it cannot use (wrong size, range or content)."
-
-class ShapeError(InputError):
-    "A tensor has the wrong number of dimensions or a wrong size."
-
-class NonFiniteError(InputError):
-    "A tensor holds NaN or infinite values where finite ones are required."
-
-class InputTypeError(MMLabError, TypeError):
-    "A function got an object of the wrong type."
-
-class DataError(MMLabError, ValueError):
-    "A data file or manifest row is unreadable, corrupt or inconsistent."
-
-class MissingFileError(DataError, FileNotFoundError):
-    "A file that data or a setting points to does not exist."
-
-class DeviceError(MMLabError, RuntimeError):
-    "The requested device or precision is not available on this machine."
-
-class CheckpointError(MMLabError, RuntimeError):
-    "A checkpoint is missing, corrupt or does not match the model."
-
-class KernelBuildError(MMLabError, RuntimeError):
-    "A C++/CUDA extension failed to compile or load."
+class MMLabError(Exception): "Base class of every error mmlab raises on purpose."
+class ConfigError(MMLabError, ValueError): "A setting, recipe or command-line option has an unknown key or a bad value."
+class SettingsError(ConfigError): "`settings.ini` or an `MMLAB_*` environment variable is unknown or invalid."
+class InputError(MMLabError, ValueError): "A function got a value it cannot use (wrong size, range or content)."
+class ShapeError(InputError): "A tensor has the wrong number of dimensions or a wrong size."
+class NonFiniteError(InputError): "A tensor holds NaN or infinite values where finite ones are required."
+class InputTypeError(MMLabError, TypeError): "A function got an object of the wrong type."
+class DataError(MMLabError, ValueError): "A data file or manifest row is unreadable, corrupt or inconsistent."
+class MissingFileError(DataError, FileNotFoundError): "A file that data or a setting points to does not exist."
+class DeviceError(MMLabError, RuntimeError): "The requested device or precision is not available on this machine."
+class CheckpointError(MMLabError, RuntimeError): "A checkpoint is missing, corrupt or does not match the model."
+class KernelBuildError(MMLabError, RuntimeError): "A C++/CUDA extension failed to compile or load."
 
 # %% ../nbs/00_core.ipynb #21c90903
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
