@@ -161,11 +161,8 @@ def _fsync_dir(path:Path):
     except OSError: pass
 
 def _sha256(path:Path) -> str:
-    "Hex SHA-256 of a file, read in 1 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""): h.update(blk)
-    return h.hexdigest()
+    "Hex SHA-256 of a file, read in blocks."
+    with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
 _META_KEYS = ("format", "step", "tensors_sha256", "state", "state_sha256")   # what state.json may hold
 
@@ -274,7 +271,7 @@ class MetricsFile(Callback):
     def __init__(self, path:str|Path): self.path, self.f = Path(path), None
     def parse(self, text:str) -> list[dict]: raise NotImplementedError   # complete lines of the file -> records
     def render(self, records:list) -> str: raise NotImplementedError     # records -> the whole file
-    def write(self, record:dict): raise NotImplementedError              # append one record to the open file
+    def write(self, record:dict): self.f.write(self.render([record]))    # append one record to the open file
 
     def read(self) -> list[dict]:
         "The records in the file; a last line torn by a kill (no newline yet) is left out."
@@ -298,7 +295,6 @@ class JSONLLogger(MetricsFile):
     "One JSON object per record and line (`metrics.jsonl`)."
     def parse(self, text): return [json.loads(l) for l in text.splitlines() if l.strip()]
     def render(self, records): return "".join(json.dumps(r) + "\n" for r in records)
-    def write(self, record): self.f.write(json.dumps(record) + "\n")
 
 # %% ../nbs/07_train.ipynb #cfbae84d
 def _cell_value(s:str):
@@ -506,8 +502,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.world, self.rank = dist_info()                     # > 1 under torchrun: gradients are averaged
         if self.world > 1: self._broadcast_model()
-        extra = metric_loggers(self.out_dir, cfg.log_to) if self.out_dir else []   # metrics.jsonl, ...
-        self.callbacks = list(callbacks) + extra
+        self.callbacks = list(callbacks) + (metric_loggers(self.out_dir, cfg.log_to) if self.out_dir else [])
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0   # updates done; data position
         self._it, self._epoch_rng = None, None
         self.history = []                                       # every logged record
@@ -556,8 +551,7 @@ def _forward_backward(self:Trainer) -> dict:
             with autocast(self.device, self.precision):
                 terms = loss_terms(self.loss_fn(self.model, batch))
         values = torch.stack([t.detach().float() for t in terms.values()]).cpu()   # one sync per micro-batch
-        if not self._all_finite(values):
-            self._non_finite(terms, values, micro)
+        if not self._all_finite(values): self._non_finite(terms, values, micro)
         if not getattr(self.loss_fn, "backward_inside", False): backward(sum(terms.values()))
         for name, v in zip(terms, values.tolist()): means[name] = means.get(name, 0.0) + v / K
     if self.world > 1: means = self._average_across_ranks(means)
@@ -633,17 +627,13 @@ def _next_batch(self:Trainer):
     return batch
 
 @patch
-def _set_sampler_epoch(self:Trainer):
-    "DistributedSampler (and similar) shuffle by epoch number: tell them which epoch this is."
+def _start_epoch(self:Trainer, rng:dict|None=None):
+    "A fresh iterator over the data, after recording the RNG state (or restoring `rng`, to replay that epoch)."
+    if rng is None: self._epoch_rng = rng_state(self.generator)
+    else: set_rng_state(rng, self.generator)
     sampler = getattr(self.data, "sampler", None)
-    if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)
-
-@patch
-def _start_epoch(self:Trainer):
-    self.batch_in_epoch = 0
-    self._set_sampler_epoch()
-    self._epoch_rng = rng_state(self.generator)           # restored on resume to replay this epoch's order
-    self._it = iter(self.data)
+    if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)   # DistributedSampler shuffles by epoch number
+    self.batch_in_epoch, self._it = 0, iter(self.data)
 
 @patch
 def log(self:Trainer, record:dict):
@@ -708,7 +698,7 @@ def resume(self:Trainer, path:str|Path) -> Path:
     self.step, self.epoch = s["step"], s["epoch"]
     self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
     if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
-        set_rng_state(self._epoch_rng, self.generator); self._set_sampler_epoch(); self._it = iter(self.data)
+        self._start_epoch(self._epoch_rng)
         for i in range(s["batch_in_epoch"]):
             try: next(self._it)
             except StopIteration:
