@@ -309,8 +309,7 @@ def label_efficiency(train_x:Tensor, train_y:Tensor, # (N, D), (N,) labelled poo
     for n in shots:
         for seed in seeds:
             idx = few_shot_subset(train_y, n, seed)
-            kw = dict(kwargs)
-            if method == "knn": kw["k"] = min(kw.get("k", 20), len(idx))
+            kw = kwargs | ({"k": min(kwargs.get("k", 20), len(idx))} if method == "knn" else {})   # k <= the subset
             r = evals[method](train_x[idx.to(train_x.device)], train_y[idx.to(train_y.device)], test_x, test_y, **kw)
             runs.append({"shots": n, "seed": seed, "accuracy": r["accuracy"], "n_train": len(idx), "n": r["n"]}
                         | ({"k": r["k"]} if method == "knn" else {}))

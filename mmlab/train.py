@@ -512,6 +512,7 @@ class Trainer:
 def fit(self:Trainer) -> list[dict]:
     "Train until `cfg.steps` updates; return the logged records."
     cfg = self.cfg
+    def due(every): return self.step == cfg.steps or bool(every) and self.step % every == 0   # and always at the end
     self.model.train(); self._event("on_fit_start")
     while self.step < cfg.steps:
         t0 = time.perf_counter()
@@ -524,14 +525,13 @@ def fit(self:Trainer) -> list[dict]:
         else: self.opt.step()
         self.sched.step()                                   # the rate of the next update
         self.step += 1
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+        if due(cfg.log_every):
             self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
                      | ({} if list(terms) == ["loss"] else terms)
                      | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
         self._event("on_step_end")
-        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: self._event("on_eval")
-        if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
-            self.save()
+        if due(cfg.eval_every): self._event("on_eval")
+        if self.out_dir and due(cfg.ckpt_every): self.save()
     self._event("on_fit_end")
     return self.history
 
