@@ -4,22 +4,21 @@
 
 # %% ../nbs/08_eval.ipynb #70e60c14
 from __future__ import annotations
-import math
+import math, warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, eval_mode
+from .data import take
+from .train import EvalCallback, to_device
+
 # %% auto #0
 __all__ = ['pessimistic_rank', 'knn_eval', 'linear_probe', 'build_prompts', 'class_embeddings', 'zero_shot_classifier',
            'zero_shot_eval', 'retrieval_eval', 'present', 'few_shot_subset', 'label_efficiency', 'embed', 'knn_monitor',
            'probe_monitor']
-
-# %% ../nbs/08_eval.ipynb #4bbc4992
-from .core import InputError, InputTypeError, ShapeError, check_finite, check_shape, eval_mode
-from .data import take
-from .train import EvalCallback, to_device
 
 # %% ../nbs/08_eval.ipynb #c9176ea0
 def pessimistic_rank(scores:Tensor,    # (Q, M) scores of Q queries over M candidates (higher = better)
@@ -30,13 +29,15 @@ def pessimistic_rank(scores:Tensor,    # (Q, M) scores of Q queries over M candi
     return 1 + ((scores >= best) & ~positive).sum(1)
 
 # %% ../nbs/08_eval.ipynb #480f9844
-def _check_features(x, name, dims, n="N"):
-    "Validate a finite (n, D) feature tensor with at least one row; return the shape bindings."
-    dims = check_shape(x, name, (n, "D"), dims)
-    if x.shape[0] == 0: raise InputError(f"{name}: no rows (shape {tuple(x.shape)}); need at least one sample")
-    if not x.is_floating_point(): raise InputTypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    check_finite(x, name)
-    return dims
+def _check_features(where, *features):
+    "Validate finite floating-point features, given as (tensor, name, n): shape (n, D), at least one row, one shared D."
+    dims = {}
+    for x, name, n in features:
+        name = f"{where}: {name}"
+        check_shape(x, name, (n, "D"), dims)
+        if x.shape[0] == 0: raise InputError(f"{name}: no rows (shape {tuple(x.shape)}); need at least one sample")
+        if not x.is_floating_point(): raise InputTypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        check_finite(x, name)
 
 def _check_labels(y, name, n):
     "Validate integer class labels of shape (n,) with values >= 0."
@@ -80,18 +81,16 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
             ) -> dict:                # accuracy, top5 (if C >= 5), n, n_missing, chance, k, predictions
     "Weighted kNN classification (Wu et al. 2018; DINO, Caron et al. 2021): votes exp(s/tau) of the k cosine-nearest."
     where = "knn_eval"
-    dims = _check_features(train_x, f"{where}: train_x", {}, "N")
-    _check_features(test_x, f"{where}: test_x", {"D": dims["D"]}, "Q")
+    _check_features(where, (train_x, "train_x", "N"), (test_x, "test_x", "Q"))
     train_y = _check_labels(train_y, f"{where}: train_y", train_x.shape[0])
     test_y = _check_labels(test_y, f"{where}: test_y", test_x.shape[0])
     present = _check_present(present, f"{where}: present", test_x.shape[0])
-    n_train = train_x.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= n_train:
-        raise InputError(f"{where}: k={k!r} must be an integer in [1, N] with N={n_train} training samples")
+    if not isinstance(k, int) or not 1 <= k <= len(train_x):
+        raise InputError(f"{where}: k={k!r} must be an integer in [1, N] with N={len(train_x)} training samples")
     if not tau > 0: raise InputError(f"{where}: tau must be > 0, got {tau}")
-    C = int(max(train_y.max(), test_y.max())) + 1 if num_classes is None else num_classes
-    if int(max(train_y.max(), test_y.max())) >= C:
-        raise InputError(f"{where}: num_classes={C} but a label {int(max(train_y.max(), test_y.max()))} occurs")
+    top = int(max(train_y.max(), test_y.max()))                            # the largest label
+    C = top + 1 if num_classes is None else num_classes
+    if top >= C: raise InputError(f"{where}: num_classes={C} but a label {top} occurs")
     idx = present.nonzero().squeeze(1); _need(len(idx), where)
     tr = _normalize(train_x, f"{where}: train_x"); te = _normalize(test_x[idx.to(test_x.device)], f"{where}: test_x")
     ty = train_y.to(tr.device); scores = []
@@ -101,8 +100,7 @@ def knn_eval(train_x:Tensor,          # (N, D) training features (any scale; cos
         w = (s[:, :k] / tau).exp()                                           # (c, k) vote weights
         votes = torch.zeros(len(w), C, dtype=w.dtype, device=w.device)
         scores.append(votes.scatter_add_(1, ty[nb[:, :k]], w).cpu())        # (c, C) class scores
-    scores = torch.cat(scores)
-    return _classification_result(scores, test_y[idx.cpu()].cpu(), C, n_missing=int((~present).sum())) | {"k": k}
+    return _classification_result(torch.cat(scores), test_y[idx].cpu(), C, n_missing=int((~present).sum())) | {"k": k}
 
 # %% ../nbs/08_eval.ipynb #0b6205de
 def _classification_result(scores, y, C, n_missing, n_classes=None):
@@ -125,12 +123,10 @@ def linear_probe(train_x:Tensor,         # (N, D) frozen training features
                  present:Tensor|None=None,  # (Q,) bool, test samples whose modality is present
                 ) -> dict:               # accuracy, top5, n, n_missing, chance, converged, predictions
     "Deterministic linear probe: multinomial logistic regression (L-BFGS, L2, fixed C) on frozen features."
-    import warnings
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     where = "linear_probe"
-    dims = _check_features(train_x, f"{where}: train_x", {}, "N")
-    _check_features(test_x, f"{where}: test_x", {"D": dims["D"]}, "Q")
+    _check_features(where, (train_x, "train_x", "N"), (test_x, "test_x", "Q"))
     train_y = _check_labels(train_y, f"{where}: train_y", train_x.shape[0]).cpu()
     test_y = _check_labels(test_y, f"{where}: test_y", test_x.shape[0]).cpu()
     present = _check_present(present, f"{where}: present", test_x.shape[0])
@@ -192,8 +188,7 @@ def zero_shot_classifier(encode,                 # callable: list of prompts -> 
                          templates:list[str],    # T templates with "{}"
                         ) -> Tensor:             # (C, D) class embeddings
     "Encode CLIP-style prompt ensembles with `encode` and average them into one embedding per class."
-    prompts = build_prompts(classnames, templates)
-    return class_embeddings([encode(p) for p in prompts])
+    return class_embeddings([encode(p) for p in build_prompts(classnames, templates)])
 
 def zero_shot_eval(query:Tensor,          # (Q, D) query embeddings (any modality)
                    class_emb:Tensor,      # (C, D) class embeddings (from `class_embeddings`)
@@ -202,8 +197,7 @@ def zero_shot_eval(query:Tensor,          # (Q, D) query embeddings (any modalit
                   ) -> dict:              # accuracy, top5 (if C >= 5), n, n_missing, chance, predictions
     "Zero-shot classification by cosine similarity to class embeddings, pessimistic ties."
     where = "zero_shot_eval"
-    dims = _check_features(query, f"{where}: query", {}, "Q")
-    _check_features(class_emb, f"{where}: class_emb", {"D": dims["D"]}, "C")
+    _check_features(where, (query, "query", "Q"), (class_emb, "class_emb", "C"))
     labels = _check_labels(labels, f"{where}: labels", query.shape[0]).cpu()
     present = _check_present(present, f"{where}: present", query.shape[0])
     C = class_emb.shape[0]
@@ -213,7 +207,7 @@ def zero_shot_eval(query:Tensor,          # (Q, D) query embeddings (any modalit
     return _classification_result(s.cpu(), labels[present], C, n_missing=int((~present).sum()))
 
 # %% ../nbs/08_eval.ipynb #3a5ae472
-def _retrieval_direction(q, g, q_ids, g_ids, ks, chunk_size):
+def _retrieval_direction(q, g, q_ids, g_ids, chunk_size):
     "Pessimistic ranks of the best positive for each query in q against gallery g, in chunks."
     ranks = []
     for i in range(0, len(q), chunk_size):
@@ -226,12 +220,11 @@ def _retrieval_summary(ranks, n_pos, M, ks, n_missing):
     out = {f"R@{k}": (ranks <= k).double().mean().item() for k in ks}
     out |= {"mean_rank": ranks.double().mean().item(), "median_rank": float(np.median(ranks.numpy())),
             "n": len(ranks), "n_missing": n_missing, "gallery": M}
-    p = n_pos.double()
     for k in ks:   # P(best of p positives in the top k of a random order) = 1 - C(M-p, k)/C(M, k)
-        miss = torch.tensor([math.comb(M - int(pi), k) / math.comb(M, k) if k <= M else 0.0 for pi in n_pos],
+        miss = torch.tensor([math.comb(M - p, k) / math.comb(M, k) if k <= M else 0.0 for p in n_pos.tolist()],
                             dtype=torch.float64)
         out[f"chance_R@{k}"] = (1 - miss).mean().item()
-    out["chance_mean_rank"] = ((M + 1) / (p + 1)).mean().item()
+    out["chance_mean_rank"] = ((M + 1) / (n_pos.double() + 1)).mean().item()
     return out
 
 # %% ../nbs/08_eval.ipynb #add7bac2
@@ -247,8 +240,7 @@ def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
                   ) -> dict:                # {"a_to_b": {...}, "b_to_a": {...}}
     "Cross-modal retrieval both ways: Recall@K, mean/median pessimistic rank, chance levels, computed in chunks."
     where = "retrieval_eval"
-    dims = _check_features(a, f"{where}: a", {}, "N")
-    _check_features(b, f"{where}: b", {"D": dims["D"]}, "M")
+    _check_features(where, (a, "a", "N"), (b, "b", "M"))
     N, M = a.shape[0], b.shape[0]
     if (a_ids is None) != (b_ids is None):
         raise InputError(f"{where}: pass both a_ids and b_ids, or neither (then a[i] pairs with b[i])")
@@ -266,7 +258,7 @@ def retrieval_eval(a:Tensor,                # (N, D) embeddings of modality A
         keep = qm & (n_pos > 0)                                            # present queries with an answer
         _need(int(keep.sum()), f"{where} ({key})")
         ranks = _retrieval_direction(q[keep.to(q.device)], g[gm.to(g.device)], qi[keep].to(q.device),
-                                     gi.to(q.device), ks, chunk_size)
+                                     gi.to(q.device), chunk_size)
         out[key] = _retrieval_summary(ranks, n_pos[keep], len(gi), ks, n_missing=int((~keep).sum()))
     return out
 
@@ -317,8 +309,7 @@ def label_efficiency(train_x:Tensor, train_y:Tensor, # (N, D), (N,) labelled poo
     for n in shots:
         for seed in seeds:
             idx = few_shot_subset(train_y, n, seed)
-            kw = dict(kwargs)
-            if method == "knn": kw["k"] = min(kw.get("k", 20), len(idx))
+            kw = kwargs | ({"k": min(kwargs.get("k", 20), len(idx))} if method == "knn" else {})   # k <= the subset
             r = evals[method](train_x[idx.to(train_x.device)], train_y[idx.to(train_y.device)], test_x, test_y, **kw)
             runs.append({"shots": n, "seed": seed, "accuracy": r["accuracy"], "n_train": len(idx), "n": r["n"]}
                         | ({"k": r["k"]} if method == "knn" else {}))

@@ -5,6 +5,7 @@
 # %% ../nbs/07_train.ipynb #178fe3da
 from __future__ import annotations
 import csv, hashlib, inspect, io, json, math, os, random, shutil, time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -13,8 +14,13 @@ from fastcore.basics import patch
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+
+from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast, eval_mode,
+                        get_device, get_precision)
+from .losses.distill import ema_
 
 # %% auto #0
 __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss_terms', 'rng_state', 'set_rng_state',
@@ -22,11 +28,6 @@ __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss
            'load_checkpoint', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile', 'JSONLLogger', 'CSVLogger',
            'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA', 'to_device', 'dist_info',
            'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
-
-# %% ../nbs/07_train.ipynb #1f8a39dc
-from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast, eval_mode,
-                        get_device, get_precision)
-from .losses.distill import ema_
 
 # %% ../nbs/07_train.ipynb #2440a017
 def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's counter)
@@ -67,13 +68,13 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(name, want): raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {want}")
+        def is_int(v, low): return isinstance(v, int) and not isinstance(v, bool) and v >= low
         for name in ("steps", "grad_accum", "log_every", "keep_last"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1: bad(name, "an integer >= 1")
+            if not is_int(getattr(self, name), 1): bad(name, "an integer >= 1")
         for name in ("eval_every", "ckpt_every"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1): bad(name, "None or an integer >= 1")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0: bad("warmup_steps", "an integer >= 0")
+            if v is not None and not is_int(v, 1): bad(name, "None or an integer >= 1")
+        if not is_int(self.warmup_steps, 0): bad("warmup_steps", "an integer >= 0")
         if not self.lr > 0: bad("lr", "a learning rate > 0")
         if not self.weight_decay >= 0: bad("weight_decay", "a value >= 0")
         if not 0 <= self.min_lr_ratio <= 1: bad("min_lr_ratio", "a fraction in [0, 1]")
@@ -108,10 +109,9 @@ def loss_terms(out,                  # what a loss function returned: a 0-d tens
 # %% ../nbs/07_train.ipynb #37f5ab7a
 def rng_state(generator:torch.Generator|None=None) -> dict:
     "The state of Python's, NumPy's and PyTorch's (CPU, CUDA) generators and of the data `generator`."
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "data": generator.get_state() if generator is not None else None}
-    return state
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "data": generator.get_state() if generator is not None else None}
 
 def set_rng_state(state:dict, generator:torch.Generator|None=None):
     "Restore generators captured by `rng_state` (the data generator only when both exist)."
@@ -161,11 +161,8 @@ def _fsync_dir(path:Path):
     except OSError: pass
 
 def _sha256(path:Path) -> str:
-    "Hex SHA-256 of a file, read in 1 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""): h.update(blk)
-    return h.hexdigest()
+    "Hex SHA-256 of a file, read in blocks."
+    with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
 _META_KEYS = ("format", "step", "tensors_sha256", "state", "state_sha256")   # what state.json may hold
 
@@ -187,8 +184,7 @@ def list_checkpoints(directory:str|Path) -> list[Path]:
 
 def latest_checkpoint(directory:str|Path) -> Path|None:
     "The newest complete checkpoint under `directory` (None if there is none)."
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+    return (list_checkpoints(directory) or [None])[-1]
 
 # %% ../nbs/07_train.ipynb #db0ec529
 def save_checkpoint(directory:str|Path, # folder holding the step-* checkpoints
@@ -200,8 +196,7 @@ def save_checkpoint(directory:str|Path, # folder holding the step-* checkpoints
     "Write tensors (safetensors) and state (JSON) to a temporary folder, fsync, rename atomically, prune old ones."
     from safetensors.torch import save_file
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-    for stale in d.glob(".tmp-*"): shutil.rmtree(stale, ignore_errors=True)    # left by a killed writer
-    for stale in d.glob(".trash-*"): shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*d.glob(".tmp-*"), *d.glob(".trash-*")]: shutil.rmtree(stale, ignore_errors=True)  # a killed writer's
     final, tmp = d / f"step-{step:08d}", d / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -252,7 +247,6 @@ class Callback:
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state:dict): pass
 
-# %% ../nbs/07_train.ipynb #a96352db
 class EvalCallback(Callback):
     "On `on_eval`, run `fn(model) -> {name: number}` in eval mode without gradients and log it under `prefix/`."
     def __init__(self, fn, prefix:str="eval"): self.fn, self.prefix = fn, prefix
@@ -277,7 +271,7 @@ class MetricsFile(Callback):
     def __init__(self, path:str|Path): self.path, self.f = Path(path), None
     def parse(self, text:str) -> list[dict]: raise NotImplementedError   # complete lines of the file -> records
     def render(self, records:list) -> str: raise NotImplementedError     # records -> the whole file
-    def write(self, record:dict): raise NotImplementedError              # append one record to the open file
+    def write(self, record:dict): self.f.write(self.render([record]))    # append one record to the open file
 
     def read(self) -> list[dict]:
         "The records in the file; a last line torn by a kill (no newline yet) is left out."
@@ -301,7 +295,6 @@ class JSONLLogger(MetricsFile):
     "One JSON object per record and line (`metrics.jsonl`)."
     def parse(self, text): return [json.loads(l) for l in text.splitlines() if l.strip()]
     def render(self, records): return "".join(json.dumps(r) + "\n" for r in records)
-    def write(self, record): self.f.write(json.dumps(record) + "\n")
 
 # %% ../nbs/07_train.ipynb #cfbae84d
 def _cell_value(s:str):
@@ -328,23 +321,18 @@ class CSVLogger(MetricsFile):
         else: csv.DictWriter(self.f, self.columns, lineterminator="\n").writerow(record)
 
 # %% ../nbs/07_train.ipynb #3b507540
-def _summary_writer():
-    "torch.utils.tensorboard.SummaryWriter, or a ConfigError saying how to install TensorBoard."
-    try: from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("TrainConfig.log_to includes 'tensorboard' but the tensorboard package is not installed: "
-                          "pip install tensorboard (or remove 'tensorboard' from log_to)") from e
-    return SummaryWriter
-
 class TensorBoardLogger(Callback):
     "Each number of a record as a TensorBoard scalar named by its key, at global step `record['step']` (rank 0 writes)."
     def __init__(self, log_dir:str|Path, flush_secs:int=10):
-        _summary_writer()                                     # a missing package fails when the trainer is built
-        self.log_dir, self.flush_secs, self.writer = Path(log_dir), flush_secs, None
+        try: from torch.utils.tensorboard import SummaryWriter   # a missing package fails when the trainer is built
+        except ImportError as e:
+            raise ConfigError("TrainConfig.log_to includes 'tensorboard' but the tensorboard package is not installed: "
+                              "pip install tensorboard (or remove 'tensorboard' from log_to)") from e
+        self.SummaryWriter, self.log_dir, self.flush_secs, self.writer = SummaryWriter, Path(log_dir), flush_secs, None
     def on_fit_start(self, trainer):
         if getattr(trainer, "rank", 0) != 0: return
-        self.writer = _summary_writer()(str(self.log_dir), flush_secs=self.flush_secs,
-                                        purge_step=trainer.step + 1)   # hide what a killed run wrote after its checkpoint
+        self.writer = self.SummaryWriter(str(self.log_dir), flush_secs=self.flush_secs,
+                                         purge_step=trainer.step + 1)   # hide what a killed run wrote past its checkpoint
     def on_log(self, trainer, record):
         if self.writer is None: return
         for k, v in record.items():
@@ -356,10 +344,9 @@ class TensorBoardLogger(Callback):
 
 def metric_loggers(out_dir:str|Path, log_to:tuple=("jsonl",)) -> list:
     "The loggers named in `log_to` (see `LOGGERS`), writing under `out_dir`."
-    out = Path(out_dir)
-    make = {"jsonl": lambda: JSONLLogger(out / "metrics.jsonl"), "csv": lambda: CSVLogger(out / "metrics.csv"),
-            "tensorboard": lambda: TensorBoardLogger(out / "tensorboard")}
-    return [make[name]() for name in log_to]
+    files = {"jsonl": (JSONLLogger, "metrics.jsonl"), "csv": (CSVLogger, "metrics.csv"),
+             "tensorboard": (TensorBoardLogger, "tensorboard")}
+    return [cls(Path(out_dir) / name) for cls, name in map(files.get, log_to)]
 
 # %% ../nbs/07_train.ipynb #d8eddecd
 _BOOKKEEPING = ("step", "epoch", "lr", "grad_norm", "step_time")   # numbers of a training record that are not losses
@@ -409,8 +396,7 @@ class LivePlot(Callback):
                  height:int=340):       # figure height in pixels
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ConfigError(f"{type(self).__name__}: every={every!r}; expected an integer >= 1")
-        self.every, self.height, self.history = every, height, []
-        self.handle, self.mode = None, None
+        self.every, self.height, self.history, self.handle, self.mode = every, height, [], None, None
     def on_fit_start(self, trainer):
         self.mode = _display_mode() if getattr(trainer, "rank", 0) == 0 else None
         self.handle = None                                    # each fit() draws in its own cell
@@ -445,31 +431,31 @@ class EMA(Callback):
         ema_(self.shadow.values(), (params[n] for n in self.shadow), self.decay)   # the one EMA step (losses.distill)
     def state_dict(self): return {"decay": self.decay, "shadow": self.shadow}
     def load_state_dict(self, state): self.decay, self.shadow = state["decay"], state["shadow"]
+    @contextmanager
     def swapped(self, model:nn.Module):
         "Context manager: the model holds the EMA weights inside the block, its own weights after."
-        from contextlib import contextmanager
-        @contextmanager
-        def ctx():
-            params = dict(model.named_parameters()); saved = {n: params[n].detach().clone() for n in self.shadow}
+        params = dict(model.named_parameters()); saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, v in self.shadow.items(): params[n].copy_(v)
+        try: yield model
+        finally:
             with torch.no_grad():
-                for n, v in self.shadow.items(): params[n].copy_(v)
-            try: yield model
-            finally:
-                with torch.no_grad():
-                    for n, v in saved.items(): params[n].copy_(v)
-        return ctx()
+                for n, v in saved.items(): params[n].copy_(v)
 
 # %% ../nbs/07_train.ipynb #4d717313
+def _map_tensors(fn, batch):
+    "`batch` with `fn` applied to each of its (nested) tensors, in order; other values unchanged."
+    if isinstance(batch, Tensor): return fn(batch)
+    if isinstance(batch, dict): return {k: _map_tensors(fn, v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)): return type(batch)(_map_tensors(fn, v) for v in batch)
+    return batch
+
 def to_device(batch, device:torch.device):
     "Move every tensor of a (nested) batch to `device`."
-    if isinstance(batch, Tensor): return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return _map_tensors(lambda t: t.to(device, non_blocking=True), batch)
 
 def dist_info() -> tuple[int, int]:
     "(world size, rank) of the default process group, or (1, 0) when not running distributed."
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized(): return dist.get_world_size(), dist.get_rank()
     return 1, 0
 
@@ -516,8 +502,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.world, self.rank = dist_info()                     # > 1 under torchrun: gradients are averaged
         if self.world > 1: self._broadcast_model()
-        extra = metric_loggers(self.out_dir, cfg.log_to) if self.out_dir else []   # metrics.jsonl, ...
-        self.callbacks = list(callbacks) + extra
+        self.callbacks = list(callbacks) + (metric_loggers(self.out_dir, cfg.log_to) if self.out_dir else [])
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0   # updates done; data position
         self._it, self._epoch_rng = None, None
         self.history = []                                       # every logged record
@@ -527,6 +512,7 @@ class Trainer:
 def fit(self:Trainer) -> list[dict]:
     "Train until `cfg.steps` updates; return the logged records."
     cfg = self.cfg
+    def due(every): return self.step == cfg.steps or bool(every) and self.step % every == 0   # and always at the end
     self.model.train(); self._event("on_fit_start")
     while self.step < cfg.steps:
         t0 = time.perf_counter()
@@ -539,14 +525,13 @@ def fit(self:Trainer) -> list[dict]:
         else: self.opt.step()
         self.sched.step()                                   # the rate of the next update
         self.step += 1
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+        if due(cfg.log_every):
             self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
                      | ({} if list(terms) == ["loss"] else terms)
                      | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
         self._event("on_step_end")
-        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: self._event("on_eval")
-        if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
-            self.save()
+        if due(cfg.eval_every): self._event("on_eval")
+        if self.out_dir and due(cfg.ckpt_every): self.save()
     self._event("on_fit_end")
     return self.history
 
@@ -566,8 +551,7 @@ def _forward_backward(self:Trainer) -> dict:
             with autocast(self.device, self.precision):
                 terms = loss_terms(self.loss_fn(self.model, batch))
         values = torch.stack([t.detach().float() for t in terms.values()]).cpu()   # one sync per micro-batch
-        if not self._all_finite(values):
-            self._non_finite(terms, values, micro)
+        if not self._all_finite(values): self._non_finite(terms, values, micro)
         if not getattr(self.loss_fn, "backward_inside", False): backward(sum(terms.values()))
         for name, v in zip(terms, values.tolist()): means[name] = means.get(name, 0.0) + v / K
     if self.world > 1: means = self._average_across_ranks(means)
@@ -593,7 +577,6 @@ def _clip_gradients(self:Trainer) -> float:
 @patch
 def _broadcast_model(self:Trainer):
     "Start every rank from rank 0's parameters and buffers."
-    import torch.distributed as dist
     for t in list(self.model.parameters()) + list(self.model.buffers()): dist.broadcast(t.data, src=0)
 
 @patch
@@ -601,7 +584,6 @@ def _all_finite(self:Trainer, values:Tensor) -> bool:
     "True when this micro-batch's terms are finite on every rank (all ranks then stop together)."
     ok = bool(torch.isfinite(values).all())
     if self.world == 1: return ok
-    import torch.distributed as dist
     flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
     dist.all_reduce(flag)
     if ok and flag.item() > 0:
@@ -611,12 +593,10 @@ def _all_finite(self:Trainer, values:Tensor) -> bool:
 @patch
 def _average_across_ranks(self:Trainer, means:dict) -> dict:
     "Average the gradients (one flat all-reduce, as DDP would) and the logged term values over ranks."
-    import torch.distributed as dist
     grads = [p.grad for p in self.model.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat); flat /= self.world
-    i = 0
-    for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])): g.copy_(part.view_as(g))
     vals = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
     dist.all_reduce(vals); vals /= self.world
     return dict(zip(means, vals.tolist()))
@@ -624,11 +604,12 @@ def _average_across_ranks(self:Trainer, means:dict) -> dict:
 @patch
 def _non_finite(self:Trainer, terms, values, micro):
     "Stop the run: name the update, micro-batch, data position and the offending term(s)."
-    bad = [n for n, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-    all_terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(terms, values.tolist()))
+    vals = dict(zip(terms, values.tolist()))
+    bad = next(n for n, v in vals.items() if not math.isfinite(v))
+    all_terms = ", ".join(f"{n}={v:.6g}" for n, v in vals.items())
     raise NonFiniteError(
         f"non-finite loss at step {self.step + 1} (micro-batch {micro + 1}/{self.cfg.grad_accum}, epoch "
-        f"{self.epoch}, batch {self.batch_in_epoch}): term {bad[0]!r} is {values[list(terms).index(bad[0])].item()}"
+        f"{self.epoch}, batch {self.batch_in_epoch}): term {bad!r} is {vals[bad]}"
         f" (terms: {all_terms}). Parameters are unchanged from step {self.step}; lower lr, add warmup, "
         "check this batch, or use fp32")
 
@@ -646,17 +627,13 @@ def _next_batch(self:Trainer):
     return batch
 
 @patch
-def _set_sampler_epoch(self:Trainer):
-    "DistributedSampler (and similar) shuffle by epoch number: tell them which epoch this is."
+def _start_epoch(self:Trainer, rng:dict|None=None):
+    "A fresh iterator over the data, after recording the RNG state (or restoring `rng`, to replay that epoch)."
+    if rng is None: self._epoch_rng = rng_state(self.generator)
+    else: set_rng_state(rng, self.generator)
     sampler = getattr(self.data, "sampler", None)
-    if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)
-
-@patch
-def _start_epoch(self:Trainer):
-    self.batch_in_epoch = 0
-    self._set_sampler_epoch()
-    self._epoch_rng = rng_state(self.generator)           # restored on resume to replay this epoch's order
-    self._it = iter(self.data)
+    if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)   # DistributedSampler shuffles by epoch number
+    self.batch_in_epoch, self._it = 0, iter(self.data)
 
 @patch
 def log(self:Trainer, record:dict):
@@ -683,7 +660,6 @@ def state_dict(self:Trainer) -> dict:
 def _per_rank(self:Trainer, obj) -> list:
     "[obj of rank 0, obj of rank 1, ...] (each rank has its own random state)."
     if self.world == 1: return [obj]
-    import torch.distributed as dist
     out = [None] * self.world; dist.all_gather_object(out, obj)
     return out
 
@@ -694,9 +670,7 @@ def save(self:Trainer) -> Path:
     tensors = {}; state = encode_state(self.state_dict(), tensors)   # collective under torchrun
     path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
     if self.rank == 0: save_checkpoint(self.out_dir / "checkpoints", self.step, tensors, state, self.cfg.keep_last)
-    if self.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    if self.world > 1: dist.barrier()
     self._event("on_checkpoint", path)
     return path
 
@@ -724,7 +698,7 @@ def resume(self:Trainer, path:str|Path) -> Path:
     self.step, self.epoch = s["step"], s["epoch"]
     self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
     if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
-        set_rng_state(self._epoch_rng, self.generator); self._set_sampler_epoch(); self._it = iter(self.data)
+        self._start_epoch(self._epoch_rng)
         for i in range(s["batch_in_epoch"]):
             try: next(self._it)
             except StopIteration:
@@ -737,31 +711,14 @@ def resume(self:Trainer, path:str|Path) -> Path:
 # %% ../nbs/07_train.ipynb #a8f3131e
 def split_batch(batch, chunk_size:int) -> list:
     "Split every tensor of a (nested) batch along dim 0 into chunks of `chunk_size` rows."
-    def size(b):
-        if isinstance(b, Tensor): return b.shape[0]
-        if isinstance(b, dict): return next((size(v) for v in b.values() if size(v) is not None), None)
-        if isinstance(b, (list, tuple)): return next((size(v) for v in b if size(v) is not None), None)
-        return None
-    def take(b, sl):
-        if isinstance(b, Tensor): return b[sl]
-        if isinstance(b, dict): return {k: take(v, sl) for k, v in b.items()}
-        if isinstance(b, (list, tuple)): return type(b)(take(v, sl) for v in b)
-        return b
-    n = size(batch)
-    if n is None: raise InputError("split_batch: the batch holds no tensor to split")
-    return [take(batch, slice(i, i + chunk_size)) for i in range(0, n, chunk_size)]
-
-def _rng_snapshot():
-    "CPU (and current CUDA device) generator states, for replaying dropout masks."
-    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    tensors = []
+    _map_tensors(tensors.append, batch)                     # the first tensor gives the number of rows
+    if not tensors: raise InputError("split_batch: the batch holds no tensor to split")
+    return [_map_tensors(lambda t: t[i:i + chunk_size], batch) for i in range(0, len(tensors[0]), chunk_size)]
 
 def _up(x:Tensor) -> Tensor:
     "Half-precision embeddings to fp32 for the loss and the cached gradients; fp32/fp64 unchanged."
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-def _rng_restore(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None: torch.cuda.set_rng_state(state[1])
 
 # %% ../nbs/07_train.ipynb #78b54db9
 class GradCache:
@@ -785,24 +742,23 @@ class GradCache:
 
     def __call__(self, model, batch, backward=None, autocast=None) -> dict:
         "Forward and backward over `batch` in chunks; parameter gradients accumulate; returns the loss terms."
-        from contextlib import nullcontext
         backward = backward or (lambda loss: loss.backward())
         ctx = autocast or nullcontext
         chunks, states, reps = self.split_fn(batch, self.chunk_size), [], []
         with torch.no_grad():                                        # 1. embeddings only, no graph
             for c in chunks:
-                states.append(_rng_snapshot())
+                states.append(rng_state())                           # replayed below: same dropout masks
                 with ctx(): reps.append(self._embed(model, c))
-        after = _rng_snapshot()
+        after = rng_state()
         full = {n: _up(torch.cat([r[n] for r in reps])).requires_grad_() for n in reps[0]}
         with ctx(): terms = loss_terms(self.loss_fn(model, full), "GradCache loss_fn")
         backward(sum(terms.values()))                                # 2. cached gradients dL/dr (scaled like the loss)
         row = 0
         for c, st in zip(chunks, states):                            # 3. replay each chunk with a graph
-            _rng_restore(st)
+            set_rng_state(st)
             with ctx(): r = self._embed(model, c)
             b = next(iter(r.values())).shape[0]
             surrogate = sum((_up(r[n]) * full[n].grad[row:row + b]).sum() for n in r)
             surrogate.backward(); row += b
-        _rng_restore(after)
+        set_rng_state(after)
         return {k: v.detach() for k, v in terms.items()}
