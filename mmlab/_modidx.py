@@ -477,6 +477,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'mmlab.losses.distill._off_diagonal': ('distill.html#_off_diagonal', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill._pair': ('distill.html#_pair', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill._soft_ce': ('distill.html#_soft_ce', 'mmlab/losses/distill.py'),
+                                      'mmlab.losses.distill._two_or_more': ('distill.html#_two_or_more', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill._views': ('distill.html#_views', 'mmlab/losses/distill.py'),
                                       'mmlab.losses.distill.barlow_twins_loss': ( 'distill.html#barlow_twins_loss',
                                                                                   'mmlab/losses/distill.py'),
