@@ -790,6 +790,13 @@ def test_initial_scale_outside_the_clamp_range_is_a_config_error(cls):
         with pytest.raises(ConfigError, match=rf"^{name}: max_scale must be a finite multiplier >= 1"): cls(max_scale=bad)
     assert cls(init_scale=1.0).logit_scale.item() == 1.0 and cls(init_scale=7.0, max_scale=7.0).logit_scale.item() == pytest.approx(7.0)
 
+def test_clamp_leaves_a_frozen_scale_as_set():
+    "A scale fixed on purpose (e.g. a temperature above 1, s < 1) is not the optimiser's: the clamp leaves it alone."
+    m = C.ClipLoss(learnable=False).double()
+    with torch.no_grad(): m.log_scale.fill_(math.log(0.5))
+    m.clamp_parameters_(); assert m.logit_scale.item() == pytest.approx(0.5, rel=1e-12)
+    m.log_scale.requires_grad_(True); m.clamp_parameters_(); assert m.logit_scale.item() == 1.0
+
 def test_modules_forward_their_loss_keywords():
     a, b = pair(5, 4, seed=42)
     for m in (C.ClipLoss(impl="bogus"), C.SigLipLoss(impl="bogus")):          # extra keywords reach the loss

@@ -406,8 +406,8 @@ def check_logit_scale(where:str,        # the model or loss, for messages
 def clamp_log_scale_(log_scale:Tensor,  # learnt log s, clamped in place
                      max_scale:float,   # cap of s
                     ) -> None:
-    "CLIP's clamp after an optimiser step: log s in [0, log max_scale], so s in [1, max_scale] and its gradient never stops."
-    log_scale.clamp_(0.0, math.log(max_scale))
+    "CLIP's clamp after an optimiser step: a learnt log s goes to [0, log max_scale] (s in [1, max_scale]); a frozen one stays as set."
+    if log_scale.requires_grad: log_scale.clamp_(0.0, math.log(max_scale))   # the optimiser never moves a frozen scale
 
 # %% ../../nbs/03_contrastive.ipynb #ec7ea838
 class ClipLoss(nn.Module):
