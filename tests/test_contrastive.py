@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmlab
-from mmlab.core import InputError, InputTypeError, MMLabError, NonFiniteError, ShapeError
+from mmlab.core import ConfigError, InputError, InputTypeError, MMLabError, NonFiniteError, ShapeError
 import mmlab.losses.contrastive as C
 from mmlab.losses.contrastive import (ChunkedClipLoss, IndividualTemperatureLoss, alignment_loss, clip_loss,
                                       cwcl_loss, cwcl_weights, gather_with_grad, hard_negative_mixing,
@@ -534,8 +534,8 @@ def test_real_fused_kernels_match_chunked():
 # ----------------------------------------------------------------------------- modules
 def test_modules_learnable_scale_and_clamp():
     a, b = pair(6, 4, seed=23)
-    m = C.ClipLoss(init_scale=200.0).double()
-    assert m.logit_scale.item() == 100.0                          # clamped
+    m = C.ClipLoss(init_scale=100.0).double()
+    assert m.logit_scale.item() == pytest.approx(100.0, rel=1e-6)   # the cap itself is a valid start
     m = C.ClipLoss(init_scale=5.0).double()
     m(a, b).backward()
     assert m.log_scale.grad is not None and m.log_scale.grad.abs() > 0
@@ -714,18 +714,24 @@ def ref_siglip_rows(a, b, s, t, off=0):
 
 # ----------------------------------------------------------------------------- learnable scale: the cap
 def test_clip_module_scale_cap_value_and_where_applied():
-    "logit_scale = min(exp(log_scale), max_scale), applied when read in forward; the parameter itself is never clamped."
+    "logit_scale = exp(log_scale), unclamped in forward; clamp_parameters_ clamps log_scale in place to [0, log max_scale]."
     a, b = pair(5, 4, seed=40)
-    m = C.ClipLoss(init_scale=200.0).double()                   # default max_scale = 100 (CLIP)
-    assert m.logit_scale.item() == 100.0
+    m = C.ClipLoss().double()                                   # default max_scale = 100 (CLIP)
+    with torch.no_grad(): m.log_scale.fill_(math.log(200.0))    # past the cap (e.g. set by hand or loaded)
+    assert m.logit_scale.item() == pytest.approx(200.0, rel=1e-12)              # forward reads it unclamped
     v = m(a, b); v.backward()
-    assert abs(v.item() - float(ref_clip(a, b, sc(100.0)))) < 1e-10            # the loss uses the capped scale
-    assert m.log_scale.item() == pytest.approx(math.log(200.0), rel=1e-7)       # not clamped in place (float32 init)
-    assert m.log_scale.grad.item() == 0.0                                       # clamped: no gradient to the log scale
-    m = C.ClipLoss(init_scale=60.0, max_scale=50.0).double()                    # max_scale is an argument, not a constant
-    assert m.logit_scale.item() == pytest.approx(50.0, abs=1e-12)
-    m = C.ClipLoss().double()                                                   # below the cap: exp(log_scale), gradient flows
+    assert abs(v.item() - float(ref_clip(a, b, sc(200.0)))) < 1e-10
+    assert m.log_scale.grad.item() != 0.0                                       # the gradient never stops
+    m.clamp_parameters_()
+    assert m.log_scale.item() == math.log(100.0) and m.logit_scale.item() == pytest.approx(100.0, rel=1e-12)
+    with torch.no_grad(): m.log_scale.fill_(-0.5)               # below s = 1: the lower bound of CLIP's clamp
+    m.clamp_parameters_(); assert m.log_scale.item() == 0.0
+    m = C.ClipLoss(init_scale=50.0, max_scale=50.0).double()                    # max_scale is an argument, not a constant
+    with torch.no_grad(): m.log_scale.fill_(math.log(60.0))
+    m.clamp_parameters_(); assert m.logit_scale.item() == pytest.approx(50.0, abs=1e-12)
+    m = C.ClipLoss().double()                                                   # inside the range: clamp is a no-op
     with torch.no_grad(): m.log_scale.fill_(math.log(99.0))                     # exact in float64 (init is float32)
+    m.clamp_parameters_()
     assert m.logit_scale.item() == pytest.approx(99.0, abs=1e-12)
     m(a, b).backward()
     s = sc(99.0).requires_grad_(); ref_clip(a, b, s).backward()
@@ -734,17 +740,62 @@ def test_clip_module_scale_cap_value_and_where_applied():
 
 def test_siglip_module_scale_cap_bias_and_frozen():
     a, b = pair(5, 4, seed=41)
-    m = C.SigLipLoss(init_scale=300.0, init_bias=-3.0).double()
-    assert m.logit_scale.item() == 100.0 and m.logit_bias.item() == -3.0
+    m = C.SigLipLoss(init_scale=100.0, init_bias=-3.0).double()
+    assert m.logit_scale.item() == pytest.approx(100.0, rel=1e-6) and m.logit_bias.item() == -3.0
+    with torch.no_grad(): m.log_scale.fill_(math.log(300.0))
     v = m(a, b); v.backward()
-    assert abs(v.item() - float(ref_siglip(a, b, sc(100.0), sc(-3.0)))) < 1e-10
-    assert m.log_scale.grad.item() == 0.0 and m.log_scale.item() == pytest.approx(math.log(300.0), rel=1e-7)
-    m = C.SigLipLoss(init_scale=30.0, max_scale=20.0).double()
-    assert m.logit_scale.item() == pytest.approx(20.0, abs=1e-12)
+    assert abs(v.item() - float(ref_siglip(a, b, sc(300.0), sc(-3.0)))) < 1e-10
+    assert m.log_scale.grad.item() != 0.0
+    m.clamp_parameters_(); assert m.logit_scale.item() == pytest.approx(100.0, rel=1e-12)
+    assert m.logit_bias.item() == -3.0                                          # the bias is never clamped
+    m = C.SigLipLoss(init_scale=20.0, max_scale=20.0).double()
+    with torch.no_grad(): m.log_scale.fill_(math.log(30.0))
+    m.clamp_parameters_(); assert m.logit_scale.item() == pytest.approx(20.0, abs=1e-12)
     assert C.SigLipLoss().logit_scale.item() == pytest.approx(10.0, rel=1e-6) and C.SigLipLoss().logit_bias.item() == -10.0
     f = C.SigLipLoss(learnable=False)
     assert not f.log_scale.requires_grad and not f.logit_bias.requires_grad
     assert C.ClipLoss(learnable=True).log_scale.requires_grad
+
+def _rows_wanting_a_larger_scale(name):
+    "(6, D) unit rows whose loss against themselves still falls as s grows past 100 (no saturated gradient)."
+    if name == "clip":    # nearly parallel rows: logit gaps far below 1/s, the softmax is far from one-hot
+        g = torch.Generator().manual_seed(45)
+        return F.normalize(torch.ones(6, 3, dtype=DT) + 0.05 * torch.randn(6, 3, generator=g, dtype=DT), dim=-1)
+    return F.normalize(torch.eye(6, dtype=DT) - 1 / 6, dim=-1)   # a simplex: every negative at cosine -1/5
+
+@pytest.mark.parametrize("cls,name,lr", [(C.ClipLoss, "clip", 0.5), (C.SigLipLoss, "siglip", 1e-3)])
+def test_scale_above_the_cap_is_pulled_back_and_keeps_training(cls, name, lr):
+    "Issue 16: a scale past the cap returns to it after the step's clamp, and its gradient there is not zero."
+    a = _rows_wanting_a_larger_scale(name)
+    m = cls().double()
+    with torch.no_grad(): m.log_scale.fill_(math.log(150.0))
+    opt = torch.optim.SGD([m.log_scale], lr=lr)
+    def step(b):
+        opt.zero_grad(); m(a, b).backward(); opt.step(); m.clamp_parameters_()
+        return m.log_scale.grad.item(), m.log_scale.item()
+    for _ in range(3):                                          # aligned pairs: the loss wants a larger scale
+        grad, log_s = step(a)
+        assert grad < 0 and log_s == math.log(100.0)            # pulled back to the cap, exactly
+    moved = [step(a.roll(1, 0)) for _ in range(3)]              # mismatched pairs: the loss wants a smaller scale
+    assert all(grad > 0 for grad, _ in moved)                   # non-zero gradient at the cap
+    assert moved[0][1] < math.log(100.0) and moved[-1][1] < moved[0][1]   # it leaves the cap and keeps moving
+
+@pytest.mark.parametrize("cls", [C.ClipLoss, C.SigLipLoss])
+def test_initial_scale_outside_the_clamp_range_is_a_config_error(cls):
+    name = cls.__name__
+    for bad in (0.0, -1.0, 0.5, float("nan"), float("inf"), 100.5, True, "10"):
+        with pytest.raises(ConfigError, match=rf"^{name}: init_scale must be a finite multiplier in \[1, max_scale=100\]"):
+            cls(init_scale=bad)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=rf"^{name}: max_scale must be a finite multiplier >= 1"): cls(max_scale=bad)
+    assert cls(init_scale=1.0).logit_scale.item() == 1.0 and cls(init_scale=7.0, max_scale=7.0).logit_scale.item() == pytest.approx(7.0)
+
+def test_clamp_leaves_a_frozen_scale_as_set():
+    "A scale fixed on purpose (e.g. a temperature above 1, s < 1) is not the optimiser's: the clamp leaves it alone."
+    m = C.ClipLoss(learnable=False).double()
+    with torch.no_grad(): m.log_scale.fill_(math.log(0.5))
+    m.clamp_parameters_(); assert m.logit_scale.item() == pytest.approx(0.5, rel=1e-12)
+    m.log_scale.requires_grad_(True); m.clamp_parameters_(); assert m.logit_scale.item() == 1.0
 
 def test_modules_forward_their_loss_keywords():
     a, b = pair(5, 4, seed=42)

@@ -103,13 +103,15 @@ def test_ema_update_matches_formula_float64():
     for name, p in t.named_parameters():
         ref = 0.7 * before[name] + 0.3 * dict(s.named_parameters())[name].detach()
         assert torch.allclose(p, ref, atol=1e-15, rtol=0), name
+    for name, b in t.named_buffers(): assert torch.equal(b, before[name]), name          # default: the teacher's own
+    ema_update(t, s, 0.7, copy_buffers=True)
     for name, b in t.named_buffers(): assert torch.equal(b, dict(s.named_buffers())[name]), name
 
 def test_ema_teacher_schedule_and_no_grad():
     s = nn.Linear(2, 2); teacher = EMATeacher(s, base=0.9, final=1.0, total_steps=4)
-    ms = [teacher.update(s, k) for k in range(5)]
-    assert ms[0] == pytest.approx(0.9) and ms[-1] == pytest.approx(1.0) and all(x <= y for x, y in zip(ms, ms[1:]))
-    assert ms[2] == pytest.approx(1 - 0.1 * 0.5 * (1 + math.cos(math.pi / 2)))
+    ms = [teacher.update(s, k) for k in range(5)]                 # k = 0..3 are the 4 updates; 4 is past the end
+    assert ms[0] == pytest.approx(0.9) and ms[3] == ms[4] == 1.0 and all(x <= y for x, y in zip(ms, ms[1:]))
+    assert ms[2] == pytest.approx(1 - 0.1 * 0.5 * (1 + math.cos(2 * math.pi / 3)))
     out = teacher(torch.randn(3, 2)); assert not out.requires_grad
 
 # ---------------------------------------------------------------- DINO
@@ -237,7 +239,7 @@ def test_caption_decoder_causal_and_trains():
 
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_raise_mmlab_errors():
-    with pytest.raises(ShapeError, match="at least 2"): vicreg_loss(torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(ShapeError, match="at least 2 samples"): vicreg_loss(torch.randn(1, 3), torch.randn(1, 3))
     with pytest.raises(ShapeError, match="z2: expected shape"): barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 2))
     with pytest.raises(ShapeError): dino_loss(torch.randn(4, 2, 3), torch.randn(2, 2, 3), torch.zeros(4))
     with pytest.raises(InputError, match="alpha"): momentum_distill_loss(*(torch.eye(3),) * 4, 1.0, alpha=-0.1)
@@ -251,26 +253,34 @@ from mmlab.encoders import ProjectionHead
 
 # ---------------------------------------------------------------- momentum schedule and EMA
 def test_momentum_schedule_closed_form_first_middle_last_and_clamped():
-    base, final, K = 0.9, 0.99, 10
-    cf = lambda k: final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / K))   # cosine from base to final
+    base, final, K = 0.9, 0.99, 11                                   # updates k = 0..10
+    cf = lambda k: final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / (K - 1)))   # cosine from base to final
     assert momentum_schedule(0, K, base, final) == pytest.approx(0.9, abs=1e-15)
-    assert momentum_schedule(5, K, base, final) == pytest.approx(0.945, abs=1e-15)     # half way: the mean
+    assert momentum_schedule(5, K, base, final) == pytest.approx(0.945, abs=1e-15)     # middle update: the mean
     assert momentum_schedule(10, K, base, final) == pytest.approx(0.99, abs=1e-15)
     assert momentum_schedule(3, K, base, final) == pytest.approx(cf(3), abs=1e-15)
-    # outside [0, K] the schedule holds its end values
+    # outside [0, K - 1] the schedule holds its end values
     assert momentum_schedule(-3, K, base, final) == pytest.approx(0.9, abs=1e-15)
     assert momentum_schedule(15, K, base, final) == pytest.approx(0.99, abs=1e-15)
     # defaults of BYOL/DINO: 0.996 -> 1
-    assert momentum_schedule(0, 7) == pytest.approx(0.996, abs=1e-15) and momentum_schedule(7, 7) == 1.0
-    assert momentum_schedule(0, 1) == pytest.approx(0.996) and momentum_schedule(1, 1) == 1.0   # total=1 is valid
+    assert momentum_schedule(0, 7) == pytest.approx(0.996, abs=1e-15) and momentum_schedule(6, 7) == 1.0
+    assert momentum_schedule(0, 1) == 1.0 and momentum_schedule(5, 1) == 1.0   # total=1 is valid: its one update is the last
     with pytest.raises(InputError, match="total must be > 0"): momentum_schedule(0, -1)
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 500), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.integers(-10, 510))
+@given(st.integers(2, 500), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.integers(-10, 510))
 def test_momentum_schedule_matches_cosine_formula(total, base, final, step):
-    k = min(max(step, 0), total)
-    want = final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / total))
+    k = min(max(step, 0), total - 1)
+    want = final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / (total - 1)))
     assert momentum_schedule(step, total, base, final) == pytest.approx(want, abs=1e-12)
+
+@pytest.mark.parametrize("K", [2, 3, 10, 200, 1000])
+def test_momentum_schedule_first_update_uses_base_and_last_uses_final(K):
+    "Issue 16: of K updates indexed k = 0..K-1 (the trainer passes its step count minus one), the first uses base, the last final."
+    ms = [momentum_schedule(k, K, 0.99, 1.0) for k in range(K)]
+    assert ms[0] == 0.99 and ms[-1] == 1.0                             # exactly: final is reached (k / K never gets there)
+    assert all(x < y for x, y in zip(ms, ms[1:]))                     # every update raises the momentum
+    assert ms[-2] < 1.0
 
 def _lin(seed):
     torch.manual_seed(seed); return nn.Linear(3, 2).double()
@@ -298,7 +308,7 @@ def test_ema_update_buffers_copied_only_where_the_student_has_them():
     s, t = nn.BatchNorm1d(3).double(), nn.BatchNorm1d(3).double()
     t.register_buffer("extra", torch.full((2,), 7.0))                 # a teacher-only buffer is left alone
     s(torch.randn(5, 3, dtype=torch.float64))                         # student running stats move
-    ema_update(t, s, 0.9)
+    ema_update(t, s, 0.9, copy_buffers=True)
     assert torch.equal(t.running_mean, s.running_mean) and torch.equal(t.running_var, s.running_var)
     assert t.num_batches_tracked.item() == 1 and torch.equal(t.extra, torch.full((2,), 7.0))
 
@@ -309,8 +319,8 @@ def test_ema_teacher_is_a_frozen_copy_updated_by_its_schedule():
     w0 = teacher.module.weight.clone()
     with torch.no_grad(): s.weight.add_(1.0)                           # a copy, not an alias
     assert torch.equal(teacher.module.weight, w0)
-    m = teacher.update(s, 2)
-    want_m = 0.98 - 0.18 * 0.5 * (1 + math.cos(math.pi * 2 / 4))
+    m = teacher.update(s, 2)                                            # the third of 4 updates
+    want_m = 0.98 - 0.18 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
     assert m == pytest.approx(want_m, abs=1e-15)
     assert torch.allclose(teacher.module.weight, want_m * w0 + (1 - want_m) * s.weight.detach(), atol=1e-14, rtol=0)
     assert EMATeacher(s).update(s, 0) == pytest.approx(0.996)           # defaults: base 0.996
@@ -486,10 +496,89 @@ def test_ema_update_copies_buffers_only_when_asked():
         s.weight.fill_(3.0); s.running_mean.fill_(5.0)
     ema_update(t, s, 0.5, copy_buffers=False)
     assert torch.equal(t.weight, torch.full((3,), 2.0, dtype=torch.float64)) and torch.equal(t.running_mean, torch.zeros(3, dtype=torch.float64))
-    ema_update(t, s, 0.5)
+    ema_update(t, s, 0.5, copy_buffers=True)
     assert torch.equal(t.weight, torch.full((3,), 2.5, dtype=torch.float64)) and torch.equal(t.running_mean, s.running_mean)
     from mmlab.losses.distill import ema_
     a = [torch.zeros(2, dtype=torch.float64)]
     ema_(a, [torch.full((2,), 4.0, dtype=torch.float64)], 0.75)
     assert torch.equal(a[0], torch.ones(2, dtype=torch.float64))             # exactly (1 - m) of the gap
     with pytest.raises(ValueError): ema_(a, [], 0.5)                          # pairs must match
+
+
+# ================================================================ issue 16: hardening against the peers
+def test_ema_update_default_keeps_the_teachers_own_batchnorm_statistics():
+    "As BYOL and DINO: parameters are averaged, the teacher's running statistics come from its own forward passes."
+    torch.manual_seed(3)
+    s = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double(); t = EMATeacher(s).module
+    t.train(); s.train()
+    with torch.no_grad():
+        s(torch.randn(16, 3, dtype=torch.float64) + 5)                # the student's statistics move one way
+        t(torch.randn(16, 3, dtype=torch.float64) - 5)                # the teacher's own another way
+    own = {k: v.clone() for k, v in t.named_buffers()}
+    ema_update(t, s, 0.9)
+    for k, v in t.named_buffers(): assert torch.equal(v, own[k]), k  # default: left alone
+    assert not torch.equal(own["1.running_mean"], dict(s.named_buffers())["1.running_mean"])
+    ema_update(t, s, 0.9, copy_buffers=True)                            # the explicit other choice: copied
+    for k, v in t.named_buffers(): assert torch.equal(v, dict(s.named_buffers())[k]), k
+
+@pytest.mark.parametrize("f", [vicreg_loss, barlow_twins_loss, vicreg_terms])
+def test_batch_of_one_says_it_has_no_variance(f):
+    with pytest.raises(ShapeError, match=r"got B=1: a batch of one has no variance \(its sample is its own mean"):
+        f(torch.randn(1, 3), torch.randn(1, 3))
+
+def test_vicreg_is_the_reference_codes_halved_form():
+    "Collapsed views cost v = 1 - sqrt(eps) per view: mu (v + v')/2 as main_vicreg.py, not the paper's mu (v + v')."
+    zc = torch.ones(4, 3, dtype=torch.float64)
+    v = 1 - math.sqrt(1e-4)
+    assert vicreg_loss(zc, zc).item() == pytest.approx(25.0 * v, rel=1e-12)
+    assert "reference code" in vicreg_loss.__doc__ and "(v(Z) + v(Z'))/2" in vicreg_loss.__doc__
+
+# ---------------------------------------------------------------- VICReg / Barlow Twins over 2 gloo processes
+WORLD, B_HALF, D_DDP = 2, 4, 3
+
+def _full_views():
+    g = torch.Generator().manual_seed(7)
+    z1 = torch.randn(WORLD * B_HALF, D_DDP, generator=g, dtype=torch.float64)
+    return z1, z1 + 0.5 * torch.randn(WORLD * B_HALF, D_DDP, generator=g, dtype=torch.float64)
+
+def _ddp_loss(name, z1, z2, **kw):
+    return vicreg_loss(z1, z2, **kw) if name == "vicreg" else barlow_twins_loss(z1, z2, 0.1, **kw)
+
+def _ddp_worker(rank, store, out):
+    import os, torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)   # a file: no port to race for
+    try:
+        z1, z2 = _full_views()
+        sl = slice(rank * B_HALF, (rank + 1) * B_HALF)
+        res = {}
+        for name in ("vicreg", "barlow"):
+            x1, x2 = z1[sl].clone().requires_grad_(), z2[sl].clone().requires_grad_()
+            loss = _ddp_loss(name, x1, x2, distributed=True); loss.backward()
+            res[name] = (loss.item(), x1.grad, x2.grad)
+        res["one_per_rank"] = vicreg_loss(z1[rank:rank + 1], z2[rank:rank + 1], distributed=True).item()   # B = 2 over ranks
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+def test_vicreg_and_barlow_two_gloo_processes_equal_the_full_batch(tmp_path):
+    "Issue 16: each of 2 ranks holds half the batch; mean loss and rank-averaged gradients equal one process on all of it."
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    z1, z2 = _full_views()
+    for name in ("vicreg", "barlow"):
+        x1, x2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        full = _ddp_loss(name, x1, x2); full.backward()
+        mean = sum(res[r][name][0] for r in range(WORLD)) / WORLD
+        assert abs(mean - full.item()) < 1e-12, (name, mean, full.item())
+        if name == "barlow":                                            # every rank holds the full-batch loss
+            assert all(abs(res[r][name][0] - full.item()) < 1e-12 for r in range(WORLD))
+        for r in range(WORLD):
+            sl = slice(r * B_HALF, (r + 1) * B_HALF)
+            for g_rank, g_full in ((res[r][name][1], x1.grad[sl]), (res[r][name][2], x2.grad[sl])):
+                assert (g_rank / WORLD - g_full).abs().max().item() < 1e-12, (name, r)   # the trainer's mean over ranks
+        # the equality is not trivial: each half on its own statistics gives another loss
+        halves = sum(_ddp_loss(name, z1[r * B_HALF:(r + 1) * B_HALF], z2[r * B_HALF:(r + 1) * B_HALF]) for r in range(WORLD)) / WORLD
+        assert abs(halves.item() - full.item()) > 1e-2, name
+    mean_one = sum(res[r]["one_per_rank"] for r in range(WORLD)) / WORLD
+    assert abs(mean_one - vicreg_loss(z1[:2], z2[:2]).item()) < 1e-12   # one sample per rank is a batch of two

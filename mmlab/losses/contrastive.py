@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
+from ..core import ConfigError, InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
 
 # %% auto #0
 __all__ = ['DEFAULT_CHUNK', 'AUTO_CHUNK_MIN_BATCH', 'IMPLS', 'ChunkedClipLoss', 'ChunkedSiglipLoss', 'gather_with_grad',
-           'clip_loss', 'siglip_loss', 'ClipLoss', 'SigLipLoss', 'nt_xent_loss', 'cwcl_weights', 'cwcl_loss',
-           'isogclr_objective', 'IndividualTemperatureLoss', 'symile_loss', 'hard_negative_mixing', 'mochi_loss',
-           'mixup', 'mixup_contrastive_loss', 'alignment_loss', 'uniformity_loss']
+           'clip_loss', 'siglip_loss', 'check_logit_scale', 'clamp_log_scale_', 'ClipLoss', 'SigLipLoss',
+           'nt_xent_loss', 'cwcl_weights', 'cwcl_loss', 'isogclr_objective', 'IndividualTemperatureLoss', 'symile_loss',
+           'hard_negative_mixing', 'mochi_loss', 'mixup', 'mixup_contrastive_loss', 'alignment_loss', 'uniformity_loss']
 
 # %% ../../nbs/03_contrastive.ipynb #e5742e9a
 def _check_embeddings(xs:dict,             # name -> (B, D) tensor, all with the same B and D
@@ -390,32 +390,60 @@ def siglip_loss(a:Tensor,               # (B, D) L2-normalised embeddings of mod
     return ChunkedSiglipLoss.apply(a, b, scale, bias, chunk, 0, y, y)
 
 # %% ../../nbs/03_contrastive.ipynb #03aa59ee
+def check_logit_scale(where:str,        # the model or loss, for messages
+                      init_scale,       # initial multiplier s = 1/temperature
+                      max_scale,        # cap of s
+                     ) -> None:
+    "Refuse a cap below 1 and an initial scale outside [1, max_scale], the range `clamp_log_scale_` keeps s in."
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not (num(max_scale) and max_scale >= 1):
+        raise ConfigError(f"{where}: max_scale must be a finite multiplier >= 1, got {max_scale!r}")
+    if not (num(init_scale) and 1 <= init_scale <= max_scale):
+        raise ConfigError(f"{where}: init_scale must be a finite multiplier in [1, max_scale={max_scale:g}] "
+                          f"(the range the learnt scale is clamped to, as in CLIP), got {init_scale!r}")
+
+@torch.no_grad()
+def clamp_log_scale_(log_scale:Tensor,  # learnt log s, clamped in place
+                     max_scale:float,   # cap of s
+                    ) -> None:
+    "CLIP's clamp after an optimiser step: a learnt log s goes to [0, log max_scale] (s in [1, max_scale]); a frozen one stays as set."
+    if log_scale.requires_grad: log_scale.clamp_(0.0, math.log(max_scale))   # the optimiser never moves a frozen scale
+
+# %% ../../nbs/03_contrastive.ipynb #ec7ea838
 class ClipLoss(nn.Module):
-    "CLIP loss with a learnable log logit-scale (initialised at 1/0.07, clamped at `max_scale`)."
-    def __init__(self, init_scale:float=1/0.07,  # initial multiplier 1/temperature
-                 max_scale:float=100.0,            # clamp of the multiplier (CLIP)
+    "CLIP loss with a learnable log logit-scale (initialised at 1/0.07, kept in [1, max_scale] by `clamp_parameters_`)."
+    def __init__(self, init_scale:float=1/0.07,  # initial multiplier 1/temperature, in [1, max_scale]
+                 max_scale:float=100.0,            # cap of the multiplier (CLIP)
                  learnable:bool=True,              # learn the scale, or keep it fixed
                  label_smoothing:float=0.0, **loss_kw):  # label smoothing; extra keywords of `clip_loss`
         super().__init__()
+        check_logit_scale("ClipLoss", init_scale, max_scale)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
         self.max_scale, self.label_smoothing, self.loss_kw = max_scale, label_smoothing, loss_kw
     @property
-    def logit_scale(self) -> Tensor: return self.log_scale.exp().clamp(max=self.max_scale)
+    def logit_scale(self) -> Tensor: return self.log_scale.exp()
+    def clamp_parameters_(self) -> None:
+        "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
+        clamp_log_scale_(self.log_scale, self.max_scale)
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
         "`clip_loss` of (B, D) embeddings `a`, `b` at the current scale."
         return clip_loss(a, b, self.logit_scale, label_smoothing=self.label_smoothing, **self.loss_kw)
 
 class SigLipLoss(nn.Module):
-    "SigLIP loss with learnable log logit-scale (init 10) and bias (init -10)."
-    def __init__(self, init_scale:float=10.0,  # initial multiplier s (SigLIP: 10)
+    "SigLIP loss with learnable log logit-scale (init 10, kept in [1, max_scale] by `clamp_parameters_`) and bias (init -10)."
+    def __init__(self, init_scale:float=10.0,  # initial multiplier s (SigLIP: 10), in [1, max_scale]
                  init_bias:float=-10.0,          # initial bias t (SigLIP: -10)
                  max_scale:float=100.0, learnable:bool=True, **loss_kw):
         super().__init__()
+        check_logit_scale("SigLipLoss", init_scale, max_scale)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
         self.max_scale, self.loss_kw = max_scale, loss_kw
     @property
-    def logit_scale(self) -> Tensor: return self.log_scale.exp().clamp(max=self.max_scale)
+    def logit_scale(self) -> Tensor: return self.log_scale.exp()
+    def clamp_parameters_(self) -> None:
+        "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
+        clamp_log_scale_(self.log_scale, self.max_scale)
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
         "`siglip_loss` of (B, D) embeddings `a`, `b` at the current scale and bias."
         return siglip_loss(a, b, self.logit_scale, self.logit_bias, **self.loss_kw)

@@ -12,23 +12,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import InputError, ShapeError, check_shape
-from .contrastive import clip_loss
+from .contrastive import clip_loss, gather_with_grad
 
 # %% auto #0
 __all__ = ['momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
            'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss', 'caption_loss', 'coca_loss']
 
 # %% ../../nbs/05_distill.ipynb #1111b94e
-def momentum_schedule(step:int,         # current step k
-                      total:int,        # total steps K
-                      base:float=0.996, # m_0 at step 0
-                      final:float=1.0,  # m at step K
+def momentum_schedule(step:int,         # index k of the update: 0 for the first, total - 1 for the last
+                      total:int,        # number of updates K
+                      base:float=0.996, # m_0, used by the first update
+                      final:float=1.0,  # m_K, used by the last update
                      ) -> float:
-    "Cosine momentum schedule of BYOL/DINO: base at step 0, final at step `total`."
+    "Cosine momentum schedule of BYOL/DINO, ends as lightly's: base at update 0, final at update K - 1."
     if total <= 0: raise InputError(f"momentum_schedule: total must be > 0, got {total}")
-    k = min(max(step, 0), total)
-    return final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / total))
+    if total == 1: return final                           # one update: it is the last one (as lightly)
+    k = min(max(step, 0), total - 1)
+    return final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / (total - 1)))
 
+# %% ../../nbs/05_distill.ipynb #b840f79c
 @torch.no_grad()
 def ema_(averages, values, momentum:float) -> None:
     "The kit's one EMA step, in place: a <- m a + (1 - m) v for each (average, value) pair of tensors."
@@ -38,9 +40,9 @@ def ema_(averages, values, momentum:float) -> None:
 def ema_update(teacher:nn.Module, # updated in place
                student:nn.Module, # same architecture
                momentum:float,    # m in [0, 1]
-               copy_buffers:bool=True, # buffers (e.g. BatchNorm statistics) copied from the student, or left alone
+               copy_buffers:bool=False, # False: the teacher keeps its own buffers (BYOL, DINO); True: copy the student's
               ) -> None:
-    "theta_t <- m theta_t + (1 - m) theta_s for parameters (`ema_`); buffers copied from the student if asked."
+    "theta_t <- m theta_t + (1 - m) theta_s for parameters (`ema_`); buffers (BatchNorm statistics) copied only if asked."
     if not 0 <= momentum <= 1: raise InputError(f"ema_update: momentum must be in [0, 1], got {momentum}")
     tp, sp = dict(teacher.named_parameters()), dict(student.named_parameters())
     if tp.keys() != sp.keys():
@@ -134,18 +136,26 @@ def _off_diagonal(c:Tensor) -> Tensor:
 
 def _views(z1, z2, where):
     dims = check_shape(z1, f"{where}: z1", ("B", "D")); check_shape(z2, f"{where}: z2", ("B", "D"), dims)
-    if dims["B"] < 2: raise ShapeError(f"{where}: needs a batch of at least 2 to estimate statistics, got B={dims['B']}")
 
-def vicreg_terms(z1:Tensor, z2:Tensor, # (B, D) embeddings of the two views
-                 eps:float=1e-4,       # inside the square root of the variance
+def _two_or_more(B:int, where:str) -> None:
+    "The batch statistics need B >= 2 (over all ranks)."
+    if B < 2: raise ShapeError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B}: a batch of one "
+                               f"has no variance (its sample is its own mean, and the unbiased estimate divides by B - 1 = 0)")
+
+def vicreg_terms(z1:Tensor, z2:Tensor,   # (B, D) embeddings of the two views
+                 eps:float=1e-4,         # inside the square root of the variance
+                 *, distributed:bool=False, # variance and covariance on the batch gathered (with gradient) from every rank
+                 group=None,             # process group for `distributed`
                 ) -> dict:
-    "VICReg's three unweighted terms: invariance s, variance v (averaged over both views), covariance c (summed)."
-    _views(z1, z2, "vicreg_loss")
+    "VICReg's three unweighted terms, as its reference code: invariance s, variance v (halved), covariance c."
+    _views(z1, z2, "vicreg_terms")
+    inv = F.mse_loss(z1, z2)                                              # this rank's pairs
+    if distributed: z1, z2 = gather_with_grad(z1, group), gather_with_grad(z2, group)
     B, D = z1.shape
-    inv = F.mse_loss(z1, z2)
+    _two_or_more(B, "vicreg_terms")
     x, y = z1 - z1.mean(0), z2 - z2.mean(0)
     std_x, std_y = torch.sqrt(x.var(0) + eps), torch.sqrt(y.var(0) + eps)
-    var = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    var = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2   # halved as in main_vicreg.py
     cov_x, cov_y = (x.T @ x) / (B - 1), (y.T @ y) / (B - 1)
     cov = _off_diagonal(cov_x).pow(2).sum() / D + _off_diagonal(cov_y).pow(2).sum() / D
     return {"invariance": inv, "variance": var, "covariance": cov}
@@ -154,22 +164,29 @@ def vicreg_loss(z1:Tensor, z2:Tensor,    # (B, D) embeddings of the two views
                 sim_weight:float=25.0,   # lambda
                 var_weight:float=25.0,   # mu
                 cov_weight:float=1.0,    # nu
+                **kw,                    # `eps`, `distributed`, `group` of `vicreg_terms`
                ) -> Tensor:
-    "VICReg (Bardes et al. 2022, eq. 6): lambda s + mu v + nu c."
-    t = vicreg_terms(z1, z2)
+    "VICReg (Bardes et al. 2022) in its reference code's form: lambda s + mu (v(Z) + v(Z'))/2 + nu (c(Z) + c(Z'))."
+    t = vicreg_terms(z1, z2, **kw)
     return sim_weight * t["invariance"] + var_weight * t["variance"] + cov_weight * t["covariance"]
 
 # %% ../../nbs/05_distill.ipynb #c75741d5
 def barlow_twins_loss(z1:Tensor, z2:Tensor,  # (B, D) embeddings of the two views
                       lambda_:float=5e-3,    # weight of the off-diagonal (redundancy) term
                       eps:float=1e-5,        # BatchNorm epsilon of the reference code
+                      *, distributed:bool=False, # batch statistics and C summed (with gradient) over every rank
+                      group=None,            # process group for `distributed`
                      ) -> Tensor:
     "Barlow Twins (Zbontar et al. 2021, eq. 1): sum (1 - C_dd)^2 + lambda sum_{d!=e} C_de^2."
     _views(z1, z2, "barlow_twins_loss")
-    B = z1.shape[0]
-    n1 = (z1 - z1.mean(0)) / torch.sqrt(z1.var(0, unbiased=False) + eps)
-    n2 = (z2 - z2.mean(0)) / torch.sqrt(z2.var(0, unbiased=False) + eps)
-    c = n1.T @ n2 / B                                                     # (D, D)
+    total = (lambda x: gather_with_grad(x[None], group).sum(0)) if distributed else (lambda x: x)   # sum over ranks
+    z = torch.stack([z1, z2])                                              # (2, B, D)
+    n = total(z.new_tensor(float(z.shape[1])))                            # global batch size
+    _two_or_more(int(n), "barlow_twins_loss")
+    mu = total(z.sum(1, keepdim=True)) / n                                # (2, 1, D) global means
+    var = total((z - mu).pow(2).sum(1, keepdim=True)) / n                 # (2, 1, D) global biased variances
+    zn = (z - mu) / torch.sqrt(var + eps)                                 # BatchNorm without affine
+    c = total(zn[0].T @ zn[1]) / n                                        # (D, D)
     return (torch.diagonal(c) - 1).pow(2).sum() + lambda_ * _off_diagonal(c).pow(2).sum()
 
 # %% ../../nbs/05_distill.ipynb #06e727d4
