@@ -20,8 +20,8 @@ from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttenti
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
                             _attn_mask, _masked_mean, gather_tokens, sincos_2d, tower_inputs)
 from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, random_mask, span_mask
-from .losses import (DINOLoss, byol_loss, clip_loss, dino_loss, ema_update, hubert_loss, kmeans_targets, mae_loss,
-                          momentum_schedule, simmim_loss)
+from .losses import (DINOLoss, byol_loss, check_logit_scale, clamp_log_scale_, clip_loss, dino_loss, ema_update,
+                          hubert_loss, kmeans_targets, mae_loss, momentum_schedule, simmim_loss)
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
@@ -130,11 +130,12 @@ class MultiModalModel(Model):
                  heads:dict|None=None,                        # modality -> head module, overrides `head`
                  init_scale:float=1 / 0.07,                   # initial multiplier s = 1/temperature (CLIP 1/0.07, SigLIP 10)
                  init_bias:float|None=None,                   # initial bias t; None: no bias (SigLIP: -10)
-                 max_scale:float=100.0,                       # CLIP clamps the multiplier at 100
+                 max_scale:float=100.0,                       # cap of s, kept by clamp_parameters_ (CLIP: 100)
                  locked=(),                                   # modalities whose towers are frozen (LiT)
                 ):
         super().__init__()
         if not towers: raise ConfigError("MultiModalModel: needs at least one tower")
+        check_logit_scale("MultiModalModel", init_scale, max_scale)
         self.towers = nn.ModuleDict(towers)
         heads, self.proj_dim, self.head_options = dict(heads or {}), proj_dim, dict(head or {})
         self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, proj_dim, **self.head_options) for m, t in towers.items()})
@@ -166,8 +167,12 @@ class MultiModalModel(Model):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        "The multiplier s = exp(log_scale), clamped at `max_scale` (gradients stop while clamped): what the losses take."
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        "The multiplier s = exp(log_scale): what the losses take (`clamp_parameters_` keeps it in [1, max_scale])."
+        return self.log_scale.exp()
+
+    def clamp_parameters_(self) -> None:
+        "Keep s in [1, max_scale] (CLIP); the trainer calls it after every optimiser step."
+        clamp_log_scale_(self.log_scale, self.max_scale)
 
     def encode(self, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
         "Tower -> pooled -> head -> L2-normalise, for one modality."
@@ -476,6 +481,9 @@ class MultiModalMAE(Model):
             self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def parts(self) -> dict: return {"adapters": dict(self.adapters)}
+    def clamp_parameters_(self) -> None:
+        "Keep the contrastive term's multiplier in [1, 100] (CLIP); the trainer calls it after every optimiser step."
+        if self.contrastive_weight > 0: clamp_log_scale_(self.log_scale, 100.0)
     def encoder(self, modality:str) -> nn.Module:
         "No single tower: the encoder is shared by all modalities after per-modality adapters (see `mmae_features`)."
         raise InputError(f"MultiModalMAE.encoder({modality!r}): the shared encoder runs on every modality's adapter tokens, "
@@ -526,7 +534,7 @@ class MultiModalMAE(Model):
         if self.contrastive_weight > 0:
             counts = [int((~per[n][0]).sum()) for n in names]   # visible tokens of each modality are contiguous in enc
             emb = {n: F.normalize(self.proj[n](e.mean(1)), dim=-1) for n, e in zip(names, enc.split(counts, 1))}
-            scale = self.log_scale.exp().clamp(max=100)
+            scale = self.log_scale.exp()                  # in [1, 100] by clamp_parameters_
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
             losses["contrastive"] = sum(clip_loss(emb[a], emb[b], scale) for a, b in pairs) / len(pairs)
             loss = loss + self.contrastive_weight * losses["contrastive"]
@@ -625,18 +633,19 @@ class HubertModel(Model):
 class EMATeacher(nn.Module):
     "A frozen copy of a student updated by EMA with a cosine momentum schedule."
     def __init__(self, student:nn.Module, # the network to track
-                 base:float=0.996,        # momentum at step 0
-                 final:float=1.0,         # momentum at the last step
-                 total_steps:int=1000):   # length of the schedule
+                 base:float=0.996,        # momentum of the first update
+                 final:float=1.0,         # momentum of the last update
+                 total_steps:int=1000,    # number of updates K
+                 copy_buffers:bool=False):# BatchNorm statistics: the teacher's own (BYOL, DINO) or copied from the student
         super().__init__()
         self.module = copy.deepcopy(student).requires_grad_(False)
-        self.base, self.final, self.total_steps = base, final, total_steps
+        self.base, self.final, self.total_steps, self.copy_buffers = base, final, total_steps, copy_buffers
     def forward(self, *args, **kwargs):
         with torch.no_grad(): return self.module(*args, **kwargs)
     def update(self, student:nn.Module, step:int) -> float:
-        "One EMA step at schedule position `step`; returns the momentum used."
+        "One EMA step; `step` indexes the update, 0 for the first and total_steps - 1 for the last. Returns the momentum."
         m = momentum_schedule(step, self.total_steps, self.base, self.final)
-        ema_update(self.module, student, m); return m
+        ema_update(self.module, student, m, copy_buffers=self.copy_buffers); return m
 
 # %% ../nbs/05b_models.ipynb #5bc8246a
 class BYOLModel(Model):

@@ -301,8 +301,8 @@ class MaeRecipe(RunFields):
 
 # %% ../nbs/08a_recipes.ipynb #d9327726
 class TeacherUpdate(Callback):
-    "After each optimiser step: EMA update of `model.teacher` from `model.online` (momentum schedule by step)."
-    def on_step_end(self, trainer): trainer.model.teacher.update(trainer.model.online, trainer.step)
+    "After each optimiser step: EMA update of `model.teacher` from `model.online` (momentum schedule by update index)."
+    def on_step_end(self, trainer): trainer.model.teacher.update(trainer.model.online, trainer.step - 1)   # step counts 1..K
 
 def augment_views(images:Tensor,  # (B, C, H, W) a batch of images
                   augment,         # a per-image random transform (e.g. `image_augment`)

@@ -20,14 +20,15 @@ from torch import Tensor
 
 from .core import (CheckpointError, ConfigError, InputError, InputTypeError, NonFiniteError, autocast, eval_mode,
                         get_device, get_precision)
+from .losses.contrastive import dist_info
 from .losses.distill import ema_
 
 # %% auto #0
 __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss_terms', 'rng_state', 'set_rng_state',
            'encode_state', 'decode_state', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
            'load_checkpoint', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile', 'JSONLLogger', 'CSVLogger',
-           'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA', 'to_device', 'dist_info',
-           'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
+           'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA', 'to_device', 'make_optimizer',
+           'compile_model', 'Trainer', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #2440a017
 def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's counter)
@@ -454,11 +455,6 @@ def to_device(batch, device:torch.device):
     "Move every tensor of a (nested) batch to `device`."
     return _map_tensors(lambda t: t.to(device, non_blocking=True), batch)
 
-def dist_info() -> tuple[int, int]:
-    "(world size, rank) of the default process group, or (1, 0) when not running distributed."
-    if dist.is_available() and dist.is_initialized(): return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
 def make_optimizer(model:nn.Module, cfg:TrainConfig) -> torch.optim.AdamW:
     "AdamW with weight decay on >= 2-D parameters only; frozen parameters are left out."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -523,6 +519,7 @@ def fit(self:Trainer) -> list[dict]:
         grad_norm = self._clip_gradients()
         if self.scaler: self.scaler.step(self.opt); self.scaler.update()
         else: self.opt.step()
+        self._clamp_parameters()                            # learnt ranges (e.g. CLIP's logit scale) after every step
         self.sched.step()                                   # the rate of the next update
         self.step += 1
         if due(cfg.log_every):
@@ -534,6 +531,13 @@ def fit(self:Trainer) -> list[dict]:
         if self.out_dir and due(cfg.ckpt_every): self.save()
     self._event("on_fit_end")
     return self.history
+
+# %% ../nbs/07_train.ipynb #c6e09160
+@patch
+def _clamp_parameters(self:Trainer) -> None:
+    "Call `clamp_parameters_()` of every submodule of the model that defines one."
+    for m in self.model.modules():
+        if hasattr(m, "clamp_parameters_"): m.clamp_parameters_()
 
 # %% ../nbs/07_train.ipynb #eb731650
 @patch

@@ -835,7 +835,7 @@ def test_chunked_local_forms_with_offset_match_reference(Ba, Bb, off, chunk):
 
 def _fake_rank1_of_2(monkeypatch, a, b, a_other, b_other):
     "Pretend to be rank 1 of 2: gather puts the other rank's rows (constants) first, this rank's after."
-    monkeypatch.setattr(C, "_dist_info", lambda group=None: (2, 1))
+    monkeypatch.setattr(C, "dist_info", lambda group=None: (2, 1))
     def gather(x, group=None):
         other = a_other if torch.equal(x.detach(), a) else b_other
         return torch.cat([other, x])
@@ -1268,7 +1268,7 @@ def test_gather_with_grad_in_a_one_rank_group(one_rank_group):
     assert torch.equal(x.grad, w)                                      # all-reduce over one rank leaves the gradient
 
 def test_dist_info_outside_a_process_group_is_one_rank_of_index_0():
-    assert C._dist_info() == (1, 0)
+    assert C.dist_info() == (1, 0)
 
 def test_label_gather_and_shape_check_with_a_simulated_second_rank(monkeypatch):
     "The gathering logic in-process (the real collectives run in the 2-process gloo tests)."
@@ -1276,7 +1276,7 @@ def test_label_gather_and_shape_check_with_a_simulated_second_rank(monkeypatch):
     other = {"labels": torch.tensor([7, 8, 9])}
     def all_gather_object(out, obj, group=None): out[0], out[1] = obj, tuple(other["labels"].shape)
     def all_gather(parts, x, group=None): parts[0].copy_(x); parts[1].copy_(other["labels"])
-    monkeypatch.setattr(C, "_dist_info", lambda group=None: (2, 0))
+    monkeypatch.setattr(C, "dist_info", lambda group=None: (2, 0))
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(dist, "all_gather", all_gather)
     assert torch.equal(C._gather_labels(torch.tensor([1, 2, 3]), None, "clip_loss"), torch.tensor([1, 2, 3, 7, 8, 9]))

@@ -15,10 +15,11 @@ from torch import Tensor
 from ..core import ConfigError, InputError, InputTypeError, ShapeError, check_finite, check_shape, check_unit_norm
 
 # %% auto #0
-__all__ = ['DEFAULT_CHUNK', 'AUTO_CHUNK_MIN_BATCH', 'IMPLS', 'ChunkedClipLoss', 'ChunkedSiglipLoss', 'gather_with_grad',
-           'clip_loss', 'siglip_loss', 'check_logit_scale', 'clamp_log_scale_', 'ClipLoss', 'SigLipLoss',
-           'nt_xent_loss', 'cwcl_weights', 'cwcl_loss', 'isogclr_objective', 'IndividualTemperatureLoss', 'symile_loss',
-           'hard_negative_mixing', 'mochi_loss', 'mixup', 'mixup_contrastive_loss', 'alignment_loss', 'uniformity_loss']
+__all__ = ['DEFAULT_CHUNK', 'AUTO_CHUNK_MIN_BATCH', 'IMPLS', 'ChunkedClipLoss', 'ChunkedSiglipLoss', 'dist_info',
+           'gather_with_grad', 'clip_loss', 'siglip_loss', 'check_logit_scale', 'clamp_log_scale_', 'ClipLoss',
+           'SigLipLoss', 'nt_xent_loss', 'cwcl_weights', 'cwcl_loss', 'isogclr_objective', 'IndividualTemperatureLoss',
+           'symile_loss', 'hard_negative_mixing', 'mochi_loss', 'mixup', 'mixup_contrastive_loss', 'alignment_loss',
+           'uniformity_loss']
 
 # %% ../../nbs/03_contrastive.ipynb #e5742e9a
 def _check_embeddings(xs:dict,             # name -> (B, D) tensor, all with the same B and D
@@ -249,7 +250,7 @@ def _pick_impl(impl:str, B:int, chunk_size, device, where:str, labels:bool=False
     return impl
 
 # %% ../../nbs/03_contrastive.ipynb #1eb33208
-def _dist_info(group=None) -> tuple[int, int]:
+def dist_info(group=None) -> tuple[int, int]:
     "(world size, rank) of `group`, or (1, 0) outside an initialised process group."
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()): return 1, 0
@@ -260,7 +261,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         import torch.distributed as dist
-        ws, rank = _dist_info(group)
+        ws, rank = dist_info(group)
         parts = [torch.empty_like(x) for _ in range(ws)]
         dist.all_gather(parts, x.contiguous(), group=group)
         ctx.group, ctx.rank, ctx.n = group, rank, x.shape[0]
@@ -277,7 +278,7 @@ class _GatherWithGrad(torch.autograd.Function):
 def _check_same_shape(x:Tensor, group, where:str):
     "Raise `ShapeError` unless every rank of `group` passes a tensor of the same shape."
     import torch.distributed as dist
-    shapes = [None] * _dist_info(group)[0]
+    shapes = [None] * dist_info(group)[0]
     dist.all_gather_object(shapes, tuple(x.shape), group=group)
     if len(set(shapes)) != 1:
         raise ShapeError(f"{where}: every rank must pass the same shape, got {shapes} (rank order); "
@@ -287,13 +288,13 @@ def gather_with_grad(x:Tensor,        # (B, ...) this rank's tensor; every rank 
                      group=None,       # process group (None: the default group)
                     ) -> Tensor:       # (R*B, ...) all ranks' tensors in rank order
     "All-gather `x` from every rank, keeping the autograd graph (backward sums over ranks)."
-    if _dist_info(group)[0] == 1: return x
+    if dist_info(group)[0] == 1: return x
     _check_same_shape(x, group, "gather_with_grad")
     return _GatherWithGrad.apply(x, group)
 
 def _gather_labels(y:Tensor, group, where:str) -> Tensor:
     "All-gather the (B,) int64 labels of every rank in rank order (no gradient), with the same shape check."
-    if _dist_info(group)[0] == 1: return y
+    if dist_info(group)[0] == 1: return y
     _check_same_shape(y, group, f"{where}: labels")
     return _GatherWithGrad.apply(y, group)             # integer labels: no gradient flows
 
@@ -317,7 +318,7 @@ def _prepare(where:str, a, b, logit_scale, logit_bias, labels, chunk_size, impl,
     scale = _scalar(logit_scale, a, "logit_scale", where)
     bias = None if logit_bias is None and not need_bias else _scalar(logit_bias, a, "logit_bias", where)
     y = _check_labels(labels, a.shape[0], a.device, where)
-    ws, rank = _dist_info(group) if distributed else (1, 0)
+    ws, rank = dist_info(group) if distributed else (1, 0)
     B_total = a.shape[0] * ws
     if B_total < 2: raise InputError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B_total}")
     kind = _pick_impl(impl, B_total, chunk_size, a.device, where, labels=y is not None)
