@@ -411,40 +411,39 @@ def clamp_log_scale_(log_scale:Tensor,  # learnt log s, clamped in place
     if log_scale.requires_grad: log_scale.clamp_(0.0, math.log(max_scale))   # the optimiser never moves a frozen scale
 
 # %% ../../nbs/03_contrastive.ipynb #ec7ea838
-class ClipLoss(nn.Module):
+class _LearntScale(nn.Module):
+    "Holds a learnt log multiplier `log_scale` (s = exp(log_scale) = 1/temperature) that `clamp_parameters_` keeps in [1, max_scale]."
+    def __init__(self, where:str, init_scale:float, max_scale:float, learnable:bool):
+        super().__init__()
+        check_logit_scale(where, init_scale, max_scale)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
+        self.max_scale = max_scale
+    @property
+    def logit_scale(self) -> Tensor: return self.log_scale.exp()
+    def clamp_parameters_(self) -> None:
+        "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
+        clamp_log_scale_(self.log_scale, self.max_scale)
+
+class ClipLoss(_LearntScale):
     "CLIP loss with a learnable log logit-scale (initialised at 1/0.07, kept in [1, max_scale] by `clamp_parameters_`)."
     def __init__(self, init_scale:float=1/0.07,  # initial multiplier 1/temperature, in [1, max_scale]
                  max_scale:float=100.0,            # cap of the multiplier (CLIP)
                  learnable:bool=True,              # learn the scale, or keep it fixed
                  label_smoothing:float=0.0, **loss_kw):  # label smoothing; extra keywords of `clip_loss`
-        super().__init__()
-        check_logit_scale("ClipLoss", init_scale, max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
-        self.max_scale, self.label_smoothing, self.loss_kw = max_scale, label_smoothing, loss_kw
-    @property
-    def logit_scale(self) -> Tensor: return self.log_scale.exp()
-    def clamp_parameters_(self) -> None:
-        "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
-        clamp_log_scale_(self.log_scale, self.max_scale)
+        super().__init__("ClipLoss", init_scale, max_scale, learnable)
+        self.label_smoothing, self.loss_kw = label_smoothing, loss_kw
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
         "`clip_loss` of (B, D) embeddings `a`, `b` at the current scale."
         return clip_loss(a, b, self.logit_scale, label_smoothing=self.label_smoothing, **self.loss_kw)
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_LearntScale):
     "SigLIP loss with learnable log logit-scale (init 10, kept in [1, max_scale] by `clamp_parameters_`) and bias (init -10)."
     def __init__(self, init_scale:float=10.0,  # initial multiplier s (SigLIP: 10), in [1, max_scale]
                  init_bias:float=-10.0,          # initial bias t (SigLIP: -10)
                  max_scale:float=100.0, learnable:bool=True, **loss_kw):
-        super().__init__()
-        check_logit_scale("SigLipLoss", init_scale, max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
+        super().__init__("SigLipLoss", init_scale, max_scale, learnable)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
-        self.max_scale, self.loss_kw = max_scale, loss_kw
-    @property
-    def logit_scale(self) -> Tensor: return self.log_scale.exp()
-    def clamp_parameters_(self) -> None:
-        "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
-        clamp_log_scale_(self.log_scale, self.max_scale)
+        self.loss_kw = loss_kw
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
         "`siglip_loss` of (B, D) embeddings `a`, `b` at the current scale and bias."
         return siglip_loss(a, b, self.logit_scale, self.logit_bias, **self.loss_kw)
