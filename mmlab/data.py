@@ -879,7 +879,7 @@ def bad_inputs(d:Path) -> list[tuple]:
         ("manifest", "JSONL invalid JSON", lambda: jsonl('{"text": "a",}\n'), E(DataError, "line 1: invalid JSON (column 14")),
         ("manifest", "JSONL duplicate key", lambda: jsonl('{"text": "a", "text": "b"}\n'), E(DataError, "duplicate key 'text'")),
         ("manifest", "JSONL key near a modality name", lambda: jsonl('{"txt": "a", "image": "ok.png"}\n'), E(DataError, "did you mean 'text'?")),
-        ("manifest", "manifest that does not exist", lambda: ManifestDataset(d / "none.csv"), E(MissingFileError, "'none.csv' does not exist")),
+        ("manifest", "manifest that does not exist", lambda: ManifestDataset(d / "none.csv"), E(MissingFileError, "none.csv' does not exist")),
         ("manifest", "a folder given as the manifest", lambda: ManifestDataset(d), E(MissingFileError, "is a folder; expected a file")),
         ("manifest", "unknown format (.txt)", lambda: ManifestDataset(file("m.txt", "image\n")), E(ConfigError, "unknown format '.txt'")),
         ("manifest", "requested modality without a column", lambda: csv_("image\nok.png\n", modalities=["image", "text"]), E(DataError, "missing column 'text'")),
