@@ -1008,7 +1008,7 @@ def test_resized_white_images_stay_in_the_unit_range(tmp_path):
 from mmlab.core import InputError
 from mmlab.data import Skipped, bad_inputs, image_to_float, label_order, read_image, run_bad_input
 
-CASES = bad_inputs(Path("."))      # the names and expectations only; each test runs its case in a fresh folder
+CASES = bad_inputs(Path(__import__("tempfile").mkdtemp()))   # names and expectations; each test runs its case in a fresh folder
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{k}: {w}" for k, w, _, _ in CASES])
