@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #f00aa73a
 from __future__ import annotations
-import csv, hashlib, io, json, os, warnings
+import csv, difflib, hashlib, io, json, os, re, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .core import ConfigError, DataError, InputTypeError, MissingFileError, ShapeError, get_settings
+from .core import (ConfigError, DataError, InputError, InputTypeError, MissingFileError, MMLabError, ShapeError,
+                        get_settings)
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'BUNDLED', 'Modality', 'register_modality',
-           'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample', 'decode_audio',
-           'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer', 'HFTokenizer',
-           'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields', 'pad_fields',
-           'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta', 'BundledDataset',
-           'load_dataset', 'collate', 'take', 'make_loader', 'stack_dataset', 'InMemoryBatches', 'NoisyPairs',
-           'ModalityDropout', 'ManifestDataset']
+__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'BUNDLED', 'Modality',
+           'register_modality', 'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample',
+           'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer',
+           'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields',
+           'pad_fields', 'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta',
+           'BundledDataset', 'load_dataset', 'Skipped', 'collate', 'take', 'make_loader', 'stack_dataset',
+           'InMemoryBatches', 'NoisyPairs', 'ModalityDropout', 'label_order', 'ManifestDataset', 'bad_inputs',
+           'run_bad_input']
 
 # %% ../nbs/01_data.ipynb #515a2439
 SAMPLE_RATE = 16_000                       # every waveform mmlab hands out is at this rate (Hz)
@@ -103,16 +105,21 @@ def _reading(what:str, expected:str):
     try: yield
     except Exception as e: raise DataError(f"{what} ({type(e).__name__}: {e}); expected {expected}") from e
 
+def _need_file(p:str|Path, what:str) -> Path:
+    "`p` as a Path if it is a file; else `MissingFileError` naming `what` and whether it is a folder or absent."
+    p = Path(p)
+    if p.is_file(): return p
+    raise MissingFileError(f"{what} {str(p)!r} " + ("is a folder; expected a file" if p.is_dir() else "does not exist"))
+
 def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a file
                  where:str="",         # where it came from (file, row), for error messages
                  sample_rate:int=SAMPLE_RATE, # the rate required (Hz)
                  resample_to_rate:bool=False, # resample other rates instead of raising
                 ) -> torch.Tensor:
-    "Decode an audio file to a mono float32 waveform `(T,)` at `sample_rate`, or raise `DataError`."
+    "Decode an audio file to a mono float32 waveform `(T,)` at `sample_rate` (channels averaged), or raise `DataError`."
     import soundfile as sf
     where = where or (str(src) if not isinstance(src, bytes) else "<bytes>")
-    if not isinstance(src, bytes) and not Path(src).is_file():
-        raise MissingFileError(f"{where}: audio file {str(src)!r} does not exist")
+    if not isinstance(src, bytes): _need_file(src, f"{where}: audio file")
     with _reading(f"{where}: cannot decode audio", "a readable WAV/FLAC/Ogg/MP3 file"):
         x, sr = sf.read(io.BytesIO(src) if isinstance(src, bytes) else str(src), dtype="float32", always_2d=True)
     if x.shape[0] == 0: raise DataError(f"{where}: audio file has 0 samples; expected a non-empty clip")
@@ -125,16 +132,37 @@ def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a fi
         wave = resample(wave, sr, sample_rate)
     return wave
 
-def read_image(path:str|Path, # an image file (PNG, JPEG, ...)
+# %% ../nbs/01_data.ipynb #e43b606b
+IMAGE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LA", "PA", "RGBA", "RGBa",
+               "I;16", "I;16L", "I;16B", "I;16N", "I", "F")    # Pillow modes `image_to_float` converts
+
+def image_to_float(im,           # a PIL image of any mode in IMAGE_MODES
+                   where:str="", # where it came from, for error messages
+                  ) -> torch.Tensor: # (3, H, W) float32 in [0, 1]
+    "Float RGB in [0, 1] from a PIL image: 8-bit levels / 255, 16-bit / 65535, alpha composited on black."
+    if im.mode not in IMAGE_MODES:
+        raise DataError(f"{where}: image mode {im.mode!r} is not supported; expected one of {', '.join(IMAGE_MODES)}")
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float32); lo, hi = (0, 1) if im.mode == "F" else (0, 65535)
+        if not (np.isfinite(a).all() and lo <= a.min() and a.max() <= hi):
+            raise DataError(f"{where}: image mode {im.mode!r} holds values in [{a.min():g}, {a.max():g}]; "
+                            f"expected values in [{lo}, {hi}]")
+        a = np.repeat(a[..., None] / hi, 3, axis=-1)
+    elif "A" in im.mode or "a" in im.mode or "transparency" in im.info:   # a palette may carry transparency
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
+        a = rgba[..., :3] * rgba[..., 3:]
+    else: a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+def read_image(path:str|Path, # an image file (PNG, JPEG, TIFF, ...)
                where:str="",  # where it came from (file, row), for error messages
               ) -> torch.Tensor:
-    "Read an image file as a float tensor `(3, H, W)` in [0, 1], or raise `DataError`."
+    "Read an image file as a float tensor `(3, H, W)` in [0, 1] (see `image_to_float`), or raise `DataError`."
     from PIL import Image
     where = where or str(path)
-    if not Path(path).is_file(): raise MissingFileError(f"{where}: image file {str(path)!r} does not exist")
-    with _reading(f"{where}: cannot decode image", "a readable PNG/JPEG/... file"), Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+    _need_file(path, f"{where}: image file")
+    with _reading(f"{where}: cannot decode image", "a readable PNG/JPEG/... file"), Image.open(path) as im: im.load()
+    return image_to_float(im, where)
 
 # %% ../nbs/01_data.ipynb #4ecdc01b
 class LogMel:
@@ -341,6 +369,13 @@ def pad_fields(name:str, xs:list, pad:float=0.0, **_) -> dict:
     padding = torch.arange(out.shape[-1])[None, :] >= lengths[:, None]      # (B, L_max), True = padding
     return {name: out, f"{name}_lengths": lengths, f"{name}_padding_mask": padding}
 
+def _image_fields(name, xs, **_):
+    for i, x in enumerate(xs):
+        if x is not None and not torch.is_floating_point(x):
+            raise InputError(f"collate: {name} of item {i} has dtype {x.dtype}; expected floats in [0, 1] "
+                             f"(convert 8-bit pixels with x.float() / 255)")
+    return stack_fields(name, xs)
+
 def _audio_fields(name, xs, audio_pad=0.0, **_): return pad_fields(name, xs, audio_pad)
 
 def _text_fields(name, xs, pad_id=0, **_):
@@ -370,7 +405,9 @@ def padding_inputs(batch:dict, name:str) -> dict:
 # %% ../nbs/01_data.ipynb #a77c423a
 def _check_image(ds, p, where):
     from PIL import Image
-    with _reading(f"{where}: cannot read image {str(p)!r}", "a valid image file"), Image.open(p) as im: im.verify()
+    with _reading(f"{where}: cannot read image {str(p)!r}", "a valid image file"), Image.open(p) as im:
+        mode = im.mode; im.verify()
+    if mode not in IMAGE_MODES: raise DataError(f"{where}: image {str(p)!r} has mode {mode!r}; expected one of {', '.join(IMAGE_MODES)}")
 
 def _read_image(ds, p, where):
     x = read_image(p, where)
@@ -380,10 +417,10 @@ def _read_image(ds, p, where):
 def _check_audio(ds, p, where):
     import soundfile as sf
     with _reading(f"{where}: cannot read audio {str(p)!r}", "a WAV/FLAC/Ogg/MP3 file"): info = sf.info(str(p))
+    if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
     if info.samplerate != ds.sample_rate and not ds.resample:
         raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {ds.sample_rate} Hz; "
-                        f"resample the file or pass resample=True")
-    if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
+                        f"resample the file, or pass resample=True (mmlab train / eval: --resample true)")
 
 def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
     "Clip `data` decoded at `ds.sample_rate`, then `ds.audio_features`, through `ds.cache` when there is one."
@@ -396,7 +433,10 @@ def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
         return features(ds.cache.get(content_hash(data), wave_key + suffix, decode))
     return ds.cache.get(content_hash(data), key + suffix, lambda: features(decode()))
 
-def _read_audio(ds, p, where): return _cached_audio(ds, p.read_bytes(), f"{where}: {p}", f"-rs{int(ds.resample)}")
+def _read_audio(ds, p, where):
+    _need_file(p, f"{where}: audio file")
+    with _reading(f"{where}: cannot read audio {str(p)!r}", "a readable file"): data = p.read_bytes()
+    return _cached_audio(ds, data, f"{where}: {p}", f"-rs{int(ds.resample)}")
 
 def _check_caption(ds, v, where):
     if not isinstance(v, str) or not v.strip():
@@ -404,7 +444,7 @@ def _check_caption(ds, v, where):
                         f"(leave the cell empty / null for a missing caption)")
 
 # %% ../nbs/01_data.ipynb #625b13a0
-register_modality(Modality("image", stack_fields, x_inputs, check=_check_image, read=_read_image, tower="ViTEncoder"))
+register_modality(Modality("image", _image_fields, x_inputs, check=_check_image, read=_read_image, tower="ViTEncoder"))
 register_modality(Modality("audio", _audio_fields, lengths_inputs, check=_check_audio, read=_read_audio, tower="AudioEncoder"))
 register_modality(Modality("text", _text_fields, padding_inputs, file=False, check=_check_caption, tower="TextEncoder", raw="caption"));
 
@@ -512,15 +552,23 @@ def load_dataset(name:str,                  # "shapes" or "digits"
     return BundledDataset(p, meta, modalities, image_size, audio_features, transforms, cache)
 
 # %% ../nbs/01_data.ipynb #c608e1ac
-def collate(items:list,          # examples (dicts); None entries (skipped rows) are dropped and counted
+@dataclass(frozen=True)
+class Skipped:
+    "What a dataset returns for an example it skips at load time: where it is and why; `collate` reports it."
+    where: str    # the file and row
+    reason: str   # the error
+    def __str__(self): return f"{self.where}: {self.reason}"
+
+def collate(items:list,          # examples (dicts); `Skipped` markers and None (skipped examples) are dropped and reported
             pad_id:int=0,        # padding id for token-id text
             audio_pad:float=0.0, # padding value for audio / audio features
            ) -> dict:
     "Batch examples with each modality's registered `collate`, and who has which modality in `batch['present']`."
-    n_in = len(items); items = [x for x in items if x is not None]
-    if not items: raise DataError(f"collate: all {n_in} items of the batch were skipped (None)")
+    skipped = [str(x) if x is not None else "an example was skipped (None)" for x in items if not isinstance(x, dict)]
+    items = [x for x in items if isinstance(x, dict)]
+    if not items: raise DataError(f"collate: all {len(skipped)} items of the batch were skipped: " + "; ".join(skipped[:3]))
     B = len(items); batch = {"present": {}}
-    if n_in > B: batch["skipped"] = n_in - B
+    if skipped: batch["skipped"] = skipped
     present = [m for m in MODALITIES if any(m in it for it in items)]
     for m in present:
         xs = [it.get(m) for it in items]
@@ -540,14 +588,14 @@ def collate(items:list,          # examples (dicts); None entries (skipped rows)
 def take(batch:dict,  # a collated batch (tensors, lists, nested dicts such as "present")
          idx,         # row indices (list, range or 1-D tensor)
         ) -> dict:
-    "Rows `idx` of every field of a collated batch; 0-d tensors and scalars are kept as they are."
+    "Rows `idx` of every field of a collated batch; 0-d tensors and scalars are kept, `skipped` (not rows) is left out."
     idx = torch.as_tensor(idx, dtype=torch.long)
     def sel(v):
         if isinstance(v, torch.Tensor) and v.dim() > 0: return v[idx]
         if isinstance(v, list): return [v[i] for i in idx.tolist()]
         if isinstance(v, dict): return {k: sel(w) for k, w in v.items()}
         return v
-    return {k: sel(v) for k, v in batch.items()}
+    return {k: sel(v) for k, v in batch.items() if k != "skipped"}
 
 # %% ../nbs/01_data.ipynb #11921459
 def _seed_worker(worker_id):
@@ -610,8 +658,10 @@ class NoisyPairs(Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i:int) -> dict:
         item = self.ds[i]
+        if not isinstance(item, dict): return item                    # a skipped example stays skipped
         if self.noisy[i]:
             other = self.ds[int(self.source[i])]
+            if not isinstance(other, dict): return other              # so is a pair whose partner was skipped
             item[self.modality] = other[self.modality]
             raw = get_modality(self.modality).raw                     # the caption goes with its text
             if raw in other: item[raw] = other[raw]
@@ -632,6 +682,7 @@ class ModalityDropout(Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i:int) -> dict:
         item = self.ds[i]
+        if not isinstance(item, dict): return item                    # a skipped example stays skipped
         present = [m for m in MODALITIES if item.get(m) is not None]
         rng = np.random.default_rng([self.seed, int(i)])
         drop = [m for m in present if rng.random() < self.p.get(m, 0.0)]
@@ -642,26 +693,74 @@ class ModalityDropout(Dataset):
         return item
 
 # %% ../nbs/01_data.ipynb #413d12bf
+def _check_column(path:Path, name, where:str):
+    "Raise unless column `name` is a modality, `label`, or an attribute not easily mistaken for one of them."
+    known = [*MODALITIES, "label"]
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{path} {where}: empty column name {name!r}; expected a name for every column")
+    if name in known: return
+    close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.8)
+    if close: raise DataError(f"{path} {where}: column {name!r}: did you mean {close[0]!r}? Rename it (an attribute "
+                              f"column needs a name that is not a near-miss of {', '.join(known)})")
+
+def _label_text(path, n, v):
+    "A JSONL label as text: strings as written, numbers and booleans as their JSON text."
+    if v is None or isinstance(v, str): return v
+    if isinstance(v, (int, float)): return json.dumps(v)
+    raise DataError(f"{path} line {n}: label {v!r} is a {type(v).__name__}; expected a string or a number")
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None: raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
 def _read_manifest(path:Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    "Columns and (line number, row dict) pairs of a CSV or JSONL manifest; empty/null values become None."
+    "Columns and (line number, row dict) pairs of a CSV or JSONL manifest, parsed strictly; empty/null values become None."
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".ndjson"): raise ConfigError(f"manifest {path}: unknown format {suffix!r}; expected .csv or .jsonl")
+    with _reading(f"manifest {path}: cannot read it", "a readable file"): raw = path.read_bytes()
+    try: text = raw.decode("utf-8-sig")                     # a byte-order mark (Excel's UTF-8) is dropped
+    except UnicodeDecodeError as e:
+        line, start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}, byte {e.start - start + 1}: {raw[e.start:e.start + 1]!r} "
+                        f"is not UTF-8; expected a UTF-8 text file (save it as UTF-8)") from None
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            cols = list(reader.fieldnames or [])
-            rows = [(reader.line_num, {k: (v if v != "" else None) for k, v in r.items() if k is not None})
-                    for r in reader]
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            cols = next(reader, [])
+            for j, c in enumerate(cols, 1):
+                if c in cols[:j - 1]: raise DataError(f"{path} line 1, column {j}: duplicate column name {c!r}; expected unique names")
+                _check_column(path, c, f"line 1, column {j}")
+            rows = []
+            for r in reader:
+                if not r: continue                                    # a blank line
+                if len(r) != len(cols):
+                    raise DataError(f"{path} line {reader.line_num}: {len(r)} fields, expected {len(cols)} ({','.join(cols)}); "
+                                    f"quote fields that hold commas")
+                rows.append((reader.line_num, {k: v if v != "" else None for k, v in zip(cols, r)}))
+        except csv.Error as e: raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
         return cols, rows
-    if suffix in (".jsonl", ".ndjson"):
-        cols, rows = [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip(): continue
-            try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise DataError(f"{path} line {n}: invalid JSON ({e})") from e
-            if not isinstance(r, dict): raise DataError(f"{path} line {n}: expected a JSON object per line, got {type(r).__name__}")
-            cols += [k for k in r if k not in cols]; rows.append((n, r))
-        return cols, rows
-    raise ConfigError(f"manifest {path}: unknown format {suffix!r}; expected .csv or .jsonl")
+    cols, rows = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        try: r = json.loads(line, object_pairs_hook=_unique_keys)
+        except ValueError as e:
+            raise DataError(f"{path} line {n}: invalid JSON ({f'column {e.colno}: {e.msg}' if isinstance(e, json.JSONDecodeError) else e}); "
+                            f"expected one JSON object per line with unique keys") from None
+        if not isinstance(r, dict): raise DataError(f"{path} line {n}: expected a JSON object per line, got {type(r).__name__}")
+        for k in r:
+            if k not in cols: _check_column(path, k, f"line {n}"); cols.append(k)
+        if "label" in r: r["label"] = _label_text(path, n, r["label"])
+        rows.append((n, r))
+    return cols, rows
+
+def label_order(labels) -> list[str]:
+    "The distinct labels, sorted: integer-looking ones by value (`09` before `9`, then `10`), then the others alphabetically."
+    labels = set(labels)
+    bad = [l for l in labels if not isinstance(l, str)]
+    if bad: raise InputTypeError(f"label_order: label {bad[0]!r} is a {type(bad[0]).__name__}; expected strings (labels are text)")
+    return sorted(labels, key=lambda s: (0, int(s), s) if re.fullmatch(r"-?[0-9]+", s) else (1, 0, s))
 
 # %% ../nbs/01_data.ipynb #e408b58b
 class ManifestDataset(Dataset):
@@ -679,8 +778,7 @@ class ManifestDataset(Dataset):
                  cache:bool|FeatureCache=True, # cache decoded audio / features on disk
                 ):
         if on_error not in ON_ERROR: raise ConfigError(f"on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
-        self.path = Path(path)
-        if not self.path.is_file(): raise MissingFileError(f"manifest {str(self.path)!r} does not exist")
+        self.path = _need_file(path, "manifest")
         self.root = Path(root) if root is not None else self.path.parent
         cols, rows = _read_manifest(self.path)
         if modalities is None:
@@ -716,20 +814,18 @@ class ManifestDataset(Dataset):
             mod, v = get_modality(m), r[m]
             if mod.file:
                 if not isinstance(v, str): raise DataError(f"{where}: column {m!r} holds {v!r}; expected a file path (string)")
-                v = Path(v).expanduser(); v = v if v.is_absolute() else self.root / v
-                if not v.is_file(): raise MissingFileError(f"{where}: {m} file {str(v)!r} does not exist")
+                v = Path(v).expanduser(); v = _need_file(v if v.is_absolute() else self.root / v, f"{where}: {m} file")
             if mod.check: mod.check(self, v, where)
             out[m] = v
         out["label"] = r.get("label")
         out["attrs"] = {k: v for k, v in r.items() if k not in MODALITIES and k != "label"}
         return out
     def __len__(self): return len(self.rows)
-    def __getitem__(self, i:int) -> dict|None:
+    def __getitem__(self, i:int) -> dict|Skipped:
         r = self.rows[i]; where = self._where(r["line"])
         try:
             item = {"index": int(i), "attrs": dict(r["attrs"])}
-            if r["label"] is not None:
-                lab = r["label"]; item["label"] = int(lab) if isinstance(lab, str) and lab.lstrip("-").isdigit() else lab
+            if r["label"] is not None: item["label"] = r["label"]          # the text written in the manifest
             tf = self.transforms
             for m in self.modalities:
                 if m not in r: item[m] = None; continue
@@ -739,11 +835,92 @@ class ManifestDataset(Dataset):
             return item
         except DataError as e:
             if self.on_error == "raise": raise
-            self.skipped += 1
-            if len(self.skip_reasons) < 5: self.skip_reasons.append(str(e))
             warnings.warn(f"ManifestDataset: skipping row {r['line']} at load time: {e}")
-            return None      # collate drops it and counts it in batch["skipped"]
+            return Skipped(where, str(e).removeprefix(f"{where}: "))   # collate drops it and lists it in batch["skipped"]
     def report(self) -> str:
-        "How many rows were skipped and the first reasons."
+        "How many rows were skipped when the manifest was opened, and the first reasons."
         return f"{self.skipped} row(s) skipped" + ("".join(f"\n  - {s}" for s in self.skip_reasons))
     def __repr__(self): return f"ManifestDataset({str(self.path)!r}, n={len(self)}, modalities={list(self.modalities)}, skipped={self.skipped})"
+
+# %% ../nbs/01_data.ipynb #0f36d87f
+def bad_inputs(d:Path) -> list[tuple]:
+    "Every kind of bad input, as (kind, input, call, expected): `call()` writes its files under `d` and reads them; expected is (error class, message excerpt) or the values returned."
+    from PIL import Image
+    import soundfile as sf
+    d = Path(d)
+    def file(name, data):                       # a file holding `data` (text or bytes)
+        p = d / name; p.write_bytes(data if isinstance(data, bytes) else data.encode()); return p
+    def img(mode, px, fmt="TIFF", palette=None, **save):   # a 2x1 image file of `mode`: its pixels read back, flattened
+        im = Image.new(mode, (len(px), 1))
+        if palette: im.putpalette(palette)
+        for i, v in enumerate(px): im.putpixel((i, 0), v)
+        p = d / f"{mode.replace(';', '_')}.{fmt.lower()}"; im.save(p, format=fmt, **save)
+        return read_image(p).flatten().tolist()   # R0 R1 G0 G1 B0 B1
+    def wav(name, x, sr=SAMPLE_RATE):
+        sf.write(d / name, np.asarray(x, np.float32), sr, subtype="FLOAT"); return d / name
+    def csv_(text, **kw): return ManifestDataset(file("m.csv", text), cache=False, **kw)
+    def jsonl(text, **kw): return ManifestDataset(file("m.jsonl", text), cache=False, **kw)
+    def audio(p, **kw): return csv_(f"audio,text\n{p.name},a\n", **kw)[0]["audio"]
+    tone = 0.5 * np.sin(np.arange(1600) / 5)
+    Image.new("RGB", (2, 1)).save(d / "ok.png"); wav("ok.wav", tone)
+    E = lambda cls, text: (cls, text)
+    return [
+        ("manifest", "CSV row with an unquoted comma", lambda: csv_("image,text\nok.png,red, round\n"), E(DataError, "line 2: 3 fields, expected 2")),
+        ("manifest", "CSV row with a field missing", lambda: csv_("image,text,label\nok.png,a\n"), E(DataError, "line 2: 2 fields, expected 3")),
+        ("manifest", "CSV duplicate column", lambda: csv_("text,image,text\na,ok.png,b\n"), E(DataError, "column 3: duplicate column name 'text'")),
+        ("manifest", "CSV column near a modality name", lambda: csv_("imgae,text\nok.png,a\n"), E(DataError, "did you mean 'image'?")),
+        ("manifest", "CSV header with a space after the comma", lambda: csv_("image, text\nok.png,a\n"), E(DataError, "column ' text': did you mean 'text'?")),
+        ("manifest", "CSV empty column name", lambda: csv_("image,,text\nok.png,x,a\n"), E(DataError, "column 2: empty column name")),
+        ("manifest", "CSV unclosed quote", lambda: csv_('image,text\nok.png,"a\n'), E(DataError, "not valid CSV")),
+        ("manifest", "file that is not UTF-8 (Latin-1)", lambda: csv_("image,text\nok.png,café\n".encode("latin-1")), E(DataError, "line 2, byte 11: b'\\xe9' is not UTF-8")),
+        ("manifest", "UTF-8 with a byte-order mark (Excel)", lambda: list(csv_("\ufeffimage,text\nok.png,a\n").modalities), ["image", "text"]),
+        ("manifest", "extra attribute column", lambda: csv_("image,speaker\nok.png,s1\n")[0]["attrs"], {"speaker": "s1"}),
+        ("manifest", "JSONL line that is not an object", lambda: jsonl('["ok.png"]\n'), E(DataError, "line 1: expected a JSON object per line, got list")),
+        ("manifest", "JSONL invalid JSON", lambda: jsonl('{"text": "a",}\n'), E(DataError, "line 1: invalid JSON (column 14")),
+        ("manifest", "JSONL duplicate key", lambda: jsonl('{"text": "a", "text": "b"}\n'), E(DataError, "duplicate key 'text'")),
+        ("manifest", "JSONL key near a modality name", lambda: jsonl('{"txt": "a", "image": "ok.png"}\n'), E(DataError, "did you mean 'text'?")),
+        ("manifest", "manifest that does not exist", lambda: ManifestDataset(d / "none.csv"), E(MissingFileError, "none.csv' does not exist")),
+        ("manifest", "a folder given as the manifest", lambda: ManifestDataset(d), E(MissingFileError, "is a folder; expected a file")),
+        ("manifest", "unknown format (.txt)", lambda: ManifestDataset(file("m.txt", "image\n")), E(ConfigError, "unknown format '.txt'")),
+        ("manifest", "requested modality without a column", lambda: csv_("image\nok.png\n", modalities=["image", "text"]), E(DataError, "missing column 'text'")),
+        ("label", "zero-padded label stays text", lambda: [csv_("text,label\na,09\nb,9\n")[i]["label"] for i in (0, 1)], ["09", "9"]),
+        ("label", "JSONL number label becomes its JSON text", lambda: jsonl('{"text": "a", "label": 9}\n')[0]["label"], "9"),
+        ("label", "JSONL list label", lambda: jsonl('{"text": "a", "label": [9]}\n'), E(DataError, "label [9] is a list")),
+        ("label", "order of mixed labels", lambda: label_order(["10", "9", "cat", "09", "-1", "9"]), ["-1", "09", "9", "10", "cat"]),
+        ("image", "mode 1 (bilevel)", lambda: img("1", [0, 255], "PNG"), [0, 1, 0, 1, 0, 1]),
+        ("image", "mode L (8-bit grey)", lambda: img("L", [0, 51], "PNG"), [0, .2, 0, .2, 0, .2]),
+        ("image", "mode P (palette, index 0 transparent)", lambda: img("P", [0, 1], "PNG", [255, 0, 0, 0, 51, 255], transparency=0), [0, 0, 0, .2, 0, 1]),
+        ("image", "mode LA (grey + alpha on black)", lambda: img("LA", [(255, 255), (255, 51)]), [1, .2, 1, .2, 1, .2]),
+        ("image", "mode RGBA (alpha on black)", lambda: img("RGBA", [(255, 0, 0, 255), (0, 255, 0, 51)], "PNG"), [1, 0, 0, .2, 0, 0]),
+        ("image", "mode CMYK", lambda: img("CMYK", [(255, 0, 0, 0), (0, 0, 0, 51)]), [0, .8, 1, .8, 1, .8]),
+        ("image", "mode YCbCr (JPEG's colour space)", lambda: img("YCbCr", [(128, 128, 128), (76, 85, 255)]), [128 / 255, 254 / 255, 128 / 255, 0, 128 / 255, 0]),
+        ("image", "mode I;16 (16-bit grey PNG)", lambda: img("I;16", [1000, 65535], "PNG"), [1000 / 65535, 1] * 3),
+        ("image", "mode I;16B (16-bit big-endian TIFF)", lambda: img("I;16B", [256, 4096]), [256 / 65535, 4096 / 65535] * 3),
+        ("image", "mode I (32-bit integers)", lambda: img("I", [300, 65535]), [300 / 65535, 1] * 3),
+        ("image", "mode I beyond 16 bits", lambda: img("I", [-1, 70000]), E(DataError, "holds values in [-1, 70000]; expected values in [0, 65535]")),
+        ("image", "mode F (floats in [0, 1])", lambda: img("F", [0.25, 0.75]), [.25, .75] * 3),
+        ("image", "mode F outside [0, 1]", lambda: img("F", [0.5, 2.0]), E(DataError, "expected values in [0, 1]")),
+        ("image", "mode LAB", lambda: img("LAB", [(50, 0, 0), (50, 0, 0)]), E(DataError, "image mode 'LAB' is not supported")),
+        ("image", "text file named .png", lambda: read_image(file("fake.png", "hello")), E(DataError, "cannot decode image")),
+        ("image", "truncated PNG in a manifest", lambda: csv_(f"image\n{file('t.png', (d / 'ok.png').read_bytes()[:30]).name}\n"), E(DataError, "row 2: cannot read image")),
+        ("image", "missing image in a manifest", lambda: csv_("image\nnope.png\n"), E(MissingFileError, "row 2: image file")),
+        ("image", "a folder named in a manifest", lambda: (d / "dir.png").mkdir(exist_ok=True) or csv_("image\ndir.png\n"), E(MissingFileError, "is a folder; expected a file")),
+        ("image", "uint8 image tensor", lambda: collate([{"image": torch.zeros(3, 2, 2, dtype=torch.uint8)}]), E(InputError, "dtype torch.uint8; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")),
+        ("audio", "0-frame WAV", lambda: audio(wav("empty.wav", [])), E(DataError, "has 0 samples")),
+        ("audio", "44.1 kHz WAV, 16 kHz expected", lambda: audio(wav("r44.wav", tone, 44100)), E(DataError, "pass resample=True (mmlab train / eval: --resample true)")),
+        ("audio", "44.1 kHz WAV with resample=True", lambda: list(audio(wav("r44.wav", np.zeros(4410), 44100), resample=True).shape), [1600]),
+        ("audio", "stereo WAV: the mean of the channels", lambda: audio(wav("st.wav", np.stack([tone, np.full(1600, .25)], 1)))[:2].tolist(), ((tone[:2] + .25) / 2).tolist()),
+        ("audio", "text file named .wav", lambda: audio(file("fake.wav", "hello")), E(DataError, "cannot read audio")),
+        ("audio", "WAV cut inside its header", lambda: audio(file("cut.wav", (d / "ok.wav").read_bytes()[:20])), E(DataError, "cannot read audio")),
+        ("audio", "NaN samples", lambda: audio(wav("nan.wav", [0, np.nan, 0])), E(DataError, "NaN/Inf")),
+        ("audio", "missing audio file", lambda: decode_audio(d / "none.wav"), E(MissingFileError, "does not exist")),
+    ]
+
+def run_bad_input(call, expected) -> tuple[str, bool]:
+    "The outcome of one `bad_inputs` case as text, and whether it is the expected one."
+    try: out = call()
+    except MMLabError as e: return f"{type(e).__name__}: {e}", isinstance(expected, tuple) and isinstance(e, expected[0]) and expected[1] in str(e)
+    except Exception as e: return f"raw {type(e).__name__}: {e}", False
+    if isinstance(expected, tuple): return f"no error; returned {out!r}", False
+    same = np.allclose(out, expected, atol=1.5 / 255) if isinstance(expected, list) and not isinstance(expected[0], str) else out == expected
+    return f"returns {out!r}" if not isinstance(out, list) or isinstance(out[0], str) else f"returns {np.round(out, 3).tolist()}", bool(same)

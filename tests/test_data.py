@@ -288,7 +288,8 @@ def test_file_broken_after_check_is_skipped_at_load_time_and_counted(good):
     with pytest.raises(DataError, match="row 3"): strict[1]
     with pytest.warns(UserWarning, match="skipping row 3"):
         b = collate([skip[0], skip[1]])
-    assert b["skipped"] == 1 and len(b["text"]) == 1 and skip.skipped == 1
+    assert len(b["skipped"]) == 1 and len(b["text"]) == 1 and skip.skipped == 0       # skipped when read, not opened
+    assert b["skipped"][0].startswith(f"{p} row 3: {good / 'late.wav'}: cannot decode audio")
 
 
 # ---------------------------------------------------------------- intelligibility of the spoken digits
@@ -710,7 +711,7 @@ def test_collate_pads_masks_and_counts_skipped_rows():
              {"audio": None, "text": torch.tensor([7, 8, 9, 10]), "image": None, "label": 0, "index": 5}, None,
              {"audio": b, "text": None, "image": torch.full((3, 2, 2), 2.0), "label": 2, "index": 6}]
     bt = collate(items, pad_id=9, audio_pad=-1.0)
-    assert bt["skipped"] == 2
+    assert bt["skipped"] == ["an example was skipped (None)"] * 2
     assert bt["present"]["audio"].tolist() == [True, False, True] and bt["present"]["text"].tolist() == [True, True, False]
     assert bt["present"]["image"].tolist() == [True, False, True]
     want = torch.full((3, 2, 3), -1.0); want[0] = a; want[2, :, :1] = b
@@ -721,7 +722,7 @@ def test_collate_pads_masks_and_counts_skipped_rows():
     assert torch.equal(bt["image"][1], torch.zeros(3, 2, 2)) and torch.equal(bt["image"][2], torch.full((3, 2, 2), 2.0))
     assert bt["label"].tolist() == [1, 0, 2] and bt["index"].tolist() == [4, 5, 6]
     assert "skipped" not in collate(items[1:3])                            # nothing skipped, nothing reported
-    assert collate(items[:2])["skipped"] == 1
+    assert collate(items[:2])["skipped"] == ["an example was skipped (None)"]
 
 
 def test_collate_strings_labels_attrs_and_errors():
@@ -795,7 +796,7 @@ def test_manifest_csv_quoted_fields_and_blank_lines_keep_row_numbers(tmp_path_fa
         want.append((cap, sum(s.count("\n") for s in lines)))              # physical line of this row
     p = d / "m.csv"; p.write_text("".join(lines))
     ds = ManifestDataset(p, cache=False)
-    assert [(ds[i]["text"], ds[i]["label"]) for i in range(len(ds))] == [(c, i) for i, (c, _) in enumerate(want)]
+    assert [(ds[i]["text"], ds[i]["label"]) for i in range(len(ds))] == [(c, str(i)) for i, (c, _) in enumerate(want)]
     assert [r["line"] for r in ds.rows] == [ln for _, ln in want]
     # a bad row anywhere is reported with the file and its physical line
     k = data.draw(st.integers(0, len(want) - 1))
@@ -805,18 +806,20 @@ def test_manifest_csv_quoted_fields_and_blank_lines_keep_row_numbers(tmp_path_fa
 
 
 def test_manifest_short_and_long_rows_and_jsonl(good):
-    # a short row leaves columns missing: here no modality at all -> a clear error naming file and row
+    # a short row would shift or drop fields silently: an error naming file, line and the header
     p = manifest(good, "m.csv", "image,text,label", "ok.png,hi,1", "", "ok.png")
-    ds = ManifestDataset(p, cache=False)
-    assert ds[1]["text"] is None and "label" not in ds[1]                  # the short row: text missing
+    with pytest.raises(DataError, match=re.escape(f"{p} line 4: 1 fields, expected 3 (image,text,label)")):
+        ManifestDataset(p, cache=False)
     p = manifest(good, "s.csv", "image,text,label", "ok.png,hi,1", "")
-    p.write_text(p.read_text() + ",\n")
+    p.write_text(p.read_text() + ",,\n")
     with pytest.raises(DataError, match=re.escape(f"{p} row 4: none of the modalities image, text is given")):
         ManifestDataset(p)
-    # extra unnamed fields are ignored, a quoted field may hold commas and a line break
-    p = good / "q.csv"; p.write_text('text,speaker\n"a, ""b""\nc",s1,EXTRA\n')
+    # a quoted field may hold commas and a line break; an extra unnamed field is an error
+    p = good / "q.csv"; p.write_text('text,speaker\n"a, ""b""\nc",s1\n')
     ds = ManifestDataset(p)
     assert ds[0]["text"] == 'a, "b"\nc' and ds[0]["attrs"] == {"speaker": "s1"} and ds.rows[0]["line"] == 3
+    p.write_text('text,speaker\n"a, ""b""\nc",s1,EXTRA\n')
+    with pytest.raises(DataError, match=re.escape(f"{p} line 3: 3 fields, expected 2 (text,speaker)")): ManifestDataset(p)
     p = good / "m.jsonl"; p.write_text('{"text": "a"}\n\n  \n{"text": "b", "label": "7"}\nnot json\n')
     with pytest.raises(DataError, match=re.escape(f"{p} line 5: invalid JSON")): ManifestDataset(p)
     p.write_text('{"text": "a"}\n\n{"text": "b", "label": "7"}\n[1]\n')
@@ -824,7 +827,7 @@ def test_manifest_short_and_long_rows_and_jsonl(good):
         ManifestDataset(p)
     p.write_text('{"text": "a"}\n\n{"text": "b", "label": "-7"}\n{"text": "c", "label": "cat"}\n')
     ds = ManifestDataset(p)
-    assert [r["line"] for r in ds.rows] == [1, 3, 4] and [ds[i].get("label") for i in range(3)] == [None, -7, "cat"]
+    assert [r["line"] for r in ds.rows] == [1, 3, 4] and [ds[i].get("label") for i in range(3)] == [None, "-7", "cat"]
     assert ds[2]["attrs"] == {} and ds[2]["index"] == 2                     # the label is not an attribute
     (good / "e.csv").write_text("")
     with pytest.raises(DataError, match="no modality column"): ManifestDataset(good / "e.csv")
@@ -885,10 +888,10 @@ def test_check_modalities_and_take():
     assert check_modalities(["text", "image"]) == ("image", "text") and check_modalities("audio") == ("audio",)
     with pytest.raises(ConfigError, match="empty list of modalities"): check_modalities([])
     batch = {"label": torch.tensor([5, 6, 7]), "image": torch.arange(6).reshape(3, 2), "caption": ["a", "b", "c"],
-             "present": {"text": torch.tensor([True, False, True])}, "skipped": 2, "scale": torch.tensor(0.5)}
+             "present": {"text": torch.tensor([True, False, True])}, "skipped": ["m.csv row 3: x"], "scale": torch.tensor(0.5)}
     sub = take(batch, [2, 0])
     assert sub["label"].tolist() == [7, 5] and sub["image"].tolist() == [[4, 5], [0, 1]] and sub["caption"] == ["c", "a"]
-    assert sub["present"]["text"].tolist() == [True, True] and sub["skipped"] == 2 and sub["scale"] == 0.5
+    assert sub["present"]["text"].tolist() == [True, True] and "skipped" not in sub and sub["scale"] == 0.5
     assert take(batch, torch.tensor([1]))["caption"] == ["b"] and take(batch, range(1, 3))["label"].tolist() == [6, 7]
 
 
@@ -970,8 +973,11 @@ def test_manifest_load_time_errors_name_the_row_and_accumulate_the_count(good):
     with pytest.raises(DataError, match=re.escape(f"{m} row 3: cannot decode image")): strict[1]
     with pytest.raises(MissingFileError, match=re.escape(f"{m} row 4: image file")): strict[2]
     with pytest.warns(UserWarning, match="skipping row"):
-        assert skip[1] is None and skip[2] is None
-    assert skip.skipped == 3 and skip.report().startswith("3 row(s) skipped") and len(skip.skip_reasons) == 3
+        s1, s2 = skip[1], skip[2]
+    assert (s1.where, s2.where) == (f"{skip.path} row 4", f"{skip.path} row 5")     # the markers name file and row
+    assert s1.reason.startswith("cannot decode image") and s2.reason.startswith("image file")
+    assert collate([skip[0], s1, s2])["skipped"] == [str(s1), str(s2)]
+    assert skip.skipped == 1 and skip.report().startswith("1 row(s) skipped")        # the rows skipped when opened
     assert skip[0]["image"].shape == (3, 8, 8)
 
 
@@ -995,3 +1001,63 @@ def test_resized_white_images_stay_in_the_unit_range(tmp_path):
     Image.fromarray(np.full((25, 25, 3), 255, np.uint8)).save(tmp_path / "white.png")
     x = ManifestDataset(manifest(tmp_path, "m.csv", "image,text", "white.png,a"), image_size=24, cache=False)[0]["image"]
     assert x.shape == (3, 24, 24) and x.min() >= 0 and x.max() <= 1 and x.max() > 1 - 1e-6
+
+
+# ---------------------------------------------------------------- bad input, case by case (the data chapter's table)
+
+from mmlab.core import InputError
+from mmlab.data import Skipped, bad_inputs, image_to_float, label_order, read_image, run_bad_input
+
+CASES = bad_inputs(Path(__import__("tempfile").mkdtemp()))   # names and expectations; each test runs its case in a fresh folder
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{k}: {w}" for k, w, _, _ in CASES])
+def test_bad_input_table(tmp_path, i):
+    kind, what, call, want = bad_inputs(tmp_path)[i]
+    out, ok = run_bad_input(call, want)
+    assert ok, f"{kind} / {what}: got {out}; expected {want}"
+    if isinstance(want, tuple): assert str(tmp_path) in out or "collate" in out   # errors name the file
+
+
+def test_zero_padded_labels_end_to_end(good):
+    "Dataset -> label strings -> one order -> class indices: `09` and `9` are two classes, never a KeyError."
+    p = manifest(good, "m.csv", "text,label", "a,09", "b,9", "c,10", "d,09", "e,cat")
+    ds = ManifestDataset(p, cache=False)
+    labels = [ds[i]["label"] for i in range(len(ds))]
+    assert labels == ["09", "9", "10", "09", "cat"]
+    names = label_order(labels)
+    assert names == ["09", "9", "10", "cat"]
+    index = {n: i for i, n in enumerate(names)}
+    assert [index[l] for l in collate([ds[i] for i in range(len(ds))])["label"]] == [0, 1, 2, 0, 3]
+    assert label_order(["²", "1"]) == ["1", "²"]             # a unicode digit is not an integer label
+    with pytest.raises(InputTypeError, match="label 9 is a int; expected strings"): label_order([9])
+
+
+def test_image_modes_match_numpy_on_random_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    g16 = rng.integers(0, 65536, (5, 7)).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g.png")
+    np.testing.assert_allclose(read_image(tmp_path / "g.png").numpy(), np.stack([g16 / 65535] * 3), atol=1e-6)
+    rgba = rng.integers(0, 256, (5, 7, 4)).astype(np.uint8)
+    want = (rgba[..., :3] / 255 * rgba[..., 3:] / 255).transpose(2, 0, 1)      # composited on black
+    np.testing.assert_allclose(image_to_float(Image.fromarray(rgba)).numpy(), want, atol=1e-6)
+    grey = rng.integers(0, 256, (5, 7)).astype(np.uint8)
+    np.testing.assert_allclose(image_to_float(Image.fromarray(grey)).numpy(), np.stack([grey / 255] * 3), atol=1e-6)
+    with pytest.raises(InputError, match="image of item 1 has dtype torch.int64"):
+        collate([{"image": torch.zeros(3, 2, 2)}, {"image": torch.zeros(3, 2, 2, dtype=torch.long)}])
+
+
+def test_skipped_items_are_listed_once_per_epoch_with_workers(good):
+    "Rows that break after the manifest was opened are reported by the batches, also from worker processes."
+    names = [f"{i}.png" for i in range(10)]
+    for n in names: Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(good / n)
+    ds = ManifestDataset(manifest(good, "m.csv", "image,text", *[f"{n},c{n}" for n in names]), on_error="skip", cache=False)
+    for n in ("2.png", "5.png", "9.png"): (good / n).write_bytes(b"broken")
+    dl = make_loader(ds, 4, seed=0, num_workers=2)
+    for _ in range(2):
+        reasons = [s for b in dl for s in b.get("skipped", [])]
+        assert len(reasons) == 3
+        assert sorted(r.split(": ")[0] for r in reasons) == sorted(f"{ds.path} row {n}" for n in (4, 7, 11))
+        assert all("cannot decode image" in r for r in reasons)
+    # wrappers pass the marker on instead of failing on it
+    assert isinstance(ModalityDropout(ds, p=0.5)[2], Skipped) and isinstance(NoisyPairs(ds, "text", p=0.0)[5], Skipped)
