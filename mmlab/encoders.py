@@ -451,6 +451,8 @@ class ViTEncoder(TransformerEncoder):
     def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
         "Patch embedding without positions, and the patch grid (gh, gw)."
         check_shape(x, "image", ("B", self.config.in_chans, "H", "W"))
+        if not x.is_floating_point():
+            raise InputError(f"ViTEncoder: image has dtype {x.dtype}; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")
         ph, pw = self.config.patch_size
         if x.shape[2] % ph or x.shape[3] % pw:
             raise ShapeError(f"ViTEncoder: image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {ph}x{pw}")

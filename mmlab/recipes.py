@@ -17,7 +17,7 @@ from torch import Tensor
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
-                        dataset_meta, image_augment, load_dataset, make_loader, stack_dataset)
+                        dataset_meta, image_augment, label_order, load_dataset, make_loader, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
@@ -74,6 +74,7 @@ class RunFields:
     device: str = _setting("device")  # auto | cpu | cuda | cuda:N | mps
     threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
     workers: int = 0              # DataLoader worker processes (manifest datasets)
+    resample: bool = False        # resample manifest audio recorded at another rate (else an error names the file)
     ckpt_every: int = 0           # updates between checkpoints (0: only at the end)
     log_to: str = "jsonl"         # metric logs, comma-separated: jsonl, csv, tensorboard
     eval_split: str = "test"      # split the final evaluation uses
@@ -145,20 +146,18 @@ def is_manifest(dataset:str) -> bool:
     return "{split}" in dataset
 
 def label_names(recipe) -> list[str]|None:
-    "Class names: the bundled dataset's, or the distinct labels of a manifest's train split (None if it has no labels)."
+    "Class names: the bundled dataset's, or the distinct labels of a manifest's train split in `label_order` (None if none)."
     if not is_manifest(recipe.dataset): return dataset_meta(recipe.dataset)["label_names"]
     path = Path(recipe.dataset.format(split="train"))
     if not path.is_file(): raise MissingFileError(f"{recipe.name}.dataset: train manifest {str(path)!r} does not exist")
-    keys = {str(r["label"]) for _, r in _read_manifest(path)[1] if r.get("label") is not None}
-    numbers_first = lambda k: (0, int(k), "") if k.lstrip("-").isdigit() else (1, 0, k)   # then the others alphabetically
-    return sorted(keys, key=numbers_first) or None
+    return label_order(r["label"] for _, r in _read_manifest(path)[1] if r.get("label") is not None) or None
 
 # %% ../nbs/08a_recipes.ipynb #ce4b60bb
 class LabelIndex(torch.utils.data.Dataset):
     "Manifest examples whose `label` is a class index into `names`; with no labels at all, the row index (pairs match)."
     def __init__(self, ds, names:list[str]|None):
         self.ds, self.index = ds, ({n: i for i, n in enumerate(names)} if names else None)
-        bad = [(r["line"], r["label"]) for r in ds.rows if self.index and str(r["label"]) not in self.index]
+        bad = [(r["line"], r["label"]) for r in ds.rows if self.index and r["label"] not in self.index]
         if bad:
             line, lab = bad[0]
             raise DataError(f"{ds.path} row {line}: label {lab!r} is {'missing' if lab is None else 'not a train-split label'}; "
@@ -166,7 +165,7 @@ class LabelIndex(torch.utils.data.Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
         item = self.ds[i]
-        if item is not None: item["label"] = self.index[str(item["label"])] if self.index else i
+        if isinstance(item, dict): item["label"] = self.index[item["label"]] if self.index else i   # Skipped markers pass on
         return item
 
 def split_dataset(recipe, split:str):
@@ -176,7 +175,7 @@ def split_dataset(recipe, split:str):
               transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
               image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
-    ds = ManifestDataset(recipe.dataset.format(split=split), **kw)
+    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
     if partial_rows:
         raise DataError(f"{ds.path}: {len(partial_rows)} row(s) lack one of {', '.join(recipe.modalities)} (first: row "

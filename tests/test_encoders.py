@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmlab.core import MMLabError, CheckpointError, ConfigError
+from mmlab.core import MMLabError, CheckpointError, ConfigError, InputError
 from mmlab.encoders import (
     Attention, AudioConfig, AudioEncoder, Block, CrossAttention, FusionConfig, FusionEncoder, HFEncoder, MoMEBlock,
     ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder, attention_layers, capture_attention, count_flops,
@@ -604,3 +604,11 @@ def test_every_tower_config_checks_its_positions_the_same_way():
             cfg.preset("tiny", pos_embed="sincos", embed_dim=bad, num_heads=1)
         cfg.preset("tiny", pos_embed="sincos", embed_dim=4 * axes, num_heads=1)     # a multiple passes
         cfg.preset("tiny", pos_embed="learned", embed_dim=bad, num_heads=1)         # learned tables have no such rule
+
+
+def test_vit_refuses_integer_pixels_with_the_conversion_to_use():
+    "A uint8 image reaches the tower as a clear error (dtype and range expected, and how to convert), not a conv2d error."
+    vit = ViTEncoder(ViTConfig.preset("tiny"))
+    x = torch.randint(0, 256, (2, 3, *vit.config.img_size), dtype=torch.uint8)
+    with pytest.raises(InputError, match=r"dtype torch.uint8; expected floats in \[0, 1\].*x.float\(\) / 255"): vit(x)
+    assert vit(x.float() / 255).pooled.shape == (2, vit.embed_dim)

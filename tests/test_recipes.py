@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmlab.core import CheckpointError, ConfigError
-from mmlab.recipes import ClipRecipe, RECIPES, get_recipe, load_run, main, run_recipe
+from mmlab.recipes import ClipRecipe, RECIPES, get_recipe, label_names, load_run, main, run_recipe
 
 VARIANTS = [dict(loss="clip", targets="label"), dict(loss="clip", targets="diagonal"),
             dict(loss="siglip", targets="label"), dict(loss="siglip", targets="diagonal"),
@@ -421,3 +421,20 @@ def test_recipe_composes_the_trainers_config_with_the_same_names(name):
     for bad, msg in ((dict(lr=0), "lr=0: expected a learning rate > 0"), (dict(grad_accum=0), "grad_accum=0: expected an integer >= 1"),
                      (dict(log_to="jsonl,wandb"), "log_to="), (dict(compile="yes"), "compile='yes': expected True or False")):
         with pytest.raises(ConfigError, match=f"^{name}\\.{msg}"): RECIPES[name](**bad)
+
+
+def test_zero_padded_labels_are_distinct_classes_in_one_order(tmp_path):
+    "`09` and `9` are two labels (text, never parsed to 9): label_names orders them by value then text, LabelIndex maps each row."
+    from mmlab.data import ManifestDataset
+    from mmlab.recipes import LabelIndex
+    (tmp_path / "train.csv").write_text("text,label\na,9\nb,09\nc,10\nd,cat\n")
+    recipe = get_recipe("clip", dataset=str(tmp_path / "{split}.csv"))
+    assert label_names(recipe) == ["09", "9", "10", "cat"]
+    ds = LabelIndex(ManifestDataset(tmp_path / "train.csv", modalities=["text"]), label_names(recipe))
+    assert [ds[i]["label"] for i in range(4)] == [1, 0, 2, 3]
+
+
+def test_resample_is_a_recipe_key_from_the_cli():
+    "The audio rate error tells CLI users `--resample true`: the key exists on every recipe and parses as a bool."
+    assert get_recipe("clip", resample="true").resample is True
+    assert get_recipe("clip").resample is False
