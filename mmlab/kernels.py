@@ -609,10 +609,7 @@ _WARNED: set = set()
 def local_cuda_arch() -> str|None:
     "`TORCH_CUDA_ARCH_LIST` if set, else the compute capability of the current GPU (e.g. '9.0'), else None."
     if os.environ.get("TORCH_CUDA_ARCH_LIST"): return os.environ["TORCH_CUDA_ARCH_LIST"]
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
-    return None
+    return "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 def _log_tail(e:BaseException, n:int=3000) -> str:
     msg = str(e)

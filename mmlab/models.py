@@ -20,8 +20,9 @@ from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttenti
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
                             _attn_mask, _masked_mean, gather_tokens, sincos_2d, tower_inputs)
 from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, random_mask, span_mask
-from .losses import (DINOLoss, byol_loss, check_logit_scale, clamp_log_scale_, clip_loss, dino_loss, ema_update,
+from .losses import (DINOLoss, byol_loss, clamp_log_scale_, clip_loss, dino_loss, ema_update,
                           hubert_loss, kmeans_targets, mae_loss, momentum_schedule, simmim_loss)
+from .losses.contrastive import _LearntScale
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
@@ -122,7 +123,7 @@ def load_model(path, strict:bool=True) -> nn.Module:
     return model.eval()
 
 # %% ../nbs/05b_models.ipynb #c067c1b3
-class MultiModalModel(Model):
+class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_scale, clamp_parameters_
     "Towers + projection heads -> L2-normalised embeddings per modality, with a learnable logit scale (CLIP) and bias (SigLIP)."
     def __init__(self, towers:dict,                           # modality -> tower (returns EncoderOutput)
                  proj_dim:int=128,                            # shared embedding width E
@@ -135,11 +136,10 @@ class MultiModalModel(Model):
                 ):
         super().__init__()
         if not towers: raise ConfigError("MultiModalModel: needs at least one tower")
-        check_logit_scale("MultiModalModel", init_scale, max_scale)
         self.towers = nn.ModuleDict(towers)
         heads, self.proj_dim, self.head_options = dict(heads or {}), proj_dim, dict(head or {})
         self.heads = nn.ModuleDict({m: heads.get(m) or ProjectionHead(t.embed_dim, proj_dim, **self.head_options) for m, t in towers.items()})
-        self.log_scale, self.max_scale = nn.Parameter(torch.tensor(math.log(init_scale))), max_scale   # learnt as log s
+        self._init_scale("MultiModalModel", init_scale, max_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
         self.locked = set()
         self.lock(*locked)
@@ -164,15 +164,6 @@ class MultiModalModel(Model):
         super().train(mode)
         for m in self.locked: self.towers[m].eval()
         return self
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        "The multiplier s = exp(log_scale): what the losses take (`clamp_parameters_` keeps it in [1, max_scale])."
-        return self.log_scale.exp()
-
-    def clamp_parameters_(self) -> None:
-        "Keep s in [1, max_scale] (CLIP); the trainer calls it after every optimiser step."
-        clamp_log_scale_(self.log_scale, self.max_scale)
 
     def encode(self, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
         "Tower -> pooled -> head -> L2-normalise, for one modality."
@@ -589,8 +580,7 @@ class HuBERT(Model):
         t, tp = enc.embed_patches(spec)
         if mask is not None: t = torch.where(mask[..., None], self.mask_embed.to(t.dtype), t)
         x = t + enc.pos_embed_for(tp)
-        blocks = enc.blocks if layer is None else enc.blocks[:layer]
-        for blk in blocks: x = blk(x)
+        for blk in enc.blocks[:layer]: x = blk(x)              # [:None]: every block
         return enc.norm(x) if layer is None else x
 
     def forward(self, spec:Tensor,                     # (B, F, T) log-mel
@@ -741,19 +731,6 @@ class CaptionDecoder(nn.Module):
 # %% ../nbs/05b_models.ipynb #ecbae74d
 def _vit(size, **kw): return ViTEncoder(ViTConfig.preset(size, **kw))
 
-for _s in ("tiny", "small"):
-    _preset(f"mae_{_s}", f"MAE on the {_s} ViT: decoder 64 wide, 1 block, 2 heads, 75 % hidden (the mae recipe's defaults).",
-            lambda size=_s, **kw: MAE(_vit(size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2,
-                                                            mask_ratio=0.75, norm_pix=True), **kw}))
-    _preset(f"simmim_{_s}", f"SimMIM on the {_s} ViT: 60 % hidden in 2x2-token blocks, linear pixel head.",
-            lambda size=_s, **kw: SimMIM(_vit(size), **kw))
-    _preset(f"byol_{_s}", f"BYOL on the {_s} ViT: projection 64, hidden 128, momentum 0.99 over 200 steps (the byol recipe's defaults).",
-            lambda size=_s, **kw: BYOLModel(_vit(size), **{**dict(dim=64, hidden=128, total_steps=200,
-                                                                  base_momentum=0.99), **kw}))
-    _preset(f"dino_{_s}", f"DINO on the {_s} ViT: 256 prototypes, BatchNorm head, momentum 0.99 over 200 steps (the dino recipe's defaults).",
-            lambda size=_s, **kw: DINOModel(_vit(size), **{**dict(out_dim=256, hidden=128, bottleneck=64, head_bn=True,
-                                                                  total_steps=200, base_momentum=0.99), **kw}))
-
 def _hubert(size, n_mels=32, frame_hop=4, num_units=32, mask_ratio=0.5, span=3, **kw):
     enc = AudioEncoder(AudioConfig.preset(size, n_mels=n_mels, patch_size=(n_mels, frame_hop)))
     hub = HuBERT(enc, num_units, mask_ratio=mask_ratio, span=span, **kw)
@@ -768,6 +745,17 @@ def _av_mae(size, n_mels=32, decoder_dim=64, **kw):
                                              contrastive_weight=0.0, norm_pix=True), **width, **kw})
 
 for _s in ("tiny", "small"):
+    _preset(f"mae_{_s}", f"MAE on the {_s} ViT: decoder 64 wide, 1 block, 2 heads, 75 % hidden (the mae recipe's defaults).",
+            lambda size=_s, **kw: MAE(_vit(size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2,
+                                                            mask_ratio=0.75, norm_pix=True), **kw}))
+    _preset(f"simmim_{_s}", f"SimMIM on the {_s} ViT: 60 % hidden in 2x2-token blocks, linear pixel head.",
+            lambda size=_s, **kw: SimMIM(_vit(size), **kw))
+    _preset(f"byol_{_s}", f"BYOL on the {_s} ViT: projection 64, hidden 128, momentum 0.99 over 200 steps (the byol recipe's defaults).",
+            lambda size=_s, **kw: BYOLModel(_vit(size), **{**dict(dim=64, hidden=128, total_steps=200,
+                                                                  base_momentum=0.99), **kw}))
+    _preset(f"dino_{_s}", f"DINO on the {_s} ViT: 256 prototypes, BatchNorm head, momentum 0.99 over 200 steps (the dino recipe's defaults).",
+            lambda size=_s, **kw: DINOModel(_vit(size), **{**dict(out_dim=256, hidden=128, bottleneck=64, head_bn=True,
+                                                                  total_steps=200, base_momentum=0.99), **kw}))
     _preset(f"hubert_{_s}", f"HuBERT on the {_s} audio tower, 32 mels in frames of 4, K=32 units, zero centroids (the hubert recipe's defaults).",
             lambda size=_s, **kw: _hubert(size, **kw))
     _preset(f"av_mae_{_s}", f"Audio-visual MAE: {_s} image and audio adapters, a shared encoder of the {_s} ViT's width and depth (the av-mae recipe's defaults).",

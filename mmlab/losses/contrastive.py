@@ -275,28 +275,27 @@ class _GatherWithGrad(torch.autograd.Function):
         return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
 # %% ../../nbs/03_contrastive.ipynb #28240c83
-def _check_same_shape(x:Tensor, group, where:str):
-    "Raise `ShapeError` unless every rank of `group` passes a tensor of the same shape."
+def _gather(x:Tensor, group, where:str) -> Tensor:
+    "All-gather `x` along dim 0 with its graph; `ShapeError` unless every rank of `group` passes the same shape."
     import torch.distributed as dist
-    shapes = [None] * dist_info(group)[0]
+    ws = dist_info(group)[0]
+    if ws == 1: return x
+    shapes = [None] * ws
     dist.all_gather_object(shapes, tuple(x.shape), group=group)
     if len(set(shapes)) != 1:
         raise ShapeError(f"{where}: every rank must pass the same shape, got {shapes} (rank order); "
                          f"drop the last incomplete batch (drop_last=True) or pad")
+    return _GatherWithGrad.apply(x, group)
 
 def gather_with_grad(x:Tensor,        # (B, ...) this rank's tensor; every rank must have the same shape
                      group=None,       # process group (None: the default group)
                     ) -> Tensor:       # (R*B, ...) all ranks' tensors in rank order
     "All-gather `x` from every rank, keeping the autograd graph (backward sums over ranks)."
-    if dist_info(group)[0] == 1: return x
-    _check_same_shape(x, group, "gather_with_grad")
-    return _GatherWithGrad.apply(x, group)
+    return _gather(x, group, "gather_with_grad")
 
 def _gather_labels(y:Tensor, group, where:str) -> Tensor:
-    "All-gather the (B,) int64 labels of every rank in rank order (no gradient), with the same shape check."
-    if dist_info(group)[0] == 1: return y
-    _check_same_shape(y, group, f"{where}: labels")
-    return _GatherWithGrad.apply(y, group)             # integer labels: no gradient flows
+    "All-gather the (B,) int64 labels of every rank in rank order (integers: no gradient flows)."
+    return _gather(y, group, f"{where}: labels")
 
 # %% ../../nbs/03_contrastive.ipynb #236e8715
 def _check_labels(labels, B:int, device, where:str) -> Tensor|None:
@@ -345,22 +344,19 @@ def clip_loss(a:Tensor,                 # (B, D) L2-normalised embeddings of mod
     eps = label_smoothing
     if not 0.0 <= eps < 1.0: raise InputError(f"{where}: label_smoothing must be in [0, 1), got {eps}")
     t = scale.new_zeros(()) if bias is None else bias             # the chunked form's bias (it cancels)
+    loss = lambda x, z, off, both, yx, yz: (_clip_naive(x, z, scale, bias, eps, off, both, yx, yz) if kind == "naive"
+                                            else ChunkedClipLoss.apply(x, z, scale, t, eps, chunk, off, both, yx, yz))
     if ws > 1:
         a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
         y_all = None if y is None else _gather_labels(y, group, where)
         if local_loss:   # this rank's a rows vs all b, and this rank's b rows vs all a (rectangular: never fused)
             off = rank * a.shape[0]
-            if kind == "naive":
-                return (_clip_naive(a, b_all, scale, bias, eps, off, False, y, y_all)
-                        + _clip_naive(b, a_all, scale, bias, eps, off, False, y, y_all)) / 2
-            return (ChunkedClipLoss.apply(a, b_all, scale, t, eps, chunk, off, False, y, y_all)
-                    + ChunkedClipLoss.apply(b, a_all, scale, t, eps, chunk, off, False, y, y_all)) / 2
+            return (loss(a, b_all, off, False, y, y_all) + loss(b, a_all, off, False, y, y_all)) / 2
         a, b, y = a_all, b_all, y_all
-    if kind == "naive": return _clip_naive(a, b, scale, bias, eps, 0, True, y, y)
     if kind == "fused":
         from mmlab.kernels import fused_clip_loss
         return fused_clip_loss(a, b, scale, logit_bias=bias, label_smoothing=eps)
-    return ChunkedClipLoss.apply(a, b, scale, t, eps, chunk, 0, True, y, y)
+    return loss(a, b, 0, True, y, y)
 
 # %% ../../nbs/03_contrastive.ipynb #98bda65f
 @_full_precision
@@ -412,14 +408,15 @@ def clamp_log_scale_(log_scale:Tensor,  # learnt log s, clamped in place
 
 # %% ../../nbs/03_contrastive.ipynb #ec7ea838
 class _LearntScale(nn.Module):
-    "Holds a learnt log multiplier `log_scale` (s = exp(log_scale) = 1/temperature) that `clamp_parameters_` keeps in [1, max_scale]."
-    def __init__(self, where:str, init_scale:float, max_scale:float, learnable:bool):
-        super().__init__()
+    "Mixin (losses and models): a learnt log multiplier `log_scale` (s = exp(log_scale) = 1/temperature) kept in [1, max_scale]."
+    def _init_scale(self, where:str, init_scale:float, max_scale:float, learnable:bool=True) -> None:
         check_logit_scale(where, init_scale, max_scale)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
         self.max_scale = max_scale
     @property
-    def logit_scale(self) -> Tensor: return self.log_scale.exp()
+    def logit_scale(self) -> Tensor:
+        "The multiplier s = exp(log_scale): what the losses take."
+        return self.log_scale.exp()
     def clamp_parameters_(self) -> None:
         "Keep s in [1, max_scale]; the trainer calls it after every optimiser step."
         clamp_log_scale_(self.log_scale, self.max_scale)
@@ -430,7 +427,8 @@ class ClipLoss(_LearntScale):
                  max_scale:float=100.0,            # cap of the multiplier (CLIP)
                  learnable:bool=True,              # learn the scale, or keep it fixed
                  label_smoothing:float=0.0, **loss_kw):  # label smoothing; extra keywords of `clip_loss`
-        super().__init__("ClipLoss", init_scale, max_scale, learnable)
+        super().__init__()
+        self._init_scale("ClipLoss", init_scale, max_scale, learnable)
         self.label_smoothing, self.loss_kw = label_smoothing, loss_kw
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
         "`clip_loss` of (B, D) embeddings `a`, `b` at the current scale."
@@ -441,7 +439,8 @@ class SigLipLoss(_LearntScale):
     def __init__(self, init_scale:float=10.0,  # initial multiplier s (SigLIP: 10), in [1, max_scale]
                  init_bias:float=-10.0,          # initial bias t (SigLIP: -10)
                  max_scale:float=100.0, learnable:bool=True, **loss_kw):
-        super().__init__("SigLipLoss", init_scale, max_scale, learnable)
+        super().__init__()
+        self._init_scale("SigLipLoss", init_scale, max_scale, learnable)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
         self.loss_kw = loss_kw
     def forward(self, a:Tensor, b:Tensor) -> Tensor:
@@ -471,6 +470,10 @@ def nt_xent_loss(z1:Tensor,              # (B, D) L2-normalised embeddings of vi
     return (torch.logsumexp(logits.masked_fill(drop, -math.inf), 1) - pos).mean()
 
 # %% ../../nbs/03_contrastive.ipynb #3d204c76
+def _soft_ce(logits:Tensor, targets:Tensor) -> Tensor:
+    "Mean over rows of -sum_j targets_ij log softmax(logits)_ij: cross-entropy against soft targets."
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
 def cwcl_weights(x:Tensor,   # (B, D) L2-normalised embeddings of the frozen modality
                 ) -> Tensor: # (B, B) weights in [0, 1], ones on the diagonal
     "CWCL's intra-modal weights: cosine similarity mapped to [0, 1] by (1 + x_i.x_j) / 2."
@@ -497,9 +500,7 @@ def cwcl_loss(a:Tensor,        # (B, D) L2-normalised embeddings of the frozen m
     scale = _scalar(logit_scale, a, "logit_scale", where)
     logits = scale * (a @ b.T)
     targets = weights.to(a.dtype) / weights.to(a.dtype).sum(1, keepdim=True)
-    a2b = -(targets * F.log_softmax(logits, 1)).sum(1).mean()
-    b2a = -(targets * F.log_softmax(logits.T, 1)).sum(1).mean()
-    return (a2b + b2a) / 2
+    return (_soft_ce(logits, targets) + _soft_ce(logits.T, targets)) / 2   # a -> b rows, b -> a rows
 
 # %% ../../nbs/03_contrastive.ipynb #70a91c86
 def _isogclr_log_g(a:Tensor, b:Tensor, tau_a:Tensor, tau_b:Tensor) -> tuple[Tensor, Tensor]:
@@ -567,8 +568,7 @@ class IndividualTemperatureLoss(nn.Module):
         if index.dtype != torch.long or (index < 0).any() or (index >= self.tau_a.shape[0]).any() or index.unique().numel() != B:
             raise InputError(f"IndividualTemperatureLoss: index must hold {B} distinct int64 dataset indices in "
                              f"[0, {self.tau_a.shape[0]}), got dtype {index.dtype} and values {index.tolist()[:8]}")
-        tau_a = self.tau_a[index].clamp(self.tau_min, self.tau_max).to(a.dtype)
-        tau_b = self.tau_b[index].clamp(self.tau_min, self.tau_max).to(a.dtype)
+        tau_a, tau_b = (t[index].clamp(self.tau_min, self.tau_max).to(a.dtype) for t in (self.tau_a, self.tau_b))
         la, lb = _isogclr_log_g(a, b, tau_a, tau_b)
         out = []
         for tau, lg, buf in ((tau_a, la, self.log_u_a), (tau_b, lb, self.log_u_b)):
@@ -680,9 +680,7 @@ def mixup_contrastive_loss(a_mix:Tensor,  # (B, D) L2-normalised embeddings of t
     idx = torch.arange(B, device=b.device)
     T = torch.zeros_like(logits)
     T[idx, idx] += lam; T[idx, perm] += 1 - lam                             # soft targets (rows and columns sum to 1)
-    rows = -(T * F.log_softmax(logits, 1)).sum(1).mean()
-    cols = -(T * F.log_softmax(logits, 0)).sum(0).mean()
-    return (rows + cols) / 2
+    return (_soft_ce(logits, T) + _soft_ce(logits.T, T.T)) / 2            # rows, then columns
 
 # %% ../../nbs/03_contrastive.ipynb #27da194c
 @_full_precision

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import InputError, ShapeError, check_shape
-from .contrastive import clip_loss, gather_with_grad
+from .contrastive import _soft_ce, clip_loss, gather_with_grad
 
 # %% auto #0
 __all__ = ['momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
@@ -106,8 +106,9 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
 
 # %% ../../nbs/05_distill.ipynb #7edc9a1c
-def _pair(p, z, where):
-    dims = check_shape(p, f"{where}: p", ("B", "D")); check_shape(z, f"{where}: z", ("B", "D"), dims)
+def _pair(p, z, where, names=("p", "z")):
+    "Check two (B, D) tensors of one shape, named `names` in messages."
+    dims = check_shape(p, f"{where}: {names[0]}", ("B", "D")); check_shape(z, f"{where}: {names[1]}", ("B", "D"), dims)
 
 def negative_cosine(p:Tensor, # (B, D) predictions
                     z:Tensor, # (B, D) targets; the gradient is stopped
@@ -134,9 +135,6 @@ def _off_diagonal(c:Tensor) -> Tensor:
     n = c.shape[0]
     return c.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
-def _views(z1, z2, where):
-    dims = check_shape(z1, f"{where}: z1", ("B", "D")); check_shape(z2, f"{where}: z2", ("B", "D"), dims)
-
 def _two_or_more(B:int, where:str) -> None:
     "The batch statistics need B >= 2 (over all ranks)."
     if B < 2: raise ShapeError(f"{where}: needs a batch of at least 2 samples over all ranks, got B={B}: a batch of one "
@@ -148,16 +146,14 @@ def vicreg_terms(z1:Tensor, z2:Tensor,   # (B, D) embeddings of the two views
                  group=None,             # process group for `distributed`
                 ) -> dict:
     "VICReg's three unweighted terms, as its reference code: invariance s, variance v (halved), covariance c."
-    _views(z1, z2, "vicreg_terms")
+    _pair(z1, z2, "vicreg_terms", ("z1", "z2"))
     inv = F.mse_loss(z1, z2)                                              # this rank's pairs
     if distributed: z1, z2 = gather_with_grad(z1, group), gather_with_grad(z2, group)
     B, D = z1.shape
     _two_or_more(B, "vicreg_terms")
     x, y = z1 - z1.mean(0), z2 - z2.mean(0)
-    std_x, std_y = torch.sqrt(x.var(0) + eps), torch.sqrt(y.var(0) + eps)
-    var = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2   # halved as in main_vicreg.py
-    cov_x, cov_y = (x.T @ x) / (B - 1), (y.T @ y) / (B - 1)
-    cov = _off_diagonal(cov_x).pow(2).sum() / D + _off_diagonal(cov_y).pow(2).sum() / D
+    var = sum(F.relu(1 - torch.sqrt(v.var(0) + eps)).mean() / 2 for v in (x, y))   # halved as in main_vicreg.py
+    cov = sum(_off_diagonal((v.T @ v) / (B - 1)).pow(2).sum() / D for v in (x, y))
     return {"invariance": inv, "variance": var, "covariance": cov}
 
 def vicreg_loss(z1:Tensor, z2:Tensor,    # (B, D) embeddings of the two views
@@ -178,7 +174,7 @@ def barlow_twins_loss(z1:Tensor, z2:Tensor,  # (B, D) embeddings of the two view
                       group=None,            # process group for `distributed`
                      ) -> Tensor:
     "Barlow Twins (Zbontar et al. 2021, eq. 1): sum (1 - C_dd)^2 + lambda sum_{d!=e} C_de^2."
-    _views(z1, z2, "barlow_twins_loss")
+    _pair(z1, z2, "barlow_twins_loss", ("z1", "z2"))
     total = (lambda x: gather_with_grad(x[None], group).sum(0)) if distributed else (lambda x: x)   # sum over ranks
     z = torch.stack([z1, z2])                                              # (2, B, D)
     n = total(z.new_tensor(float(z.shape[1])))                            # global batch size
@@ -190,10 +186,6 @@ def barlow_twins_loss(z1:Tensor, z2:Tensor,  # (B, D) embeddings of the two view
     return (torch.diagonal(c) - 1).pow(2).sum() + lambda_ * _off_diagonal(c).pow(2).sum()
 
 # %% ../../nbs/05_distill.ipynb #06e727d4
-def _soft_ce(logits:Tensor, targets:Tensor) -> Tensor:
-    "Mean over rows of -sum_j targets_ij log softmax(logits)_ij."
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-
 def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modality A (student)
                           b:Tensor,   # (B, D) L2-normalised embeddings of modality B (student)
                           a_m:Tensor, # (B, D) same from the momentum (EMA) model
