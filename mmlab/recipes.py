@@ -798,7 +798,7 @@ def main(argv:list[str]|None=None) -> int:
     except MMLabError as e: msg = str(e)
     except OSError as e:                    # the last line of defence for files: which one, and the system's reason
         msg = f"{e.filename}: {e.strerror}" if e.filename else str(e)
-    print(f"mmlab: error: {msg}", file=sys.stderr); return 2
+    print("mmlab: error: " + " ".join(l.strip() for l in msg.splitlines()), file=sys.stderr); return 2   # one line
 
 # %% ../nbs/08a_recipes.ipynb #d4a8c4a0
 def pretrained_tower(run:str|Path, modality:str="image") -> nn.Module:

@@ -260,7 +260,9 @@ def run_lock(folder:str|Path):
     "Hold `folder` for this process (an exclusive `flock` on `folder/.lock`, freed by the OS on any exit); re-entrant."
     d = Path(folder)
     if d.exists() and not d.is_dir(): raise ConfigError(f"run folder {d} is a file; expected a folder (or a new name)")
-    d.mkdir(parents=True, exist_ok=True); key = d.resolve()
+    try: d.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ConfigError(f"cannot create run folder {d}: {e.strerror}; expected a folder path") from e
+    key = d.resolve()
     if key not in _HELD:
         f = open(d / LOCK_FILE, "a+")
         try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
