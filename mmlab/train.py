@@ -578,6 +578,11 @@ def fit(self:Trainer) -> list[dict]:
         self._event("on_fit_end")
         return self.history
 
+@patch
+def _lock(self:Trainer):
+    "Hold `out_dir` (`run_lock`) where this process writes to it: rank 0 of a run with an `out_dir`."
+    return run_lock(self.out_dir) if self.out_dir is not None and self.rank == 0 else nullcontext()
+
 # %% ../nbs/07_train.ipynb #c6e09160
 @patch
 def _clamp_parameters(self:Trainer) -> None:
@@ -723,11 +728,6 @@ def _per_rank(self:Trainer, obj) -> list:
     if self.world == 1: return [obj]
     out = [None] * self.world; dist.all_gather_object(out, obj)
     return out
-
-@patch
-def _lock(self:Trainer):
-    "Hold `out_dir` (`run_lock`) where this process writes to it: rank 0 of a run with an `out_dir`."
-    return run_lock(self.out_dir) if self.out_dir is not None and self.rank == 0 else nullcontext()
 
 @patch
 def save(self:Trainer) -> Path:
