@@ -721,6 +721,7 @@ def _recipe_help(name):
     src = lambda f: f", from the {f.name} setting / MMLAB_{f.name.upper()}" if f.name in FROM_SETTINGS else ""
     return f"recipe {name!r} keys (--key value):\n" + "\n".join(
         f"  --{f.name:<20} {doc[f.name]} (default {field_default(f)!r}{src(f)})" for f in recipe_fields(cls)) + (
+        "\nrun folder (mmlab train RECIPE --out DIR):"
         f"\n  --{'out':<20} the run folder, new or empty (default runs/{name}-<time>)"
         f"\n  --{'overwrite':<20} true: replace the run already in --out (default false)")
 
