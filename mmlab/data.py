@@ -611,14 +611,15 @@ def make_loader(ds:Dataset,           # a dataset of example dicts
                 pad_id:int=0,         # padding id for token-id text (use the tokenizer's pad_id)
                 **kwargs,             # passed on to DataLoader
                ) -> DataLoader:
-    "A `DataLoader` over `ds` with `collate` and a seeded, reproducible order."
+    "A `DataLoader` over `ds` with `collate` and a seeded, reproducible order (also across a resume, with workers)."
     if not isinstance(batch_size, int) or batch_size < 1: raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
     seed = get_settings().seed if seed is None else seed
     g = torch.Generator().manual_seed(int(seed))
     collate_fn = kwargs.pop("collate_fn", None) or partial(collate, pad_id=pad_id)   # picklable for spawn workers
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-                      collate_fn=collate_fn, generator=g, worker_init_fn=_seed_worker,
-                      persistent_workers=num_workers > 0, **kwargs)
+                      collate_fn=collate_fn, generator=g, worker_init_fn=_seed_worker, **kwargs)
+    # Workers are not persistent: each epoch's iterator then draws the workers' base seed and the order from `g`,
+    # so the state of `g` at an epoch's start (which the Trainer checkpoints) fixes all of that epoch's randomness.
 
 # %% ../nbs/01_data.ipynb #a42d99bc
 def stack_dataset(ds,                 # a dataset of example dicts (e.g. `load_dataset(...)`)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
-import json, sys, time
+import json, os, shutil, sys, time
+from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from itertools import combinations
@@ -15,26 +16,27 @@ import torch.nn as nn
 from torch import Tensor
 
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError,
-                        get_device, get_precision, get_settings)
+                        get_device, get_precision, get_settings, set_seed)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features, save_model)
-from .train import (Callback, ProgressBar, Trainer, TrainConfig, decode_state, history_figure, latest_checkpoint,
-                         load_checkpoint)
+from .train import (LOCK_FILE, Callback, ProgressBar, Trainer, TrainConfig, atomic_write, decode_state,
+                         history_figure, latest_checkpoint, load_checkpoint, run_lock)
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
-           'GENERIC_TEMPLATES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe',
-           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data', 'model_device',
-           'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes', 'evaluate',
-           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe',
-           'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
-           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
-           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'GENERIC_TEMPLATES', 'RUN_FILES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields',
+           'ClipRecipe', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
+           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes',
+           'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe',
+           'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe',
+           'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report',
+           'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower',
+           'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -470,9 +472,29 @@ def _check_resumable(recipe, out:Path|None):
     if out is None or latest_checkpoint(out / "checkpoints") is None:
         raise CheckpointError(f"cannot resume: no checkpoint in {out}/checkpoints")
     saved = out / "recipe.json"
-    if saved.is_file() and json.loads(saved.read_text()) != recipe_dict(recipe):
+    if saved.is_file() and recipe_dict(read_recipe(saved)) != recipe_dict(recipe):
         raise ConfigError(f"cannot resume {out} with a different recipe than its recipe.json; bit-identical "
                           "continuation needs the same fields (start a new run to change them)")
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.csv", "tensorboard", "metrics.json", "recipe.json", "report.html")
+
+def _is_run_file(name:str) -> bool:
+    "A file or folder a run writes: RUN_FILES, `mmlab eval`'s eval-<split>.json, a killed writer's .tmp-*."
+    return name in RUN_FILES or name.startswith(".tmp-") or name.startswith("eval-") and name.endswith(".json")
+
+def _claim_run_folder(out:Path, overwrite:bool=False):
+    "Refuse a non-empty run folder unless `overwrite`; then remove the old run's files (only those) first."
+    held = sorted(n for n in os.listdir(out) if n != LOCK_FILE)
+    if not held: return
+    listed = ", ".join(held[:4]) + (" ..." if len(held) > 4 else "")
+    if not overwrite:
+        raise ConfigError(f"run folder {out} is not empty (it holds {listed}); continue its run with "
+                          f"`mmlab train --resume {out}`, replace it with --overwrite true, or choose another --out")
+    foreign = [n for n in held if not _is_run_file(n)]
+    if foreign:
+        raise ConfigError(f"--overwrite true: {out} holds {', '.join(foreign[:4])}, which no run writes; "
+                          "nothing was deleted: move them or choose another --out")
+    for n in held: shutil.rmtree(out / n) if (out / n).is_dir() else os.unlink(out / n)
 
 def resolve_runtime(recipe):
     "The recipe with `device` and `precision` resolved for this machine (`auto` -> what runs): what recipe.json records."
@@ -487,25 +509,30 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
                evaluate_after:bool=True,   # run `evaluate` on `recipe.eval_split`
                progress:bool=False,        # a tqdm bar
                resume:bool=False,          # continue from the newest checkpoint in out_dir (same recipe)
+               overwrite:bool=False,       # replace the run in out_dir (its files only); else a non-empty out_dir is refused
               ) -> RunResult:
     "Load data, build the model, train it with `Trainer`, evaluate: the recipe says what, the trainer does the loop."
     t0 = time.perf_counter(); recipe = resolve_runtime(recipe)
     if recipe.threads: torch.set_num_threads(recipe.threads)
     out = Path(out_dir) if out_dir is not None else None
-    if resume: _check_resumable(recipe, out)
-    if out is not None: out.mkdir(parents=True, exist_ok=True); (out / "recipe.json").write_text(json.dumps(recipe_dict(recipe), indent=1))
-    data, model = train_data(recipe, n_train), recipe.make_model()
-    trainer = Trainer(model, recipe.make_loss(), data, recipe.train_config(out),
-                      callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
-    if resume: trainer.resume(out)
-    history = trainer.fit()
-    if resume and (out / "metrics.jsonl").is_file():          # the whole run's records, not only the resumed part
-        history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    metrics = {}
-    if evaluate_after:
-        bank = data.batch if isinstance(data, InMemoryBatches) else load_split(recipe, "train", min(n_train or MAX_BANK, MAX_BANK))
-        metrics = recipe.evaluate(trainer.model, load_split(recipe, recipe.eval_split, n_eval), label_names(recipe), bank)
-        if out is not None: (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if resume and overwrite: raise ConfigError("run_recipe: resume and overwrite exclude each other; choose one")
+    with run_lock(out) if out is not None else nullcontext():   # the whole run: recipe.json, training, evaluation
+        if resume: _check_resumable(recipe, out)                  # recipe.json is never rewritten
+        elif out is not None:
+            _claim_run_folder(out, overwrite); atomic_write(out / "recipe.json", json.dumps(recipe_dict(recipe), indent=1))
+        set_seed(recipe.seed)                                     # Python's, NumPy's and torch's generators
+        data, model = train_data(recipe, n_train), recipe.make_model()
+        trainer = Trainer(model, recipe.make_loss(), data, recipe.train_config(out),
+                          callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
+        if resume: trainer.resume(out)
+        history = trainer.fit()
+        if resume and (out / "metrics.jsonl").is_file():          # the whole run's records, not only the resumed part
+            history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        metrics = {"skipped": trainer.skipped, "skipped_reasons": trainer.skip_reasons} if trainer.skipped else {}
+        if evaluate_after:
+            bank = data.batch if isinstance(data, InMemoryBatches) else load_split(recipe, "train", min(n_train or MAX_BANK, MAX_BANK))
+            metrics |= recipe.evaluate(trainer.model, load_split(recipe, recipe.eval_split, n_eval), label_names(recipe), bank)
+        if out is not None and metrics: atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
     return RunResult(trainer.model, history, metrics, out, time.perf_counter() - t0)
 
 def recipe_dict(recipe) -> dict:
@@ -624,8 +651,8 @@ def write_report(path:str|Path, recipe, history:list[dict], metrics:dict, emb:di
             f"<p>{recipe.steps} steps{took}; evaluated on the {recipe.eval_split} split.</p>"
             + parts[0] + metrics_tables(metrics) + "".join(parts[1:])
             + f"<h2>Recipe</h2><pre>{json.dumps(recipe_dict(recipe), indent=1)}</pre></body></html>")
-    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(html)
-    return p
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(p, html)
 
 # %% ../nbs/08a_recipes.ipynb #dbe26dc1
 def fresh_out_dir(prefix:str, out:str|Path|None=None) -> Path:
@@ -640,18 +667,20 @@ def quickstart(out:str|Path|None=None,   # output folder (default: a fresh runs/
                n_train:int|None=None,    # first n training examples (tests)
                n_eval:int|None=None,     # first n test examples (tests)
                progress:bool=True,       # a tqdm bar
+               overwrite:bool=False,     # replace the run in `out` (see `run_recipe`)
                **overrides,              # ClipRecipe fields, e.g. steps=20
               ) -> RunResult:
     "Train the tri-modal digits model (label-aware CLIP), evaluate on the test split, write report.html + metrics.json."
     t0 = time.perf_counter()
     recipe = resolve_runtime(get_recipe("clip", **overrides))   # as run_recipe records it
     out = fresh_out_dir("quickstart", out)
-    res = run_recipe(recipe, out, n_train=n_train, evaluate_after=False, progress=progress)
-    batch = load_split(recipe, recipe.eval_split, n_eval)
-    res.metrics, emb = evaluate(res.model, recipe, batch, label_names(recipe))
-    res.seconds = time.perf_counter() - t0
-    (out / "metrics.json").write_text(json.dumps(res.metrics, indent=1))
-    write_report(out / "report.html", recipe, res.history, res.metrics, emb, batch["label"], res.seconds)
+    with run_lock(out):                                       # held from training to the report
+        res = run_recipe(recipe, out, n_train=n_train, evaluate_after=False, progress=progress, overwrite=overwrite)
+        batch = load_split(recipe, recipe.eval_split, n_eval)
+        metrics, emb = evaluate(res.model, recipe, batch, label_names(recipe))
+        res.metrics, res.seconds = res.metrics | metrics, time.perf_counter() - t0
+        atomic_write(out / "metrics.json", json.dumps(res.metrics, indent=1))
+        write_report(out / "report.html", recipe, res.history, res.metrics, emb, batch["label"], res.seconds)
     return res
 
 def read_recipe(path:str|Path):
@@ -682,6 +711,7 @@ def load_run(checkpoint:str|Path) -> tuple:
 USAGE = """mmlab quickstart [--out DIR] [--key value ...]   train + evaluate the tri-modal digits model, write an HTML report
 mmlab train RECIPE [--out DIR] [--key value ...]   train a recipe (recipes: {recipes}); `mmlab train RECIPE --help` lists keys
 mmlab train --resume RUN                          continue an interrupted run from its newest checkpoint (bit-identical)
+  --out DIR must be new or empty; --overwrite true replaces the run it holds (train, quickstart)
 mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder
 mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)"""
 
@@ -689,11 +719,22 @@ def _recipe_help(name):
     cls, doc = RECIPES[name], field_help(RECIPES[name])
     src = lambda f: f", from the {f.name} setting / MMLAB_{f.name.upper()}" if f.name in FROM_SETTINGS else ""
     return f"recipe {name!r} keys (--key value):\n" + "\n".join(
-        f"  --{f.name:<20} {doc[f.name]} (default {field_default(f)!r}{src(f)})" for f in recipe_fields(cls))
+        f"  --{f.name:<20} {doc[f.name]} (default {field_default(f)!r}{src(f)})" for f in recipe_fields(cls)) + (
+        "\nrun folder (mmlab train RECIPE --out DIR):"
+        f"\n  --{'out':<20} the run folder, new or empty (default runs/{name}-<time>)"
+        f"\n  --{'overwrite':<20} true: replace the run already in --out (default false)")
 
 def _report_run(res:RunResult):
     print(json.dumps({k: round(v, 4) for k, v in res.metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
+    if res.metrics.get("skipped"):
+        print(f"skipped {res.metrics['skipped']} bad sample(s); first: {'; '.join(res.metrics['skipped_reasons'][:2])}")
     print(f"run: {res.out_dir} (checkpoints/, metrics.jsonl, metrics.json, recipe.json)")
+
+def _overwrite(kw:dict) -> bool:
+    "Take `--overwrite true|false` out of the parsed options."
+    v = str(kw.pop("overwrite", "false")).lower()
+    if v not in ("true", "false"): raise ConfigError(f"--overwrite {v!r}: expected true or false")
+    return v == "true"
 
 def _resume(args:list[str]) -> int:
     "`mmlab train --resume RUN`: the recipe comes from RUN/recipe.json, the state from RUN's newest checkpoint."
@@ -710,7 +751,7 @@ def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "quickstart":
-        res = quickstart(**parse_overrides(rest))
+        kw = parse_overrides(rest); res = quickstart(overwrite=_overwrite(kw), **kw)
         m = res.metrics
         print(f"quickstart: {res.seconds:.1f} s; zero-shot accuracy text->image "
               f"{m['zero_shot/text_to_image/accuracy']:.1%}, text->audio {m['zero_shot/text_to_audio/accuracy']:.1%} (chance 10%)")
@@ -722,8 +763,8 @@ def _cmd(argv:list[str]) -> int:
         name, rest = rest[0], rest[1:]
         if name not in RECIPES: raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
         if rest and rest[0] in ("-h", "--help"): print(_recipe_help(name)); return 0
-        kw = parse_overrides(rest); out = fresh_out_dir(name, kw.pop("out", None))
-        _report_run(run_recipe(get_recipe(name, **kw), out, progress=True))
+        kw = parse_overrides(rest); out, overwrite = fresh_out_dir(name, kw.pop("out", None)), _overwrite(kw)
+        _report_run(run_recipe(get_recipe(name, **kw), out, progress=True, overwrite=overwrite))
         return 0
     if cmd == "eval":
         if not rest: raise ConfigError("mmlab eval: give a CHECKPOINT (a run folder or a checkpoints/step-* folder)")
@@ -734,7 +775,7 @@ def _cmd(argv:list[str]) -> int:
         split = kw.get("split", recipe.eval_split)
         metrics = recipe.evaluate(model, load_split(recipe, split), label_names(recipe), load_split(recipe, "train", MAX_BANK))
         out = Path(kw.get("out") or Path(ckpt) / f"eval-{split}.json")
-        out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(metrics, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True); atomic_write(out, json.dumps(metrics, indent=1))
         print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
         print(f"metrics: {out}")
         return 0
@@ -751,11 +792,13 @@ def _cmd(argv:list[str]) -> int:
 
 # %% ../nbs/08a_recipes.ipynb #49d69fa6
 def main(argv:list[str]|None=None) -> int:
-    "Console entry point `mmlab`: mmlab errors print one clear line and exit with status 2."
+    "Console entry point `mmlab`: mmlab errors and OS errors (a file) print one clear line and exit with status 2."
     argv = sys.argv[1:] if argv is None else list(argv)
     try: return _cmd(argv)
-    except MMLabError as e:
-        print(f"mmlab: error: {e}", file=sys.stderr); return 2
+    except MMLabError as e: msg = str(e)
+    except OSError as e:                    # the last line of defence for files: which one, and the system's reason
+        msg = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    print("mmlab: error: " + " ".join(l.strip() for l in msg.splitlines()), file=sys.stderr); return 2   # one line
 
 # %% ../nbs/08a_recipes.ipynb #d4a8c4a0
 def pretrained_tower(run:str|Path, modality:str="image") -> nn.Module:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_train.ipynb #178fe3da
 from __future__ import annotations
-import csv, hashlib, inspect, io, json, math, os, random, shutil, time
+import csv, fcntl, hashlib, inspect, io, json, math, os, random, shutil, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -24,11 +24,11 @@ from .losses.contrastive import dist_info
 from .losses.distill import ema_
 
 # %% auto #0
-__all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'warmup_cosine', 'TrainConfig', 'loss_terms', 'rng_state', 'set_rng_state',
-           'encode_state', 'decode_state', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
-           'load_checkpoint', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile', 'JSONLLogger', 'CSVLogger',
-           'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA', 'to_device', 'make_optimizer',
-           'compile_model', 'Trainer', 'split_batch', 'GradCache']
+__all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'LOCK_FILE', 'SKIP_REASONS', 'warmup_cosine', 'TrainConfig', 'loss_terms', 'rng_state',
+           'set_rng_state', 'encode_state', 'decode_state', 'atomic_write', 'list_checkpoints', 'latest_checkpoint',
+           'save_checkpoint', 'load_checkpoint', 'run_lock', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile',
+           'JSONLLogger', 'CSVLogger', 'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA',
+           'to_device', 'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #2440a017
 def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's counter)
@@ -171,6 +171,18 @@ def _meta_sha256(meta:dict) -> str:
     "Hex SHA-256 of state.json's content without its own checksum (JSON text: a byte flipped in any value shows)."
     return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "state_sha256"}).encode()).hexdigest()
 
+def atomic_write(path:str|Path, data:str|bytes) -> Path:
+    "Write a file whole or not at all (temporary file, fsync, rename); a failed write (a full disk) keeps the old file."
+    p = Path(path); tmp = p.with_name(f".tmp-{p.name}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f: f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, p); _fsync_dir(p.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {p}: {e.strerror or e}; "
+                              f"{'its previous content is unchanged' if p.exists() else 'nothing was written'}") from e
+    return p
+
 def _remove(path:Path):
     "Delete a directory safely: rename it to a hidden trash name first (atomic), then remove it."
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
@@ -195,17 +207,22 @@ def save_checkpoint(directory:str|Path, # folder holding the step-* checkpoints
                     keep_last:int=3,    # how many checkpoints to keep
                    ) -> Path:           # the new checkpoint directory
     "Write tensors (safetensors) and state (JSON) to a temporary folder, fsync, rename atomically, prune old ones."
-    from safetensors.torch import save_file
+    from safetensors.torch import save   # bytes: Python writes them, so a full disk is an OSError
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     for stale in [*d.glob(".tmp-*"), *d.glob(".trash-*")]: shutil.rmtree(stale, ignore_errors=True)  # a killed writer's
     final, tmp = d / f"step-{step:08d}", d / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "tensors.safetensors"))
-    with open(tmp / "tensors.safetensors", "rb+") as f: os.fsync(f.fileno())
-    meta = {"format": CHECKPOINT_FORMAT, "step": step, "tensors_sha256": _sha256(tmp / "tensors.safetensors"), "state": state}
-    with open(tmp / "state.json", "w") as f:
-        json.dump(meta | {"state_sha256": _meta_sha256(meta)}, f); f.flush(); os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        with open(tmp / "tensors.safetensors", "wb") as f: f.write(save(tensors)); f.flush(); os.fsync(f.fileno())
+        meta = {"format": CHECKPOINT_FORMAT, "step": step, "tensors_sha256": _sha256(tmp / "tensors.safetensors"), "state": state}
+        with open(tmp / "state.json", "w") as f:
+            json.dump(meta | {"state_sha256": _meta_sha256(meta)}, f); f.flush(); os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except OSError as e:                                   # a full disk, a file-size limit, a quota: Python's errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(d)
+        raise CheckpointError(f"cannot save the step-{step} checkpoint in {d}: {e.strerror or e}; "
+                              + (f"the previous checkpoint {prev.name} is unchanged" if prev else "no checkpoint was written")) from e
     if final.exists(): _remove(final)                                          # re-saving the same step
     os.replace(tmp, final); _fsync_dir(d)
     for old in list_checkpoints(d)[:-keep_last]: _remove(old)
@@ -233,6 +250,33 @@ def load_checkpoint(path:str|Path) -> tuple[dict, dict]:
     try: tensors = load_file(str(tf))
     except Exception as e: raise CheckpointError(f"{tf}: not a readable safetensors file ({e})") from e
     return tensors, meta["state"]
+
+# %% ../nbs/07_train.ipynb #49206ea6
+LOCK_FILE = ".lock"   # in a run folder: holds the pid of the process writing there
+_HELD = {}            # folder -> [open lock file, depth] of the locks this process holds
+
+@contextmanager
+def run_lock(folder:str|Path):
+    "Hold `folder` for this process (an exclusive `flock` on `folder/.lock`, freed by the OS on any exit); re-entrant."
+    d = Path(folder)
+    if d.exists() and not d.is_dir(): raise ConfigError(f"run folder {d} is a file; expected a folder (or a new name)")
+    try: d.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ConfigError(f"cannot create run folder {d}: {e.strerror}; expected a folder path") from e
+    key = d.resolve()
+    if key not in _HELD:
+        f = open(d / LOCK_FILE, "a+")
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); pid = f.read().strip() or "unknown"; f.close()
+            raise ConfigError(f"run folder {d} is in use by process {pid} (lock file {d / LOCK_FILE}); wait for that "
+                              "run to end or stop it, or choose another folder") from None
+        f.seek(0); f.truncate(); f.write(f"{os.getpid()}\n"); f.flush()
+        _HELD[key] = [f, 0]
+    _HELD[key][1] += 1
+    try: yield d
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0: _HELD.pop(key)[0].close()   # closing the file releases the lock
 
 # %% ../nbs/07_train.ipynb #b23f8dfc
 class Callback:
@@ -280,8 +324,7 @@ class MetricsFile(Callback):
         return self.parse(text[:text.rfind("\n") + 1])
     def rewrite(self, records:list):
         "Replace the file by `records` atomically (temporary file, then rename)."
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(self.render(records)); os.replace(tmp, self.path)
+        atomic_write(self.path, self.render(records))
     def on_fit_start(self, trainer):
         if getattr(trainer, "rank", 0) != 0: return          # one writer under torchrun
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +393,7 @@ def metric_loggers(out_dir:str|Path, log_to:tuple=("jsonl",)) -> list:
     return [cls(Path(out_dir) / name) for cls, name in map(files.get, log_to)]
 
 # %% ../nbs/07_train.ipynb #d8eddecd
-_BOOKKEEPING = ("step", "epoch", "lr", "grad_norm", "step_time")   # numbers of a training record that are not losses
+_BOOKKEEPING = ("step", "epoch", "lr", "grad_norm", "step_time", "skipped")   # numbers of a training record that are not losses
 
 def _curves(records) -> dict:
     "{key: ([x], [y])} of the finite numbers of the (position, record) pairs; x is the record's step."
@@ -501,6 +544,7 @@ class Trainer:
         self.callbacks = list(callbacks) + (metric_loggers(self.out_dir, cfg.log_to) if self.out_dir else [])
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0   # updates done; data position
         self._it, self._epoch_rng = None, None
+        self.skipped, self.skip_reasons = 0, []                 # samples the data dropped (first SKIP_REASONS reasons)
         self.history = []                                       # every logged record
 
 # %% ../nbs/07_train.ipynb #37ae6b2e
@@ -509,28 +553,35 @@ def fit(self:Trainer) -> list[dict]:
     "Train until `cfg.steps` updates; return the logged records."
     cfg = self.cfg
     def due(every): return self.step == cfg.steps or bool(every) and self.step % every == 0   # and always at the end
-    self.model.train(); self._event("on_fit_start")
-    while self.step < cfg.steps:
-        t0 = time.perf_counter()
-        self._event("on_step_start")
-        lr = self.opt.param_groups[0]["lr"]
-        terms = self._forward_backward()                    # K micro-batches, gradients accumulated
-        self._event("on_after_backward")
-        grad_norm = self._clip_gradients()
-        if self.scaler: self.scaler.step(self.opt); self.scaler.update()
-        else: self.opt.step()
-        self._clamp_parameters()                            # learnt ranges (e.g. CLIP's logit scale) after every step
-        self.sched.step()                                   # the rate of the next update
-        self.step += 1
-        if due(cfg.log_every):
-            self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
-                     | ({} if list(terms) == ["loss"] else terms)
-                     | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0})
-        self._event("on_step_end")
-        if due(cfg.eval_every): self._event("on_eval")
-        if self.out_dir and due(cfg.ckpt_every): self.save()
-    self._event("on_fit_end")
-    return self.history
+    with self._lock():                                      # one process per run folder
+        self.model.train(); self._event("on_fit_start")
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            self._event("on_step_start")
+            lr = self.opt.param_groups[0]["lr"]
+            terms = self._forward_backward()                    # K micro-batches, gradients accumulated
+            self._event("on_after_backward")
+            grad_norm = self._clip_gradients()
+            if self.scaler: self.scaler.step(self.opt); self.scaler.update()
+            else: self.opt.step()
+            self._clamp_parameters()                            # learnt ranges (e.g. CLIP's logit scale) after every step
+            self.sched.step()                                   # the rate of the next update
+            self.step += 1
+            if due(cfg.log_every):
+                self.log({"step": self.step, "epoch": self.epoch, "loss": sum(terms.values())}
+                         | ({} if list(terms) == ["loss"] else terms)
+                         | {"lr": lr, "grad_norm": grad_norm, "step_time": time.perf_counter() - t0}
+                         | ({"skipped": self.skipped} if self.skipped else {}))
+            self._event("on_step_end")
+            if due(cfg.eval_every): self._event("on_eval")
+            if self.out_dir and due(cfg.ckpt_every): self.save()
+        self._event("on_fit_end")
+        return self.history
+
+@patch
+def _lock(self:Trainer):
+    "Hold `out_dir` (`run_lock`) where this process writes to it: rank 0 of a run with an `out_dir`."
+    return run_lock(self.out_dir) if self.out_dir is not None and self.rank == 0 else nullcontext()
 
 # %% ../nbs/07_train.ipynb #c6e09160
 @patch
@@ -627,8 +678,18 @@ def _next_batch(self:Trainer):
         self.epoch += 1; self._start_epoch()
         try: batch = next(self._it)
         except StopIteration: raise InputError("Trainer: data produced no batches") from None
-    self.batch_in_epoch += 1
+    self.batch_in_epoch += 1; self._count_skipped(batch)
     return batch
+
+SKIP_REASONS = 5   # reasons of skipped samples a run keeps (the count is exact)
+
+@patch
+def _count_skipped(self:Trainer, batch):
+    "Add the samples `collate` dropped from `batch` (`batch['skipped']`: a '<where>: <reason>' per sample) to the run's."
+    s = batch.get("skipped") if isinstance(batch, dict) else None
+    if isinstance(s, int) and not isinstance(s, bool): self.skipped += s   # an older collate: a count without reasons
+    elif s:
+        self.skipped += len(s); self.skip_reasons = (self.skip_reasons + [str(r) for r in s])[:SKIP_REASONS]
 
 @patch
 def _start_epoch(self:Trainer, rng:dict|None=None):
@@ -657,6 +718,7 @@ def state_dict(self:Trainer) -> dict:
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": self._per_rank(rng_state(self.generator)), "epoch_rng": self._per_rank(self._epoch_rng),
+            "skipped": {"count": self.skipped, "reasons": self.skip_reasons},
             "world_size": self.world, "config": asdict(self.cfg),
             "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
@@ -673,7 +735,8 @@ def save(self:Trainer) -> Path:
     if self.out_dir is None: raise ConfigError("Trainer.save: TrainConfig.out_dir is None; set it to write checkpoints")
     tensors = {}; state = encode_state(self.state_dict(), tensors)   # collective under torchrun
     path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
-    if self.rank == 0: save_checkpoint(self.out_dir / "checkpoints", self.step, tensors, state, self.cfg.keep_last)
+    if self.rank == 0:
+        with self._lock(): save_checkpoint(self.out_dir / "checkpoints", self.step, tensors, state, self.cfg.keep_last)
     if self.world > 1: dist.barrier()
     self._event("on_checkpoint", path)
     return path
@@ -699,7 +762,11 @@ def resume(self:Trainer, path:str|Path) -> Path:
     if s["world_size"] != self.world:
         raise CheckpointError(f"{p}: saved by {s['world_size']} process(es), resumed with {self.world}; "
                               "bit-identical resumption needs the same world size")
+    if getattr(self.data, "persistent_workers", False) and self.data.num_workers > 0:
+        raise CheckpointError(f"{p}: the DataLoader keeps persistent workers, which draw their seeds at its first epoch "
+                              "only; resuming needs persistent_workers=False (as make_loader builds it)")
     self.step, self.epoch = s["step"], s["epoch"]
+    self.skipped, self.skip_reasons = s.get("skipped", {}).get("count", 0), s.get("skipped", {}).get("reasons", [])
     self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
     if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
         self._start_epoch(self._epoch_rng)

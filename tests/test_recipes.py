@@ -398,7 +398,9 @@ def test_recipe_help_gives_every_key_its_meaning_and_default(name, capsys):
     from dataclasses import fields
     from mmlab.recipes import field_default, field_help
     assert main(["train", name, "--help"]) == 0
-    lines = capsys.readouterr().out.splitlines()[1:]
+    out = capsys.readouterr().out
+    lines, run_folder = out.split("\nrun folder")[0].splitlines()[1:], out.split("\nrun folder")[1]
+    assert "--out " in run_folder and "--overwrite " in run_folder     # the run folder's options follow the recipe's keys
     doc, fs = field_help(RECIPES[name]), fields(RECIPES[name])
     assert sorted(l.split()[0] for l in lines) == sorted(f"--{f.name}" for f in fs)
     for f in fs:
