@@ -95,7 +95,7 @@ def _read_settings_file(path:Path) -> dict:
     "Parsed keys of the `[mmlab]` section of `path`."
     cp = configparser.ConfigParser(interpolation=None)
     try: cp.read(path, encoding="utf-8")
-    except configparser.Error as e: raise SettingsError(f"cannot parse {path}: {e}") from e
+    except configparser.Error as e: raise SettingsError(f"cannot parse {path}: {' '.join(str(e).split())}") from e
     if not cp.has_section("mmlab"):
         raise SettingsError(f"{path} has no [mmlab] section; expected [mmlab] with keys {', '.join(SETTING_KEYS)}")
     return {k: _parse_setting(k, v, path.parent, f"{path} [mmlab]") for k, v in cp.items("mmlab")}
