@@ -420,7 +420,7 @@ def _check_audio(ds, p, where):
     if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
     if info.samplerate != ds.sample_rate and not ds.resample:
         raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {ds.sample_rate} Hz; "
-                        f"resample the file, or pass resample=True (mmlab train / eval: --resample true)")
+                        f"resample the file, or pass resample=True (mmlab train: --resample true)")
 
 def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
     "Clip `data` decoded at `ds.sample_rate`, then `ds.audio_features`, through `ds.cache` when there is one."
@@ -908,7 +908,7 @@ def bad_inputs(d:Path) -> list[tuple]:
         ("image", "a folder named in a manifest", lambda: (d / "dir.png").mkdir(exist_ok=True) or csv_("image\ndir.png\n"), E(MissingFileError, "is a folder; expected a file")),
         ("image", "uint8 image tensor", lambda: collate([{"image": torch.zeros(3, 2, 2, dtype=torch.uint8)}]), E(InputError, "dtype torch.uint8; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")),
         ("audio", "0-frame WAV", lambda: audio(wav("empty.wav", [])), E(DataError, "has 0 samples")),
-        ("audio", "44.1 kHz WAV, 16 kHz expected", lambda: audio(wav("r44.wav", tone, 44100)), E(DataError, "pass resample=True (mmlab train / eval: --resample true)")),
+        ("audio", "44.1 kHz WAV, 16 kHz expected", lambda: audio(wav("r44.wav", tone, 44100)), E(DataError, "pass resample=True (mmlab train: --resample true)")),
         ("audio", "44.1 kHz WAV with resample=True", lambda: list(audio(wav("r44.wav", np.zeros(4410), 44100), resample=True).shape), [1600]),
         ("audio", "stereo WAV: the mean of the channels", lambda: audio(wav("st.wav", np.stack([tone, np.full(1600, .25)], 1)))[:2].tolist(), ((tone[:2] + .25) / 2).tolist()),
         ("audio", "text file named .wav", lambda: audio(file("fake.wav", "hello")), E(DataError, "cannot read audio")),
