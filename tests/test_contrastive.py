@@ -7,7 +7,7 @@ implementation. Every loss is checked on a seeded grid of sizes and scales (valu
 are checked with two real `gloo` processes on CPU (DistributedDataParallel) against the
 single-process loss on the concatenated batch.
 """
-import math, os, sys, types, warnings
+import gc, math, os, sys, types, warnings
 
 import pytest
 import torch
@@ -648,6 +648,8 @@ def _dist_worker(rank, store, out, with_labels=False):
             try: C._gather_labels(torch.zeros(rank + 1, dtype=torch.long), None, "clip_loss"); res["unequal_labels"] = None
             except ShapeError as e: res["unequal_labels"] = str(e)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        del model; gc.collect()        # DDP's reducer goes before the group does
+        dist.barrier()                 # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -557,6 +557,7 @@ def _ddp_worker(rank, store, out):
             res[name] = (loss.item(), x1.grad, x2.grad)
         res["one_per_rank"] = vicreg_loss(z1[rank:rank + 1], z2[rank:rank + 1], distributed=True).item()   # B = 2 over ranks
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()                 # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
