@@ -44,7 +44,10 @@ static void check_pair(at::Tensor& A, at::Tensor& Bm) {
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "mmlab cpu kernel: float32 or float64 only");
   TORCH_CHECK(A.is_contiguous() && Bm.is_contiguous(), "mmlab cpu kernel: inputs must be contiguous");
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #77161525
+CPU_SOURCE += r'''
 // Run body(I, J) for every tile, one wavefront step at a time, OpenMP threads over the row blocks.
 // An exception must not escape an OpenMP region (it would terminate the process): keep the first
 // one and rethrow it after the loop.
@@ -118,7 +121,10 @@ std::vector<at::Tensor> clip_lse(at::Tensor A, at::Tensor Bm, double scale, int6
   });
   return {rm + rl.log(), cm + cl.log()};
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #d270e224
+CPU_SOURCE += r'''
 // Backward of (r, c) = (row lse, column lse) of S = scale * A B^T, given upstream gr, gc:
 // G_ij = gr_i exp(S_ij - r_i) + gc_j exp(S_ij - c_j); returns (G B, G^T A) (without the scale).
 std::vector<at::Tensor> clip_lse_backward(at::Tensor A, at::Tensor Bm, double scale, at::Tensor r, at::Tensor c,
@@ -352,7 +358,10 @@ __device__ void accumulate(const T* __restrict__ Y, int n, int D, int Dp, int i0
     __syncthreads();
   }
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #c83816fb
+CUDA_SOURCE += r'''
 #define MMLAB_SMEM(T)                                                            \
   __shared__ __align__(128) unsigned char smem_[Smem<T>::bytes];                 \
   T* Xs = reinterpret_cast<T*>(smem_);                                           \
@@ -460,7 +469,10 @@ __global__ void __launch_bounds__(NT) siglip_sums_kernel(const T* __restrict__ X
     psp[blockIdx.x] = a; psg[blockIdx.x] = b;
   }
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #6fabf7bb
+CUDA_SOURCE += r'''
 #define MMLAB_DISPATCH(st, ...)                                                       \
   switch (st) {                                                                       \
     case at::kDouble: { using T = double; __VA_ARGS__; break; }                       \
@@ -509,7 +521,10 @@ static at::Tensor grad_side(const at::Tensor& X, const at::Tensor& Y, double sca
 }
 
 }  // namespace mmlab
+'''
 
+# %% ../nbs/06_kernels.ipynb #2eb63bdc
+CUDA_SOURCE += r'''
 std::vector<at::Tensor> clip_lse(at::Tensor A, at::Tensor B, double scale, int64_t tile) {
   using namespace mmlab;
   check_pair(A, B);
@@ -527,7 +542,10 @@ std::vector<at::Tensor> clip_lse(at::Tensor A, at::Tensor B, double scale, int64
   });
   return {r, c};
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #f104bac1
+CUDA_SOURCE += r'''
 std::vector<at::Tensor> clip_lse_backward(at::Tensor A, at::Tensor B, double scale, at::Tensor r, at::Tensor c,
                                           at::Tensor gr, at::Tensor gc, int64_t tile) {
   using namespace mmlab;
@@ -547,7 +565,10 @@ std::vector<at::Tensor> clip_lse_backward(at::Tensor A, at::Tensor B, double sca
   });
   return {GB, GtA};
 }
+'''
 
+# %% ../nbs/06_kernels.ipynb #bc14bb2c
+CUDA_SOURCE += r'''
 std::vector<at::Tensor> siglip_sums(at::Tensor A, at::Tensor B, double scale, double bias, bool with_grad, int64_t tile) {
   using namespace mmlab;
   check_pair(A, B);
