@@ -11,6 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from fastcore.basics import patch
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -492,32 +494,44 @@ class BundledDataset(Dataset):
                 if f"clip_{k}" in keys: self.attrs[k] = z[f"clip_{k}"][self.clip]
             if "clip" in keys: self.attrs["clip"] = self.clip
     def __len__(self): return len(self.labels)
-    def clip_bytes(self, i:int) -> bytes:
-        "The encoded (Ogg/Opus) bytes of the clip paired with item `i`."
-        c = int(self.clip[i]); return self.audio_bytes[self.audio_offsets[c]:self.audio_offsets[c + 1]].tobytes()
-    def _image(self, i):
-        x = torch.from_numpy(self.images[i].copy())
-        if x.dim() == 2: x = (x.float() / 16).expand(3, -1, -1)            # digits: 8x8 grey levels 0..16
-        else: x = x.permute(2, 0, 1).float() / 255
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
-        return x.contiguous()
-    def _audio(self, i):
-        return _cached_audio(self, self.clip_bytes(i), f"{self.path} clip {int(self.clip[i])} (item {i})")
-    def __getitem__(self, i:int) -> dict:
-        if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} items")
-        i = int(i) % len(self)
-        item = {"index": i, "label": int(self.labels[i]), "attrs": {k: int(v[i]) for k, v in self.attrs.items()}}
-        tf = self.transforms
-        with one_thread():   # many tiny tensor ops per example: threads only add overhead
-            if "image" in self.modalities: item["image"] = _apply(tf.get("image"), self._image(i))
-            if "audio" in self.modalities: item["audio"] = _apply(tf.get("audio"), self._audio(i))
-            if "text" in self.modalities:
-                cap = str(self.texts[i]); item["text"] = _apply(tf.get("text"), cap)
-                if "text" in tf: item["caption"] = cap
-        return item
-    def __repr__(self):
-        return f"BundledDataset({self.name!r}, {self.split!r}, n={len(self)}, modalities={list(self.modalities)})"
+
+# %% ../nbs/01_data.ipynb #9c7137be
+@patch
+def clip_bytes(self:BundledDataset, i:int) -> bytes:
+    "The encoded (Ogg/Opus) bytes of the clip paired with item `i`."
+    c = int(self.clip[i]); return self.audio_bytes[self.audio_offsets[c]:self.audio_offsets[c + 1]].tobytes()
+
+@patch
+def _image(self:BundledDataset, i):
+    x = torch.from_numpy(self.images[i].copy())
+    if x.dim() == 2: x = (x.float() / 16).expand(3, -1, -1)            # digits: 8x8 grey levels 0..16
+    else: x = x.permute(2, 0, 1).float() / 255
+    if x.shape[-1] != self.image_size:
+        x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    return x.contiguous()
+
+@patch
+def _audio(self:BundledDataset, i):
+    return _cached_audio(self, self.clip_bytes(i), f"{self.path} clip {int(self.clip[i])} (item {i})")
+
+# %% ../nbs/01_data.ipynb #3b5a0ac2
+@patch
+def __getitem__(self:BundledDataset, i:int) -> dict:
+    if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} items")
+    i = int(i) % len(self)
+    item = {"index": i, "label": int(self.labels[i]), "attrs": {k: int(v[i]) for k, v in self.attrs.items()}}
+    tf = self.transforms
+    with one_thread():   # many tiny tensor ops per example: threads only add overhead
+        if "image" in self.modalities: item["image"] = _apply(tf.get("image"), self._image(i))
+        if "audio" in self.modalities: item["audio"] = _apply(tf.get("audio"), self._audio(i))
+        if "text" in self.modalities:
+            cap = str(self.texts[i]); item["text"] = _apply(tf.get("text"), cap)
+            if "text" in tf: item["caption"] = cap
+    return item
+
+@patch
+def __repr__(self:BundledDataset):
+    return f"BundledDataset({self.name!r}, {self.split!r}, n={len(self)}, modalities={list(self.modalities)})"
 
 # %% ../nbs/01_data.ipynb #7b782a13
 def _apply(tf, x): return tf(x) if tf is not None else x
@@ -704,6 +718,7 @@ def _check_column(path:Path, name, where:str):
     if close: raise DataError(f"{path} {where}: column {name!r}: did you mean {close[0]!r}? Rename it (an attribute "
                               f"column needs a name that is not a near-miss of {', '.join(known)})")
 
+# %% ../nbs/01_data.ipynb #864ea6fe
 def _label_text(path, n, v):
     "A JSONL label as text: strings as written, numbers and booleans as their JSON text."
     if v is None or isinstance(v, str): return v
@@ -716,6 +731,7 @@ def _unique_keys(pairs):
     if dup is not None: raise ValueError(f"duplicate key {dup!r}")
     return dict(pairs)
 
+# %% ../nbs/01_data.ipynb #66aee796
 def _read_manifest(path:Path) -> tuple[list[str], list[tuple[int, dict]]]:
     "Columns and (line number, row dict) pairs of a CSV or JSONL manifest, parsed strictly; empty/null values become None."
     suffix = path.suffix.lower()
@@ -756,6 +772,7 @@ def _read_manifest(path:Path) -> tuple[list[str], list[tuple[int, dict]]]:
         rows.append((n, r))
     return cols, rows
 
+# %% ../nbs/01_data.ipynb #f90a16f0
 def label_order(labels) -> list[str]:
     "The distinct labels, sorted: integer-looking ones by value (`09` before `9`, then `10`), then the others alphabetically."
     labels = set(labels)
@@ -805,43 +822,58 @@ class ManifestDataset(Dataset):
             warnings.warn(f"ManifestDataset: skipped {self.skipped} of {len(rows)} rows of {self.path}; first reasons: "
                           + " | ".join(self.skip_reasons), stacklevel=2)
         if not self.rows: raise DataError(f"manifest {self.path}: no usable rows ({self.skipped} skipped)")
-    def _where(self, line): return f"{self.path} row {line}"
-    def _check_row(self, line, r):
-        where, out = self._where(line), {"line": line}
-        present = [m for m in self.modalities if r.get(m) is not None]
-        if not present: raise DataError(f"{where}: none of the modalities {', '.join(self.modalities)} is given; "
-                                        f"expected at least one non-empty value")
-        for m in present:
-            mod, v = get_modality(m), r[m]
-            if mod.file:
-                if not isinstance(v, str): raise DataError(f"{where}: column {m!r} holds {v!r}; expected a file path (string)")
-                v = Path(v).expanduser(); v = _need_file(v if v.is_absolute() else self.root / v, f"{where}: {m} file")
-            if mod.check: mod.check(self, v, where)
-            out[m] = v
-        out["label"] = r.get("label")
-        out["attrs"] = {k: v for k, v in r.items() if k not in MODALITIES and k != "label"}
-        return out
-    def __len__(self): return len(self.rows)
-    def __getitem__(self, i:int) -> dict|Skipped:
-        r = self.rows[i]; where = self._where(r["line"])
-        try:
-            item = {"index": int(i), "attrs": dict(r["attrs"])}
-            if r["label"] is not None: item["label"] = r["label"]          # the text written in the manifest
-            tf = self.transforms
-            for m in self.modalities:
-                if m not in r: item[m] = None; continue
-                mod = get_modality(m)
-                with one_thread(): item[m] = _apply(tf.get(m), mod.read(self, r[m], where) if mod.read else r[m])
-                if mod.raw and m in tf: item[mod.raw] = r[m]
-            return item
-        except DataError as e:
-            if self.on_error == "raise": raise
-            warnings.warn(f"ManifestDataset: skipping row {r['line']} at load time: {e}")
-            return Skipped(where, str(e).removeprefix(f"{where}: "))   # collate drops it and lists it in batch["skipped"]
-    def report(self) -> str:
-        "How many rows were skipped when the manifest was opened, and the first reasons."
-        return f"{self.skipped} row(s) skipped" + ("".join(f"\n  - {s}" for s in self.skip_reasons))
-    def __repr__(self): return f"ManifestDataset({str(self.path)!r}, n={len(self)}, modalities={list(self.modalities)}, skipped={self.skipped})"
+
+# %% ../nbs/01_data.ipynb #07562b32
+@patch
+def _where(self:ManifestDataset, line): return f"{self.path} row {line}"
+
+@patch
+def _check_row(self:ManifestDataset, line, r):
+    where, out = self._where(line), {"line": line}
+    present = [m for m in self.modalities if r.get(m) is not None]
+    if not present: raise DataError(f"{where}: none of the modalities {', '.join(self.modalities)} is given; "
+                                    f"expected at least one non-empty value")
+    for m in present:
+        mod, v = get_modality(m), r[m]
+        if mod.file:
+            if not isinstance(v, str): raise DataError(f"{where}: column {m!r} holds {v!r}; expected a file path (string)")
+            v = Path(v).expanduser(); v = _need_file(v if v.is_absolute() else self.root / v, f"{where}: {m} file")
+        if mod.check: mod.check(self, v, where)
+        out[m] = v
+    out["label"] = r.get("label")
+    out["attrs"] = {k: v for k, v in r.items() if k not in MODALITIES and k != "label"}
+    return out
+
+# %% ../nbs/01_data.ipynb #7c4ab7d2
+@patch
+def __len__(self:ManifestDataset): return len(self.rows)
+
+@patch
+def __getitem__(self:ManifestDataset, i:int) -> dict|Skipped:
+    r = self.rows[i]; where = self._where(r["line"])
+    try:
+        item = {"index": int(i), "attrs": dict(r["attrs"])}
+        if r["label"] is not None: item["label"] = r["label"]          # the text written in the manifest
+        tf = self.transforms
+        for m in self.modalities:
+            if m not in r: item[m] = None; continue
+            mod = get_modality(m)
+            with one_thread(): item[m] = _apply(tf.get(m), mod.read(self, r[m], where) if mod.read else r[m])
+            if mod.raw and m in tf: item[mod.raw] = r[m]
+        return item
+    except DataError as e:
+        if self.on_error == "raise": raise
+        warnings.warn(f"ManifestDataset: skipping row {r['line']} at load time: {e}")
+        return Skipped(where, str(e).removeprefix(f"{where}: "))   # collate drops it and lists it in batch["skipped"]
+
+# %% ../nbs/01_data.ipynb #2c8aca70
+@patch
+def report(self:ManifestDataset) -> str:
+    "How many rows were skipped when the manifest was opened, and the first reasons."
+    return f"{self.skipped} row(s) skipped" + ("".join(f"\n  - {s}" for s in self.skip_reasons))
+
+@patch
+def __repr__(self:ManifestDataset): return f"ManifestDataset({str(self.path)!r}, n={len(self)}, modalities={list(self.modalities)}, skipped={self.skipped})"
 
 # %% ../nbs/01_data.ipynb #0f36d87f
 def bad_inputs(d:Path) -> list[tuple]:
@@ -917,6 +949,7 @@ def bad_inputs(d:Path) -> list[tuple]:
         ("audio", "missing audio file", lambda: decode_audio(d / "none.wav"), E(MissingFileError, "does not exist")),
     ]
 
+# %% ../nbs/01_data.ipynb #2e70f02c
 def run_bad_input(call, expected) -> tuple[str, bool]:
     "The outcome of one `bad_inputs` case as text, and whether it is the expected one."
     try: out = call()
