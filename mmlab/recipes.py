@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch import Tensor
+from fastcore.basics import patch
 
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings, set_seed)
@@ -368,17 +369,24 @@ class DinoRecipe(RunFields):
         torch.manual_seed(self.seed)
         return DINOModel(ViTEncoder(ViTConfig.preset(self.size)), self.out_dim, self.hidden, self.bottleneck, self.steps,
                          self.base_momentum, self.student_temp, self.teacher_temp, self.center_momentum, self.head_bn)
-    def make_loss(self):
-        size = ViTConfig.preset(self.size).img_size[0]
-        glob = image_augment(size=size, scale=(self.global_scale, 1.0))
-        local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
-        views = lambda x: (augment_views(x, glob, 2), augment_views(x, local, self.local_crops))   # 2 global, then local
-        return lambda model, batch: {"dino": model(*views(batch["image"]))}
-    def callbacks(self): return [TeacherUpdate()]
-    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
-        "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
-        knn = lambda enc, key: knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, key)
-        return knn(model.teacher.module["encoder"], "image") | knn(model.online["encoder"], "image_student")
+
+# %% ../nbs/08a_recipes.ipynb #1147df08
+@patch
+def make_loss(self:DinoRecipe):
+    size = ViTConfig.preset(self.size).img_size[0]
+    glob = image_augment(size=size, scale=(self.global_scale, 1.0))
+    local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
+    views = lambda x: (augment_views(x, glob, 2), augment_views(x, local, self.local_crops))   # 2 global, then local
+    return lambda model, batch: {"dino": model(*views(batch["image"]))}
+
+@patch
+def callbacks(self:DinoRecipe): return [TeacherUpdate()]
+
+@patch
+def evaluate(self:DinoRecipe, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+    "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
+    knn = lambda enc, key: knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, key)
+    return knn(model.teacher.module["encoder"], "image") | knn(model.online["encoder"], "image_student")
 
 # %% ../nbs/08a_recipes.ipynb #0bb6e04b
 @dataclass
@@ -439,23 +447,28 @@ class AvMaeRecipe(RunFields):
         return MultiModalMAE(adapters, depth=v.depth, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                              decoder_heads=max(1, self.decoder_dim // 32), visible=self.visible, alpha=self.alpha,
                              contrastive_weight=self.contrastive_weight, norm_pix=self.norm_pix, **width)
-    def make_loss(self):
-        def loss_fn(model, batch):
-            out = model({m: batch[m] for m in self.modalities})
-            terms = {m: out.losses[m] for m in self.modalities}
-            if self.contrastive_weight > 0: terms["contrastive"] = self.contrastive_weight * out.losses["contrastive"]
-            return terms                                          # they sum to out.loss
-        return loss_fn
-    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
-        "kNN accuracy of each modality's unmasked, mean-pooled encoder features; masked MSE per modality."
-        m, g = {}, torch.Generator(model_device(model)).manual_seed(0)   # g: the same masks every evaluation
-        for mod in self.modalities:
-            m |= knn_metrics(model, lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod)
-        def mse(model, b):                                    # (n, M): each chunk's loss per modality, per row
-            out = model({k: b[k] for k in self.modalities}, generator=g)
-            return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
-        per = embed(model, batch, mse).mean(0)
-        return m | {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
+
+# %% ../nbs/08a_recipes.ipynb #0c75d7c7
+@patch
+def make_loss(self:AvMaeRecipe):
+    def loss_fn(model, batch):
+        out = model({m: batch[m] for m in self.modalities})
+        terms = {m: out.losses[m] for m in self.modalities}
+        if self.contrastive_weight > 0: terms["contrastive"] = self.contrastive_weight * out.losses["contrastive"]
+        return terms                                          # they sum to out.loss
+    return loss_fn
+
+@patch
+def evaluate(self:AvMaeRecipe, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+    "kNN accuracy of each modality's unmasked, mean-pooled encoder features; masked MSE per modality."
+    m, g = {}, torch.Generator(model_device(model)).manual_seed(0)   # g: the same masks every evaluation
+    for mod in self.modalities:
+        m |= knn_metrics(model, lambda b: mmae_features(model, b, mod), train_batch, batch, label_names, mod)
+    def mse(model, b):                                    # (n, M): each chunk's loss per modality, per row
+        out = model({k: b[k] for k in self.modalities}, generator=g)
+        return torch.stack([out.losses[k] for k in self.modalities]).expand(len(b["label"]), -1)
+    per = embed(model, batch, mse).mean(0)
+    return m | {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
 
 # %% ../nbs/08a_recipes.ipynb #e67e920a
 @dataclass
@@ -476,6 +489,7 @@ def _check_resumable(recipe, out:Path|None):
         raise ConfigError(f"cannot resume {out} with a different recipe than its recipe.json; bit-identical "
                           "continuation needs the same fields (start a new run to change them)")
 
+# %% ../nbs/08a_recipes.ipynb #b208c8ea
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.csv", "tensorboard", "metrics.json", "recipe.json", "report.html")
 
 def _is_run_file(name:str) -> bool:
@@ -496,6 +510,7 @@ def _claim_run_folder(out:Path, overwrite:bool=False):
                           "nothing was deleted: move them or choose another --out")
     for n in held: shutil.rmtree(out / n) if (out / n).is_dir() else os.unlink(out / n)
 
+# %% ../nbs/08a_recipes.ipynb #4607b366
 def resolve_runtime(recipe):
     "The recipe with `device` and `precision` resolved for this machine (`auto` -> what runs): what recipe.json records."
     dev = get_device(recipe.device)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from fastcore.basics import patch
 
 from .core import InputError, InputTypeError, check_shape
 from .analysis import (attention_map, fit_pca, gap_metrics, gap_vector, pca_transform, reduce_embeddings,
@@ -118,45 +119,50 @@ class GapExplorer(_View):
         self.widget = W.VBox([W.HBox([self.run, self.lam]), self.readout, self.fig])
         self._select_run()
 
-    def _select_run(self):
-        r = self.runs[self.run.value]
-        self.u = gap_vector(r["x"], r["y"])
-        self.pca = fit_pca(torch.cat([r["x"], r["y"]]), self.dim)   # fitted on the unshifted run: the shift is seen as motion
-        # fixed axes spanning the whole slider range, so a shift reads as motion rather than as rescaled axes
-        pts = [pca_transform(torch.cat(shift_embeddings(r["x"], r["y"], lam, self.u)), *self.pca)
-               for lam in sorted({0.0, *np.linspace(self.lam.min, self.lam.max, 11).tolist()})]
-        lo, hi = np.min([p.min(0) for p in pts], 0), np.max([p.max(0) for p in pts], 0)
-        pad = 0.08 * (hi - lo) + 1e-9
-        rng = [[float(l - q), float(h + q)] for l, h, q in zip(lo, hi, pad)]
-        with self.fig.batch_update():
-            if self.dim == 2: self.fig.update_layout(xaxis_range=rng[0], yaxis_range=rng[1])
-            else: self.fig.update_layout(scene=dict(xaxis_range=rng[0], yaxis_range=rng[1], zaxis_range=rng[2], aspectmode="cube"))
-        self.update()
+# %% ../nbs/10_widgets.ipynb #f985fc51
+@patch
+def _select_run(self:GapExplorer):
+    r = self.runs[self.run.value]
+    self.u = gap_vector(r["x"], r["y"])
+    self.pca = fit_pca(torch.cat([r["x"], r["y"]]), self.dim)   # fitted on the unshifted run: the shift is seen as motion
+    # fixed axes spanning the whole slider range, so a shift reads as motion rather than as rescaled axes
+    pts = [pca_transform(torch.cat(shift_embeddings(r["x"], r["y"], lam, self.u)), *self.pca)
+           for lam in sorted({0.0, *np.linspace(self.lam.min, self.lam.max, 11).tolist()})]
+    lo, hi = np.min([p.min(0) for p in pts], 0), np.max([p.max(0) for p in pts], 0)
+    pad = 0.08 * (hi - lo) + 1e-9
+    rng = [[float(l - q), float(h + q)] for l, h, q in zip(lo, hi, pad)]
+    with self.fig.batch_update():
+        if self.dim == 2: self.fig.update_layout(xaxis_range=rng[0], yaxis_range=rng[1])
+        else: self.fig.update_layout(scene=dict(xaxis_range=rng[0], yaxis_range=rng[1], zaxis_range=rng[2], aspectmode="cube"))
+    self.update()
 
-    def shifted(self) -> tuple:
-        "(x', y', class_emb') of the current run at the slider's lambda."
-        r, lam = self.runs[self.run.value], float(self.lam.value)
-        xs, ys = shift_embeddings(r["x"], r["y"], lam, self.u)
-        cs = None if r["class_emb"] is None else F.normalize(r["class_emb"] + lam / 2 * self.u, dim=-1)
-        return xs, ys, cs
+@patch
+def shifted(self:GapExplorer) -> tuple:
+    "(x', y', class_emb') of the current run at the slider's lambda."
+    r, lam = self.runs[self.run.value], float(self.lam.value)
+    xs, ys = shift_embeddings(r["x"], r["y"], lam, self.u)
+    cs = None if r["class_emb"] is None else F.normalize(r["class_emb"] + lam / 2 * self.u, dim=-1)
+    return xs, ys, cs
 
-    def update(self):
-        "Recompute the shifted points, their projection and the metric labels; update the figure in place."
-        xs, ys, cs = self.shifted()
-        self.values = {"lam": float(self.lam.value)} | gap_readout(xs, ys, cs, self.labels)
-        k = self.max_points
-        px, py = pca_transform(xs[:k], *self.pca), pca_transform(ys[:k], *self.pca)
-        cen = pca_transform(torch.stack([xs.mean(0), ys.mean(0)]), *self.pca)
-        seg = np.full((3 * len(px), self.dim), np.nan); seg[0::3], seg[1::3] = px, py
-        with self.fig.batch_update():
-            for t, p in zip(self.fig.data, (px, py, seg, cen)):
-                for j, a in enumerate("xyz"[:self.dim]): setattr(t, a, p[:, j])
-        v = self.values
-        parts = [f"gap ‖u‖ = <b>{v['gap_norm']:.4f}</b>", f"relative gap = <b>{v['relative_gap']:.4f}</b>",
-                 f"centroid cos = {v['centroid_cosine']:.4f}"]
-        if "zero_shot" in v: parts.append(f"zero-shot acc = <b>{v['zero_shot']:.4f}</b>")
-        parts += [f"{self.names[0]}→{self.names[1]} R@1 = {v['x_to_y_R@1']:.4f}", f"{self.names[1]}→{self.names[0]} R@1 = {v['y_to_x_R@1']:.4f}"]
-        self.readout.value = "<span class='mmlab-gap-readout'>" + " · ".join(parts) + "</span>"
+# %% ../nbs/10_widgets.ipynb #14974e1f
+@patch
+def update(self:GapExplorer):
+    "Recompute the shifted points, their projection and the metric labels; update the figure in place."
+    xs, ys, cs = self.shifted()
+    self.values = {"lam": float(self.lam.value)} | gap_readout(xs, ys, cs, self.labels)
+    k = self.max_points
+    px, py = pca_transform(xs[:k], *self.pca), pca_transform(ys[:k], *self.pca)
+    cen = pca_transform(torch.stack([xs.mean(0), ys.mean(0)]), *self.pca)
+    seg = np.full((3 * len(px), self.dim), np.nan); seg[0::3], seg[1::3] = px, py
+    with self.fig.batch_update():
+        for t, p in zip(self.fig.data, (px, py, seg, cen)):
+            for j, a in enumerate("xyz"[:self.dim]): setattr(t, a, p[:, j])
+    v = self.values
+    parts = [f"gap ‖u‖ = <b>{v['gap_norm']:.4f}</b>", f"relative gap = <b>{v['relative_gap']:.4f}</b>",
+             f"centroid cos = {v['centroid_cosine']:.4f}"]
+    if "zero_shot" in v: parts.append(f"zero-shot acc = <b>{v['zero_shot']:.4f}</b>")
+    parts += [f"{self.names[0]}→{self.names[1]} R@1 = {v['x_to_y_R@1']:.4f}", f"{self.names[1]}→{self.names[0]} R@1 = {v['y_to_x_R@1']:.4f}"]
+    self.readout.value = "<span class='mmlab-gap-readout'>" + " · ".join(parts) + "</span>"
 
 # %% ../nbs/10_widgets.ipynb #826f3ece
 class AttentionExplorer(_View):
@@ -187,39 +193,44 @@ class AttentionExplorer(_View):
         self.widget = W.VBox([W.HBox([self.sample, self.tower]), W.HBox([self.layer, self.head]), self.info, self.fig])
         self.update()
 
-    def _options(self):
-        t = self.model.towers[self.tower.value]
-        with self.layer.hold_trait_notifications(), self.head.hold_trait_notifications():
-            self.layer.options = [("rollout", None)] + [(str(i), i) for i in range(len(t.blocks))]
-            self.head.options = [("mean", None)] + [(str(h), h) for h in range(t.config.num_heads)]
-            self.layer.value, self.head.value = None, None
+# %% ../nbs/10_widgets.ipynb #250313a2
+@patch
+def _options(self:AttentionExplorer):
+    t = self.model.towers[self.tower.value]
+    with self.layer.hold_trait_notifications(), self.head.hold_trait_notifications():
+        self.layer.options = [("rollout", None)] + [(str(i), i) for i in range(len(t.blocks))]
+        self.head.options = [("mean", None)] + [(str(h), h) for h in range(t.config.num_heads)]
+        self.layer.value, self.head.value = None, None
 
-    def current_map(self) -> Tensor:
-        "The relevance map of the selected sample, laid out like the input."
-        m, i = self.tower.value, int(self.sample.value)
-        inp = tower_inputs(take(self.batch, [i]), m)
-        return attention_map(self.model.towers[m], inp, layer=self.layer.value, head=self.head.value)[0]
+@patch
+def current_map(self:AttentionExplorer) -> Tensor:
+    "The relevance map of the selected sample, laid out like the input."
+    m, i = self.tower.value, int(self.sample.value)
+    inp = tower_inputs(take(self.batch, [i]), m)
+    return attention_map(self.model.towers[m], inp, layer=self.layer.value, head=self.head.value)[0]
 
-    def update(self):
-        "Recompute the map and redraw both heatmaps in place."
-        m, i = self.tower.value, int(self.sample.value)
-        rel = self.current_map().numpy()
-        x, labels = self.batch[m][i], None
-        n = int(self.batch[f"{m}_lengths"][i]) if f"{m}_lengths" in self.batch else x.shape[-1]   # real frames / tokens
-        if m == "image": inp = x.float().mean(0).numpy()
-        elif m == "audio":
-            inp = x[:, :n].numpy(); rel = rel[:, : math.ceil(n / self.model.towers[m].config.patch_size[1])]
-        else:
-            decode = (lambda t: self.tokenizer.decode([t]) or "·") if self.tokenizer is not None else str
-            labels = [f"{j}:{decode(t)}" for j, t in enumerate(x[:n].tolist())]
-            inp, rel = x[:n].float().numpy()[None], rel[None, :n]
-        self.values = {"map": rel}
-        with self.fig.batch_update():
-            for t, z in zip(self.fig.data, (inp, rel)): t.z, t.x = z, labels
-        what = "rollout (all layers)" if self.layer.value is None else f"layer {self.layer.value}, " + \
-            ("mean of heads" if self.head.value is None else f"head {self.head.value}")
-        cap = f" · “{self.batch['caption'][i]}”" if "caption" in self.batch else ""
-        self.info.value = f"{m} tower, {what}; sample {i}, label {int(self.batch['label'][i]) if 'label' in self.batch else '-'}{cap}"
+# %% ../nbs/10_widgets.ipynb #3e55bce8
+@patch
+def update(self:AttentionExplorer):
+    "Recompute the map and redraw both heatmaps in place."
+    m, i = self.tower.value, int(self.sample.value)
+    rel = self.current_map().numpy()
+    x, labels = self.batch[m][i], None
+    n = int(self.batch[f"{m}_lengths"][i]) if f"{m}_lengths" in self.batch else x.shape[-1]   # real frames / tokens
+    if m == "image": inp = x.float().mean(0).numpy()
+    elif m == "audio":
+        inp = x[:, :n].numpy(); rel = rel[:, : math.ceil(n / self.model.towers[m].config.patch_size[1])]
+    else:
+        decode = (lambda t: self.tokenizer.decode([t]) or "·") if self.tokenizer is not None else str
+        labels = [f"{j}:{decode(t)}" for j, t in enumerate(x[:n].tolist())]
+        inp, rel = x[:n].float().numpy()[None], rel[None, :n]
+    self.values = {"map": rel}
+    with self.fig.batch_update():
+        for t, z in zip(self.fig.data, (inp, rel)): t.z, t.x = z, labels
+    what = "rollout (all layers)" if self.layer.value is None else f"layer {self.layer.value}, " + \
+        ("mean of heads" if self.head.value is None else f"head {self.head.value}")
+    cap = f" · “{self.batch['caption'][i]}”" if "caption" in self.batch else ""
+    self.info.value = f"{m} tower, {what}; sample {i}, label {int(self.batch['label'][i]) if 'label' in self.batch else '-'}{cap}"
 
 # %% ../nbs/10_widgets.ipynb #488a37a7
 def _png(img:Tensor) -> bytes:
@@ -285,69 +296,81 @@ class EmbeddingExplorer(_View):
         self.widget = W.HBox([self.fig, side])
         self.last_click, self.last_selection = None, None
 
-    def set_method(self, method:str):
-        "Switch the 2-D view (pca | tsne | umap); neighbour marks are cleared."
-        if method not in self._coords:     # cached: t-SNE and UMAP take seconds
-            self._coords[method] = reduce_embeddings({self.names[0]: self.x, self.names[1]: self.y}, method, 2, seed=self.seed)
-        self.coords = self._coords[method]
-        with self.fig.batch_update():
-            for t, n in zip(self.fig.data, self.names): t.x, t.y = self.coords[n][:, 0], self.coords[n][:, 1]
-            for t in self.fig.data[2:]: t.x, t.y = [], []
-            self.fig.layout.title.text = f"{method.upper()} of both modalities (fitted jointly)"
+# %% ../nbs/10_widgets.ipynb #4e8fa650
+@patch
+def set_method(self:EmbeddingExplorer, method:str):
+    "Switch the 2-D view (pca | tsne | umap); neighbour marks are cleared."
+    if method not in self._coords:     # cached: t-SNE and UMAP take seconds
+        self._coords[method] = reduce_embeddings({self.names[0]: self.x, self.names[1]: self.y}, method, 2, seed=self.seed)
+    self.coords = self._coords[method]
+    with self.fig.batch_update():
+        for t, n in zip(self.fig.data, self.names): t.x, t.y = self.coords[n][:, 0], self.coords[n][:, 1]
+        for t in self.fig.data[2:]: t.x, t.y = [], []
+        self.fig.layout.title.text = f"{method.upper()} of both modalities (fitted jointly)"
 
-    def _which(self, trace) -> int: return 0 if trace.name == self.names[0] else 1
+# %% ../nbs/10_widgets.ipynb #4038b8ae
+@patch
+def _which(self:EmbeddingExplorer, trace) -> int: return 0 if trace.name == self.names[0] else 1
 
-    def _on_hover(self, trace, points, state):
-        if points.point_inds: self.show_sample(self._which(trace), points.point_inds[0])
+@patch
+def _on_hover(self:EmbeddingExplorer, trace, points, state):
+    if points.point_inds: self.show_sample(self._which(trace), points.point_inds[0])
 
-    def _on_click(self, trace, points, state):
-        if points.point_inds: self.query(self._which(trace), points.point_inds[0])
+@patch
+def _on_click(self:EmbeddingExplorer, trace, points, state):
+    if points.point_inds: self.query(self._which(trace), points.point_inds[0])
 
-    def _on_select(self, trace, points, state):
-        # plotly calls this once per trace; gather both traces' selections
-        sel = [list(t.selectedpoints or []) for t in self.fig.data[:2]]
-        sel[self._which(trace)] = list(points.point_inds)
-        self.inspect(*sel)
+@patch
+def _on_select(self:EmbeddingExplorer, trace, points, state):
+    # plotly calls this once per trace; gather both traces' selections
+    sel = [list(t.selectedpoints or []) for t in self.fig.data[:2]]
+    sel[self._which(trace)] = list(points.point_inds)
+    self.inspect(*sel)
 
-    def show_sample(self, m:int, i:int):
-        "Show sample i of modality m (0/1) in the side panel."
-        if self.images is not None: self.thumb.value = _png(self.images[i])
-        cap = f"“{self.captions[i]}”" if self.captions is not None else ""
-        lab = f"label {int(self.labels[i])}" if self.labels is not None else ""
-        self.hover_info.value = f"<b>{self.names[m]} {i}</b> {lab} {cap}"
+@patch
+def show_sample(self:EmbeddingExplorer, m:int, i:int):
+    "Show sample i of modality m (0/1) in the side panel."
+    if self.images is not None: self.thumb.value = _png(self.images[i])
+    cap = f"“{self.captions[i]}”" if self.captions is not None else ""
+    lab = f"label {int(self.labels[i])}" if self.labels is not None else ""
+    self.hover_info.value = f"<b>{self.names[m]} {i}</b> {lab} {cap}"
 
-    def query(self, m:int, i:int) -> dict:
-        "Cross-modal nearest neighbours of point i of modality m, and the rank of its true partner."
-        q, gal = (self.x, self.y) if m == 0 else (self.y, self.x)
-        idx, sims = cross_modal_neighbours(q[i], gal, self.k)
-        rank = partner_rank(q[i], gal, i)
-        other = 1 - m
-        res = {"modality": self.names[m], "index": i, "neighbours": idx.tolist(), "similarities": sims.tolist(),
-               "partner_rank": rank}
-        if self.labels is not None: res["neighbour_labels"] = self.labels[idx].tolist()
-        self.last_click = res
-        co, cq = self.coords[self.names[other]], self.coords[self.names[m]]
-        with self.fig.batch_update():
-            self.fig.data[2].x, self.fig.data[2].y = co[idx.numpy(), 0], co[idx.numpy(), 1]
-            self.fig.data[3].x, self.fig.data[3].y = [cq[i, 0], co[i, 0]], [cq[i, 1], co[i, 1]]
-        rows = "".join(f"<tr><td>{j}</td><td>{s:.3f}</td><td>{'' if self.labels is None else int(self.labels[j])}</td>"
-                       f"<td>{'' if self.captions is None else self.captions[j]}</td></tr>" for j, s in zip(idx.tolist(), sims.tolist()))
-        self.click_info.value = (f"<b>{self.names[m]} {i}</b>: true partner at rank <b>{rank}</b> of {len(gal)}"
-                                 f"<table><tr><th>{self.names[other]}</th><th>cos</th><th>label</th><th></th></tr>{rows}</table>")
-        self.show_sample(m, i)
-        return res
+# %% ../nbs/10_widgets.ipynb #ff94455c
+@patch
+def query(self:EmbeddingExplorer, m:int, i:int) -> dict:
+    "Cross-modal nearest neighbours of point i of modality m, and the rank of its true partner."
+    q, gal = (self.x, self.y) if m == 0 else (self.y, self.x)
+    idx, sims = cross_modal_neighbours(q[i], gal, self.k)
+    rank = partner_rank(q[i], gal, i)
+    other = 1 - m
+    res = {"modality": self.names[m], "index": i, "neighbours": idx.tolist(), "similarities": sims.tolist(),
+           "partner_rank": rank}
+    if self.labels is not None: res["neighbour_labels"] = self.labels[idx].tolist()
+    self.last_click = res
+    co, cq = self.coords[self.names[other]], self.coords[self.names[m]]
+    with self.fig.batch_update():
+        self.fig.data[2].x, self.fig.data[2].y = co[idx.numpy(), 0], co[idx.numpy(), 1]
+        self.fig.data[3].x, self.fig.data[3].y = [cq[i, 0], co[i, 0]], [cq[i, 1], co[i, 1]]
+    rows = "".join(f"<tr><td>{j}</td><td>{s:.3f}</td><td>{'' if self.labels is None else int(self.labels[j])}</td>"
+                   f"<td>{'' if self.captions is None else self.captions[j]}</td></tr>" for j, s in zip(idx.tolist(), sims.tolist()))
+    self.click_info.value = (f"<b>{self.names[m]} {i}</b>: true partner at rank <b>{rank}</b> of {len(gal)}"
+                             f"<table><tr><th>{self.names[other]}</th><th>cos</th><th>label</th><th></th></tr>{rows}</table>")
+    self.show_sample(m, i)
+    return res
 
-    def inspect(self, idx0=(), idx1=()) -> dict:
-        "Summarise a selection: counts per modality, class histogram, and the gap between the selected pairs."
-        idx0, idx1 = [int(i) for i in idx0], [int(i) for i in idx1]
-        res = {"n": {self.names[0]: len(idx0), self.names[1]: len(idx1)}}
-        if self.labels is not None:
-            labs = self.labels[idx0 + idx1].numpy()
-            res["classes"] = {int(c): int(n) for c, n in zip(*np.unique(labs, return_counts=True))}
-        both = sorted(set(idx0) & set(idx1))
-        if len(both) >= 2:
-            res["pairs"] = len(both)
-            res["gap_norm"] = gap_metrics(self.x[both], self.y[both], separability_probe=False)["gap_norm"]
-        self.last_selection = res
-        self.select_info.value = f"<b>selection</b>: {res}"
-        return res
+# %% ../nbs/10_widgets.ipynb #0b76c4c0
+@patch
+def inspect(self:EmbeddingExplorer, idx0=(), idx1=()) -> dict:
+    "Summarise a selection: counts per modality, class histogram, and the gap between the selected pairs."
+    idx0, idx1 = [int(i) for i in idx0], [int(i) for i in idx1]
+    res = {"n": {self.names[0]: len(idx0), self.names[1]: len(idx1)}}
+    if self.labels is not None:
+        labs = self.labels[idx0 + idx1].numpy()
+        res["classes"] = {int(c): int(n) for c, n in zip(*np.unique(labs, return_counts=True))}
+    both = sorted(set(idx0) & set(idx1))
+    if len(both) >= 2:
+        res["pairs"] = len(both)
+        res["gap_norm"] = gap_metrics(self.x[both], self.y[both], separability_probe=False)["gap_norm"]
+    self.last_selection = res
+    self.select_info.value = f"<b>selection</b>: {res}"
+    return res
