@@ -8,6 +8,8 @@ import copy, json, math, os
 from pathlib import Path
 from typing import NamedTuple
 
+from fastcore.basics import patch
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -147,38 +149,10 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
     @property
     def modalities(self): return list(self.towers)
 
-    def lock(self, *modalities):
-        "Freeze these towers (no gradients, always eval mode): locked-tower tuning (LiT)."
-        for m in modalities:
-            if m not in self.towers: raise InputError(f"lock: unknown modality {m!r}; towers: {', '.join(self.towers)}")
-            self.towers[m].requires_grad_(False).eval(); self.locked.add(m)
-        return self
-
-    def unlock(self, *modalities):
-        "Make these towers trainable again."
-        for m in modalities:
-            self.towers[m].requires_grad_(True).train(self.training); self.locked.discard(m)
-        return self
-
     def train(self, mode:bool=True):
         super().train(mode)
         for m in self.locked: self.towers[m].eval()
         return self
-
-    def encode(self, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
-        "Tower -> pooled -> head -> L2-normalise, for one modality."
-        if modality not in self.towers: raise InputError(f"encode: unknown modality {modality!r}; towers: {', '.join(self.towers)}")
-        pooled = self.towers[modality](*args, **kwargs).pooled
-        return F.normalize(self.heads[modality](pooled), dim=-1)
-
-    def forward(self, batch:dict) -> dict:
-        "{modality: (B, E) normalised embeddings, 'logit_scale': e^t, 'logit_bias': b or None}."
-        if not isinstance(batch, dict): raise InputTypeError(f"MultiModalModel: expected a batch dict, got {type(batch).__name__}")
-        out = {m: self.encode(m, **tower_inputs(batch, m)) for m in self.towers if batch.get(m) is not None}
-        if not out:
-            raise InputError(f"MultiModalModel: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
-        out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
-        return out
 
     def encoders(self) -> dict: return dict(self.towers)
     def parts(self) -> dict: return {"towers": dict(self.towers), "heads": dict(self.heads)}
@@ -187,9 +161,44 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
         return {**super().get_config(), "proj_dim": self.proj_dim, "head": self.head_options, "init_bias": bias,
                 "max_scale": self.max_scale, "locked": sorted(self.locked)}
 
-    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
-        "Example inputs of every tower, as the `batch` keyword argument of `forward`."
-        return dict(batch={m: t.example_inputs(batch_size, generator) for m, t in self.towers.items()})
+# %% ../nbs/05b_models.ipynb #6baab62b
+@patch
+def lock(self:MultiModalModel, *modalities):
+    "Freeze these towers (no gradients, always eval mode): locked-tower tuning (LiT)."
+    for m in modalities:
+        if m not in self.towers: raise InputError(f"lock: unknown modality {m!r}; towers: {', '.join(self.towers)}")
+        self.towers[m].requires_grad_(False).eval(); self.locked.add(m)
+    return self
+
+@patch
+def unlock(self:MultiModalModel, *modalities):
+    "Make these towers trainable again."
+    for m in modalities:
+        self.towers[m].requires_grad_(True).train(self.training); self.locked.discard(m)
+    return self
+
+# %% ../nbs/05b_models.ipynb #90e77146
+@patch
+def encode(self:MultiModalModel, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
+    "Tower -> pooled -> head -> L2-normalise, for one modality."
+    if modality not in self.towers: raise InputError(f"encode: unknown modality {modality!r}; towers: {', '.join(self.towers)}")
+    pooled = self.towers[modality](*args, **kwargs).pooled
+    return F.normalize(self.heads[modality](pooled), dim=-1)
+
+@patch
+def forward(self:MultiModalModel, batch:dict) -> dict:
+    "{modality: (B, E) normalised embeddings, 'logit_scale': e^t, 'logit_bias': b or None}."
+    if not isinstance(batch, dict): raise InputTypeError(f"MultiModalModel: expected a batch dict, got {type(batch).__name__}")
+    out = {m: self.encode(m, **tower_inputs(batch, m)) for m in self.towers if batch.get(m) is not None}
+    if not out:
+        raise InputError(f"MultiModalModel: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
+    out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
+    return out
+
+@patch
+def example_inputs(self:MultiModalModel, batch_size:int=2, generator=None) -> dict:
+    "Example inputs of every tower, as the `batch` keyword argument of `forward`."
+    return dict(batch={m: t.example_inputs(batch_size, generator) for m, t in self.towers.items()})
 
 # %% ../nbs/05b_models.ipynb #cb356c57
 MODEL_REGISTRY = {}
@@ -355,35 +364,41 @@ class MAE(Model):
     def parts(self) -> dict: return {"encoder": self.tower}
     def encoders(self) -> dict: return {"image": self.tower}
 
-    def encode(self, imgs:Tensor, m:Mask) -> Tensor:   # (B, P+N_vis, D)
-        "Encoder features of the visible patches only (prefix tokens first)."
-        return self.tower.forward_features(imgs, visible_idx=m.visible)
+# %% ../nbs/05b_models.ipynb #18476e90
+@patch
+def encode(self:MAE, imgs:Tensor, m:Mask) -> Tensor:   # (B, P+N_vis, D)
+    "Encoder features of the visible patches only (prefix tokens first)."
+    return self.tower.forward_features(imgs, visible_idx=m.visible)
 
-    def forward(self, imgs:Tensor,                      # (B, C, H, W) at the encoder's img_size
-                mask:Mask|None=None,                    # None: random mask at `mask_ratio`
-                generator:torch.Generator|None=None,    # seeds the random mask
-               ) -> MAEOutput:
-        check_shape(imgs, "imgs", ("B", self.tower.config.in_chans, *self.tower.config.img_size))
-        B, L = imgs.shape[0], self.grid[0] * self.grid[1]
-        m = mask if mask is not None else random_mask(B, L, self.mask_ratio, generator=generator, device=imgs.device)
-        check_shape(m.mask, "mask.mask", (B, L))
-        feats = self.encode(imgs, m); P = self.tower.num_prefix_tokens
-        pred = self.decoder(feats[:, P:], m, self.grid, prefix=feats[:, :P] if P else None)
-        return MAEOutput(mae_loss(pred, self.tower.patchify(imgs), m.mask, self.norm_pix), pred, m)
+@patch
+def forward(self:MAE, imgs:Tensor,                  # (B, C, H, W) at the encoder's img_size
+            mask:Mask|None=None,                    # None: random mask at `mask_ratio`
+            generator:torch.Generator|None=None,    # seeds the random mask
+           ) -> MAEOutput:
+    check_shape(imgs, "imgs", ("B", self.tower.config.in_chans, *self.tower.config.img_size))
+    B, L = imgs.shape[0], self.grid[0] * self.grid[1]
+    m = mask if mask is not None else random_mask(B, L, self.mask_ratio, generator=generator, device=imgs.device)
+    check_shape(m.mask, "mask.mask", (B, L))
+    feats = self.encode(imgs, m); P = self.tower.num_prefix_tokens
+    pred = self.decoder(feats[:, P:], m, self.grid, prefix=feats[:, :P] if P else None)
+    return MAEOutput(mae_loss(pred, self.tower.patchify(imgs), m.mask, self.norm_pix), pred, m)
 
-    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
-        "Random images and a fixed random mask at `mask_ratio`, as keyword arguments of `forward` (reusable: no RNG inside)."
-        imgs = self.tower.example_inputs(batch_size, generator)["x"]
-        return dict(imgs=imgs, mask=random_mask(batch_size, self.grid[0] * self.grid[1], self.mask_ratio, generator=generator))
+@patch
+def example_inputs(self:MAE, batch_size:int=2, generator=None) -> dict:
+    "Random images and a fixed random mask at `mask_ratio`, as keyword arguments of `forward` (reusable: no RNG inside)."
+    imgs = self.tower.example_inputs(batch_size, generator)["x"]
+    return dict(imgs=imgs, mask=random_mask(batch_size, self.grid[0] * self.grid[1], self.mask_ratio, generator=generator))
 
-    @torch.no_grad()
-    def reconstruct(self, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W)
-        "Image from the predictions (de-normalised with each true patch's statistics when norm_pix), visible patches pasted back."
-        target = self.tower.patchify(imgs); pred = out.pred
-        if self.norm_pix:
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-        pred = torch.where(out.mask.mask[..., None], pred, target)
-        return self.tower.unpatchify(pred).clamp(0, 1)
+# %% ../nbs/05b_models.ipynb #f0f5525e
+@patch
+@torch.no_grad()
+def reconstruct(self:MAE, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W)
+    "Image from the predictions (de-normalised with each true patch's statistics when norm_pix), visible patches pasted back."
+    target = self.tower.patchify(imgs); pred = out.pred
+    if self.norm_pix:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    pred = torch.where(out.mask.mask[..., None], pred, target)
+    return self.tower.unpatchify(pred).clamp(0, 1)
 
 # %% ../nbs/05b_models.ipynb #d155ce0c
 class SimMIM(Model):
@@ -471,65 +486,76 @@ class MultiModalMAE(Model):
             self.proj = nn.ModuleDict({n: nn.Linear(embed_dim, embed_dim) for n in adapters})
             self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def parts(self) -> dict: return {"adapters": dict(self.adapters)}
-    def clamp_parameters_(self) -> None:
-        "Keep the contrastive term's multiplier in [1, 100] (CLIP); the trainer calls it after every optimiser step."
-        if self.contrastive_weight > 0: clamp_log_scale_(self.log_scale, 100.0)
-    def encoder(self, modality:str) -> nn.Module:
-        "No single tower: the encoder is shared by all modalities after per-modality adapters (see `mmae_features`)."
-        raise InputError(f"MultiModalMAE.encoder({modality!r}): the shared encoder runs on every modality's adapter tokens, "
-                         f"so there is no stand-alone {modality} tower; use mmae_features(model, batch, {modality!r}) for "
-                         f"features, or model.adapters[{modality!r}] for the adapter (patch embedding and positions) alone")
+# %% ../nbs/05b_models.ipynb #05f100e9
+@patch
+def parts(self:MultiModalMAE) -> dict: return {"adapters": dict(self.adapters)}
 
-    def make_mask(self, B:int, sizes:dict, generator=None, device=None) -> tuple:
-        "(Mask over the concatenated tokens, modality -> hidden map): Dirichlet budget, or fixed ratios with the contrastive term."
-        total = sum(sizes.values())
-        n = self.visible if isinstance(self.visible, int) else int(round(self.visible * total))
-        if not 0 < n < total: raise ConfigError(f"MultiModalMAE: visible budget {self.visible} of {total} tokens gives {n}; need 0 < n < {total}")
-        if self.contrastive_weight > 0:                      # CAV-MAE: every modality keeps the same fraction
-            per = {k: random_mask(B, L, 1 - n / total, generator=generator, device=device).mask for k, L in sizes.items()}
-            return mask_from_bool(torch.cat(list(per.values()), 1)), per
-        return multimodal_mask(B, sizes, n, self.alpha, generator=generator, device=device)
+@patch
+def clamp_parameters_(self:MultiModalMAE) -> None:
+    "Keep the contrastive term's multiplier in [1, 100] (CLIP); the trainer calls it after every optimiser step."
+    if self.contrastive_weight > 0: clamp_log_scale_(self.log_scale, 100.0)
 
-    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
-        "Random inputs of every adapter (spectrograms of 100 frames) and a fixed mask, as keyword arguments of `forward`."
-        inputs = {n: t.example_inputs(batch_size, generator)["x"] for n, t in self.adapters.items()}
-        with torch.no_grad(): sizes = {n: t.embed(inputs[n])[0].shape[1] for n, t in self.adapters.items()}
-        return dict(inputs=inputs, mask=self.make_mask(batch_size, sizes, generator))
+@patch
+def encoder(self:MultiModalMAE, modality:str) -> nn.Module:
+    "No single tower: the encoder is shared by all modalities after per-modality adapters (see `mmae_features`)."
+    raise InputError(f"MultiModalMAE.encoder({modality!r}): the shared encoder runs on every modality's adapter tokens, "
+                     f"so there is no stand-alone {modality} tower; use mmae_features(model, batch, {modality!r}) for "
+                     f"features, or model.adapters[{modality!r}] for the adapter (patch embedding and positions) alone")
 
-    def forward(self, inputs:dict,                         # modality -> (B, C, H, W) image or (B, F, T) log-mel
-                generator:torch.Generator|None=None,
-                mask:tuple|None=None,                  # (Mask, modality -> hidden map) from `make_mask`; None: drawn
-               ) -> MultiModalMAEOutput:
-        names = list(self.adapters)
-        missing = [n for n in names if n not in inputs]
-        if missing: raise InputError(f"MultiModalMAE: inputs lack modalities {missing}; expected {names}")
-        toks, grids, targets = {}, {}, {}
-        for n in names:
-            t, _ = self.adapters[n].embed(inputs[n])        # (B, L_m, D) with positions
-            toks[n] = t + self.modality_embed[n]
-            grids[n] = _grid_of(self.adapters[n], inputs[n]); targets[n] = self.adapters[n].patchify(inputs[n])
-        B = next(iter(toks.values())).shape[0]
-        for n in names: check_shape(toks[n], f"inputs[{n!r}] tokens", (B, None, None))
-        sizes = {n: toks[n].shape[1] for n in names}
-        m, per = mask if mask is not None else self.make_mask(B, sizes, generator, next(iter(toks.values())).device)
-        x = gather_tokens(torch.cat([toks[n] for n in names], 1), m.visible)        # (B, N_vis, D)
-        for blk in self.blocks: x = blk(x)
-        enc = self.norm(x)
-        losses, preds, start = {}, {}, 0
-        for n in names:
-            seg = (start, start + sizes[n]); start += sizes[n]
-            preds[n] = self.decoders[n](enc, m, grids[n], context=enc, segment=seg)
-            losses[n] = mae_loss(preds[n], targets[n], per[n], self.norm_pix[n])
-        loss = sum(losses.values())
-        if self.contrastive_weight > 0:
-            counts = [int((~per[n][0]).sum()) for n in names]   # visible tokens of each modality are contiguous in enc
-            emb = {n: F.normalize(self.proj[n](e.mean(1)), dim=-1) for n, e in zip(names, enc.split(counts, 1))}
-            scale = self.log_scale.exp()                  # in [1, 100] by clamp_parameters_
-            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-            losses["contrastive"] = sum(clip_loss(emb[a], emb[b], scale) for a, b in pairs) / len(pairs)
-            loss = loss + self.contrastive_weight * losses["contrastive"]
-        return MultiModalMAEOutput(loss, losses, preds, per, m)
+# %% ../nbs/05b_models.ipynb #1929f9bc
+@patch
+def make_mask(self:MultiModalMAE, B:int, sizes:dict, generator=None, device=None) -> tuple:
+    "(Mask over the concatenated tokens, modality -> hidden map): Dirichlet budget, or fixed ratios with the contrastive term."
+    total = sum(sizes.values())
+    n = self.visible if isinstance(self.visible, int) else int(round(self.visible * total))
+    if not 0 < n < total: raise ConfigError(f"MultiModalMAE: visible budget {self.visible} of {total} tokens gives {n}; need 0 < n < {total}")
+    if self.contrastive_weight > 0:                      # CAV-MAE: every modality keeps the same fraction
+        per = {k: random_mask(B, L, 1 - n / total, generator=generator, device=device).mask for k, L in sizes.items()}
+        return mask_from_bool(torch.cat(list(per.values()), 1)), per
+    return multimodal_mask(B, sizes, n, self.alpha, generator=generator, device=device)
+
+@patch
+def example_inputs(self:MultiModalMAE, batch_size:int=2, generator=None) -> dict:
+    "Random inputs of every adapter (spectrograms of 100 frames) and a fixed mask, as keyword arguments of `forward`."
+    inputs = {n: t.example_inputs(batch_size, generator)["x"] for n, t in self.adapters.items()}
+    with torch.no_grad(): sizes = {n: t.embed(inputs[n])[0].shape[1] for n, t in self.adapters.items()}
+    return dict(inputs=inputs, mask=self.make_mask(batch_size, sizes, generator))
+
+# %% ../nbs/05b_models.ipynb #328b7638
+@patch
+def forward(self:MultiModalMAE, inputs:dict,                         # modality -> (B, C, H, W) image or (B, F, T) log-mel
+            generator:torch.Generator|None=None,
+            mask:tuple|None=None,                  # (Mask, modality -> hidden map) from `make_mask`; None: drawn
+           ) -> MultiModalMAEOutput:
+    names = list(self.adapters)
+    missing = [n for n in names if n not in inputs]
+    if missing: raise InputError(f"MultiModalMAE: inputs lack modalities {missing}; expected {names}")
+    toks, grids, targets = {}, {}, {}
+    for n in names:
+        t, _ = self.adapters[n].embed(inputs[n])        # (B, L_m, D) with positions
+        toks[n] = t + self.modality_embed[n]
+        grids[n] = _grid_of(self.adapters[n], inputs[n]); targets[n] = self.adapters[n].patchify(inputs[n])
+    B = next(iter(toks.values())).shape[0]
+    for n in names: check_shape(toks[n], f"inputs[{n!r}] tokens", (B, None, None))
+    sizes = {n: toks[n].shape[1] for n in names}
+    m, per = mask if mask is not None else self.make_mask(B, sizes, generator, next(iter(toks.values())).device)
+    x = gather_tokens(torch.cat([toks[n] for n in names], 1), m.visible)        # (B, N_vis, D)
+    for blk in self.blocks: x = blk(x)
+    enc = self.norm(x)
+    losses, preds, start = {}, {}, 0
+    for n in names:
+        seg = (start, start + sizes[n]); start += sizes[n]
+        preds[n] = self.decoders[n](enc, m, grids[n], context=enc, segment=seg)
+        losses[n] = mae_loss(preds[n], targets[n], per[n], self.norm_pix[n])
+    loss = sum(losses.values())
+    if self.contrastive_weight > 0:
+        counts = [int((~per[n][0]).sum()) for n in names]   # visible tokens of each modality are contiguous in enc
+        emb = {n: F.normalize(self.proj[n](e.mean(1)), dim=-1) for n, e in zip(names, enc.split(counts, 1))}
+        scale = self.log_scale.exp()                  # in [1, 100] by clamp_parameters_
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        losses["contrastive"] = sum(clip_loss(emb[a], emb[b], scale) for a, b in pairs) / len(pairs)
+        loss = loss + self.contrastive_weight * losses["contrastive"]
+    return MultiModalMAEOutput(loss, losses, preds, per, m)
 
 # %% ../nbs/05b_models.ipynb #e6944883
 @torch.no_grad()
@@ -570,28 +596,33 @@ class HuBERT(Model):
     def parts(self) -> dict: return {"encoder": self.tower}
     def encoders(self) -> dict: return {"audio": self.tower}
 
-    def frame_features(self, spec:Tensor) -> Tensor:   # (B, F, T) -> (B, N, F*pt)
-        "Iteration-1 k-means features: the log-mel values of each frame token."
-        return self.tower.patchify(spec)
+# %% ../nbs/05b_models.ipynb #7aa8c559
+@patch
+def frame_features(self:HuBERT, spec:Tensor) -> Tensor:   # (B, F, T) -> (B, N, F*pt)
+    "Iteration-1 k-means features: the log-mel values of each frame token."
+    return self.tower.patchify(spec)
 
-    def hidden_states(self, spec:Tensor, mask:Tensor|None=None, layer:int|None=None) -> Tensor:   # (B, N, D)
-        "Encoder output after `layer` blocks (None: all blocks and the final norm); hidden frames replaced if `mask`."
-        enc = self.tower
-        t, tp = enc.embed_patches(spec)
-        if mask is not None: t = torch.where(mask[..., None], self.mask_embed.to(t.dtype), t)
-        x = t + enc.pos_embed_for(tp)
-        for blk in enc.blocks[:layer]: x = blk(x)              # [:None]: every block
-        return enc.norm(x) if layer is None else x
+@patch
+def hidden_states(self:HuBERT, spec:Tensor, mask:Tensor|None=None, layer:int|None=None) -> Tensor:   # (B, N, D)
+    "Encoder output after `layer` blocks (None: all blocks and the final norm); hidden frames replaced if `mask`."
+    enc = self.tower
+    t, tp = enc.embed_patches(spec)
+    if mask is not None: t = torch.where(mask[..., None], self.mask_embed.to(t.dtype), t)
+    x = t + enc.pos_embed_for(tp)
+    for blk in enc.blocks[:layer]: x = blk(x)              # [:None]: every block
+    return enc.norm(x) if layer is None else x
 
-    def forward(self, spec:Tensor,                     # (B, F, T) log-mel
-                targets:Tensor,                        # (B, N) unit ids of the frames
-                mask:Mask|None=None, generator:torch.Generator|None=None) -> HuBERTOutput:
-        B = spec.shape[0]; N = math.ceil(spec.shape[-1] / self.tower.config.patch_size[1])
-        check_shape(targets, "targets", (B, N))
-        m = mask if mask is not None else span_mask(B, N, self.mask_ratio, self.span, generator=generator, device=spec.device)
-        o = self.hidden_states(spec, m.mask)
-        logits = F.normalize(self.proj(o), dim=-1) @ F.normalize(self.unit_embed, dim=-1).T / self.temperature
-        return HuBERTOutput(hubert_loss(logits, targets, m.mask), logits, m)
+# %% ../nbs/05b_models.ipynb #c4c23f2f
+@patch
+def forward(self:HuBERT, spec:Tensor,              # (B, F, T) log-mel
+            targets:Tensor,                        # (B, N) unit ids of the frames
+            mask:Mask|None=None, generator:torch.Generator|None=None) -> HuBERTOutput:
+    B = spec.shape[0]; N = math.ceil(spec.shape[-1] / self.tower.config.patch_size[1])
+    check_shape(targets, "targets", (B, N))
+    m = mask if mask is not None else span_mask(B, N, self.mask_ratio, self.span, generator=generator, device=spec.device)
+    o = self.hidden_states(spec, m.mask)
+    logits = F.normalize(self.proj(o), dim=-1) @ F.normalize(self.unit_embed, dim=-1).T / self.temperature
+    return HuBERTOutput(hubert_loss(logits, targets, m.mask), logits, m)
 
 # %% ../nbs/05b_models.ipynb #c6d25153
 class HubertModel(Model):

@@ -171,6 +171,7 @@ def _meta_sha256(meta:dict) -> str:
     "Hex SHA-256 of state.json's content without its own checksum (JSON text: a byte flipped in any value shows)."
     return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "state_sha256"}).encode()).hexdigest()
 
+# %% ../nbs/07_train.ipynb #6439c97c
 def atomic_write(path:str|Path, data:str|bytes) -> Path:
     "Write a file whole or not at all (temporary file, fsync, rename); a failed write (a full disk) keeps the old file."
     p = Path(path); tmp = p.with_name(f".tmp-{p.name}-{os.getpid()}")
@@ -188,6 +189,7 @@ def _remove(path:Path):
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
     os.replace(path, trash); shutil.rmtree(trash, ignore_errors=True)
 
+# %% ../nbs/07_train.ipynb #6627344f
 def list_checkpoints(directory:str|Path) -> list[Path]:
     "Complete checkpoints `step-*` under `directory`, oldest first."
     d = Path(directory)
@@ -691,6 +693,7 @@ def _count_skipped(self:Trainer, batch):
     elif s:
         self.skipped += len(s); self.skip_reasons = (self.skip_reasons + [str(r) for r in s])[:SKIP_REASONS]
 
+# %% ../nbs/07_train.ipynb #ba120fe1
 @patch
 def _start_epoch(self:Trainer, rng:dict|None=None):
     "A fresh iterator over the data, after recording the RNG state (or restoring `rng`, to replay that epoch)."
@@ -811,25 +814,27 @@ class GradCache:
             raise InputTypeError("GradCache: embed_fn must return a dict {name: (b, D) tensor}")
         return out
 
-    def __call__(self, model, batch, backward=None, autocast=None) -> dict:
-        "Forward and backward over `batch` in chunks; parameter gradients accumulate; returns the loss terms."
-        backward = backward or (lambda loss: loss.backward())
-        ctx = autocast or nullcontext
-        chunks, states, reps = self.split_fn(batch, self.chunk_size), [], []
-        with torch.no_grad():                                        # 1. embeddings only, no graph
-            for c in chunks:
-                states.append(rng_state())                           # replayed below: same dropout masks
-                with ctx(): reps.append(self._embed(model, c))
-        after = rng_state()
-        full = {n: _up(torch.cat([r[n] for r in reps])).requires_grad_() for n in reps[0]}
-        with ctx(): terms = loss_terms(self.loss_fn(model, full), "GradCache loss_fn")
-        backward(sum(terms.values()))                                # 2. cached gradients dL/dr (scaled like the loss)
-        row = 0
-        for c, st in zip(chunks, states):                            # 3. replay each chunk with a graph
-            set_rng_state(st)
-            with ctx(): r = self._embed(model, c)
-            b = next(iter(r.values())).shape[0]
-            surrogate = sum((_up(r[n]) * full[n].grad[row:row + b]).sum() for n in r)
-            surrogate.backward(); row += b
-        set_rng_state(after)
-        return {k: v.detach() for k, v in terms.items()}
+# %% ../nbs/07_train.ipynb #cc79bc9d
+@patch
+def __call__(self:GradCache, model, batch, backward=None, autocast=None) -> dict:
+    "Forward and backward over `batch` in chunks; parameter gradients accumulate; returns the loss terms."
+    backward = backward or (lambda loss: loss.backward())
+    ctx = autocast or nullcontext
+    chunks, states, reps = self.split_fn(batch, self.chunk_size), [], []
+    with torch.no_grad():                                        # 1. embeddings only, no graph
+        for c in chunks:
+            states.append(rng_state())                           # replayed below: same dropout masks
+            with ctx(): reps.append(self._embed(model, c))
+    after = rng_state()
+    full = {n: _up(torch.cat([r[n] for r in reps])).requires_grad_() for n in reps[0]}
+    with ctx(): terms = loss_terms(self.loss_fn(model, full), "GradCache loss_fn")
+    backward(sum(terms.values()))                                # 2. cached gradients dL/dr (scaled like the loss)
+    row = 0
+    for c, st in zip(chunks, states):                            # 3. replay each chunk with a graph
+        set_rng_state(st)
+        with ctx(): r = self._embed(model, c)
+        b = next(iter(r.values())).shape[0]
+        surrogate = sum((_up(r[n]) * full[n].grad[row:row + b]).sum() for n in r)
+        surrogate.backward(); row += b
+    set_rng_state(after)
+    return {k: v.detach() for k, v in terms.items()}
