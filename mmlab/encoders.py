@@ -10,6 +10,7 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import NamedTuple
 
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -352,59 +353,70 @@ class TransformerEncoder(nn.Module):
                   dpr[i], _ACTS[cfg.act], nn.LayerNorm, cfg.fused_attn) for i in range(cfg.depth)])
         self.norm = nn.LayerNorm(D)
 
-    def init_weights(self):
-        "Initialise all weights (called at the end of each tower's `__init__`)."
-        self.apply(_init_weights)
-        if self.cls_token is not None: nn.init.normal_(self.cls_token, std=0.02)
-        return self
+# %% ../nbs/02_encoders.ipynb #6358ed46
+@patch
+def init_weights(self:TransformerEncoder):
+    "Initialise all weights (called at the end of each tower's `__init__`)."
+    self.apply(_init_weights)
+    if self.cls_token is not None: nn.init.normal_(self.cls_token, std=0.02)
+    return self
 
-    def embed(self, x, *args, **kwargs):
-        "Defined by each tower: tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
-        raise NotImplementedError
+@patch
+def embed(self:TransformerEncoder, x, *args, **kwargs):
+    "Defined by each tower: tokens with positions (B, N, D) and `valid` (B, N), True for real tokens, or None."
+    raise NotImplementedError
 
-    def attn_mask(self, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
-        "SDPA's `attn_mask`, True = may attend, from `valid` of the full sequence (prefix included); causal text adds the triangle."
-        return _attn_mask(valid, getattr(self.config, "causal", False), n, self.norm.weight.device)
+@patch
+def attn_mask(self:TransformerEncoder, valid:torch.Tensor|None, n:int) -> torch.Tensor|None:
+    "SDPA's `attn_mask`, True = may attend, from `valid` of the full sequence (prefix included); causal text adds the triangle."
+    return _attn_mask(valid, getattr(self.config, "causal", False), n, self.norm.weight.device)
 
-    def forward_tokens(self, x:torch.Tensor,                 # (B, N, D) embedded tokens (with positions)
-                       valid:torch.Tensor|None=None,         # (B, N) bool, True for real tokens
-                      ) -> torch.Tensor:                     # (B, P+N, D), P = num_prefix_tokens
-        "Prepend the [CLS] token, run the blocks, apply the final norm."
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            if valid is not None: valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
-        am = self.attn_mask(valid, x.shape[1])
-        for blk in self.blocks: x = blk(x, attn_mask=am)
-        return self.norm(x)
+# %% ../nbs/02_encoders.ipynb #bc7b0660
+@patch
+def forward_tokens(self:TransformerEncoder, x:torch.Tensor,  # (B, N, D) embedded tokens (with positions)
+                   valid:torch.Tensor|None=None,         # (B, N) bool, True for real tokens
+                  ) -> torch.Tensor:                     # (B, P+N, D), P = num_prefix_tokens
+    "Prepend the [CLS] token, run the blocks, apply the final norm."
+    if self.cls_token is not None:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if valid is not None: valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
+    am = self.attn_mask(valid, x.shape[1])
+    for blk in self.blocks: x = blk(x, attn_mask=am)
+    return self.norm(x)
 
-    def _encode(self, x, *args, visible_idx=None, **kwargs):
-        tokens, valid = self.embed(x, *args, **kwargs)
-        if visible_idx is not None:
-            tokens = gather_tokens(tokens, visible_idx)
-            valid = gather_tokens(valid, visible_idx) if valid is not None else None
-        return self.forward_tokens(tokens, valid), valid
+@patch
+def _encode(self:TransformerEncoder, x, *args, visible_idx=None, **kwargs):
+    tokens, valid = self.embed(x, *args, **kwargs)
+    if visible_idx is not None:
+        tokens = gather_tokens(tokens, visible_idx)
+        valid = gather_tokens(valid, visible_idx) if valid is not None else None
+    return self.forward_tokens(tokens, valid), valid
 
-    def forward_features(self, x, *args,
-                         visible_idx:torch.Tensor|None=None,  # (B, N_vis) indices of the tokens to encode
-                         **kwargs) -> torch.Tensor:           # (B, P+N_vis, D)
-        "Embed, keep only `visible_idx` tokens (if given), run the trunk."
-        return self._encode(x, *args, visible_idx=visible_idx, **kwargs)[0]
+@patch
+def forward_features(self:TransformerEncoder, x, *args,
+                     visible_idx:torch.Tensor|None=None,  # (B, N_vis) indices of the tokens to encode
+                     **kwargs) -> torch.Tensor:           # (B, P+N_vis, D)
+    "Embed, keep only `visible_idx` tokens (if given), run the trunk."
+    return self._encode(x, *args, visible_idx=visible_idx, **kwargs)[0]
 
-    def forward_head(self, x:torch.Tensor,                    # (B, P+N, D) output of `forward_features`
-                     valid:torch.Tensor|None=None,            # (B, N) bool, True for real non-prefix tokens
-                     pre_logits:bool=True,                    # towers have no classifier: always the pooled vector
-                    ) -> torch.Tensor:                        # (B, D)
-        "Pool: the [CLS] token, the mean of the real tokens, or the last real token."
-        if self.config.pool == "cls": return x[:, 0]
-        t = x[:, self.num_prefix_tokens:]
-        if self.config.pool == "mean": return _masked_mean(t, valid)
-        if valid is None: return t[:, -1]                      # "last"
-        last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(dim=1)
-        return t[torch.arange(t.shape[0], device=t.device), last]
+# %% ../nbs/02_encoders.ipynb #8c92243c
+@patch
+def forward_head(self:TransformerEncoder, x:torch.Tensor,  # (B, P+N, D) output of `forward_features`
+                 valid:torch.Tensor|None=None,            # (B, N) bool, True for real non-prefix tokens
+                 pre_logits:bool=True,                    # towers have no classifier: always the pooled vector
+                ) -> torch.Tensor:                        # (B, D)
+    "Pool: the [CLS] token, the mean of the real tokens, or the last real token."
+    if self.config.pool == "cls": return x[:, 0]
+    t = x[:, self.num_prefix_tokens:]
+    if self.config.pool == "mean": return _masked_mean(t, valid)
+    if valid is None: return t[:, -1]                      # "last"
+    last = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(dim=1)
+    return t[torch.arange(t.shape[0], device=t.device), last]
 
-    def forward(self, x, *args, visible_idx:torch.Tensor|None=None, **kwargs) -> EncoderOutput:
-        feats, valid = self._encode(x, *args, visible_idx=visible_idx, **kwargs)
-        return EncoderOutput(feats[:, self.num_prefix_tokens:], self.forward_head(feats, valid), valid)
+@patch
+def forward(self:TransformerEncoder, x, *args, visible_idx:torch.Tensor|None=None, **kwargs) -> EncoderOutput:
+    feats, valid = self._encode(x, *args, visible_idx=visible_idx, **kwargs)
+    return EncoderOutput(feats[:, self.num_prefix_tokens:], self.forward_head(feats, valid), valid)
 
 # %% ../nbs/02_encoders.ipynb #36ad4660
 @dataclass
@@ -440,44 +452,53 @@ class ViTEncoder(TransformerEncoder):
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.02)
 
-    def patchify(self, imgs:torch.Tensor) -> torch.Tensor:    # (B, C, H, W) -> (B, N, ph*pw*C)
-        "Pixel patches in token order (MAE targets)."
-        return patchify(imgs, self.config.patch_size)
+# %% ../nbs/02_encoders.ipynb #0f80790d
+@patch
+def patchify(self:ViTEncoder, imgs:torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, ph*pw*C)
+    "Pixel patches in token order (MAE targets)."
+    return patchify(imgs, self.config.patch_size)
 
-    def unpatchify(self, x:torch.Tensor, grid=None) -> torch.Tensor:  # (B, N, ph*pw*C) -> (B, C, H, W)
-        "Inverse of `patchify`; `grid` defaults to the config's patch grid."
-        return unpatchify(x, self.config.patch_size, grid or self.grid_size, self.config.in_chans)
+@patch
+def unpatchify(self:ViTEncoder, x:torch.Tensor, grid=None) -> torch.Tensor:  # (B, N, ph*pw*C) -> (B, C, H, W)
+    "Inverse of `patchify`; `grid` defaults to the config's patch grid."
+    return unpatchify(x, self.config.patch_size, grid or self.grid_size, self.config.in_chans)
 
-    def embed_patches(self, x:torch.Tensor) -> tuple:        # (B, C, H, W) -> ((B, N, D), grid)
-        "Patch embedding without positions, and the patch grid (gh, gw)."
-        check_shape(x, "image", ("B", self.config.in_chans, "H", "W"))
-        if not x.is_floating_point():
-            raise InputError(f"ViTEncoder: image has dtype {x.dtype}; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")
-        ph, pw = self.config.patch_size
-        if x.shape[2] % ph or x.shape[3] % pw:
-            raise ShapeError(f"ViTEncoder: image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {ph}x{pw}")
-        t = self.patch_embed(x)                                   # (B, gh, gw, D)
-        return t.flatten(1, 2), tuple(t.shape[1:3])
+@patch
+def embed_patches(self:ViTEncoder, x:torch.Tensor) -> tuple:  # (B, C, H, W) -> ((B, N, D), grid)
+    "Patch embedding without positions, and the patch grid (gh, gw)."
+    check_shape(x, "image", ("B", self.config.in_chans, "H", "W"))
+    if not x.is_floating_point():
+        raise InputError(f"ViTEncoder: image has dtype {x.dtype}; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")
+    ph, pw = self.config.patch_size
+    if x.shape[2] % ph or x.shape[3] % pw:
+        raise ShapeError(f"ViTEncoder: image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {ph}x{pw}")
+    t = self.patch_embed(x)                                   # (B, gh, gw, D)
+    return t.flatten(1, 2), tuple(t.shape[1:3])
 
-    def pos_embed_for(self, grid) -> torch.Tensor:            # (1, gh*gw, D)
-        "Position codes for a patch grid (computed or resized when it differs from the config's)."
-        grid = _pair(grid)
-        if grid == self.grid_size: return self.pos_embed
-        if self.config.pos_embed == "learned": return resize_pos_embed(self.pos_embed[0], self.grid_size, grid)[None]
-        return sincos_2d(*grid, self.embed_dim)[None].to(self.pos_embed)
+# %% ../nbs/02_encoders.ipynb #636e28f5
+@patch
+def pos_embed_for(self:ViTEncoder, grid) -> torch.Tensor:  # (1, gh*gw, D)
+    "Position codes for a patch grid (computed or resized when it differs from the config's)."
+    grid = _pair(grid)
+    if grid == self.grid_size: return self.pos_embed
+    if self.config.pos_embed == "learned": return resize_pos_embed(self.pos_embed[0], self.grid_size, grid)[None]
+    return sincos_2d(*grid, self.embed_dim)[None].to(self.pos_embed)
 
-    def add_pos(self, tokens:torch.Tensor, grid) -> torch.Tensor:
-        "Add the position codes of `grid` to tokens (B, gh*gw, D)."
-        return tokens + self.pos_embed_for(grid)
+@patch
+def add_pos(self:ViTEncoder, tokens:torch.Tensor, grid) -> torch.Tensor:
+    "Add the position codes of `grid` to tokens (B, gh*gw, D)."
+    return tokens + self.pos_embed_for(grid)
 
-    def embed(self, x:torch.Tensor) -> tuple:                 # (B, C, H, W) -> ((B, N, D), None)
-        "Patch tokens with positions; images have no padding, so `valid` is None."
-        t, grid = self.embed_patches(x)
-        return self.add_pos(t, grid), None
+@patch
+def embed(self:ViTEncoder, x:torch.Tensor) -> tuple:      # (B, C, H, W) -> ((B, N, D), None)
+    "Patch tokens with positions; images have no padding, so `valid` is None."
+    t, grid = self.embed_patches(x)
+    return self.add_pos(t, grid), None
 
-    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
-        "Random inputs of the config's size, as keyword arguments of `forward`."
-        return dict(x=torch.randn(batch_size, self.config.in_chans, *self.config.img_size, generator=generator))
+@patch
+def example_inputs(self:ViTEncoder, batch_size:int=2, generator=None) -> dict:
+    "Random inputs of the config's size, as keyword arguments of `forward`."
+    return dict(x=torch.randn(batch_size, self.config.in_chans, *self.config.img_size, generator=generator))
 
 # %% ../nbs/02_encoders.ipynb #9bed0494
 def patchify_spec(spec:torch.Tensor,   # (B, F, T) log-mel; T is zero-padded to a multiple of pt
@@ -540,56 +561,66 @@ class AudioEncoder(TransformerEncoder):
         self.init_weights()
         if cfg.pos_embed == "learned": nn.init.normal_(self.freq_pos, std=0.02); nn.init.normal_(self.time_pos, std=0.02)
 
-    def patchify(self, spec:torch.Tensor) -> torch.Tensor:     # (B, F, T) -> (B, N, pf*pt)
-        "Spectrogram patches in token order (masked-spectrogram targets)."
-        return patchify_spec(spec, self.config.patch_size)
+# %% ../nbs/02_encoders.ipynb #17182a39
+@patch
+def patchify(self:AudioEncoder, spec:torch.Tensor) -> torch.Tensor:  # (B, F, T) -> (B, N, pf*pt)
+    "Spectrogram patches in token order (masked-spectrogram targets)."
+    return patchify_spec(spec, self.config.patch_size)
 
-    def unpatchify(self, x:torch.Tensor) -> torch.Tensor:      # (B, N, pf*pt) -> (B, F, T'*pt)
-        "Inverse of `patchify`."
-        return unpatchify_spec(x, self.config.patch_size, self.config.n_mels)
+@patch
+def unpatchify(self:AudioEncoder, x:torch.Tensor) -> torch.Tensor:  # (B, N, pf*pt) -> (B, F, T'*pt)
+    "Inverse of `patchify`."
+    return unpatchify_spec(x, self.config.patch_size, self.config.n_mels)
 
-    def valid_frames(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
-        "Real frames: t < length."
-        return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
+@patch
+def valid_frames(self:AudioEncoder, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, T) bool
+    "Real frames: t < length."
+    return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
 
-    def valid_tokens(self, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
-        "Real patches: those whose first frame is a real frame, repeated over frequency patches."
-        starts = torch.arange(0, T, self.config.patch_size[1], device=lengths.device)   # (T',) first frames
-        return (starts[None] < lengths[:, None]).repeat_interleave(self.freq_patches, dim=1)
+@patch
+def valid_tokens(self:AudioEncoder, lengths:torch.Tensor, T:int) -> torch.Tensor:  # (B,) -> (B, N) bool
+    "Real patches: those whose first frame is a real frame, repeated over frequency patches."
+    starts = torch.arange(0, T, self.config.patch_size[1], device=lengths.device)   # (T',) first frames
+    return (starts[None] < lengths[:, None]).repeat_interleave(self.freq_patches, dim=1)
 
-    def embed_patches(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
-        "Patch embedding without positions: ((B, T'*F', D), time patches T')."
-        x = spec[:, 0] if spec.dim() == 4 and spec.shape[1] == 1 else spec      # accept (B, 1, F, T)
-        dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
-        if lengths is not None:
-            check_shape(lengths, "lengths", ("B",), dims)
-            if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
-                raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
-                                 f"got min {int(lengths.min())}, max {int(lengths.max())}")
-            x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)   # padding content is irrelevant
-        x = F.pad(x, (0, (-x.shape[-1]) % self.config.patch_size[1]))
-        t = self.patch_embed(x[:, None]).transpose(1, 2)                   # (B, T', F', D)
-        return t.flatten(1, 2), t.shape[1]
+# %% ../nbs/02_encoders.ipynb #32081e34
+@patch
+def embed_patches(self:AudioEncoder, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
+    "Patch embedding without positions: ((B, T'*F', D), time patches T')."
+    x = spec[:, 0] if spec.dim() == 4 and spec.shape[1] == 1 else spec      # accept (B, 1, F, T)
+    dims = check_shape(x, "spec", ("B", self.config.n_mels, "T"))
+    if lengths is not None:
+        check_shape(lengths, "lengths", ("B",), dims)
+        if not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[-1]):
+            raise InputError(f"lengths: every clip needs 1..{x.shape[-1]} frames (the padded length), "
+                             f"got min {int(lengths.min())}, max {int(lengths.max())}")
+        x = x * self.valid_frames(lengths, x.shape[-1])[:, None].to(x.dtype)   # padding content is irrelevant
+    x = F.pad(x, (0, (-x.shape[-1]) % self.config.patch_size[1]))
+    t = self.patch_embed(x[:, None]).transpose(1, 2)                   # (B, T', F', D)
+    return t.flatten(1, 2), t.shape[1]
 
-    def pos_embed_for(self, time_patches:int) -> torch.Tensor:  # (1, T'*F', D)
-        "Time-frequency position codes for `time_patches` time steps (time-major)."
-        if self.config.pos_embed == "sincos":
-            return sincos_2d(time_patches, self.freq_patches, self.embed_dim)[None].to(self.patch_embed.proj.weight)
-        if time_patches > self.time_pos.shape[0]:
-            raise ShapeError(f"AudioEncoder: input has {time_patches} time patches but learned positions cover "
-                             f"{self.time_pos.shape[0]} (max_frames={self.config.max_frames}); crop the input or raise max_frames")
-        return (self.time_pos[:time_patches, None] + self.freq_pos[None]).flatten(0, 1)[None]
+@patch
+def pos_embed_for(self:AudioEncoder, time_patches:int) -> torch.Tensor:  # (1, T'*F', D)
+    "Time-frequency position codes for `time_patches` time steps (time-major)."
+    if self.config.pos_embed == "sincos":
+        return sincos_2d(time_patches, self.freq_patches, self.embed_dim)[None].to(self.patch_embed.proj.weight)
+    if time_patches > self.time_pos.shape[0]:
+        raise ShapeError(f"AudioEncoder: input has {time_patches} time patches but learned positions cover "
+                         f"{self.time_pos.shape[0]} (max_frames={self.config.max_frames}); crop the input or raise max_frames")
+    return (self.time_pos[:time_patches, None] + self.freq_pos[None]).flatten(0, 1)[None]
 
-    def embed(self, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
-        "Tokens with positions (B, N, D) and `valid` (B, N), True for real patches (None without `lengths`)."
-        t, tp = self.embed_patches(spec, lengths)
-        valid = None if lengths is None else self.valid_tokens(lengths, tp * self.config.patch_size[1])
-        return t + self.pos_embed_for(tp), valid
+@patch
+def embed(self:AudioEncoder, spec:torch.Tensor, lengths:torch.Tensor|None=None) -> tuple:
+    "Tokens with positions (B, N, D) and `valid` (B, N), True for real patches (None without `lengths`)."
+    t, tp = self.embed_patches(spec, lengths)
+    valid = None if lengths is None else self.valid_tokens(lengths, tp * self.config.patch_size[1])
+    return t + self.pos_embed_for(tp), valid
 
-    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
-        "Random log-mel inputs of two different lengths (100 and 61 frames), as keyword arguments."
-        lengths = torch.tensor([100] + [61] * (batch_size - 1))
-        return dict(x=torch.randn(batch_size, self.config.n_mels, 100, generator=generator), lengths=lengths)
+@patch
+def example_inputs(self:AudioEncoder, batch_size:int=2, generator=None) -> dict:
+    "Random log-mel inputs of two different lengths (100 and 61 frames), as keyword arguments."
+    lengths = torch.tensor([100] + [61] * (batch_size - 1))
+    return dict(x=torch.randn(batch_size, self.config.n_mels, 100, generator=generator), lengths=lengths)
 
 # %% ../nbs/02_encoders.ipynb #4e1830b7
 @dataclass
@@ -909,56 +940,61 @@ class HFEncoder(nn.Module):
         self.model, self.modality, self.pool = model, modality, pool
         self.embed_dim = model.config.hidden_size
 
-    @classmethod
-    def from_pretrained(cls, name_or_path,            # local directory (or hub id with local_files_only=False)
-                        modality:str="text", pool:str="auto",
-                        local_files_only:bool=True,   # never download unless asked
-                        **kwargs):                    # passed to AutoModel.from_pretrained
-        "Load `AutoModel.from_pretrained(name_or_path)` and wrap it."
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-        p = Path(name_or_path).expanduser()
-        if local_files_only and not (p / "config.json").is_file():
-            raise MissingFileError(f"HFEncoder: {str(p)!r} is not a local model directory (no config.json); "
-                                   f"save one with model.save_pretrained(dir), or pass local_files_only=False with a hub id")
-        bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()
-        try: model = AutoModel.from_pretrained(str(p) if p.exists() else name_or_path, local_files_only=local_files_only, **kwargs)
-        finally:
-            if bar: hf_logging.enable_progress_bar()
-        return cls(model, modality, pool)
+# %% ../nbs/02_encoders.ipynb #a3bdc80e
+@patch(cls_method=True)
+def from_pretrained(cls:HFEncoder, name_or_path,  # local directory (or hub id with local_files_only=False)
+                    modality:str="text", pool:str="auto",
+                    local_files_only:bool=True,   # never download unless asked
+                    **kwargs):                    # passed to AutoModel.from_pretrained
+    "Load `AutoModel.from_pretrained(name_or_path)` and wrap it."
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+    p = Path(name_or_path).expanduser()
+    if local_files_only and not (p / "config.json").is_file():
+        raise MissingFileError(f"HFEncoder: {str(p)!r} is not a local model directory (no config.json); "
+                               f"save one with model.save_pretrained(dir), or pass local_files_only=False with a hub id")
+    bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()
+    try: model = AutoModel.from_pretrained(str(p) if p.exists() else name_or_path, local_files_only=local_files_only, **kwargs)
+    finally:
+        if bar: hf_logging.enable_progress_bar()
+    return cls(model, modality, pool)
 
-    def forward(self, x:torch.Tensor,                        # ids (B, L) | pixels (B, C, H, W) | audio input_values
-                padding_mask:torch.Tensor|None=None,         # (B, L) or (B, samples) bool, True = padding
-                visible_idx=None,
-               ) -> EncoderOutput:
-        if visible_idx is not None:
-            raise InputError("HFEncoder: visible_idx is not supported by Hugging Face towers (their embedding is internal); "
-                             "use an mmlab tower (ViTEncoder, AudioEncoder, TextEncoder) for masked modelling")
-        kw = {self._INPUT[self.modality]: x}
-        if padding_mask is not None: kw["attention_mask"] = (~padding_mask.bool()).long()   # Hugging Face's: 1 = real
-        out = self.model(**kw)
-        h = out.last_hidden_state                                 # (B, N, D)
-        valid = None
-        if padding_mask is not None:
-            if padding_mask.shape[1] == h.shape[1]: valid = ~padding_mask.bool()
-            elif hasattr(self.model, "_get_feature_vector_attention_mask"):   # wav2vec2 / HuBERT: samples -> frames
-                valid = self.model._get_feature_vector_attention_mask(h.shape[1], kw["attention_mask"]).bool()
-        if self.pool == "mean": pooled = _masked_mean(h, valid)
-        elif self.pool == "cls": pooled = h[:, 0]
-        elif getattr(out, "pooler_output", None) is None:
-            raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
-        else: pooled = out.pooler_output
-        return EncoderOutput(h, pooled, valid)
+# %% ../nbs/02_encoders.ipynb #4d52997e
+@patch
+def forward(self:HFEncoder, x:torch.Tensor,              # ids (B, L) | pixels (B, C, H, W) | audio input_values
+            padding_mask:torch.Tensor|None=None,         # (B, L) or (B, samples) bool, True = padding
+            visible_idx=None,
+           ) -> EncoderOutput:
+    if visible_idx is not None:
+        raise InputError("HFEncoder: visible_idx is not supported by Hugging Face towers (their embedding is internal); "
+                         "use an mmlab tower (ViTEncoder, AudioEncoder, TextEncoder) for masked modelling")
+    kw = {self._INPUT[self.modality]: x}
+    if padding_mask is not None: kw["attention_mask"] = (~padding_mask.bool()).long()   # Hugging Face's: 1 = real
+    out = self.model(**kw)
+    h = out.last_hidden_state                                 # (B, N, D)
+    valid = None
+    if padding_mask is not None:
+        if padding_mask.shape[1] == h.shape[1]: valid = ~padding_mask.bool()
+        elif hasattr(self.model, "_get_feature_vector_attention_mask"):   # wav2vec2 / HuBERT: samples -> frames
+            valid = self.model._get_feature_vector_attention_mask(h.shape[1], kw["attention_mask"]).bool()
+    if self.pool == "mean": pooled = _masked_mean(h, valid)
+    elif self.pool == "cls": pooled = h[:, 0]
+    elif getattr(out, "pooler_output", None) is None:
+        raise ConfigError(f"HFEncoder: {type(self.model).__name__} has no pooler; use pool='cls' or 'mean'")
+    else: pooled = out.pooler_output
+    return EncoderOutput(h, pooled, valid)
 
-    def get_config(self) -> dict:
-        return dict(modality=self.modality, pool=self.pool, hf_config=self.model.config.to_dict())
+# %% ../nbs/02_encoders.ipynb #7603622a
+@patch
+def get_config(self:HFEncoder) -> dict:
+    return dict(modality=self.modality, pool=self.pool, hf_config=self.model.config.to_dict())
 
-    @classmethod
-    def from_config(cls, d:dict):
-        "Rebuild the architecture (random weights) from `get_config()`; weights come from the checkpoint."
-        from transformers import AutoConfig, AutoModel
-        hf = dict(d["hf_config"])
-        return cls(AutoModel.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf)), d["modality"], d["pool"])
+@patch(cls_method=True)
+def from_config(cls:HFEncoder, d:dict):
+    "Rebuild the architecture (random weights) from `get_config()`; weights come from the checkpoint."
+    from transformers import AutoConfig, AutoModel
+    hf = dict(d["hf_config"])
+    return cls(AutoModel.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf)), d["modality"], d["pool"])
 
 # %% ../nbs/02_encoders.ipynb #1ddc5f92
 def minilm_path() -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools, math, warnings
 from contextlib import nullcontext
 
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -549,35 +550,39 @@ class IndividualTemperatureLoss(nn.Module):
         self.register_buffer("log_u_a", torch.full((num_samples,), -math.inf))
         self.register_buffer("log_u_b", torch.full((num_samples,), -math.inf))
 
-    def _update(self, buf:Tensor, index:Tensor, log_g:Tensor) -> Tensor:
-        "u_i <- (1 - gamma) u_i + gamma g_i in log space; return the new log u of the batch."
-        old = buf[index].to(log_g.dtype)
-        new = torch.logaddexp(old + math.log1p(-self.gamma) if self.gamma < 1 else torch.full_like(old, -math.inf),
-                              log_g.detach() + math.log(self.gamma))
-        buf[index] = new.to(buf.dtype)
-        return new
+# %% ../../nbs/03_contrastive.ipynb #45c78b4a
+@patch
+def _update(self:IndividualTemperatureLoss, buf:Tensor, index:Tensor, log_g:Tensor) -> Tensor:
+    "u_i <- (1 - gamma) u_i + gamma g_i in log space; return the new log u of the batch."
+    old = buf[index].to(log_g.dtype)
+    new = torch.logaddexp(old + math.log1p(-self.gamma) if self.gamma < 1 else torch.full_like(old, -math.inf),
+                          log_g.detach() + math.log(self.gamma))
+    buf[index] = new.to(buf.dtype)
+    return new
 
-    @_full_precision
-    def forward(self, a:Tensor,    # (B, D) L2-normalised image embeddings
-                b:Tensor,          # (B, D) L2-normalised text embeddings
-                index:Tensor,      # (B,) int64 dataset indices of the samples (distinct)
-               ) -> Tensor:        # scalar: value = estimate of F, gradient = iSogCLR's estimator
-        B, _ = _check_embeddings({"a": a, "b": b}, where="IndividualTemperatureLoss")
-        a, b = _f32(a, b)
-        check_shape(index, "IndividualTemperatureLoss: index", (B,))
-        if index.dtype != torch.long or (index < 0).any() or (index >= self.tau_a.shape[0]).any() or index.unique().numel() != B:
-            raise InputError(f"IndividualTemperatureLoss: index must hold {B} distinct int64 dataset indices in "
-                             f"[0, {self.tau_a.shape[0]}), got dtype {index.dtype} and values {index.tolist()[:8]}")
-        tau_a, tau_b = (t[index].clamp(self.tau_min, self.tau_max).to(a.dtype) for t in (self.tau_a, self.tau_b))
-        la, lb = _isogclr_log_g(a, b, tau_a, tau_b)
-        out = []
-        for tau, lg, buf in ((tau_a, la, self.log_u_a), (tau_b, lb, self.log_u_b)):
-            lu = self._update(buf, index, lg)
-            # gradient: tau/u * grad g (weights and tau) + (log u + rho) d tau; value: tau (log u + rho)
-            surrogate = tau.detach() * torch.exp(lg.detach() - lu) * lg + tau * (lu + self.rho)
-            value = tau.detach() * (lu + self.rho)
-            out.append((value + surrogate - surrogate.detach()).mean())
-        return (out[0] + out[1]) / 2
+# %% ../../nbs/03_contrastive.ipynb #2d8a7694
+@patch
+@_full_precision
+def forward(self:IndividualTemperatureLoss, a:Tensor,  # (B, D) L2-normalised image embeddings
+            b:Tensor,          # (B, D) L2-normalised text embeddings
+            index:Tensor,      # (B,) int64 dataset indices of the samples (distinct)
+           ) -> Tensor:        # scalar: value = estimate of F, gradient = iSogCLR's estimator
+    B, _ = _check_embeddings({"a": a, "b": b}, where="IndividualTemperatureLoss")
+    a, b = _f32(a, b)
+    check_shape(index, "IndividualTemperatureLoss: index", (B,))
+    if index.dtype != torch.long or (index < 0).any() or (index >= self.tau_a.shape[0]).any() or index.unique().numel() != B:
+        raise InputError(f"IndividualTemperatureLoss: index must hold {B} distinct int64 dataset indices in "
+                         f"[0, {self.tau_a.shape[0]}), got dtype {index.dtype} and values {index.tolist()[:8]}")
+    tau_a, tau_b = (t[index].clamp(self.tau_min, self.tau_max).to(a.dtype) for t in (self.tau_a, self.tau_b))
+    la, lb = _isogclr_log_g(a, b, tau_a, tau_b)
+    out = []
+    for tau, lg, buf in ((tau_a, la, self.log_u_a), (tau_b, lb, self.log_u_b)):
+        lu = self._update(buf, index, lg)
+        # gradient: tau/u * grad g (weights and tau) + (log u + rho) d tau; value: tau (log u + rho)
+        surrogate = tau.detach() * torch.exp(lg.detach() - lu) * lg + tau * (lu + self.rho)
+        value = tau.detach() * (lu + self.rho)
+        out.append((value + surrogate - surrogate.detach()).mean())
+    return (out[0] + out[1]) / 2
 
 # %% ../../nbs/03_contrastive.ipynb #7897b18f
 @_full_precision
