@@ -17,7 +17,7 @@ __all__ = ['DEVICE_PATTERN', 'PRECISIONS', 'ENV_NON_SETTINGS', 'SETTING_KEYS', '
            'InputError', 'ShapeError', 'NonFiniteError', 'InputTypeError', 'DataError', 'MissingFileError',
            'DeviceError', 'CheckpointError', 'KernelBuildError', 'Settings', 'project_root', 'find_settings_file',
            'get_settings', 'set_seed', 'get_device', 'show_fig', 'get_precision', 'autocast', 'eval_mode',
-           'check_shape', 'check_finite', 'check_unit_norm', 'in_test']
+           'check_shape', 'check_finite', 'check_unit_norm', 'in_test', 'gpu_ready', 'check_exercise']
 
 # %% ../nbs/00_core.ipynb #0f9a97d0
 class MMLabError(Exception): "Base class of every error mmlab raises on purpose."
@@ -219,3 +219,22 @@ def check_unit_norm(x:torch.Tensor, name:str, atol:float=1e-3):
 def in_test() -> bool:
     "True when running under the notebook test runner (nbdev sets `IN_TEST`)."
     return bool(os.environ.get("IN_TEST"))
+
+# %% ../nbs/00_core.ipynb #4028a26b
+def gpu_ready(what:str="this cell") -> bool:
+    "True when a CUDA GPU is present; otherwise print that `what` is skipped, so *Run All* goes on."
+    if torch.cuda.is_available(): return True
+    print(f"skipped: {what} needs a CUDA GPU, and this machine has none")
+    return False
+
+# %% ../nbs/00_core.ipynb #afa32e87
+def check_exercise(n:int, check, solution:bool=False) -> bool:
+    "Run exercise `n`'s `check` (a function that raises on a wrong answer) and print how it went."
+    try: check()
+    except Exception as e:
+        if solution: raise
+        print(f"Exercise {n}: not solved yet ({type(e).__name__}: {e}). "
+              "Write your answer, run the check again, then compare with the collapsed solution.")
+        return False
+    print(f"Exercise {n}: " + ("the worked solution passes the check" if solution else "correct"))
+    return True

@@ -59,20 +59,22 @@ def _root() -> Path:
     return root
 
 # %% ../nbs/99_docsite.ipynb #3e206db9
-def execute_notebook(path:str|Path, skip_flags:tuple=("notest",)) -> Path:
-    "Run `path` top to bottom in a fresh kernel, storing outputs in place (`cuda` cells need a GPU)."
-    import torch
+def execute_notebook(path:str|Path,            # the notebook to run
+                     out:str|Path|None=None,   # where to write it with its outputs (default: in place)
+                     skip_flags:tuple=(),      # cells with any of these `#|` flags are not run
+                    ) -> Path:
+    "Run `path` top to bottom in a fresh kernel as a student does, stopping at the first error; write it with outputs."
     from execnb.shell import CaptureShell
     from fastcore.nbio import read_nb, write_nb
-    path = Path(path)
+    path = Path(path).resolve()
     if not path.is_file(): raise MissingFileError(f"notebook {str(path)!r} does not exist")
-    skip = set(skip_flags) | (set() if torch.cuda.is_available() else {"cuda"})
     nb = read_nb(path)
-    def _skip(cell): return cell.cell_type != "code" or bool(skip & cell_directives(cell.source)[0].keys())
+    def _skip(cell): return cell.cell_type != "code" or bool(set(skip_flags) & cell_directives(cell.source)[0].keys())
     shell = CaptureShell(path)
     with chdir(path.parent): shell.run_all(nb, exc_stop=True, preproc=_skip)
-    write_nb(nb, path)
-    return path
+    out = Path(out) if out is not None else path
+    write_nb(nb, out)
+    return out
 
 # %% ../nbs/99_docsite.ipynb #a339b012
 _SOURCE_LINK = re.compile(r"\[source\]\([^)]*\)\{[^}]*\}\n?")
