@@ -176,3 +176,19 @@ def test_student_time_budget():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "chapter_times.json").write_text(json.dumps(TIMES | {"total": round(sum(TIMES.values()), 1)}, indent=1))
     assert sum(TIMES.values()) <= STUDENT_BUDGET_S, f"chapters took {sum(TIMES.values()):.0f} s > {STUDENT_BUDGET_S} s: {TIMES}"
+
+# ---- the front door -----------------------------------------------------------------------------------------------
+def test_index_is_the_path_through_every_chapter():
+    "The index's parts list each chapter once, with its measured time, prerequisites and outcome; the site nav follows."
+    from mmlab.docsite import course_outline, site_nav
+    md = "\n".join(source(c) for c in cells(NBS / "index.ipynb") if c["cell_type"] == "markdown")
+    outline = course_outline(md)
+    listed = [nb for _, chapters in outline for _, nb in chapters]
+    assert sorted(listed) == sorted(p.name for p in CHAPTERS) and len(set(listed)) == len(listed), listed
+    site_nav(outline, [p.name for p in NBS.glob("*.ipynb")])        # raises if a page is off the path
+    rows = re.findall(r"^\| \[[^\]]+\]\((\w+)\.ipynb\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", md, flags=re.M)
+    assert len(rows) == len(CHAPTERS), f"{len(rows)} chapter rows"
+    for stem, t, needs, can in rows:
+        assert re.fullmatch(r"\d+ s", t.strip()), f"index: {stem} needs its measured time, found {t!r}"
+        assert needs.strip() == "—" or all(f"{n.strip()}_" in " ".join(p.stem + "_" for p in CHAPTERS) for n in needs.split(",")), needs
+        assert len(can.split()) >= 5, f"index: say what {stem} teaches"

@@ -80,3 +80,62 @@ def test_search_finds_a_chapter_word(site, browser):
         result.wait_for(timeout=15000)
         page.screenshot(path=str(ARTIFACTS / "docs_search.png"))
         assert result.count() == 1
+
+# What a reader must never see: a figure, image or formula wider than the text column, or anything else sticking out
+# of it that cannot be scrolled inside its own box (code, wide tables and outputs scroll; figures must fit).
+OVERFLOW_JS = """() => {
+  const col = document.querySelector('.md-content__inner');
+  const right = col.getBoundingClientRect().right + 1;
+  const scrolls = el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
+  const figure = el => el.matches('.mmlab-plot, .mmlab-plot .main-svg, img, .MathJax_Display, .MJXc-display');
+  const name = el => el.tagName.toLowerCase() + (typeof el.className === 'string' && el.className ? '.' + el.className.split(' ')[0] : '');
+  const bad = [];
+  for (const el of col.querySelectorAll('*')) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.right <= right) continue;
+    let a = el.parentElement, boxed = false;
+    while (!figure(el) && a && a !== col) {
+      if (scrolls(a) && a.getBoundingClientRect().right <= right) { boxed = true; break; }
+      a = a.parentElement;
+    }
+    if (!boxed) bad.push(`${name(el)} ends at ${Math.round(r.right)} px, the column at ${Math.round(right)} px`);
+  }
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
+  const mathErrors = document.querySelectorAll('.MathJax_Error, .mjx-merror, merror').length;
+  return {bad: bad.slice(0, 8), pageWidth: document.documentElement.scrollWidth, broken, mathErrors,
+          math: document.querySelectorAll('.MathJax_CHTML').length};
+}"""
+
+def typeset(page):
+    "Wait until MathJax has typeset the page (it queues its work), if the page uses it."
+    page.wait_for_function("() => !window.MathJax || !MathJax.Hub || (MathJax.Hub.queue.pending === 0 && !MathJax.Hub.queue.running)",
+                           timeout=30000)
+
+SHOTS = {("index.html", 1280): "docs_index_1280.png", ("03_contrastive.html", 1280): "docs_contrastive_1280.png",
+         ("09_analysis.html", 390): "docs_analysis_390.png"}
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_page_fits_its_column(site, browser, width):
+    "At desktop and phone width, no figure, image, formula or code block overflows; images and formulas load."
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems = []
+    with serve(site) as url:
+        for html in sorted(p.name for p in site.glob("*.html") if p.name != "404.html"):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            failed = []
+            page.on("requestfailed", lambda r: failed.append(r.url))
+            page.goto(f"{url}/{html}", wait_until="networkidle")
+            typeset(page)
+            page.wait_for_timeout(300)                          # plotly's resize after layout
+            r = page.evaluate(OVERFLOW_JS)
+            tex = page.evaluate("() => /\\$[^$\\s][^$]*\\$/.test(document.querySelector('.md-content__inner').innerText)")
+            if (html, width) in SHOTS: page.screenshot(path=str(ARTIFACTS / SHOTS[html, width]))
+            page.close()
+            where = f"{html} at {width} px"
+            problems += [f"{where}: {b}" for b in r["bad"]]
+            if r["pageWidth"] > width: problems.append(f"{where}: the page scrolls sideways ({r['pageWidth']} px)")
+            problems += [f"{where}: image did not load: {s}" for s in r["broken"]]
+            problems += [f"{where}: request failed: {u}" for u in failed if u.startswith(url)]
+            if r["mathErrors"]: problems.append(f"{where}: {r['mathErrors']} formulas failed to typeset")
+            if tex: problems.append(f"{where}: a formula was left as TeX source")
+    assert not problems, "\n".join(problems)
