@@ -465,7 +465,8 @@ def dataset_dir(name:str, root:str|Path|None=None) -> Path:
 def dataset_meta(name:str, root:str|Path|None=None) -> dict:
     "The `meta.json` of bundled dataset `name`: splits, label names, attribute vocabularies, generation stats."
     p = dataset_dir(name, root) / "meta.json"
-    if not p.is_file(): raise MissingFileError(f"{p} does not exist; is data_root ({p.parent.parent}) the mmlab datasets folder?")
+    if not p.is_file(): raise MissingFileError(f"{p} does not exist; expected data_root ({p.parent.parent}) to be the mmlab "
+                                               f"datasets folder: set data_root in settings.ini or MMLAB_DATA_ROOT, or pass root=")
     return json.loads(p.read_text())
 
 # %% ../nbs/01_data.ipynb #a7228c48

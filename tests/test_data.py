@@ -279,6 +279,11 @@ def test_resample_option_and_row_with_nothing(good):
         ManifestDataset(manifest(good, "n.csv", "audio,text", "ok.wav,hi", ","))
 
 
+def test_missing_dataset_names_the_settings_that_point_to_it(tmp_path):
+    with pytest.raises(MissingFileError, match=r"meta.json does not exist; .*settings.ini or MMLAB_DATA_ROOT, or pass root="):
+        load_dataset("shapes", "train", root=tmp_path)
+
+
 def test_rate_error_names_the_option_of_the_way_it_was_reached(good):
     "A manifest or recipe user cannot pass decode_audio's resample_to_rate: their error names resample / --resample."
     wav(good / "late.wav")
