@@ -22,7 +22,7 @@ from .core import (ConfigError, DataError, InputError, InputTypeError, MissingFi
                         get_settings)
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'BUNDLED', 'Modality',
+__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'RESAMPLE_HINT', 'BUNDLED', 'Modality',
            'register_modality', 'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample',
            'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer',
            'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields',
@@ -117,6 +117,7 @@ def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a fi
                  where:str="",         # where it came from (file, row), for error messages
                  sample_rate:int=SAMPLE_RATE, # the rate required (Hz)
                  resample_to_rate:bool=False, # resample other rates instead of raising
+                 resample_hint:str="pass resample_to_rate=True", # how the caller asks for resampling, for the error
                 ) -> torch.Tensor:
     "Decode an audio file to a mono float32 waveform `(T,)` at `sample_rate` (channels averaged), or raise `DataError`."
     import soundfile as sf
@@ -129,8 +130,7 @@ def decode_audio(src:str|Path|bytes,  # a file path or the encoded bytes of a fi
     wave = torch.from_numpy(x.mean(1) if x.shape[1] > 1 else x[:, 0].copy())
     if sr != sample_rate:
         if not resample_to_rate:
-            raise DataError(f"{where}: sample rate {sr} Hz, expected {sample_rate} Hz; resample the file or "
-                            f"pass resample_to_rate=True")
+            raise DataError(f"{where}: sample rate {sr} Hz, expected {sample_rate} Hz; resample the file or {resample_hint}")
         wave = resample(wave, sr, sample_rate)
     return wave
 
@@ -416,18 +416,21 @@ def _read_image(ds, p, where):
     if not ds.image_size: return x
     return F.interpolate(x[None], size=(ds.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
+# %% ../nbs/01_data.ipynb #d4ec3107
+RESAMPLE_HINT = "pass resample=True (mmlab train: --resample true)"   # how manifest and recipe users ask for it
+
 def _check_audio(ds, p, where):
     import soundfile as sf
     with _reading(f"{where}: cannot read audio {str(p)!r}", "a WAV/FLAC/Ogg/MP3 file"): info = sf.info(str(p))
     if info.frames == 0: raise DataError(f"{where}: audio {str(p)!r} has 0 samples; expected a non-empty clip")
     if info.samplerate != ds.sample_rate and not ds.resample:
         raise DataError(f"{where}: audio {str(p)!r} has sample rate {info.samplerate} Hz, expected {ds.sample_rate} Hz; "
-                        f"resample the file, or pass resample=True (mmlab train: --resample true)")
+                        f"resample the file, or {RESAMPLE_HINT}")
 
 def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
     "Clip `data` decoded at `ds.sample_rate`, then `ds.audio_features`, through `ds.cache` when there is one."
     feats, wave_key = ds.audio_features, f"wave-{ds.sample_rate}"
-    decode = lambda: decode_audio(data, where, ds.sample_rate, ds.resample)
+    decode = lambda: decode_audio(data, where, ds.sample_rate, ds.resample, RESAMPLE_HINT)
     features = lambda wave: feats(wave) if feats is not None else wave
     key = getattr(feats, "cache_key", None) if feats is not None else wave_key
     if ds.cache is None: return features(decode())
@@ -462,7 +465,8 @@ def dataset_dir(name:str, root:str|Path|None=None) -> Path:
 def dataset_meta(name:str, root:str|Path|None=None) -> dict:
     "The `meta.json` of bundled dataset `name`: splits, label names, attribute vocabularies, generation stats."
     p = dataset_dir(name, root) / "meta.json"
-    if not p.is_file(): raise MissingFileError(f"{p} does not exist; is data_root ({p.parent.parent}) the mmlab datasets folder?")
+    if not p.is_file(): raise MissingFileError(f"{p} does not exist; expected data_root ({p.parent.parent}) to be the mmlab "
+                                               f"datasets folder: set data_root in settings.ini or MMLAB_DATA_ROOT, or pass root=")
     return json.loads(p.read_text())
 
 # %% ../nbs/01_data.ipynb #a7228c48
@@ -780,6 +784,20 @@ def label_order(labels) -> list[str]:
     if bad: raise InputTypeError(f"label_order: label {bad[0]!r} is a {type(bad[0]).__name__}; expected strings (labels are text)")
     return sorted(labels, key=lambda s: (0, int(s), s) if re.fullmatch(r"-?[0-9]+", s) else (1, 0, s))
 
+# %% ../nbs/01_data.ipynb #dadab35b
+def _manifest_modalities(path:Path, cols:list, modalities) -> tuple:
+    "The modalities to load from a manifest with columns `cols`: those asked for (each needs a column), None = every one with a column."
+    if modalities is None:
+        modalities = [m for m in MODALITIES if m in cols]
+        if not modalities: raise DataError(f"manifest {path}: no modality column; columns are {cols}, "
+                                           f"expected at least one of {', '.join(MODALITIES)}")
+    modalities = check_modalities(modalities)
+    for m in modalities:
+        if m not in cols:
+            raise DataError(f"manifest {path}: missing column {m!r} for requested modality {m!r}; "
+                            f"columns are {cols}, expected a column per modality ({', '.join(modalities)})")
+    return modalities
+
 # %% ../nbs/01_data.ipynb #e408b58b
 class ManifestDataset(Dataset):
     "Examples listed in a CSV/JSONL manifest (columns image, audio, text, label, ...); absent values are marked not present."
@@ -799,15 +817,7 @@ class ManifestDataset(Dataset):
         self.path = _need_file(path, "manifest")
         self.root = Path(root) if root is not None else self.path.parent
         cols, rows = _read_manifest(self.path)
-        if modalities is None:
-            modalities = [m for m in MODALITIES if m in cols]
-            if not modalities: raise DataError(f"manifest {self.path}: no modality column; columns are {cols}, "
-                                               f"expected at least one of {', '.join(MODALITIES)}")
-        self.modalities = check_modalities(modalities)
-        for m in self.modalities:
-            if m not in cols:
-                raise DataError(f"manifest {self.path}: missing column {m!r} for requested modality {m!r}; "
-                                f"columns are {cols}, expected a column per modality ({', '.join(self.modalities)})")
+        self.modalities = _manifest_modalities(self.path, cols, modalities)
         self.image_size, self.audio_features = image_size, audio_features
         self.transforms, self.sample_rate, self.resample, self.on_error = _check_transforms(transforms), sample_rate, resample, on_error
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
@@ -876,11 +886,10 @@ def report(self:ManifestDataset) -> str:
 def __repr__(self:ManifestDataset): return f"ManifestDataset({str(self.path)!r}, n={len(self)}, modalities={list(self.modalities)}, skipped={self.skipped})"
 
 # %% ../nbs/01_data.ipynb #0f36d87f
-def bad_inputs(d:Path) -> list[tuple]:
-    "Every kind of bad input, as (kind, input, call, expected): `call()` writes its files under `d` and reads them; expected is (error class, message excerpt) or the values returned."
+def _bad_input_tools(d:Path):
+    "Helpers that write broken files under `d` and read them, and the good files `ok.png`, `ok.wav` the cases start from."
     from PIL import Image
     import soundfile as sf
-    d = Path(d)
     def file(name, data):                       # a file holding `data` (text or bytes)
         p = d / name; p.write_bytes(data if isinstance(data, bytes) else data.encode()); return p
     def img(mode, px, fmt="TIFF", palette=None, **save):   # a 2x1 image file of `mode`: its pixels read back, flattened
@@ -896,30 +905,42 @@ def bad_inputs(d:Path) -> list[tuple]:
     def audio(p, **kw): return csv_(f"audio,text\n{p.name},a\n", **kw)[0]["audio"]
     tone = 0.5 * np.sin(np.arange(1600) / 5)
     Image.new("RGB", (2, 1)).save(d / "ok.png"); wav("ok.wav", tone)
-    E = lambda cls, text: (cls, text)
+    return file, img, wav, csv_, jsonl, audio, tone
+
+# %% ../nbs/01_data.ipynb #b2569c52
+def _manifest_cases(d:Path) -> list[tuple]:
+    "Malformed manifests and labels, as (kind, input, call, expected)."
+    file, img, wav, csv_, jsonl, audio, tone = _bad_input_tools(d)
     return [
-        ("manifest", "CSV row with an unquoted comma", lambda: csv_("image,text\nok.png,red, round\n"), E(DataError, "line 2: 3 fields, expected 2")),
-        ("manifest", "CSV row with a field missing", lambda: csv_("image,text,label\nok.png,a\n"), E(DataError, "line 2: 2 fields, expected 3")),
-        ("manifest", "CSV duplicate column", lambda: csv_("text,image,text\na,ok.png,b\n"), E(DataError, "column 3: duplicate column name 'text'")),
-        ("manifest", "CSV column near a modality name", lambda: csv_("imgae,text\nok.png,a\n"), E(DataError, "did you mean 'image'?")),
-        ("manifest", "CSV header with a space after the comma", lambda: csv_("image, text\nok.png,a\n"), E(DataError, "column ' text': did you mean 'text'?")),
-        ("manifest", "CSV empty column name", lambda: csv_("image,,text\nok.png,x,a\n"), E(DataError, "column 2: empty column name")),
-        ("manifest", "CSV unclosed quote", lambda: csv_('image,text\nok.png,"a\n'), E(DataError, "not valid CSV")),
-        ("manifest", "file that is not UTF-8 (Latin-1)", lambda: csv_("image,text\nok.png,café\n".encode("latin-1")), E(DataError, "line 2, byte 11: b'\\xe9' is not UTF-8")),
+        ("manifest", "CSV row with an unquoted comma", lambda: csv_("image,text\nok.png,red, round\n"), (DataError, "line 2: 3 fields, expected 2")),
+        ("manifest", "CSV row with a field missing", lambda: csv_("image,text,label\nok.png,a\n"), (DataError, "line 2: 2 fields, expected 3")),
+        ("manifest", "CSV duplicate column", lambda: csv_("text,image,text\na,ok.png,b\n"), (DataError, "column 3: duplicate column name 'text'")),
+        ("manifest", "CSV column near a modality name", lambda: csv_("imgae,text\nok.png,a\n"), (DataError, "did you mean 'image'?")),
+        ("manifest", "CSV header with a space after the comma", lambda: csv_("image, text\nok.png,a\n"), (DataError, "column ' text': did you mean 'text'?")),
+        ("manifest", "CSV empty column name", lambda: csv_("image,,text\nok.png,x,a\n"), (DataError, "column 2: empty column name")),
+        ("manifest", "CSV unclosed quote", lambda: csv_('image,text\nok.png,"a\n'), (DataError, "not valid CSV")),
+        ("manifest", "file that is not UTF-8 (Latin-1)", lambda: csv_("image,text\nok.png,café\n".encode("latin-1")), (DataError, "line 2, byte 11: b'\\xe9' is not UTF-8")),
         ("manifest", "UTF-8 with a byte-order mark (Excel)", lambda: list(csv_("\ufeffimage,text\nok.png,a\n").modalities), ["image", "text"]),
         ("manifest", "extra attribute column", lambda: csv_("image,speaker\nok.png,s1\n")[0]["attrs"], {"speaker": "s1"}),
-        ("manifest", "JSONL line that is not an object", lambda: jsonl('["ok.png"]\n'), E(DataError, "line 1: expected a JSON object per line, got list")),
-        ("manifest", "JSONL invalid JSON", lambda: jsonl('{"text": "a",}\n'), E(DataError, "line 1: invalid JSON (column 14")),
-        ("manifest", "JSONL duplicate key", lambda: jsonl('{"text": "a", "text": "b"}\n'), E(DataError, "duplicate key 'text'")),
-        ("manifest", "JSONL key near a modality name", lambda: jsonl('{"txt": "a", "image": "ok.png"}\n'), E(DataError, "did you mean 'text'?")),
-        ("manifest", "manifest that does not exist", lambda: ManifestDataset(d / "none.csv"), E(MissingFileError, "none.csv' does not exist")),
-        ("manifest", "a folder given as the manifest", lambda: ManifestDataset(d), E(MissingFileError, "is a folder; expected a file")),
-        ("manifest", "unknown format (.txt)", lambda: ManifestDataset(file("m.txt", "image\n")), E(ConfigError, "unknown format '.txt'")),
-        ("manifest", "requested modality without a column", lambda: csv_("image\nok.png\n", modalities=["image", "text"]), E(DataError, "missing column 'text'")),
+        ("manifest", "JSONL line that is not an object", lambda: jsonl('["ok.png"]\n'), (DataError, "line 1: expected a JSON object per line, got list")),
+        ("manifest", "JSONL invalid JSON", lambda: jsonl('{"text": "a",}\n'), (DataError, "line 1: invalid JSON (column 14")),
+        ("manifest", "JSONL duplicate key", lambda: jsonl('{"text": "a", "text": "b"}\n'), (DataError, "duplicate key 'text'")),
+        ("manifest", "JSONL key near a modality name", lambda: jsonl('{"txt": "a", "image": "ok.png"}\n'), (DataError, "did you mean 'text'?")),
+        ("manifest", "manifest that does not exist", lambda: ManifestDataset(d / "none.csv"), (MissingFileError, "none.csv' does not exist")),
+        ("manifest", "a folder given as the manifest", lambda: ManifestDataset(d), (MissingFileError, "is a folder; expected a file")),
+        ("manifest", "unknown format (.txt)", lambda: ManifestDataset(file("m.txt", "image\n")), (ConfigError, "unknown format '.txt'")),
+        ("manifest", "requested modality without a column", lambda: csv_("image\nok.png\n", modalities=["image", "text"]), (DataError, "missing column 'text'")),
         ("label", "zero-padded label stays text", lambda: [csv_("text,label\na,09\nb,9\n")[i]["label"] for i in (0, 1)], ["09", "9"]),
         ("label", "JSONL number label becomes its JSON text", lambda: jsonl('{"text": "a", "label": 9}\n')[0]["label"], "9"),
-        ("label", "JSONL list label", lambda: jsonl('{"text": "a", "label": [9]}\n'), E(DataError, "label [9] is a list")),
+        ("label", "JSONL list label", lambda: jsonl('{"text": "a", "label": [9]}\n'), (DataError, "label [9] is a list")),
         ("label", "order of mixed labels", lambda: label_order(["10", "9", "cat", "09", "-1", "9"]), ["-1", "09", "9", "10", "cat"]),
+    ]
+
+# %% ../nbs/01_data.ipynb #e8b0a1b1
+def _image_cases(d:Path) -> list[tuple]:
+    "Every image mode, and image files that are broken, missing or not files, as (kind, input, call, expected)."
+    file, img, wav, csv_, jsonl, audio, tone = _bad_input_tools(d)
+    return [
         ("image", "mode 1 (bilevel)", lambda: img("1", [0, 255], "PNG"), [0, 1, 0, 1, 0, 1]),
         ("image", "mode L (8-bit grey)", lambda: img("L", [0, 51], "PNG"), [0, .2, 0, .2, 0, .2]),
         ("image", "mode P (palette, index 0 transparent)", lambda: img("P", [0, 1], "PNG", [255, 0, 0, 0, 51, 255], transparency=0), [0, 0, 0, .2, 0, 1]),
@@ -930,24 +951,36 @@ def bad_inputs(d:Path) -> list[tuple]:
         ("image", "mode I;16 (16-bit grey PNG)", lambda: img("I;16", [1000, 65535], "PNG"), [1000 / 65535, 1] * 3),
         ("image", "mode I;16B (16-bit big-endian TIFF)", lambda: img("I;16B", [256, 4096]), [256 / 65535, 4096 / 65535] * 3),
         ("image", "mode I (32-bit integers)", lambda: img("I", [300, 65535]), [300 / 65535, 1] * 3),
-        ("image", "mode I beyond 16 bits", lambda: img("I", [-1, 70000]), E(DataError, "holds values in [-1, 70000]; expected values in [0, 65535]")),
+        ("image", "mode I beyond 16 bits", lambda: img("I", [-1, 70000]), (DataError, "holds values in [-1, 70000]; expected values in [0, 65535]")),
         ("image", "mode F (floats in [0, 1])", lambda: img("F", [0.25, 0.75]), [.25, .75] * 3),
-        ("image", "mode F outside [0, 1]", lambda: img("F", [0.5, 2.0]), E(DataError, "expected values in [0, 1]")),
-        ("image", "mode LAB", lambda: img("LAB", [(50, 0, 0), (50, 0, 0)]), E(DataError, "image mode 'LAB' is not supported")),
-        ("image", "text file named .png", lambda: read_image(file("fake.png", "hello")), E(DataError, "cannot decode image")),
-        ("image", "truncated PNG in a manifest", lambda: csv_(f"image\n{file('t.png', (d / 'ok.png').read_bytes()[:30]).name}\n"), E(DataError, "row 2: cannot read image")),
-        ("image", "missing image in a manifest", lambda: csv_("image\nnope.png\n"), E(MissingFileError, "row 2: image file")),
-        ("image", "a folder named in a manifest", lambda: (d / "dir.png").mkdir(exist_ok=True) or csv_("image\ndir.png\n"), E(MissingFileError, "is a folder; expected a file")),
-        ("image", "uint8 image tensor", lambda: collate([{"image": torch.zeros(3, 2, 2, dtype=torch.uint8)}]), E(InputError, "dtype torch.uint8; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")),
-        ("audio", "0-frame WAV", lambda: audio(wav("empty.wav", [])), E(DataError, "has 0 samples")),
-        ("audio", "44.1 kHz WAV, 16 kHz expected", lambda: audio(wav("r44.wav", tone, 44100)), E(DataError, "pass resample=True (mmlab train: --resample true)")),
+        ("image", "mode F outside [0, 1]", lambda: img("F", [0.5, 2.0]), (DataError, "expected values in [0, 1]")),
+        ("image", "mode LAB", lambda: img("LAB", [(50, 0, 0), (50, 0, 0)]), (DataError, "image mode 'LAB' is not supported")),
+        ("image", "text file named .png", lambda: read_image(file("fake.png", "hello")), (DataError, "cannot decode image")),
+        ("image", "truncated PNG in a manifest", lambda: csv_(f"image\n{file('t.png', (d / 'ok.png').read_bytes()[:30]).name}\n"), (DataError, "row 2: cannot read image")),
+        ("image", "missing image in a manifest", lambda: csv_("image\nnope.png\n"), (MissingFileError, "row 2: image file")),
+        ("image", "a folder named in a manifest", lambda: (d / "dir.png").mkdir(exist_ok=True) or csv_("image\ndir.png\n"), (MissingFileError, "is a folder; expected a file")),
+        ("image", "uint8 image tensor", lambda: collate([{"image": torch.zeros(3, 2, 2, dtype=torch.uint8)}]), (InputError, "dtype torch.uint8; expected floats in [0, 1] (convert 8-bit pixels with x.float() / 255)")),
+    ]
+
+# %% ../nbs/01_data.ipynb #78f6d36f
+def _audio_cases(d:Path) -> list[tuple]:
+    "Audio files that are empty, at another rate, stereo, broken or missing, as (kind, input, call, expected)."
+    file, img, wav, csv_, jsonl, audio, tone = _bad_input_tools(d)
+    return [
+        ("audio", "0-frame WAV", lambda: audio(wav("empty.wav", [])), (DataError, "has 0 samples")),
+        ("audio", "44.1 kHz WAV, 16 kHz expected", lambda: audio(wav("r44.wav", tone, 44100)), (DataError, "pass resample=True (mmlab train: --resample true)")),
         ("audio", "44.1 kHz WAV with resample=True", lambda: list(audio(wav("r44.wav", np.zeros(4410), 44100), resample=True).shape), [1600]),
         ("audio", "stereo WAV: the mean of the channels", lambda: audio(wav("st.wav", np.stack([tone, np.full(1600, .25)], 1)))[:2].tolist(), ((tone[:2] + .25) / 2).tolist()),
-        ("audio", "text file named .wav", lambda: audio(file("fake.wav", "hello")), E(DataError, "cannot read audio")),
-        ("audio", "WAV cut inside its header", lambda: audio(file("cut.wav", (d / "ok.wav").read_bytes()[:20])), E(DataError, "cannot read audio")),
-        ("audio", "NaN samples", lambda: audio(wav("nan.wav", [0, np.nan, 0])), E(DataError, "NaN/Inf")),
-        ("audio", "missing audio file", lambda: decode_audio(d / "none.wav"), E(MissingFileError, "does not exist")),
+        ("audio", "text file named .wav", lambda: audio(file("fake.wav", "hello")), (DataError, "cannot read audio")),
+        ("audio", "WAV cut inside its header", lambda: audio(file("cut.wav", (d / "ok.wav").read_bytes()[:20])), (DataError, "cannot read audio")),
+        ("audio", "NaN samples", lambda: audio(wav("nan.wav", [0, np.nan, 0])), (DataError, "NaN/Inf")),
+        ("audio", "missing audio file", lambda: decode_audio(d / "none.wav"), (MissingFileError, "does not exist")),
     ]
+
+def bad_inputs(d:Path) -> list[tuple]:
+    "Every kind of bad input, as (kind, input, call, expected): `call()` writes its files under `d` and reads them; expected is (error class, message excerpt) or the values returned."
+    d = Path(d)
+    return _manifest_cases(d) + _image_cases(d) + _audio_cases(d)
 
 # %% ../nbs/01_data.ipynb #2e70f02c
 def run_bad_input(call, expected) -> tuple[str, bool]:

@@ -279,6 +279,23 @@ def test_resample_option_and_row_with_nothing(good):
         ManifestDataset(manifest(good, "n.csv", "audio,text", "ok.wav,hi", ","))
 
 
+def test_missing_dataset_names_the_settings_that_point_to_it(tmp_path):
+    with pytest.raises(MissingFileError, match=r"meta.json does not exist; .*settings.ini or MMLAB_DATA_ROOT, or pass root="):
+        load_dataset("shapes", "train", root=tmp_path)
+
+
+def test_rate_error_names_the_option_of_the_way_it_was_reached(good):
+    "A manifest or recipe user cannot pass decode_audio's resample_to_rate: their error names resample / --resample."
+    wav(good / "late.wav")
+    ds = ManifestDataset(manifest(good, "m.csv", "audio,text", "late.wav,a"), cache=False)
+    wav(good / "late.wav", sr=8000)                   # the rate changes after the manifest was checked
+    with pytest.raises(DataError, match=r"sample rate 8000 Hz, expected 16000 Hz; resample the file or pass resample=True "
+                                        r"\(mmlab train: --resample true\)") as e: ds[0]
+    assert "resample_to_rate" not in str(e.value)
+    with pytest.raises(DataError, match="pass resample=True"):      # the same words when the manifest is opened
+        ManifestDataset(manifest(good, "n.csv", "audio,text", "late.wav,a"), cache=False)
+
+
 def test_file_broken_after_check_is_skipped_at_load_time_and_counted(good):
     wav(good / "late.wav")
     p = manifest(good, "m.csv", "audio,text", "ok.wav,a", "late.wav,b")
