@@ -111,8 +111,8 @@ def _collapsed_solution(body:str) -> str:
     return f'<details class="mmlab-solution"><summary>Worked solution</summary>\n\n```python\n{body.strip()}\n```\n\n</details>'
 
 # %% ../nbs/99_docsite.ipynb #f0c6d377
-def prepare_page(nb) -> tuple[object, str]:
-    "Translate a notebook processed by nbdev into one mkdocs-jupyter renders; return it and its title."
+def prepare_page(nb, number:str="") -> tuple[object, str]:
+    "Translate a notebook processed by nbdev into one mkdocs-jupyter renders (title numbered `number · title`)."
     import nbformat
     cells, title, n_plots = [], "", 0
     for cell in nb.cells:
@@ -120,7 +120,7 @@ def prepare_page(nb) -> tuple[object, str]:
         if cell.cell_type == "raw":
             fm = _frontmatter(cell.source)
             if fm.get("title"):
-                title = fm["title"]
+                title = f"{number} · {fm['title']}" if number else fm["title"]
                 desc = f"\n\n> {fm['description']}" if fm.get("description") else ""
                 cells.append(nbformat.v4.new_markdown_cell(f"# {title}{desc}"))
             continue
@@ -282,7 +282,8 @@ def build_site(dest:str|Path="_site",                 # output folder (relative:
         nav = site_nav(outline, pages)                     # before the slow part: a chapter off the path fails fast
         for src in process_notebooks(root / "nbs", proc):
             rel = src.relative_to(proc)
-            page, _ = prepare_page(nbformat.read(src, as_version=4))
+            number = rel.stem.split("_")[0] if rel.stem[0].isdigit() else ""   # 03_contrastive -> 03
+            page, _ = prepare_page(nbformat.read(src, as_version=4), number)
             (docs / rel).parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(page, docs / rel)
         _copy_assets(docs / "assets", mathjax_dir)

@@ -96,7 +96,7 @@ def exercises(nb_cells:list) -> dict:
         if c["cell_type"] == "markdown":
             for n in re.findall(r"\*\*Exercise (\d+)\b", s): ex.setdefault(int(n), {})["statement"] = i
         elif c["cell_type"] == "code":
-            for n, sol in re.findall(r"check_exercise\((\d+),[^\n]*?(solution=True)?\)\s*$", s, flags=re.M):
+            for n, sol in re.findall(r"check_exercise\((\d+),[^\n]*?(solution=True)?\);?\s*$", s, flags=re.M):
                 ex.setdefault(int(n), {})["solution" if sol else "check"] = i
     return ex
 
