@@ -151,30 +151,34 @@ class ChunkedClipLoss(torch.autograd.Function):
         ctx.cfg, ctx.labels = (eps, chunk, offset, both), (ya, yb)
         return loss
 
-    @staticmethod
-    @_full_precision                     # the backward pass runs outside the loss's autocast-free region
-    def backward(ctx, g):
-        a, b, scale, bias, lse_r, lse_c = ctx.saved_tensors
-        (eps, chunk, offset, both), (ya, yb) = ctx.cfg, ctx.labels
-        Ba, Bb = a.shape[0], b.shape[0]
-        k = g * (0.5 if both else 1.0) / Ba                                   # d loss / d (sum of a block's terms)
-        ga, gb = torch.empty_like(a), torch.zeros_like(b)
-        gs = torch.zeros_like(scale)
-        for blk in _blocks(Ba, chunk):
-            s = (scale * a[blk]) @ b.T                                         # recompute the block's logits
-            G = torch.exp(s - lse_r[blk, None])                               # row softmax
-            if both: G.add_(s.sub_(lse_c[None, :]).exp_())                     # + column softmax
-            G.mul_(k)
-            if eps: G.sub_(k * eps * (2 / Ba if both else 1 / Bb))            # smoothed targets (uniform part)
-            w = k * (1 - eps) * (2 if both else 1)
-            if ya is None: G[_diag(blk, offset, a.device)] -= w              # one-hot part
-            else: G.sub_(_label_targets(ya[blk], yb, G.dtype).mul_(w))       # label-aware part: P of the block
-            Gb = G @ b                                                         # (chunk, D)
-            ga[blk] = scale * Gb
-            if ctx.needs_input_grad[2]: gs += (a[blk] * Gb).sum()             # sum_ij G_ij a_i.b_j
-            gb.addmm_(G.T, a[blk])
-        gb.mul_(scale)
-        return ga, gb, gs, torch.zeros_like(bias), None, None, None, None, None, None
+
+# %% ../../nbs/03_contrastive.ipynb #8baafd1e
+@patch
+@_full_precision                     # the backward pass runs outside the loss's autocast-free region
+def backward(ctx:ChunkedClipLoss, g):
+    "Recompute each row block's logits and form its gradient G = dL/dlogits directly; return the inputs' gradients."
+    a, b, scale, bias, lse_r, lse_c = ctx.saved_tensors
+    (eps, chunk, offset, both), (ya, yb) = ctx.cfg, ctx.labels
+    Ba, Bb = a.shape[0], b.shape[0]
+    k = g * (0.5 if both else 1.0) / Ba                                   # d loss / d (sum of a block's terms)
+    ga, gb = torch.empty_like(a), torch.zeros_like(b)
+    gs = torch.zeros_like(scale)
+    for blk in _blocks(Ba, chunk):
+        s = (scale * a[blk]) @ b.T                                         # recompute the block's logits
+        G = torch.exp(s - lse_r[blk, None])                               # row softmax
+        if both: G.add_(s.sub_(lse_c[None, :]).exp_())                     # + column softmax
+        G.mul_(k)
+        if eps: G.sub_(k * eps * (2 / Ba if both else 1 / Bb))            # smoothed targets (uniform part)
+        w = k * (1 - eps) * (2 if both else 1)
+        if ya is None: G[_diag(blk, offset, a.device)] -= w              # one-hot part
+        else: G.sub_(_label_targets(ya[blk], yb, G.dtype).mul_(w))       # label-aware part: P of the block
+        Gb = G @ b                                                         # (chunk, D)
+        ga[blk] = scale * Gb
+        if ctx.needs_input_grad[2]: gs += (a[blk] * Gb).sum()             # sum_ij G_ij a_i.b_j
+        gb.addmm_(G.T, a[blk])
+    gb.mul_(scale)
+    return ga, gb, gs, torch.zeros_like(bias), None, None, None, None, None, None
+
 
 # %% ../../nbs/03_contrastive.ipynb #29c790b3
 class ChunkedSiglipLoss(torch.autograd.Function):
@@ -604,6 +608,35 @@ def symile_loss(embeddings:list,  # M >= 2 tensors (B, D), L2-normalised, one pe
         total = total + F.cross_entropy(scale * (others @ xs[m].T), labels)
     return total / len(xs)
 
+# %% ../../nbs/03_contrastive.ipynb #9358a669
+def _mochi_pool(q:Tensor, k:Tensor, negatives:Tensor|None, where:str) -> tuple[Tensor, Tensor, Tensor]:
+    "(similarities to the real negatives (B, K), pool of negatives to mix from, scores that rank the pool)."
+    if negatives is None:                                                   # in-batch: row i without column i
+        B = q.shape[0]
+        sims = q @ k.T                                                      # (B, B)
+        off = ~torch.eye(B, dtype=torch.bool, device=q.device)
+        return sims[off].view(B, B - 1), k, sims.detach().masked_fill(~off, -math.inf)   # never pick the positive
+    _check_embeddings({"negatives": negatives}, min_batch=1, where=where)
+    if negatives.shape[1] != q.shape[1]:
+        raise ShapeError(f"{where}: negatives must have width D={q.shape[1]}, got shape {tuple(negatives.shape)}")
+    pool = negatives.to(q.dtype)
+    neg = q @ pool.T                                                        # (B, K)
+    return neg, pool, neg.detach()
+
+@torch.no_grad()
+def _mochi_synthesise(q:Tensor, hard:Tensor, n_mix:int, n_query_mix:int, beta_max:float, generator) -> Tensor:
+    "(B, n_mix + n_query_mix, D) unit-norm synthetic negatives from the (B, n_hard, D) hardest; draws: pairs, alpha, picks, beta."
+    B, n_hard, D = hard.shape
+    pairs = torch.randint(n_hard, (B, n_mix, 2), generator=generator, device=q.device)
+    alpha = torch.rand(B, n_mix, 1, generator=generator, device=q.device, dtype=q.dtype)
+    mix = alpha * torch.gather(hard, 1, pairs[..., :1].expand(-1, -1, D)) \
+        + (1 - alpha) * torch.gather(hard, 1, pairs[..., 1:].expand(-1, -1, D))
+    picks = torch.randint(n_hard, (B, n_query_mix), generator=generator, device=q.device)
+    beta = beta_max * torch.rand(B, n_query_mix, 1, generator=generator, device=q.device, dtype=q.dtype)
+    qmix = beta * q[:, None] + (1 - beta) * torch.gather(hard, 1, picks[..., None].expand(-1, -1, D))
+    return F.normalize(torch.cat([mix, qmix], 1), dim=-1)
+
+
 # %% ../../nbs/03_contrastive.ipynb #4aa9cb9e
 @_full_precision
 def hard_negative_mixing(q:Tensor,            # (B, D) L2-normalised queries (e.g. images)
@@ -622,34 +655,16 @@ def hard_negative_mixing(q:Tensor,            # (B, D) L2-normalised queries (e.
     q, k = _f32(q, k)
     scale = _scalar(logit_scale, q, "logit_scale", where)
     pos = (q * k).sum(1, keepdim=True)                                       # (B, 1)
-    if negatives is None:                                                   # in-batch: row i without column i
-        sims = q @ k.T                                                      # (B, B)
-        off = ~torch.eye(B, dtype=torch.bool, device=q.device)
-        neg, pool = sims[off].view(B, B - 1), k                             # (B, K = B - 1)
-        hard_sims = sims.detach().masked_fill(~off, -math.inf)              # never pick the positive
-    else:
-        _check_embeddings({"negatives": negatives}, min_batch=1, where=where)
-        if negatives.shape[1] != D:
-            raise ShapeError(f"{where}: negatives must have width D={D}, got shape {tuple(negatives.shape)}")
-        pool = negatives.to(q.dtype)
-        neg = q @ pool.T                                                    # (B, K)
-        hard_sims = neg.detach()
+    neg, pool, hard_sims = _mochi_pool(q, k, negatives, where)
     K = neg.shape[1]
     if not 1 <= n_hard <= K: raise InputError(f"{where}: n_hard must be in [1, K={K}] (number of negatives), got {n_hard}")
     if n_mix < 0 or n_query_mix < 0: raise InputError(f"{where}: n_mix and n_query_mix must be >= 0")
     if not 0 <= beta_max <= 1: raise InputError(f"{where}: beta_max must be in [0, 1], got {beta_max}")
-    with torch.no_grad():
-        hard = pool.detach()[hard_sims.topk(n_hard, dim=1).indices]        # (B, N, D) hardest first
-        pairs = torch.randint(n_hard, (B, n_mix, 2), generator=generator, device=q.device)
-        alpha = torch.rand(B, n_mix, 1, generator=generator, device=q.device, dtype=q.dtype)
-        mix = alpha * torch.gather(hard, 1, pairs[..., :1].expand(-1, -1, D)) \
-            + (1 - alpha) * torch.gather(hard, 1, pairs[..., 1:].expand(-1, -1, D))
-        picks = torch.randint(n_hard, (B, n_query_mix), generator=generator, device=q.device)
-        beta = beta_max * torch.rand(B, n_query_mix, 1, generator=generator, device=q.device, dtype=q.dtype)
-        qmix = beta * q[:, None] + (1 - beta) * torch.gather(hard, 1, picks[..., None].expand(-1, -1, D))
-        synth = F.normalize(torch.cat([mix, qmix], 1), dim=-1)               # (B, s + s', D), no gradient
+    hard = pool.detach()[hard_sims.topk(n_hard, dim=1).indices]            # (B, n_hard, D) hardest first
+    synth = _mochi_synthesise(q, hard, n_mix, n_query_mix, beta_max, generator)   # no gradient, as in MoCHi
     syn = torch.einsum("bd,bsd->bs", q, synth)
     return scale * torch.cat([pos, neg, syn], 1)
+
 
 # %% ../../nbs/03_contrastive.ipynb #5a479a5c
 def mochi_loss(q:Tensor, k:Tensor, logit_scale, **kw) -> Tensor:
