@@ -877,6 +877,27 @@ def attention_layers(model:nn.Module) -> list:
     "Names of the attention modules of `model` (in forward order), the names `capture_attention` reports."
     return [n for n, _, _ in _attention_modules(model)]
 
+# %% ../nbs/02_encoders.ipynb #76e948ce
+def _pick_layers(mods:list, layers) -> list:
+    "The (name, module, owner) entries of `mods` that `layers` selects: None (all), an index or a name, or a list of them."
+    if layers is None: return mods
+    names = [n for n, _, _ in mods]
+    def pick(l):
+        if isinstance(l, int) and -len(mods) <= l < len(mods): return mods[l]
+        if isinstance(l, str) and l in names: return mods[names.index(l)]
+        raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
+    return [pick(l) for l in ([layers] if isinstance(layers, (int, str)) else layers)]
+
+def _hook_attention(mod:Attention, store) -> list:
+    "Hooks on `mod` that hand `store` its attention probabilities, recomputed from the Q and K it used; returns the handles."
+    qk = {}                                                       # q_norm / k_norm module -> its output
+    def grab(m, inp, out): qk[m] = out.detach()
+    def post(m, args, kwargs, out):
+        mask = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
+        with torch.no_grad(): store(attention_probs(qk[m.q_norm], qk[m.k_norm], mask))
+    return [mod.q_norm.register_forward_hook(grab), mod.k_norm.register_forward_hook(grab),
+            mod.register_forward_hook(post, with_kwargs=True)]
+
 # %% ../nbs/02_encoders.ipynb #8cb22f99
 @contextmanager
 def capture_attention(model:nn.Module,     # any module containing `Attention` / `CrossAttention`
@@ -886,12 +907,6 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
     "Context manager yielding {layer name: (B, H_sel, Nq, Nk) attention probabilities} of the last forward pass."
     mods = _attention_modules(model)
     if not mods: raise InputError(f"capture_attention: {type(model).__name__} has no attention modules (mmlab or HFEncoder)")
-    names = [n for n, _, _ in mods]
-    def pick(l):
-        if isinstance(l, int) and -len(mods) <= l < len(mods): return mods[l]
-        if isinstance(l, str) and l in names: return mods[names.index(l)]
-        raise InputError(f"capture_attention: unknown layer {l!r}; {len(mods)} attention layers: {names}")
-    chosen = mods if layers is None else [pick(l) for l in ([layers] if isinstance(layers, (int, str)) else layers)]
     maps, handles, hf_models = {}, [], {}
     def store(name, p):
         if heads is not None:
@@ -899,17 +914,11 @@ def capture_attention(model:nn.Module,     # any module containing `Attention` /
                 raise InputError(f"capture_attention: heads {list(heads)} out of range for {p.shape[1]} heads in {name}")
             p = p[:, list(heads)]
         maps[name] = p
+    chosen = _pick_layers(mods, layers)
     for name, mod, owner in chosen:
-        if owner is not None:                                         # transformers module: see `_hf_capture_attention`
-            _HF_CAPTURE[id(mod)] = lambda p, name=name: store(name, p)
-            hf_models[id(owner)] = owner; continue
-        qk = {}                                                       # q_norm / k_norm module -> its output
-        def grab(m, inp, out, qk=qk): qk[m] = out.detach()
-        def post(m, args, kwargs, out, qk=qk, name=name):
-            mask = kwargs.get("attn_mask", args[-1] if len(args) > (2 if isinstance(m, CrossAttention) else 1) else None)
-            with torch.no_grad(): store(name, attention_probs(qk[m.q_norm], qk[m.k_norm], mask))
-        handles += [mod.q_norm.register_forward_hook(grab), mod.k_norm.register_forward_hook(grab),
-                    mod.register_forward_hook(post, with_kwargs=True)]
+        if owner is None: handles += _hook_attention(mod, lambda p, name=name: store(name, p)); continue
+        _HF_CAPTURE[id(mod)] = lambda p, name=name: store(name, p)    # transformers module: see `_hf_capture_attention`
+        hf_models[id(owner)] = owner
     switched = []
     try:
         for hfm in hf_models.values():

@@ -131,8 +131,8 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
                  proj_dim:int=128,                            # shared embedding width E
                  head:dict|None=None,                         # ProjectionHead options of every modality (default linear; SimCLR: dict(layers=2))
                  heads:dict|None=None,                        # modality -> head module, overrides `head`
-                 init_scale:float=1 / 0.07,                   # initial multiplier s = 1/temperature (CLIP 1/0.07, SigLIP 10)
-                 init_bias:float|None=None,                   # initial bias t; None: no bias (SigLIP: -10)
+                 init_scale:float=1 / 0.07,                   # initial multiplier e^t = 1/temperature (CLIP 1/0.07, SigLIP 10)
+                 init_bias:float|None=None,                   # initial bias b; None: no bias (SigLIP: -10)
                  max_scale:float=100.0,                       # cap of s, kept by clamp_parameters_ (CLIP: 100)
                  locked=(),                                   # modalities whose towers are frozen (LiT)
                 ):
@@ -656,7 +656,7 @@ class EMATeacher(nn.Module):
     def __init__(self, student:nn.Module, # the network to track
                  base:float=0.996,        # momentum of the first update
                  final:float=1.0,         # momentum of the last update
-                 total_steps:int=1000,    # number of updates K
+                 total_steps:int=1000,    # number of updates T
                  copy_buffers:bool=False):# BatchNorm statistics: the teacher's own (BYOL, DINO) or copied from the student
         super().__init__()
         self.module = copy.deepcopy(student).requires_grad_(False)
