@@ -48,6 +48,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmlab.core.get_settings': ('core.html#get_settings', 'mmlab/core.py'),
                             'mmlab.core.gpu_ready': ('core.html#gpu_ready', 'mmlab/core.py'),
                             'mmlab.core.in_test': ('core.html#in_test', 'mmlab/core.py'),
+                            'mmlab.core.md_table': ('core.html#md_table', 'mmlab/core.py'),
                             'mmlab.core.project_root': ('core.html#project_root', 'mmlab/core.py'),
                             'mmlab.core.set_seed': ('core.html#set_seed', 'mmlab/core.py'),
                             'mmlab.core.show_fig': ('core.html#show_fig', 'mmlab/core.py')},

@@ -17,7 +17,7 @@ __all__ = ['DEVICE_PATTERN', 'PRECISIONS', 'ENV_NON_SETTINGS', 'SETTING_KEYS', '
            'InputError', 'ShapeError', 'NonFiniteError', 'InputTypeError', 'DataError', 'MissingFileError',
            'DeviceError', 'CheckpointError', 'KernelBuildError', 'Settings', 'project_root', 'find_settings_file',
            'get_settings', 'set_seed', 'get_device', 'show_fig', 'get_precision', 'autocast', 'eval_mode',
-           'check_shape', 'check_finite', 'check_unit_norm', 'in_test', 'gpu_ready', 'check_exercise']
+           'check_shape', 'check_finite', 'check_unit_norm', 'in_test', 'gpu_ready', 'check_exercise', 'md_table']
 
 # %% ../nbs/00_core.ipynb #0f9a97d0
 class MMLabError(Exception): "Base class of every error mmlab raises on purpose."
@@ -238,3 +238,19 @@ def check_exercise(n:int, check, solution:bool=False) -> bool:
         return False
     print(f"Exercise {n}: " + ("the worked solution passes the check" if solution else "correct"))
     return True
+
+# %% ../nbs/00_core.ipynb #809d1165
+def md_table(rows:list|dict,    # dicts with the same keys, or {row label: dict}
+             digits:int=3,       # decimals of floats
+             index:str="",       # header of the label column when `rows` is a mapping
+            ):
+    "A Markdown table of `rows` (floats rounded to `digits`, None shown as a dash), displayed by Jupyter and the docs."
+    from IPython.display import Markdown
+    if isinstance(rows, dict): rows = [{index: label} | row for label, row in rows.items()]
+    if not rows: raise InputError("md_table: no rows to show; expected at least one dict")
+    keys = list(rows[0])
+    if bad := [i for i, r in enumerate(rows) if list(r) != keys]:
+        raise InputError(f"md_table: rows {bad} have keys other than the first row's {keys}")
+    cell = lambda v: "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(str, keys)) + " |", "|" + "---|" * len(keys)]
+    return Markdown("\n".join(lines + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]))
