@@ -190,7 +190,7 @@ def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modal
                           b:Tensor,   # (B, D) L2-normalised embeddings of modality B (student)
                           a_m:Tensor, # (B, D) same from the momentum (EMA) model
                           b_m:Tensor, # (B, D) same from the momentum (EMA) model
-                          logit_scale:Tensor|float, # multiplier s = 1/tau
+                          logit_scale:Tensor|float, # multiplier 1/tau (a logit scale)
                           alpha:float=0.4,          # weight of the soft targets
                          ) -> Tensor:
     "ALBEF image-text contrastive loss with momentum distillation (Li et al. 2021, eq. 3)."
@@ -215,7 +215,7 @@ def caption_loss(logits:Tensor, # (B, T, V) decoder outputs at positions 0..T-1
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=pad_id)
 
 def coca_loss(a:Tensor, b:Tensor,          # (B, D) L2-normalised image and text embeddings
-              logit_scale:Tensor|float,    # multiplier s = 1/tau
+              logit_scale:Tensor|float,    # multiplier 1/tau (a logit scale)
               logits:Tensor,               # (B, T, V) caption decoder outputs
               tokens:Tensor,               # (B, T) caption token ids
               pad_id:int=0,
