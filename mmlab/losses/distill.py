@@ -19,16 +19,16 @@ __all__ = ['momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss', '
            'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss', 'caption_loss', 'coca_loss']
 
 # %% ../../nbs/05_distill.ipynb #1111b94e
-def momentum_schedule(step:int,         # index k of the update: 0 for the first, total - 1 for the last
-                      total:int,        # number of updates K
-                      base:float=0.996, # m_0, used by the first update
-                      final:float=1.0,  # m_K, used by the last update
+def momentum_schedule(step:int,         # index n of the update: 0 for the first, total - 1 for the last
+                      total:int,        # number of updates T
+                      base:float=0.996, # m_base, used by the first update
+                      final:float=1.0,  # m_final, used by the last update
                      ) -> float:
-    "Cosine momentum schedule of BYOL/DINO, ends as lightly's: base at update 0, final at update K - 1."
+    "Cosine momentum schedule of BYOL/DINO, ends as lightly's: base at update 0, final at update T - 1."
     if total <= 0: raise InputError(f"momentum_schedule: total must be > 0, got {total}")
     if total == 1: return final                           # one update: it is the last one (as lightly)
-    k = min(max(step, 0), total - 1)
-    return final - (final - base) * 0.5 * (1 + math.cos(math.pi * k / (total - 1)))
+    n = min(max(step, 0), total - 1)
+    return final - (final - base) * 0.5 * (1 + math.cos(math.pi * n / (total - 1)))
 
 # %% ../../nbs/05_distill.ipynb #b840f79c
 @torch.no_grad()
@@ -145,7 +145,7 @@ def vicreg_terms(z1:Tensor, z2:Tensor,   # (B, D) embeddings of the two views
                  *, distributed:bool=False, # variance and covariance on the batch gathered (with gradient) from every rank
                  group=None,             # process group for `distributed`
                 ) -> dict:
-    "VICReg's three unweighted terms, as its reference code: invariance s, variance v (halved), covariance c."
+    "VICReg's three unweighted terms, as its reference code: invariance, variance (halved), covariance."
     _pair(z1, z2, "vicreg_terms", ("z1", "z2"))
     inv = F.mse_loss(z1, z2)                                              # this rank's pairs
     if distributed: z1, z2 = gather_with_grad(z1, group), gather_with_grad(z2, group)
@@ -190,7 +190,7 @@ def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modal
                           b:Tensor,   # (B, D) L2-normalised embeddings of modality B (student)
                           a_m:Tensor, # (B, D) same from the momentum (EMA) model
                           b_m:Tensor, # (B, D) same from the momentum (EMA) model
-                          logit_scale:Tensor|float, # multiplier s = 1/tau
+                          logit_scale:Tensor|float, # multiplier 1/tau (a logit scale)
                           alpha:float=0.4,          # weight of the soft targets
                          ) -> Tensor:
     "ALBEF image-text contrastive loss with momentum distillation (Li et al. 2021, eq. 3)."
@@ -215,7 +215,7 @@ def caption_loss(logits:Tensor, # (B, T, V) decoder outputs at positions 0..T-1
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=pad_id)
 
 def coca_loss(a:Tensor, b:Tensor,          # (B, D) L2-normalised image and text embeddings
-              logit_scale:Tensor|float,    # multiplier s = 1/tau
+              logit_scale:Tensor|float,    # multiplier 1/tau (a logit scale)
               logits:Tensor,               # (B, T, V) caption decoder outputs
               tokens:Tensor,               # (B, T) caption token ids
               pad_id:int=0,
