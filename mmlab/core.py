@@ -240,13 +240,15 @@ def check_exercise(n:int, check, solution:bool=False) -> bool:
     return True
 
 # %% ../nbs/00_core.ipynb #809d1165
-def md_table(rows:list|dict,    # dicts with the same keys, or {row label: dict}
+def md_table(rows:list|dict,    # dicts with the same keys, {row label: dict}, or columns {header: values}
              digits:int=3,       # decimals of floats
              index:str="",       # header of the label column when `rows` is a mapping
             ):
     "A Markdown table of `rows` (floats rounded to `digits`, None shown as a dash), displayed by Jupyter and the docs."
     from IPython.display import Markdown
-    if isinstance(rows, dict): rows = [{index: label} | row for label, row in rows.items()]
+    if isinstance(rows, dict) and all(isinstance(v, (list, tuple)) for v in rows.values()):   # columns
+        rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    elif isinstance(rows, dict): rows = [{index: label} | row for label, row in rows.items()]
     if not rows: raise InputError("md_table: no rows to show; expected at least one dict")
     keys = list(rows[0])
     if bad := [i for i, r in enumerate(rows) if list(r) != keys]:
