@@ -371,6 +371,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.kernels._SigLIPSums.backward': ('kernels.html#_siglipsums.backward', 'mmlab/kernels.py'),
                                'mmlab.kernels._SigLIPSums.forward': ('kernels.html#_siglipsums.forward', 'mmlab/kernels.py'),
                                'mmlab.kernels._as_scalar': ('kernels.html#_as_scalar', 'mmlab/kernels.py'),
+                               'mmlab.kernels._cpu_build': ('kernels.html#_cpu_build', 'mmlab/kernels.py'),
+                               'mmlab.kernels._cuda_build': ('kernels.html#_cuda_build', 'mmlab/kernels.py'),
                                'mmlab.kernels._dot_sum': ('kernels.html#_dot_sum', 'mmlab/kernels.py'),
                                'mmlab.kernels._ext_for': ('kernels.html#_ext_for', 'mmlab/kernels.py'),
                                'mmlab.kernels._kind': ('kernels.html#_kind', 'mmlab/kernels.py'),

@@ -293,7 +293,10 @@ __device__ void logit_tile(const T* __restrict__ X, const T* __restrict__ Y, int
       __syncthreads();
     }
     for (int f = 0; f < TM / 16; ++f) wmma::store_matrix_sync(St + m0 * LDS + 16 * f, fc[f], LDS, wmma::mem_row_major);
-#endif
+#endif'''
+
+# %% ../nbs/06_kernels.ipynb #8f497484
+CUDA_SOURCE += r'''
   } else {
     constexpr int Q = TM * TM / NT;
     acc s[Q];
@@ -346,7 +349,10 @@ __device__ void accumulate(const T* __restrict__ Y, int n, int D, int Dp, int i0
         }
       }
       for (int f = 0; f < DC / 16; ++f) wmma::store_matrix_sync(o + 16 * f, fc[f], Dp, wmma::mem_row_major);
-#endif
+#endif'''
+
+# %% ../nbs/06_kernels.ipynb #fe0ee34a
+CUDA_SOURCE += r'''
     } else {
       for (int idx = threadIdx.x; idx < TM * DC; idx += NT) {
         const int r = idx / DC, c = idx % DC;
@@ -636,7 +642,36 @@ def _log_tail(e:BaseException, n:int=3000) -> str:
     msg = str(e)
     return msg if len(msg) <= n else "...\n" + msg[-n:]
 
-# %% ../nbs/06_kernels.ipynb #087ac078
+# %% ../nbs/06_kernels.ipynb #a5c6bf3e
+def _cpu_build() -> tuple[str, dict]:
+    "Extension name and `load_inline` arguments of the C++/OpenMP kernels."
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise KernelBuildError("build_extension('cpu'): no C++ compiler found (looked for $CXX or `c++` on PATH); "
+                               "install g++, or call the loss with impl='chunked'")
+    name = f"mmlab_kernels_cpu_{hashlib.sha1(CPU_SOURCE.encode()).hexdigest()[:12]}"
+    return name, dict(cpp_sources=CPU_SOURCE, functions=CPU_FUNCTIONS,
+                      extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+def _cuda_build(ce, arch:str|None) -> tuple[str, dict]:
+    "Extension name and `load_inline` arguments of the CUDA kernels; sets the build's environment (the caller restores it)."
+    home = cuda_home()
+    if home is None:
+        raise KernelBuildError("build_extension('cuda'): nvcc not found (no $CUDA_HOME, no `nvcc` on PATH, "
+                               "no /usr/local/cuda); install the CUDA toolkit, or call the loss with impl='chunked'")
+    arch = arch or local_cuda_arch()
+    if arch is None:
+        raise KernelBuildError("build_extension('cuda'): no GPU to target; pass arch='9.0' (or set "
+                               "TORCH_CUDA_ARCH_LIST) to compile without one")
+    os.environ["CUDA_HOME"] = home; ce.CUDA_HOME = home   # cpp_extension read it at import time
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", arch)
+    name = f"mmlab_kernels_cuda_{hashlib.sha1(CUDA_SOURCE.encode()).hexdigest()[:12]}_{tag}"
+    # a pip-installed CUDA wheel may carry headers the toolkit lacks (cuBLAS etc.)
+    extra_inc = [str(p) for p in Path(torch.__file__).parent.parent.glob("nvidia/cu*/include")]
+    return name, dict(cpp_sources=CUDA_DECLS, cuda_sources=CUDA_SOURCE, functions=CUDA_FUNCTIONS,
+                      extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], extra_include_paths=extra_inc)
+
+# %% ../nbs/06_kernels.ipynb #2ec8ab7d
 def build_extension(kind:str="cpu",          # "cpu" (C++/OpenMP) or "cuda"
                     arch:str|None=None,      # CUDA only: e.g. "9.0"; default `local_cuda_arch()`
                     verbose:bool=False):     # print the compiler command lines and log
@@ -653,30 +688,7 @@ def build_extension(kind:str="cpu",          # "cpu" (C++/OpenMP) or "cuda"
         root = Path(get_settings().kernel_build_dir).expanduser()
         env_backup = dict(os.environ)
         try:
-            if kind == "cpu":
-                if shutil.which(os.environ.get("CXX", "c++")) is None:
-                    raise KernelBuildError("build_extension('cpu'): no C++ compiler found (looked for $CXX or `c++` "
-                                           "on PATH); install g++ or use the chunked loss")
-                name = f"mmlab_kernels_cpu_{hashlib.sha1(CPU_SOURCE.encode()).hexdigest()[:12]}"
-                kw = dict(cpp_sources=CPU_SOURCE, functions=CPU_FUNCTIONS,
-                          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-            else:
-                home = cuda_home()
-                if home is None:
-                    raise KernelBuildError("build_extension('cuda'): nvcc not found (no $CUDA_HOME, no `nvcc` on PATH, "
-                                           "no /usr/local/cuda); install the CUDA toolkit or use the chunked loss")
-                arch = arch or local_cuda_arch()
-                if arch is None:
-                    raise KernelBuildError("build_extension('cuda'): no GPU to target; pass arch='9.0' (or set "
-                                           "TORCH_CUDA_ARCH_LIST) to compile without one")
-                os.environ["CUDA_HOME"] = home; ce.CUDA_HOME = home   # cpp_extension read it at import time
-                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-                tag = re.sub(r"[^0-9A-Za-z]+", "_", arch)
-                name = f"mmlab_kernels_cuda_{hashlib.sha1(CUDA_SOURCE.encode()).hexdigest()[:12]}_{tag}"
-                # a pip-installed CUDA wheel may carry headers the toolkit lacks (cuBLAS etc.)
-                extra_inc = [str(p) for p in Path(torch.__file__).parent.parent.glob("nvidia/cu*/include")]
-                kw = dict(cpp_sources=CUDA_DECLS, cuda_sources=CUDA_SOURCE, functions=CUDA_FUNCTIONS,
-                          extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"], extra_include_paths=extra_inc)
+            name, kw = _cpu_build() if kind == "cpu" else _cuda_build(ce, arch)
             bdir = root/name
             bdir.mkdir(parents=True, exist_ok=True)
             try:
