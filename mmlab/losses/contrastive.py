@@ -367,8 +367,8 @@ def clip_loss(a:Tensor,                 # (B, D) L2-normalised embeddings of mod
 @_full_precision
 def siglip_loss(a:Tensor,               # (B, D) L2-normalised embeddings of modality A
                 b:Tensor,               # (B, D) L2-normalised embeddings of modality B; b[i] pairs with a[i]
-                logit_scale,            # multiplier s: float or 0-d tensor (may require grad)
-                logit_bias,             # bias t: float or 0-d tensor (SigLIP initialises it at -10)
+                logit_scale,            # multiplier e^t = 1/tau: float or 0-d tensor (may require grad)
+                logit_bias,             # bias b: float or 0-d tensor (SigLIP initialises it at -10)
                 *, labels:Tensor|None=None,  # (B,) int class ids: z_ij = +1 for every same-label pair
                 chunk_size:int|None=None, impl:str="auto", distributed:bool=False,
                 local_loss:bool=False, group=None,
