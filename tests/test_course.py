@@ -76,6 +76,18 @@ def uncited(nb_cells:list) -> list:
                 missing.append(f"{num} in: {line.strip()[:120]}")
     return missing
 
+FIGURES = ("application/vnd.plotly.v1+json", "image/png", "image/svg+xml", "application/vnd.jupyter.widget-view+json")
+
+def unread_figures(nb_cells:list) -> list:
+    "Figures (plots, images, widgets) with no prose after them before the next figure: nothing says what to notice."
+    unread, pending = [], None
+    for cell in nb_cells:
+        if cell["cell_type"] == "markdown" and pending: pending = None
+        elif cell["cell_type"] == "code" and any(k in o.get("data", {}) for o in cell.get("outputs", []) for k in FIGURES):
+            if pending: unread.append(pending)
+            pending = cell.get("id", "?")
+    return unread + ([pending] if pending else [])
+
 def test_cited_numbers_are_found_by_the_rules():
     md = ("The loss is about $-2.8$ here, 93.5% of pairs match and it is 3.2× faster; $\\log 16 \\approx 2.77$. "
           "Settings are notation: $\\tau=0.07$, `lr=0.5`, [v1.2](http://x/1.5), 16 frames, ViT-B/16, 2024.")
@@ -86,6 +98,10 @@ def test_cited_numbers_are_found_by_the_rules():
     fake = [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": "acc 0.912\n"}]},
             {"cell_type": "markdown", "source": ["accuracy reaches 0.91, not 0.95"]}]
     assert uncited(fake) == ["0.95 in: accuracy reaches 0.91, not 0.95"]
+    fig = lambda i: {"cell_type": "code", "id": i, "outputs": [{"output_type": "display_data", "data": {FIGURES[0]: {}}}]}
+    read = {"cell_type": "markdown", "source": ["Notice ..."]}
+    assert unread_figures([fig("a"), read, fig("b"), {"cell_type": "code", "outputs": []}, read]) == []
+    assert unread_figures([fig("a"), fig("b"), read, fig("c")]) == ["a", "c"]
 
 # ---- structure: objectives, papers, notation, summary, exercises --------------------------------------------------
 def exercises(nb_cells:list) -> dict:
@@ -163,6 +179,7 @@ def test_student_run_all(nb, executed):
     (ARTIFACTS / "executed").mkdir(exist_ok=True)
     (ARTIFACTS / "executed" / nb.name).write_bytes(out.read_bytes())
     ran = json.loads(out.read_text())["cells"]
+    assert not unread_figures(ran), f"{nb.name}: figures with no reading after them (cells {unread_figures(ran)})"
     missing = uncited(ran)
     assert not missing, f"{nb.name} cites numbers that no cell above prints:\n" + "\n".join(missing)
     for n, parts in exercises(ran).items():
