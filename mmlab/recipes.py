@@ -347,8 +347,8 @@ class DinoRecipe(RunFields):
     hidden: int = 128             # head MLP width (DINO: 2048)
     bottleneck: int = 64          # normalised bottleneck width (DINO: 256)
     head_bn: bool = True          # BatchNorm in the head MLP: without it this small run collapses (DINO's ViTs: False)
-    student_temp: float = 0.1     # tau_s
-    teacher_temp: float = 0.04    # tau_t: sharpening
+    student_temp: float = 0.1     # tau_s (student)
+    teacher_temp: float = 0.04    # tau_t (teacher): sharpening
     center_momentum: float = 0.9  # m_c
     base_momentum: float = 0.99   # teacher EMA momentum at step 0, cosine to 1 (DINO: 0.996 for long runs)
     local_crops: int = 2          # small crops only the student sees (DINO: 8)
@@ -781,29 +781,36 @@ def _cmd(argv:list[str]) -> int:
         kw = parse_overrides(rest); out, overwrite = fresh_out_dir(name, kw.pop("out", None)), _overwrite(kw)
         _report_run(run_recipe(get_recipe(name, **kw), out, progress=True, overwrite=overwrite))
         return 0
-    if cmd == "eval":
-        if not rest: raise ConfigError("mmlab eval: give a CHECKPOINT (a run folder or a checkpoints/step-* folder)")
-        ckpt, kw = rest[0], parse_overrides(rest[1:])
-        unknown = set(kw) - {"split", "out"}
-        if unknown: raise ConfigError(f"mmlab eval: unknown option(s) {sorted(unknown)}; allowed: --split, --out")
-        recipe, model = load_run(ckpt)
-        split = kw.get("split", recipe.eval_split)
-        metrics = recipe.evaluate(model, load_split(recipe, split), label_names(recipe), load_split(recipe, "train", MAX_BANK))
-        out = Path(kw.get("out") or Path(ckpt) / f"eval-{split}.json")
-        out.parent.mkdir(parents=True, exist_ok=True); atomic_write(out, json.dumps(metrics, indent=1))
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
-        print(f"metrics: {out}")
-        return 0
-    if cmd == "export":
-        if not rest or rest[0].startswith("-"): raise ConfigError("mmlab export: give a RUN folder, then --tower MODALITY -o FOLDER")
-        run, kw = rest[0], parse_overrides(["--out" if a == "-o" else a for a in rest[1:]])
-        unknown = set(kw) - {"tower", "out"}
-        if unknown: raise ConfigError(f"mmlab export: unknown option(s) {sorted(unknown)}; allowed: --tower, -o/--out")
-        if "tower" not in kw or "out" not in kw: raise ConfigError("mmlab export: needs --tower MODALITY and -o FOLDER")
-        path = export_tower(run, kw["tower"], kw["out"])
-        print(f"{kw['tower']} tower of {run}: {path} (config.json + model.safetensors; mmlab.models.load_model reads it)")
-        return 0
+    if cmd == "eval": return _eval_cmd(rest)
+    if cmd == "export": return _export_cmd(rest)
     raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export")
+
+# %% ../nbs/08a_recipes.ipynb #551909e1
+def _eval_cmd(rest:list[str]) -> int:
+    "`mmlab eval CHECKPOINT [--split S] [--out FILE]`: evaluate a run and write its metrics as JSON."
+    if not rest: raise ConfigError("mmlab eval: give a CHECKPOINT (a run folder or a checkpoints/step-* folder)")
+    ckpt, kw = rest[0], parse_overrides(rest[1:])
+    unknown = set(kw) - {"split", "out"}
+    if unknown: raise ConfigError(f"mmlab eval: unknown option(s) {sorted(unknown)}; allowed: --split, --out")
+    recipe, model = load_run(ckpt)
+    split = kw.get("split", recipe.eval_split)
+    metrics = recipe.evaluate(model, load_split(recipe, split), label_names(recipe), load_split(recipe, "train", MAX_BANK))
+    out = Path(kw.get("out") or Path(ckpt) / f"eval-{split}.json")
+    out.parent.mkdir(parents=True, exist_ok=True); atomic_write(out, json.dumps(metrics, indent=1))
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith(("/accuracy", "/R@1"))}, indent=1))
+    print(f"metrics: {out}")
+    return 0
+
+def _export_cmd(rest:list[str]) -> int:
+    "`mmlab export RUN --tower MODALITY -o FOLDER`: save one tower of a run with `save_model`."
+    if not rest or rest[0].startswith("-"): raise ConfigError("mmlab export: give a RUN folder, then --tower MODALITY -o FOLDER")
+    run, kw = rest[0], parse_overrides(["--out" if a == "-o" else a for a in rest[1:]])
+    unknown = set(kw) - {"tower", "out"}
+    if unknown: raise ConfigError(f"mmlab export: unknown option(s) {sorted(unknown)}; allowed: --tower, -o/--out")
+    if "tower" not in kw or "out" not in kw: raise ConfigError("mmlab export: needs --tower MODALITY and -o FOLDER")
+    path = export_tower(run, kw["tower"], kw["out"])
+    print(f"{kw['tower']} tower of {run}: {path} (config.json + model.safetensors; mmlab.models.load_model reads it)")
+    return 0
 
 # %% ../nbs/08a_recipes.ipynb #49d69fa6
 def main(argv:list[str]|None=None) -> int:

@@ -31,10 +31,10 @@ __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'LOCK_FILE', 'SKIP_REASONS', 'warmup_
            'to_device', 'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #2440a017
-def warmup_cosine(step:int,            # update index t = 0, 1, ... (LambdaLR's counter)
+def warmup_cosine(step:int,            # update index n = 0, 1, ... (LambdaLR's counter)
                   warmup:int,          # W, linear warmup updates
                   total:int,           # T, total updates
-                  min_ratio:float=0.0, # r, floor as a fraction of the peak rate
+                  min_ratio:float=0.0, # gamma_min, floor as a fraction of the peak rate
                  ) -> float:           # multiplier of the peak learning rate
     "Linear warmup to 1 over `warmup` updates, then half-cosine decay to `min_ratio` at `total`."
     if step < warmup: return (step + 1) / warmup
@@ -67,29 +67,34 @@ class TrainConfig:
     ckpt_every: int|None = None       # updates between checkpoints (with out_dir; always once at the end)
     keep_last: int = 3                # checkpoints kept on disk (older ones are deleted)
 
-    def __post_init__(self):
-        def bad(name, want): raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {want}")
-        def is_int(v, low): return isinstance(v, int) and not isinstance(v, bool) and v >= low
-        for name in ("steps", "grad_accum", "log_every", "keep_last"):
-            if not is_int(getattr(self, name), 1): bad(name, "an integer >= 1")
-        for name in ("eval_every", "ckpt_every"):
-            v = getattr(self, name)
-            if v is not None and not is_int(v, 1): bad(name, "None or an integer >= 1")
-        if not is_int(self.warmup_steps, 0): bad("warmup_steps", "an integer >= 0")
-        if not self.lr > 0: bad("lr", "a learning rate > 0")
-        if not self.weight_decay >= 0: bad("weight_decay", "a value >= 0")
-        if not 0 <= self.min_lr_ratio <= 1: bad("min_lr_ratio", "a fraction in [0, 1]")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0: bad("clip_grad_norm", "None or a norm > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas): bad("betas", "two values in [0, 1)")
-        self.betas = tuple(self.betas)
-        if isinstance(self.out_dir, os.PathLike): self.out_dir = str(self.out_dir)   # JSON-able in checkpoints
-        if not isinstance(self.compile, bool): bad("compile", "True or False")
-        names = self.log_to.split(",") if isinstance(self.log_to, str) else self.log_to
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            bad("log_to", f"names from {LOGGERS}, as a tuple or a comma-separated string")
-        unknown = [n.strip() for n in names if n.strip() not in LOGGERS + ("",)]
-        if unknown: bad("log_to", f"names from {LOGGERS}; {unknown[0]!r} is not one")
-        self.log_to = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))   # in order, without repeats
+    def __post_init__(self): self._check_fields()   # each bad value: ConfigError naming the field
+
+# %% ../nbs/07_train.ipynb #554c74e1
+@patch
+def _check_fields(self:TrainConfig):
+    "Raise `ConfigError` naming the first field with a value it does not accept; normalise `betas`, `out_dir`, `log_to`."
+    def bad(name, want): raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {want}")
+    def is_int(v, low): return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    for name in ("steps", "grad_accum", "log_every", "keep_last"):
+        if not is_int(getattr(self, name), 1): bad(name, "an integer >= 1")
+    for name in ("eval_every", "ckpt_every"):
+        v = getattr(self, name)
+        if v is not None and not is_int(v, 1): bad(name, "None or an integer >= 1")
+    if not is_int(self.warmup_steps, 0): bad("warmup_steps", "an integer >= 0")
+    if not self.lr > 0: bad("lr", "a learning rate > 0")
+    if not self.weight_decay >= 0: bad("weight_decay", "a value >= 0")
+    if not 0 <= self.min_lr_ratio <= 1: bad("min_lr_ratio", "a fraction in [0, 1]")
+    if self.clip_grad_norm is not None and not self.clip_grad_norm > 0: bad("clip_grad_norm", "None or a norm > 0")
+    if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas): bad("betas", "two values in [0, 1)")
+    self.betas = tuple(self.betas)
+    if isinstance(self.out_dir, os.PathLike): self.out_dir = str(self.out_dir)   # JSON-able in checkpoints
+    if not isinstance(self.compile, bool): bad("compile", "True or False")
+    names = self.log_to.split(",") if isinstance(self.log_to, str) else self.log_to
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        bad("log_to", f"names from {LOGGERS}, as a tuple or a comma-separated string")
+    unknown = [n.strip() for n in names if n.strip() not in LOGGERS + ("",)]
+    if unknown: bad("log_to", f"names from {LOGGERS}; {unknown[0]!r} is not one")
+    self.log_to = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))   # in order, without repeats
 
 # %% ../nbs/07_train.ipynb #38cc8a59
 def loss_terms(out,                  # what a loss function returned: a 0-d tensor or {name: 0-d tensor}
@@ -463,8 +468,8 @@ class LivePlot(Callback):
 
 # %% ../nbs/07_train.ipynb #2fba3ab1
 class EMA(Callback):
-    "Exponential moving average of the trainable weights: shadow <- d*shadow + (1-d)*param after each update."
-    def __init__(self, decay:float=0.999):  # d; the average spans about 1/(1-d) updates
+    "Exponential moving average of the trainable weights: shadow <- m*shadow + (1-m)*param after each update."
+    def __init__(self, decay:float=0.999):  # m; the average spans about 1/(1-m) updates
         if not 0 <= decay < 1: raise ConfigError(f"EMA: decay={decay!r}; expected a value in [0, 1)")
         self.decay, self.shadow = decay, None
     def on_fit_start(self, trainer):
