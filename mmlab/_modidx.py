@@ -171,6 +171,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.docsite._copy_assets': ('docsite.html#_copy_assets', 'mmlab/docsite.py'),
                                'mmlab.docsite._doc_filter': ('docsite.html#_doc_filter', 'mmlab/docsite.py'),
                                'mmlab.docsite._frontmatter': ('docsite.html#_frontmatter', 'mmlab/docsite.py'),
+                               'mmlab.docsite._markdown_outputs': ('docsite.html#_markdown_outputs', 'mmlab/docsite.py'),
                                'mmlab.docsite._mkdocs_config': ('docsite.html#_mkdocs_config', 'mmlab/docsite.py'),
                                'mmlab.docsite._plotly_html': ('docsite.html#_plotly_html', 'mmlab/docsite.py'),
                                'mmlab.docsite._relink_assets': ('docsite.html#_relink_assets', 'mmlab/docsite.py'),

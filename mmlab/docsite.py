@@ -93,6 +93,13 @@ def _frontmatter(source:str) -> dict:
     if not body.startswith("---"): return {}
     return yaml.safe_load(body.strip("-\n")) or {}
 
+def _markdown_outputs(cell) -> list:
+    "Take a code cell's Markdown outputs (tables, computed prose) out as Markdown cells, so their math is typeset."
+    import nbformat
+    md = [o for o in cell.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    cell.outputs = [o for o in cell.get("outputs", []) if o not in md]
+    return [nbformat.v4.new_markdown_cell("".join(o["data"]["text/markdown"])) for o in md]
+
 def _plotly_html(fig:dict, idx:int) -> str:
     "A `<div>` drawing `fig` with the local plotly.js, as wide as the page's column (a fixed width would be cut off)."
     div = f"mmlab-plot-{idx}"
@@ -142,7 +149,9 @@ def prepare_page(nb, number:str="") -> tuple[object, str]:
             fig = o.get("data", {}).pop("application/vnd.plotly.v1+json", None)
             if fig is not None:
                 o["data"] = {"text/html": _plotly_html(fig, n_plots)}; n_plots += 1
+        tables = _markdown_outputs(cell)
         if body.strip() or cell.get("outputs"): cells.append(cell)
+        cells += tables
     nb.cells = cells
     widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
     if not widgets.get("state"): nb.metadata.pop("widgets", None)   # no widgets: no widget manager script

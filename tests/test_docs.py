@@ -128,7 +128,7 @@ def test_every_page_fits_its_column(site, browser, width):
             typeset(page)
             page.wait_for_timeout(300)                          # plotly's resize after layout
             r = page.evaluate(OVERFLOW_JS)
-            tex = page.evaluate("() => /\\$[^$\\s][^$]*\\$/.test(document.querySelector('.md-content__inner').innerText)")
+            tex = page.evaluate("() => [...document.querySelectorAll('.jp-RenderedMarkdown')].some(e => /\\$[^$\\s][^$]*\\$/.test(e.innerText))")
             if (html, width) in SHOTS: page.screenshot(path=str(ARTIFACTS / SHOTS[html, width]))
             page.close()
             where = f"{html} at {width} px"
