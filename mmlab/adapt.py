@@ -18,8 +18,8 @@ from .eval import embed
 from .train import Trainer, TrainConfig
 
 # %% auto #0
-__all__ = ['SHIFTS', 'invert', 'pixel_noise', 'rotate', 'mel_noise', 'shift_batch', 'prompt_encoder', 'tower_features',
-           'LoRALinear', 'add_lora', 'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'wise_ft']
+__all__ = ['SHIFTS', 'invert', 'pixel_noise', 'rotate', 'mel_noise', 'shift_batch', 'tower_features', 'LoRALinear', 'add_lora',
+           'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'wise_ft']
 
 # %% ../nbs/08b_adapt.ipynb #22be3034
 def invert(images:Tensor, # (B, C, H, W) pixels in [0, 1]
@@ -73,14 +73,7 @@ def shift_batch(batch:dict,  # a collated batch (e.g. `load_split(recipe, "test"
     return batch | {modality: fn(batch, torch.Generator().manual_seed(seed))}
 
 # %% ../nbs/08b_adapt.ipynb #e9a57d80
-def prompt_encoder(model,        # a multimodal model with a text tower (e.g. `MultiModalModel`)
-                   max_len:int,  # caption length of its character tokenizer (the recipe's `max_len`)
-                  ):             # callable: list of prompts -> (n, E) unit text embeddings
-    "Encode prompts with the model's text path: the `encode` argument of `mmlab.eval.zero_shot_classifier`."
-    if "text" not in getattr(model, "modalities", ()):
-        raise InputTypeError(f"prompt_encoder: {type(model).__name__} has no text tower; zero-shot needs one")
-    tok = CharTokenizer(max_len=max_len)
-    return lambda prompts: embed(model, collate([{"text": tok(p)} for p in prompts], pad_id=tok.pad_id))["text"]
+from .recipes import prompt_encoder   # the recipes' zero-shot path: one way to encode prompts
 
 # %% ../nbs/08b_adapt.ipynb #5fb28c5d
 def tower_features(model,              # any kit model with `encoder(modality)`

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 from fastcore.basics import patch
 
-from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, MissingFileError, MMLabError,
+from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, InputTypeError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings, set_seed)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, stack_dataset)
@@ -32,12 +32,12 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
            'GENERIC_TEMPLATES', 'RUN_FILES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields',
            'ClipRecipe', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
-           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'text_classes',
-           'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe',
-           'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe',
-           'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report',
-           'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower',
-           'LitRecipe']
+           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'prompt_encoder',
+           'text_classes', 'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
+           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict',
+           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
+           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
+           'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -241,10 +241,18 @@ def class_prompts(label_names:list[str]) -> list[list[str]]:
     words, numerals = build_prompts(label_names, WORD_TEMPLATES), build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES)
     return [p + q for p, q in zip(words, numerals)]
 
+def prompt_encoder(model,        # a multimodal model with a text tower (e.g. `MultiModalModel`)
+                   max_len:int,  # caption length of its character tokenizer (the recipe's `max_len`)
+                  ):             # callable: list of prompts -> (n, E) unit text embeddings
+    "Encode prompts with the model's text path: the `encode` argument of `mmlab.eval.zero_shot_classifier`."
+    if "text" not in getattr(model, "modalities", ()):
+        raise InputTypeError(f"prompt_encoder: {type(model).__name__} has no text tower; zero-shot needs one")
+    tok = CharTokenizer(max_len=max_len)
+    return lambda prompts: embed(model, collate([{"text": tok(p)} for p in prompts], pad_id=tok.pad_id))["text"]
+
 def text_classes(model, recipe, label_names:list[str]) -> Tensor:
     "(C, E) class embeddings from the text tower: the template ensemble of each class's prompts."
-    tok = CharTokenizer(max_len=recipe.max_len)
-    encode = lambda ps: embed(model, collate([{"text": tok(p), "label": 0} for p in ps], pad_id=tok.pad_id))["text"]
+    encode = prompt_encoder(model, recipe.max_len)
     return class_embeddings([encode(ps) for ps in class_prompts(label_names)])
 
 def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dict, dict]:
