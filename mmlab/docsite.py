@@ -261,12 +261,16 @@ def _mkdocs_config(docs:Path, site:Path, nav:list) -> dict:
     }
 
 def _relink_assets(site:Path):
-    "Replace the assets placeholder in every page by its path relative to that page."
+    "Point the assets placeholder, and nbdev's links to API docs (`/distill.html#dino_loss`), at this site's pages."
+    stems = [p.stem for p in site.glob("*.html")]
+    pages = {re.sub(r"^\d+[a-z]?_", "", s): s for s in stems} | {s: s for s in stems}   # distill -> 05_distill
+    doc_link = re.compile(r'href="/([\w.-]+)\.html')
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
-        if ASSETS not in text: continue
         up = "/".join([".."] * len(page.relative_to(site).parent.parts)) or "."
-        page.write_text(text.replace(ASSETS, f"{up}/assets"), encoding="utf-8")
+        new = doc_link.sub(lambda m: f'href="{up}/{pages[m.group(1)]}.html' if m.group(1) in pages else m.group(0), text)
+        new = new.replace(ASSETS, f"{up}/assets")
+        if new != text: page.write_text(new, encoding="utf-8")
 
 # %% ../nbs/99_docsite.ipynb #9bd8e366
 def build_site(dest:str|Path="_site",                 # output folder (relative: to the checkout)

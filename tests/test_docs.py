@@ -128,6 +128,7 @@ def test_every_page_fits_its_column(site, browser, width):
             typeset(page)
             page.wait_for_timeout(300)                          # plotly's resize after layout
             r = page.evaluate(OVERFLOW_JS)
+            links = page.evaluate("() => [...document.querySelectorAll('.md-content a[href]')].map(a => a.href)")
             tex = page.evaluate("() => [...document.querySelectorAll('.jp-RenderedMarkdown')].some(e => /\\$[^$\\s][^$]*\\$/.test(e.innerText))")
             if (html, width) in SHOTS: page.screenshot(path=str(ARTIFACTS / SHOTS[html, width]))
             page.close()
@@ -135,6 +136,8 @@ def test_every_page_fits_its_column(site, browser, width):
             problems += [f"{where}: {b}" for b in r["bad"]]
             if r["pageWidth"] > width: problems.append(f"{where}: the page scrolls sideways ({r['pageWidth']} px)")
             problems += [f"{where}: image did not load: {s}" for s in r["broken"]]
+            local = {l.split("#")[0].removeprefix(url + "/") for l in links if l.startswith(url)}
+            problems += [f"{where}: link to a missing page: {l}" for l in sorted(local) if l and not (site / l).exists()]
             problems += [f"{where}: request failed: {u}" for u in failed if u.startswith(url)]
             if r["mathErrors"]: problems.append(f"{where}: {r['mathErrors']} formulas failed to typeset")
             if tex: problems.append(f"{where}: a formula was left as TeX source")
