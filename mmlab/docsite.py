@@ -260,6 +260,8 @@ def _mkdocs_config(docs:Path, site:Path, nav:list) -> dict:
         "nav": nav,
     }
 
+
+# %% ../nbs/99_docsite.ipynb #2249aa6b
 def _relink_assets(site:Path):
     "Point the assets placeholder, and nbdev's links to API docs (`/distill.html#dino_loss`), at this site's pages."
     stems = [p.stem for p in site.glob("*.html")]
