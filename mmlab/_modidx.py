@@ -193,7 +193,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.docsite._markdown_outputs': ('docsite.html#_markdown_outputs', 'mmlab/docsite.py'),
                                'mmlab.docsite._mkdocs_config': ('docsite.html#_mkdocs_config', 'mmlab/docsite.py'),
                                'mmlab.docsite._plotly_html': ('docsite.html#_plotly_html', 'mmlab/docsite.py'),
-                               'mmlab.docsite._relink_assets': ('docsite.html#_relink_assets', 'mmlab/docsite.py'),
+                               'mmlab.docsite._relink_pages': ('docsite.html#_relink_pages', 'mmlab/docsite.py'),
                                'mmlab.docsite._root': ('docsite.html#_root', 'mmlab/docsite.py'),
                                'mmlab.docsite.build_site': ('docsite.html#build_site', 'mmlab/docsite.py'),
                                'mmlab.docsite.cell_directives': ('docsite.html#cell_directives', 'mmlab/docsite.py'),

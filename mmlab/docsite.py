@@ -262,7 +262,7 @@ def _mkdocs_config(docs:Path, site:Path, nav:list) -> dict:
 
 
 # %% ../nbs/99_docsite.ipynb #2249aa6b
-def _relink_assets(site:Path):
+def _relink_pages(site:Path):
     "Point the assets placeholder, and nbdev's links to API docs (`/distill.html#dino_loss`), at this site's pages."
     stems = [p.stem for p in site.glob("*.html")]
     pages = {re.sub(r"^\d+[a-z]?_", "", s): s for s in stems} | {s: s for s in stems}   # distill -> 05_distill
@@ -307,7 +307,7 @@ def build_site(dest:str|Path="_site",                 # output folder (relative:
         r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--clean", "-q", "-f", str(cfg)],
                            capture_output=True, text=True)
         if r.returncode: raise ConfigError(f"mkdocs build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    _relink_assets(dest)
+    _relink_pages(dest)
     return dest / "index.html"
 
 # %% ../nbs/99_docsite.ipynb #c203ff8f
