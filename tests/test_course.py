@@ -116,9 +116,24 @@ def exercises(nb_cells:list) -> dict:
                 ex.setdefault(int(n), {})["solution" if sol else "check"] = i
     return ex
 
+PROJECT_SECTIONS = ["## Question", "## Hypothesis", "## Experiment", "## Results", "## Conclusion", "## Going further"]
+def is_project(nb:Path) -> bool: return nb.stem.startswith("p") and nb.stem[1:2].isdigit()   # p1_..., p2_...: Projects
+
+def check_project(nb:Path, cs:list):
+    "A project: question (with the paper's claim, linked), hypothesis, experiment, results, conclusion, going further."
+    md = [source(c) for c in cs if c["cell_type"] == "markdown"]
+    heads = [l.strip() for s in md for l in s.splitlines() if l.startswith("## ")]
+    assert heads == PROJECT_SECTIONS, f"{nb.name}: a project's sections are {PROJECT_SECTIONS}, found {heads}"
+    question = md[[i for i, s in enumerate(md) if "## Question" in s][0]]
+    assert re.search(r"\[[^\]]+\]\((https?://[^)]+)\)[^\n]*\b(19|20)\d\d\b", question), \
+        f"{nb.name}: the question must cite the paper (title, year, link)"
+    first_math = next((s for s in md if "$" in s), None)
+    assert first_math is None or "notation.ipynb" in first_math, f"{nb.name}: the first equation must link to notation.ipynb"
+
 @pytest.mark.parametrize("nb", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_chapter_is_a_lesson(nb):
     cs = cells(nb)
+    if is_project(nb): return check_project(nb, cs)
     md = [source(c) for c in cs if c["cell_type"] == "markdown"]
     heads = [l for s in md for l in s.splitlines() if l.startswith("## ")]
     assert heads and heads[0] == "## Objectives", f"{nb.name}: the first section must be '## Objectives', found {heads[:1]}"
