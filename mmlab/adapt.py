@@ -18,8 +18,12 @@ from .eval import embed
 from .train import Trainer, TrainConfig
 
 # %% auto #0
-__all__ = ['SHIFTS', 'invert', 'pixel_noise', 'rotate', 'mel_noise', 'shift_batch', 'tower_features', 'LoRALinear', 'add_lora',
-           'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'wise_ft']
+__all__ = ['SHIFTS', 'NORM_LAYERS', 'ADAPT_METHODS', 'invert', 'pixel_noise', 'rotate', 'mel_noise', 'smooth_background',
+           'composite', 'new_background', 'time_stretch', 'mel_shift', 'audio_fields', 'shift_batch', 'tower_features',
+           'LoRALinear', 'add_lora', 'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'wise_ft',
+           'classifier_embeddings', 'unlabelled', 'remove_directions', 'refine_labels', 'train_norms_only', 'reclip',
+           'prediction_entropy', 'tent', 'modality_dropout', 'FusionClassifier', 'fusion_inputs', 'mark_absent',
+           'adapted_classifier', 'adapt_model', 'adapt_summary', 'adapt_table', 'adapt_run', 'adapt_cmd']
 
 # %% ../nbs/08b_adapt.ipynb #22be3034
 def invert(images:Tensor, # (B, C, H, W) pixels in [0, 1]
@@ -54,23 +58,115 @@ def mel_noise(logmel:Tensor,   # (B, F, T) log-mel spectrograms, log(P + eps)
     n = torch.empty(P.shape).exponential_(generator=generator).to(P) * (power * 10 ** (-snr_db / 10))[:, None, None]
     return torch.where(valid, (P + n).log(), logmel)
 
+# %% ../nbs/08b_adapt.ipynb #62400a7d
+def smooth_background(shape:tuple,               # (B, C, H, W) of the images
+                      generator:torch.Generator, # the colours
+                      cells:int=4,               # a cells x cells grid of random colours per image
+                      level:float=0.3,           # channel values are uniform in [0, level]
+                     ) -> Tensor:                # (B, C, H, W) smooth texture in [0, level]
+    "A seeded smooth coloured texture: random colours on a coarse grid, bilinearly interpolated."
+    if len(shape) != 4: raise ShapeError(f"smooth_background: expected a shape (B, C, H, W), got {tuple(shape)}")
+    if not 0 <= level <= 1: raise InputError(f"smooth_background: level must be in [0, 1], got {level}")
+    if not isinstance(cells, int) or cells < 2: raise InputError(f"smooth_background: cells must be an integer >= 2, got {cells!r}")
+    B, C, H, W = shape
+    grid = torch.rand((B, C, cells, cells), generator=generator) * level
+    return F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=True)   # convex weights: stays in [0, level]
+
+def composite(images:Tensor,      # (B, C, H, W) light ink in [0, 1] on black
+              background:Tensor,  # (B, C, H, W) the new background in [0, 1]
+             ) -> Tensor:         # (B, C, H, W) x + (1 - x) x_bg
+    "Porter-Duff 'over': white ink with opacity x (the pixel itself) over the background."
+    if images.shape != background.shape:
+        raise ShapeError(f"composite: images {tuple(images.shape)} and background {tuple(background.shape)} differ")
+    return images + (1 - images) * background
+
+def new_background(images:Tensor,             # (B, C, H, W) light ink in [0, 1] on a dark background
+                   generator:torch.Generator, # the texture of each image
+                   level:float=0.3,           # brightest background value
+                  ) -> Tensor:                # (B, C, H, W) the digits on a new, smooth, coloured background
+    "The digits composited over a seeded smooth coloured texture (full ink stays, empty pixels take the texture)."
+    if images.dim() != 4: raise ShapeError(f"new_background: expected images (B, C, H, W), got shape {tuple(images.shape)}")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise InputError(f"new_background: pixels must be in [0, 1] (ink as opacity), got [{images.min():.3g}, {images.max():.3g}]")
+    return composite(images, smooth_background(images.shape, generator, level=level).to(images))
+
+# %% ../nbs/08b_adapt.ipynb #ed944e6d
+def _real_frames(lengths:Tensor, T:int) -> Tensor:
+    "(B, T) bool: True on the real (not padding) frames."
+    return torch.arange(T, device=lengths.device)[None] < lengths[:, None]
+
+def _check_spec(where:str, logmel, lengths) -> Tensor:
+    "Validate (B, F, T) spectrograms and (B,) lengths in [1, T]; the lengths as int64 on the spectrograms' device."
+    if not isinstance(logmel, Tensor) or logmel.dim() != 3:
+        raise ShapeError(f"{where}: expected log-mel spectrograms (B, F, T), got {getattr(logmel, 'shape', type(logmel).__name__)}")
+    if not isinstance(lengths, Tensor) or lengths.shape != logmel.shape[:1]:
+        raise ShapeError(f"{where}: expected lengths of shape ({len(logmel)},), got {getattr(lengths, 'shape', lengths)}")
+    lengths = lengths.to(logmel.device).long()
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > logmel.shape[-1]):
+        raise InputError(f"{where}: lengths must be in [1, {logmel.shape[-1]}] (the frames of the batch), got "
+                         f"[{int(lengths.min())}, {int(lengths.max())}]")
+    return lengths
+
+def time_stretch(logmel:Tensor,   # (B, F, T) log-mel spectrograms
+                 lengths:Tensor,  # (B,) real frames per clip
+                 factor:float,    # speed: > 1 faster (shorter clip), < 1 slower (longer, cut at T)
+                 pad:float=0.0,   # value written into the padding frames (collate's audio_pad)
+                ) -> tuple:       # ((B, F, T) stretched spectrograms, (B,) new lengths)
+    "Speed change: output frame j reads the clip at input time (j + 1/2) factor - 1/2, linearly interpolated."
+    lengths = _check_spec("time_stretch", logmel, lengths)
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise InputError(f"time_stretch: factor must be a finite number > 0, got {factor!r}")
+    B, n_mels, T = logmel.shape
+    new = torch.round(lengths.double() / factor).long().clamp(1, T)          # halves to even, as Python's round
+    j = torch.arange(T, device=logmel.device, dtype=torch.float64)
+    pos = ((j[None] + 0.5) * factor - 0.5).clamp(min=0).minimum((lengths - 1)[:, None].double())   # (B, T)
+    lo = pos.floor().long(); hi = (lo + 1).minimum(lengths[:, None] - 1)
+    w = (pos - lo).to(logmel.dtype)[:, None]                                 # exactly 0 at factor 1: the identity
+    at = lambda i: logmel.gather(2, i[:, None].expand(B, n_mels, T))
+    out = at(lo) * (1 - w) + at(hi) * w
+    return torch.where(_real_frames(new, T)[:, None], out, torch.full_like(out, pad)), new
+
+# %% ../nbs/08b_adapt.ipynb #10fd481f
+def mel_shift(logmel:Tensor,   # (B, F, T) log-mel spectrograms
+              lengths:Tensor,  # (B,) real frames per clip (padding frames are left as they are)
+              bins:int,        # shift along the mel axis: > 0 up (higher pitch), < 0 down
+             ) -> Tensor:      # (B, F, T) with L'[f] = L[f - bins]
+    "Approximate pitch shift: move every real frame's spectrum by `bins` mel bins; the bins moved in repeat the edge."
+    lengths = _check_spec("mel_shift", logmel, lengths)
+    n_mels = logmel.shape[1]
+    if not isinstance(bins, int) or abs(bins) >= n_mels:
+        raise InputError(f"mel_shift: bins must be an integer with |bins| < {n_mels} (the mel bins), got {bins!r}")
+    src = (torch.arange(n_mels, device=logmel.device) - bins).clamp(0, n_mels - 1)   # the edge bin repeats
+    out = logmel[:, src]
+    return torch.where(_real_frames(lengths, logmel.shape[-1])[:, None], out, logmel)
+
+def audio_fields(logmel:Tensor,   # (B, F, T) spectrograms
+                 lengths:Tensor,  # (B,) real frames
+                ) -> dict:        # audio, audio_lengths and audio_padding_mask, as collate writes them
+    "The batch keys of an audio tensor whose lengths changed (e.g. after `time_stretch`)."
+    return {"audio": logmel, "audio_lengths": lengths, "audio_padding_mask": ~_real_frames(lengths, logmel.shape[-1])}
+
 # %% ../nbs/08b_adapt.ipynb #9cd092c7
 SHIFTS = {   # name -> (modality, fn(batch, generator)): the shifted test sets of the chapter
     "invert": ("image", lambda b, g: invert(b["image"])),
     "pixel noise": ("image", lambda b, g: pixel_noise(b["image"], sigma=0.3, generator=g)),
     "rotate": ("image", lambda b, g: rotate(b["image"], degrees=30)),
+    "new background": ("image", lambda b, g: new_background(b["image"], g, level=0.3)),
     "audio noise": ("audio", lambda b, g: mel_noise(b["audio"], b["audio_lengths"], snr_db=0.0, generator=g)),
+    "audio speed": ("audio", lambda b, g: audio_fields(*time_stretch(b["audio"], b["audio_lengths"], factor=1.5))),
+    "audio pitch": ("audio", lambda b, g: mel_shift(b["audio"], b["audio_lengths"], bins=2)),
 }
 
 def shift_batch(batch:dict,  # a collated batch (e.g. `load_split(recipe, "test")`)
                 name:str,    # a key of SHIFTS
-                seed:int=0,  # the noise of the seeded shifts
-               ) -> dict:    # the batch with SHIFTS[name]'s modality replaced
+                seed:int=0,  # the noise and textures of the seeded shifts
+               ) -> dict:    # the batch with SHIFTS[name]'s modality replaced (and its lengths, if they change)
     "A seeded shifted copy of `batch` (one modality changed, the others shared)."
     if name not in SHIFTS: raise InputError(f"shift_batch: unknown shift {name!r}; expected one of {', '.join(SHIFTS)}")
     modality, fn = SHIFTS[name]
     if batch.get(modality) is None: raise InputError(f"shift_batch: {name!r} shifts {modality!r}, which the batch lacks")
-    return batch | {modality: fn(batch, torch.Generator().manual_seed(seed))}
+    out = fn(batch, torch.Generator().manual_seed(seed))
+    return batch | (out if isinstance(out, dict) else {modality: out})   # a dict: the modality with its lengths
 
 # %% ../nbs/08b_adapt.ipynb #e9a57d80
 from .recipes import prompt_encoder   # the recipes' zero-shot path: one way to encode prompts
@@ -186,3 +282,357 @@ def wise_ft(zero_shot:nn.Module,   # the model before fine-tuning (theta_0)
     out = copy.deepcopy(zero_shot)   # torch.lerp is exact at both ends: lam = 0 gives theta_0 bit for bit
     out.load_state_dict({k: torch.lerp(v, s1[k].to(v), lam) if v.is_floating_point() else v for k, v in s0.items()})
     return out
+
+# %% ../nbs/08b_adapt.ipynb #e91ebc91
+def classifier_embeddings(clf:ZeroShotClassifier,  # a zero-shot classifier, fine-tuned or not
+                          batch:dict,              # a collated batch with the classifier's modality
+                         ) -> Tensor:              # (B, E) unit embeddings in the model's shared space
+    "The classifier's tower and head as an embedder, comparable with the frozen model's other modalities."
+    return embed(clf, batch, fn=lambda m, b: F.normalize(m.head(m.tower(**tower_inputs(b, m.modality)).pooled), dim=-1))
+
+
+# %% ../nbs/08b_adapt.ipynb #915b5d85
+from .data import take
+from .train import to_device
+
+def unlabelled(batch:dict) -> dict:
+    "A shallow copy of `batch` without its labels: what an adaptation method may see."
+    return {k: v for k, v in batch.items() if k != "label"}
+
+def remove_directions(x:Tensor,          # (..., E) embeddings
+                      directions:Tensor, # (K, E) directions to remove: any scale, linearly independent, K <= E
+                     ) -> Tensor:        # (..., E) x minus its orthogonal projection onto span(directions)
+    "Project onto the orthogonal complement of span(directions): x - Q Q^T x, Q an orthonormal basis (QR, float64)."
+    if not isinstance(x, Tensor) or not isinstance(directions, Tensor):
+        raise InputTypeError(f"remove_directions: x and directions must be tensors, got {type(x).__name__} and {type(directions).__name__}")
+    E = x.shape[-1] if x.dim() else 0
+    if directions.dim() != 2 or not 1 <= len(directions) <= E or directions.shape[1] != E:
+        raise ShapeError(f"remove_directions: directions must be (K, E) with 1 <= K <= E = {E} (the last axis of x), "
+                         f"got {tuple(directions.shape)}")
+    d = directions.double()
+    Q, R = torch.linalg.qr(d.T)                                   # (E, K): orthonormal columns, same span
+    if (R.diagonal().abs() <= 1e-9 * d.norm(dim=1).max().clamp_min(1e-300)).any():
+        raise InputError("remove_directions: the directions are zero or linearly dependent; expected K independent vectors")
+    xd = x.double()
+    return (xd - (xd @ Q) @ Q.T).to(x.dtype)
+
+# %% ../nbs/08b_adapt.ipynb #4a07c56a
+def refine_labels(x:Tensor,       # (N, E) embeddings, compared by cosine
+                  labels:Tensor,  # (N,) int initial (pseudo-)labels in [0, n_classes)
+                  n_classes:int,  # C
+                  iters:int=3,    # centroid and reassignment steps
+                 ) -> tuple:      # (N,) refined labels, (C, E) unit centroids (a class left empty gets a zero row)
+    "Class-centroid refinement (k-means from the given labels): mu_c = unit mean of class c, then y_i = argmax_c x_i . mu_c."
+    if not isinstance(x, Tensor) or x.dim() != 2: raise ShapeError(f"refine_labels: x must be an (N, E) tensor, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(labels, Tensor) or labels.shape != x.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
+        raise ShapeError(f"refine_labels: labels must be an integer (N,) tensor with N = {len(x)}, got {getattr(labels, 'shape', type(labels))}")
+    if not isinstance(n_classes, int) or n_classes < 1: raise InputError(f"refine_labels: n_classes must be an integer >= 1, got {n_classes!r}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes:
+        raise InputError(f"refine_labels: labels must lie in [0, {n_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    if not isinstance(iters, int) or iters < 1: raise InputError(f"refine_labels: iters must be an integer >= 1, got {iters!r}")
+    x, y = F.normalize(x.double(), dim=-1), labels.long()
+    for _ in range(iters):
+        onehot = F.one_hot(y, n_classes).double()                       # (N, C)
+        mu = F.normalize(onehot.T @ x, dim=-1)                          # (C, E) unit class means (zero if empty)
+        y = (x @ mu.T).argmax(1)                                        # nearest centroid by cosine
+    return y, mu.float()
+
+# %% ../nbs/08b_adapt.ipynb #44b43ec1
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+def train_norms_only(module:nn.Module) -> list:   # the trainable parameters: the norm layers' weights and biases
+    "Freeze `module` except the affine parameters (gamma, beta) of its normalisation layers, as TENT and ReCLIP-V do."
+    module.requires_grad_(False)
+    params = [p for m in module.modules() if isinstance(m, NORM_LAYERS) for p in (m.weight, m.bias) if p is not None]
+    if not params: raise InputError(f"train_norms_only: {type(module).__name__} has no normalisation layer with affine parameters")
+    for p in params: p.requires_grad_(True)
+    return params
+
+# %% ../nbs/08b_adapt.ipynb #73083542
+def reclip(clf:ZeroShotClassifier,  # starts as the zero-shot classifier; adapted in place
+           batch:dict,              # the unlabelled target data (a "label" key is ignored)
+           rounds:int=3,            # self-training rounds, each followed by a fresh refinement
+           steps:int=30, lr:float=1e-2, batch_size:int=32,  # `fine_tune` of each round
+           iters:int=3,             # centroid steps of `refine_labels`
+           seed:int=0,              # the mini-batch order of the rounds
+          ) -> list:                # rounds + 1 (N,) pseudo-label tensors; clf predicts the last on `batch`
+    "Source-free adaptation after ReCLIP (Hu et al. 2024), simplified: project, pseudo-label, refine, self-train."
+    if not isinstance(clf, ZeroShotClassifier): raise InputTypeError(f"reclip: expected a ZeroShotClassifier, got {type(clf).__name__}")
+    if not isinstance(rounds, int) or rounds < 0: raise InputError(f"reclip: rounds must be an integer >= 0, got {rounds!r}")
+    data, history = unlabelled(batch), []
+    w = F.normalize(clf.weight.detach().float(), dim=-1).clone()    # (C, E) text class embeddings w_c
+    train_norms_only(clf)                                          # gamma, beta of the tower; w_c and the head frozen
+    for r in range(rounds + 1):
+        u = classifier_embeddings(clf, data)                          # (N, E) image embeddings of the target set
+        agnostic = torch.stack([w.mean(0), u.mean(0)])                # mean class and mean image embedding
+        x = F.normalize(remove_directions(u, agnostic), dim=-1)       # x_perp
+        zero_shot = (x @ F.normalize(remove_directions(w, agnostic), dim=-1).T).argmax(1)   # (a, b) pseudo-labels
+        labels, centroids = refine_labels(x, zero_shot, len(w), iters)                      # (c)
+        with torch.no_grad(): clf.weight.copy_(centroids)             # mu_c are orthogonal to the removed directions
+        history.append(labels)
+        if r < rounds: fine_tune(clf, data | {"label": labels}, steps, lr, batch_size, seed=seed + r)   # (d)
+    return history
+
+# %% ../nbs/08b_adapt.ipynb #bd1c9248
+def prediction_entropy(logits:Tensor,  # (B, C) logits
+                      ) -> Tensor:     # (B,) H(p) in nats, p = softmax(logits)
+    "Shannon entropy of the predicted distribution, from log_softmax (finite at any logit scale)."
+    if not isinstance(logits, Tensor) or logits.dim() != 2: raise ShapeError(f"prediction_entropy: logits must be (B, C), got {getattr(logits, 'shape', type(logits))}")
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+def tent(clf:nn.Module,      # a classifier, batch -> (B, C) logits (e.g. a ZeroShotClassifier); adapted in place
+         batch:dict,         # the unlabelled test stream (a "label" key is ignored)
+         epochs:int=1,       # passes of the stream over `batch` (TENT: one)
+         lr:float=1e-3,      # Adam's learning rate (0: no change)
+         batch_size:int=32,  # test examples per step
+         seed:int=0,         # the order of the stream
+        ) -> Tensor:         # (epochs, N) online predictions, each made before the step on its batch
+    "TENT (Wang et al. 2021): online, each test batch is predicted, then its mean entropy is minimised over the norm layers' gamma, beta."
+    if not isinstance(epochs, int) or epochs < 1: raise InputError(f"tent: epochs must be an integer >= 1, got {epochs!r}")
+    if not lr >= 0: raise InputError(f"tent: lr must be >= 0, got {lr}")
+    if not isinstance(batch_size, int) or batch_size < 1: raise InputError(f"tent: batch_size must be an integer >= 1, got {batch_size!r}")
+    data = unlabelled(batch)
+    n = next((len(v) for v in data.values() if isinstance(v, Tensor) and v.dim() > 0), 0)
+    if n == 0: raise InputError(f"tent: the batch holds no examples; keys: {list(batch)}")
+    opt = torch.optim.Adam(train_norms_only(clf), lr=lr)
+    dev, g = next(clf.parameters()).device, torch.Generator().manual_seed(seed)
+    preds = torch.empty(epochs, n, dtype=torch.long)
+    clf.train()                         # batch norms (if any) use the test batch's statistics, as in TENT
+    for e in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            logits = clf(to_device(take(data, idx), dev))
+            preds[e, idx] = logits.argmax(1).cpu()
+            opt.zero_grad(); prediction_entropy(logits).mean().backward(); opt.step()
+    clf.eval()
+    return preds
+
+# %% ../nbs/08b_adapt.ipynb #3a923344
+from .data import check_modalities
+
+def _drop_probs(where:str, p) -> dict|float:
+    "Validate a drop probability (a number, or {modality: number}), each in [0, 1)."
+    if isinstance(p, dict): check_modalities(list(p), f"{where} p"); probs = p
+    elif isinstance(p, (int, float)) and not isinstance(p, bool): probs = {"every modality": p}
+    else: raise InputError(f"{where}: p must be a number or {{modality: number}}, got {p!r}")
+    for m, q in probs.items():
+        if not (isinstance(q, (int, float)) and 0 <= q < 1):
+            raise InputError(f"{where}: the drop probability of {m} must be in [0, 1) (1 would drop it always), got {q!r}")
+    return dict(p) if isinstance(p, dict) else float(p)
+
+def modality_dropout(present:dict,               # {modality: (B,) bool}, who has what (a batch's "present")
+                     p:float|dict,               # drop probability in [0, 1), or {modality: probability}
+                     generator:torch.Generator,  # the draws (seeded: the same generator state, the same drops)
+                    ) -> dict:                   # {modality: (B,) bool}, a subset of `present`, never empty per sample
+    "Modality dropout (ModDrop, Neverova et al. 2016): drop each present modality with probability p, keeping at least one."
+    mods = check_modalities(list(present), "modality_dropout present")
+    q = _drop_probs("modality_dropout", p)
+    P = torch.stack([torch.as_tensor(present[m]).bool().cpu() for m in mods], 1)                 # (B, M)
+    if not P.any(1).all():
+        raise InputError(f"modality_dropout: sample {int((~P.any(1)).nonzero()[0])} has no modality present; "
+                         "expected at least one per sample")
+    probs = torch.tensor([q.get(m, 0.0) if isinstance(q, dict) else q for m in mods], dtype=torch.float64)
+    keep = P & ~(torch.rand(P.shape, generator=generator, dtype=torch.float64) < probs)
+    pick = torch.rand(P.shape, generator=generator, dtype=torch.float64).masked_fill(~P, -1).argmax(1)   # a present one
+    keep |= ~keep.any(1, keepdim=True) & F.one_hot(pick, len(mods)).bool()                     # rescue emptied samples
+    return {m: keep[:, j].to(torch.as_tensor(present[m]).device) for j, m in enumerate(mods)}
+
+# %% ../nbs/08b_adapt.ipynb #43107667
+class FusionClassifier(nn.Module):
+    "Late fusion: a linear layer on the mean of the present modalities' unit embeddings (absent ones left out)."
+    def __init__(self, modalities:tuple,   # the modalities it fuses, e.g. ("image", "audio", "text")
+                 dim:int,                  # embedding width E
+                 n_classes:int,            # C
+                 p_drop:float|dict=0.0,    # modality dropout in training mode (0: none)
+                 seed:int=0,               # the dropout draws
+                ):
+        super().__init__()
+        self.modalities = check_modalities(list(modalities), "FusionClassifier modalities")
+        self.p_drop = _drop_probs("FusionClassifier", p_drop)
+        self.linear = nn.Linear(dim, n_classes)                      # W, beta: zero, a logistic regression's start
+        nn.init.zeros_(self.linear.weight); nn.init.zeros_(self.linear.bias)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def presence(self, batch:dict) -> Tensor:   # (B, M) bool, one column per fused modality
+        "Who has which fused modality: `batch['present']`, or every row of a tensor the batch holds."
+        pres, cols = batch.get("present") or {}, []
+        for m in self.modalities:
+            if m in pres: cols.append(torch.as_tensor(pres[m]).bool())
+            elif isinstance(batch.get(m), Tensor): cols.append(torch.ones(len(batch[m]), dtype=torch.bool))
+            else: raise InputError(f"FusionClassifier: the batch has neither {m!r} nor present[{m!r}]")
+        P = torch.stack([c.to(self.linear.weight.device) for c in cols], 1)
+        if self.training and self.p_drop:
+            d = modality_dropout(dict(zip(self.modalities, P.unbind(1))), self.p_drop, self.generator)
+            P = torch.stack([d[m] for m in self.modalities], 1)
+        if not P.any(1).all():
+            raise InputError(f"FusionClassifier: sample {int((~P.any(1)).nonzero()[0])} has every modality absent "
+                             f"({', '.join(self.modalities)}); expected at least one present")
+        return P
+
+    def forward(self, batch:dict) -> Tensor:   # (B, C) logits of the fused embedding
+        P = self.presence(batch); dev = P.device
+        u = torch.stack([F.normalize(batch[m].float().to(dev), dim=-1) if P[:, j].any() else
+                         torch.zeros(len(P), self.linear.in_features, device=dev) for j, m in enumerate(self.modalities)], 1)
+        u = torch.where(P[..., None], u, 0.0)                    # an absent row never enters, even if it holds NaN
+        return self.linear(u.sum(1) / P.sum(1, keepdim=True))
+
+# %% ../nbs/08b_adapt.ipynb #4e3e52ee
+def fusion_inputs(model,                  # a multimodal model (its forward returns {modality: (B, E)})
+                  batch:dict,             # a collated batch
+                  modalities:tuple|None=None,  # which embeddings to keep (None: every modality of the model)
+                 ) -> dict:               # {modality: (B, E) unit embeddings, "present": {...}, "label": (B,)}
+    "The frozen model's unit embeddings of `batch` with its presence mask and labels: the input of a FusionClassifier."
+    mods = check_modalities(list(modalities or model.modalities), "fusion_inputs modalities")
+    emb, pres = embed(model, batch), batch.get("present") or {}
+    out = {m: F.normalize(emb[m], dim=-1) for m in mods}
+    return out | {"present": {m: pres[m].bool() if m in pres else torch.ones(len(out[m]), dtype=torch.bool) for m in mods},
+                  "label": batch["label"]}
+
+def mark_absent(batch:dict, *modalities:str) -> dict:
+    "A copy of a batch in which `modalities` are absent for every sample (their tensors kept, and ignored)."
+    pres = batch.get("present") or {}
+    unknown = [m for m in modalities if m not in pres]
+    if unknown: raise InputError(f"mark_absent: {unknown[0]!r} is not in the batch's present ({', '.join(pres)})")
+    return batch | {"present": pres | {m: torch.zeros_like(pres[m], dtype=torch.bool) for m in modalities}}
+
+# %% ../nbs/08b_adapt.ipynb #4c45675f
+ADAPT_METHODS = ("zero-shot", "probe", "lora", "full", "wise-ft")   # the levers `mmlab adapt` compares, cheapest first
+
+def adapted_classifier(zs:ZeroShotClassifier,    # the zero-shot classifier (not changed)
+                       method:str,               # "full" (every weight, lr 1e-3) or "lora" (r=4, alpha=16 on the tower, lr 1e-2)
+                       batch:dict,               # the labelled examples
+                       steps:int=100,            # fine-tuning updates
+                       seed:int=0,               # LoRA's initialisation and the batch order
+                      ) -> ZeroShotClassifier:   # a fine-tuned copy, in eval mode
+    "A fine-tuned copy of `zs` with this chapter's settings (LoRA takes a larger rate and scale for its small updates)."
+    if method not in ("full", "lora"): raise InputError(f"adapted_classifier: method {method!r}; expected 'full' or 'lora'")
+    clf = copy.deepcopy(zs)
+    if method == "lora": clf.requires_grad_(False); add_lora(clf.tower, r=4, alpha=16.0, seed=seed)
+    return fine_tune(clf, batch, steps=steps, lr=1e-3 if method == "full" else 1e-2, seed=seed)
+
+
+# %% ../nbs/08b_adapt.ipynb #0d5abdd7
+import json, time
+from pathlib import Path
+from .core import md_table
+from .data import take
+from .encoders import count_params
+from .eval import few_shot_subset, linear_probe
+from .recipes import MAX_BANK, label_names, load_run, load_split, parse_overrides, text_classes
+from .train import atomic_write
+
+def _check_adapt(recipe, shift, shots, seeds, steps, methods, lam):
+    "The modality `shift` changes, after checking every argument of `adapt_model` against the run."
+    if shift not in SHIFTS: raise InputError(f"adapt_model: shift {shift!r} is unknown; expected one of: {', '.join(SHIFTS)}")
+    for k, v in (("shots", shots), ("seeds", seeds), ("steps", steps)):
+        if not isinstance(v, int) or v < 1: raise InputError(f"adapt_model: {k} must be an integer >= 1, got {v!r}")
+    if not methods or any(m not in ADAPT_METHODS for m in methods):
+        raise InputError(f"adapt_model: methods {list(methods)} not understood; expected some of: {', '.join(ADAPT_METHODS)}")
+    if not 0 <= lam <= 1: raise InputError(f"adapt_model: lam (WiSE-FT's mixing coefficient) must be in [0, 1], got {lam}")
+    modality = SHIFTS[shift][0]
+    if modality not in recipe.modalities:
+        raise InputError(f"adapt_model: shift {shift!r} changes {modality!r}, which the {recipe.name} run has no tower for "
+                         f"(towers: {', '.join(recipe.modalities)})")
+    if set(methods) - {"probe"} and "text" not in recipe.modalities:
+        raise InputError(f"adapt_model: methods {', '.join(m for m in methods if m != 'probe')} classify with text prompts, and "
+                         f"the {recipe.name} run has no text tower; only the probe works on it (methods: probe)")
+    if not label_names(recipe): raise InputError(f"adapt_model: the {recipe.name} run's dataset has no class labels to adapt to")
+    return modality
+
+
+# %% ../nbs/08b_adapt.ipynb #691e8c63
+def _probe_rows(model, modality, pool, tests, shots, seeds):
+    "Linear probes on `shots` frozen features per class, one per seed: accuracy on each test set, parameters, CPU s."
+    t0 = time.process_time()
+    f_pool, f_test = tower_features(model, pool, modality), {k: tower_features(model, b, modality) for k, b in tests.items()}
+    shared, rows = (time.process_time() - t0) / seeds, []
+    for s in range(seeds):
+        t0 = time.process_time(); idx = few_shot_subset(pool["label"], shots, seed=s); y = pool["label"][idx]
+        acc = {k: linear_probe(f_pool[idx], y, f, tests[k]["label"])["accuracy"] for k, f in f_test.items()}
+        rows.append(acc | {"trainable": (f_pool.shape[1] + 1) * len(y.unique()), "cpu_s": shared + time.process_time() - t0})
+    return rows
+
+def _classifier_rows(zs, few, tests, methods, steps, lam):
+    "{method: rows} of the fine-tuning methods (and WiSE-FT of each seed's full fine-tuning)."
+    rows, evaluate = {m: [] for m in ("lora", "full", "wise-ft") if m in methods}, lambda c: {k: accuracy(c, b) for k, b in tests.items()}
+    for s, batch in enumerate(few):
+        for m in [m for m in ("lora", "full") if m in methods or (m == "full" and "wise-ft" in methods)]:
+            t0 = time.process_time(); clf = adapted_classifier(zs, m, batch, steps, seed=s); fit_s = time.process_time() - t0
+            if m in methods: rows[m].append(evaluate(clf) | {"trainable": count_params(clf, trainable=True),
+                                                             "cpu_s": time.process_time() - t0})
+            if m == "full" and "wise-ft" in methods:
+                t1 = time.process_time(); w = wise_ft(zs, clf, lam)
+                rows["wise-ft"].append(evaluate(w) | {"trainable": count_params(clf, trainable=True),
+                                                     "cpu_s": fit_s + time.process_time() - t1})
+    return rows
+
+
+# %% ../nbs/08b_adapt.ipynb #3c717185
+def adapt_model(recipe,                  # the run's recipe: its dataset, tokenizer and prompts
+                model,                   # the run's model (not changed)
+                shift:str="invert",      # a key of SHIFTS
+                shots:int=16,            # labelled shifted training examples per class
+                seeds:int=3,             # seeds 0 .. seeds-1: the few-shot subset, LoRA's init, the batch order
+                methods:tuple=ADAPT_METHODS,  # some of ADAPT_METHODS
+                steps:int=100,           # fine-tuning updates (lora, full, wise-ft)
+                lam:float=0.5,           # WiSE-FT's mixing coefficient
+               ) -> dict:                # {method: [{"clean", shift, "trainable", "cpu_s"} per seed]}
+    "The chapter's levers on one model; labelled pool: the training split shifted (seed 1); test: the test split shifted (seed 2)."
+    modality = _check_adapt(recipe, shift, shots, seeds, steps, methods, lam)
+    pool, clean = shift_batch(load_split(recipe, "train", MAX_BANK), shift, seed=1), load_split(recipe, "test")
+    tests, (classes, counts) = {"clean": clean, shift: shift_batch(clean, shift, seed=2)}, pool["label"].unique(return_counts=True)
+    if shots > counts.min(): raise InputError(f"adapt_model: shots={shots} exceeds the {int(counts.min())} training examples "
+                                              f"of class {label_names(recipe)[int(classes[counts.argmin()])]!r}")
+    few, rows = [take(pool, few_shot_subset(pool["label"], shots, seed=s)) for s in range(seeds)], {}
+    if "zero-shot" in methods or set(methods) & {"lora", "full", "wise-ft"}:
+        t0 = time.process_time(); zs = ZeroShotClassifier(model, modality, text_classes(model, recipe, label_names(recipe)))
+        rows["zero-shot"] = [{k: accuracy(zs, b) for k, b in tests.items()} | {"trainable": 0, "cpu_s": time.process_time() - t0}]
+        rows |= _classifier_rows(zs, few, tests, methods, steps, lam)
+    if "probe" in methods: rows["probe"] = _probe_rows(model, modality, pool, tests, shots, seeds)
+    return {m: rows[m] for m in methods}
+
+
+# %% ../nbs/08b_adapt.ipynb #17770cc0
+def adapt_summary(rows:dict, shift:str) -> dict:   # `adapt_model`'s rows and its shift
+    "{method: clean and shifted accuracy (mean and std over seeds), trainable parameters, mean CPU seconds}."
+    def mean_std(rs, key): v = torch.tensor([r[key] for r in rs], dtype=torch.float64); return v.mean().item(), v.std(unbiased=False).item()
+    return {m: {k: v for key in ("clean", shift) for k, v in zip((key, f"{key} std"), mean_std(rs, key))}
+            | {"trainable": rs[0]["trainable"], "cpu_s": mean_std(rs, "cpu_s")[0]} for m, rs in rows.items()}
+
+def adapt_table(rows:dict, shift:str):   # `adapt_model`'s rows and its shift
+    "The table `mmlab adapt` prints: one line per method, accuracies as mean ± std over seeds."
+    return md_table({m: {k: f"{r[k]:.3f} ± {r[f'{k} std']:.3f}" for k in ("clean", shift)} | {"trainable": r["trainable"],
+                     "cpu s": round(r["cpu_s"], 2)} for m, r in adapt_summary(rows, shift).items()}, index="method")
+
+def adapt_run(run:str|Path,              # a finished run folder (or one of its checkpoints/step-* folders)
+              shift:str="invert", shots:int=16, seeds:int=3, methods:tuple=ADAPT_METHODS, steps:int=100, lam:float=0.5,
+              out:str|Path|None=None,     # the JSON file (default RUN/adapt-<shift>.json)
+             ) -> dict:                   # the settings, summary, per-seed rows, and "file": where they were written
+    "`adapt_model` on a run loaded with `load_run`, written atomically as JSON."
+    recipe, model = load_run(run)
+    rows = adapt_model(recipe, model, shift, shots, seeds, methods, steps, lam)
+    result = {"run": str(run), "recipe": recipe.name, "shift": shift, "shots": shots, "seeds": seeds, "steps": steps,
+              "lam": lam, "summary": adapt_summary(rows, shift), "rows": rows}
+    path = Path(out) if out else Path(run) / f"adapt-{shift.replace(' ', '-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True); atomic_write(path, json.dumps(result, indent=1))
+    return result | {"file": str(path)}
+
+
+# %% ../nbs/08b_adapt.ipynb #d2b8b04d
+def adapt_cmd(argv:list[str]) -> int:
+    "`mmlab adapt RUN [--shift invert] [--shots 16] [--seeds 3] [--steps 100] [--methods ...] [--lam 0.5] [--out FILE]`."
+    if not argv or argv[0].startswith("-"): raise ConfigError("mmlab adapt: give a RUN folder first, then --key value options")
+    run, kw, allowed = argv[0], parse_overrides(argv[1:]), ("shift", "shots", "seeds", "steps", "methods", "lam", "out")
+    if bad := sorted(set(kw) - set(allowed)): raise ConfigError(f"mmlab adapt: unknown option(s) {bad}; allowed: --{', --'.join(allowed)}")
+    def integer(k, default):
+        v = kw.get(k, str(default))
+        if not v.isdigit() or int(v) < 1: raise ConfigError(f"mmlab adapt: --{k} {v!r} is not an integer >= 1")
+        return int(v)
+    try: lam = float(kw.get("lam", "0.5"))
+    except ValueError: raise ConfigError(f"mmlab adapt: --lam {kw['lam']!r} is not a number in [0, 1]") from None
+    methods = tuple(m.strip() for m in kw.get("methods", ",".join(ADAPT_METHODS)).split(",") if m.strip())
+    result = adapt_run(run, kw.get("shift", "invert").replace("-", " "), integer("shots", 16), integer("seeds", 3), methods,
+                       integer("steps", 100), lam, kw.get("out"))
+    print(adapt_table(result["rows"], result["shift"]).data); print(f"results: {result['file']}")
+    return 0
+

@@ -736,7 +736,9 @@ mmlab train RECIPE [--out DIR] [--key value ...]   train a recipe (recipes: {rec
 mmlab train --resume RUN                          continue an interrupted run from its newest checkpoint (bit-identical)
   --out DIR must be new or empty; --overwrite true replaces the run it holds (train, quickstart)
 mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder
-mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)"""
+mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)
+mmlab adapt RUN [--shift invert] [--shots 16] [--seeds 3] [--steps 100] [--lam 0.5] [--methods zero-shot,probe,lora,full,wise-ft]
+  [--out FILE]   the adaptation levers on a shifted test set (invert, pixel-noise, rotate, audio-noise): a table, RUN/adapt-<shift>.json"""
 
 def _recipe_help(name):
     cls, doc = RECIPES[name], field_help(RECIPES[name])
@@ -791,7 +793,10 @@ def _cmd(argv:list[str]) -> int:
         return 0
     if cmd == "eval": return _eval_cmd(rest)
     if cmd == "export": return _export_cmd(rest)
-    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export")
+    if cmd == "adapt":
+        from mmlab.adapt import adapt_cmd   # here, not at the top: mmlab.adapt imports this module
+        return adapt_cmd(rest)
+    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export, adapt")
 
 # %% ../nbs/08a_recipes.ipynb #551909e1
 def _eval_cmd(rest:list[str]) -> int:

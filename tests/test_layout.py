@@ -20,6 +20,9 @@ EXCEPTIONS = {
     # the optional fused C++/CUDA path of clip_loss / siglip_loss (impl="fused" or "auto"): imported lazily, inside the
     # functions, only when asked for, so `import mmlab.losses` never compiles or imports the kernels
     ("mmlab.losses.contrastive", "mmlab.kernels"),
+    # `mmlab adapt` (the console entry point lives in mmlab.recipes): imported inside `_cmd` when that command runs,
+    # since mmlab.adapt builds on mmlab.recipes (load_run, load_split, text_classes)
+    ("mmlab.recipes", "mmlab.adapt"),
 }
 
 
