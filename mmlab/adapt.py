@@ -4,26 +4,28 @@
 
 # %% ../nbs/08b_adapt.ipynb #f28bcae8
 from __future__ import annotations
-import copy, math, zlib
+import copy, json, math, time, zlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import ConfigError, InputError, InputTypeError, ShapeError
-from .data import CharTokenizer, InMemoryBatches, collate
-from .encoders import tower_inputs
-from .eval import embed
-from .train import Trainer, TrainConfig
+from .core import ConfigError, InputError, InputTypeError, ShapeError, md_table
+from .data import CharTokenizer, InMemoryBatches, check_modalities, collate, take
+from .encoders import count_params, tower_inputs
+from .eval import embed, few_shot_subset, linear_probe
+from .recipes import MAX_BANK, label_names, load_run, load_split, parse_overrides, text_classes
+from .train import Trainer, TrainConfig, atomic_write, to_device
 
 # %% auto #0
 __all__ = ['SHIFTS', 'NORM_LAYERS', 'ADAPT_METHODS', 'invert', 'pixel_noise', 'rotate', 'mel_noise', 'smooth_background',
            'composite', 'new_background', 'time_stretch', 'mel_shift', 'audio_fields', 'shift_batch', 'tower_features',
-           'LoRALinear', 'add_lora', 'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'wise_ft',
-           'classifier_embeddings', 'unlabelled', 'remove_directions', 'refine_labels', 'train_norms_only', 'reclip',
-           'prediction_entropy', 'tent', 'modality_dropout', 'FusionClassifier', 'fusion_inputs', 'mark_absent',
-           'adapted_classifier', 'adapt_model', 'adapt_summary', 'adapt_table', 'adapt_run', 'adapt_cmd']
+           'LoRALinear', 'add_lora', 'merge_lora', 'ZeroShotClassifier', 'fine_tune', 'accuracy', 'adapted_classifier',
+           'adapt_summary', 'adapt_table', 'wise_ft', 'classifier_embeddings', 'unlabelled', 'remove_directions',
+           'refine_labels', 'train_norms_only', 'reclip', 'prediction_entropy', 'tent', 'modality_dropout',
+           'FusionClassifier', 'fusion_inputs', 'mark_absent', 'adapt_model', 'adapt_run', 'adapt_cmd']
 
 # %% ../nbs/08b_adapt.ipynb #22be3034
 def invert(images:Tensor, # (B, C, H, W) pixels in [0, 1]
@@ -267,6 +269,33 @@ def accuracy(clf:nn.Module, batch:dict) -> float:
     "Top-1 accuracy of a classifier's logits on a labelled batch (eval mode, no gradients)."
     return (embed(clf, batch, fn=lambda m, b: m(b)).argmax(1) == batch["label"]).double().mean().item()
 
+# %% ../nbs/08b_adapt.ipynb #70f9ab5d
+def adapted_classifier(zs:ZeroShotClassifier,    # the zero-shot classifier (not changed)
+                       method:str,               # "full" (every weight, lr 1e-3) or "lora" (r=4, alpha=16 on the tower, lr 1e-2)
+                       batch:dict,               # the labelled examples
+                       steps:int=100,            # fine-tuning updates
+                       seed:int=0,               # LoRA's initialisation and the batch order
+                      ) -> ZeroShotClassifier:   # a fine-tuned copy, in eval mode
+    "A fine-tuned copy of `zs` with this chapter's settings (LoRA takes a larger rate and scale for its small updates)."
+    if method not in ("full", "lora"): raise InputError(f"adapted_classifier: method {method!r}; expected 'full' or 'lora'")
+    clf = copy.deepcopy(zs)
+    if method == "lora": clf.requires_grad_(False); add_lora(clf.tower, r=4, alpha=16.0, seed=seed)
+    return fine_tune(clf, batch, steps=steps, lr=1e-3 if method == "full" else 1e-2, seed=seed)
+
+
+# %% ../nbs/08b_adapt.ipynb #0cbf58fe
+def adapt_summary(rows:dict, shift:str) -> dict:   # `adapt_model`'s rows and its shift
+    "{method: clean and shifted accuracy (mean and std over seeds), trainable parameters, mean CPU seconds}."
+    def mean_std(rs, key): v = torch.tensor([r[key] for r in rs], dtype=torch.float64); return v.mean().item(), v.std(unbiased=False).item()
+    return {m: {k: v for key in ("clean", shift) for k, v in zip((key, f"{key} std"), mean_std(rs, key))}
+            | {"trainable": rs[0]["trainable"], "cpu_s": mean_std(rs, "cpu_s")[0]} for m, rs in rows.items()}
+
+def adapt_table(rows:dict, shift:str):   # `adapt_model`'s rows and its shift
+    "The table `mmlab adapt` prints: one line per method, accuracies as mean ± std over seeds."
+    return md_table({m: {k: f"{r[k]:.3f} ± {r[f'{k} std']:.3f}" for k in ("clean", shift)} | {"trainable": r["trainable"],
+                     "cpu s": round(r["cpu_s"], 2)} for m, r in adapt_summary(rows, shift).items()}, index="method")
+
+
 # %% ../nbs/08b_adapt.ipynb #62916ad0
 def wise_ft(zero_shot:nn.Module,   # the model before fine-tuning (theta_0)
             fine_tuned:nn.Module,  # the same architecture after fine-tuning (theta_1)
@@ -292,9 +321,6 @@ def classifier_embeddings(clf:ZeroShotClassifier,  # a zero-shot classifier, fin
 
 
 # %% ../nbs/08b_adapt.ipynb #915b5d85
-from .data import take
-from .train import to_device
-
 def unlabelled(batch:dict) -> dict:
     "A shallow copy of `batch` without its labels: what an adaptation method may see."
     return {k: v for k, v in batch.items() if k != "label"}
@@ -408,8 +434,6 @@ def tent(clf:nn.Module,      # a classifier, batch -> (B, C) logits (e.g. a Zero
     return preds
 
 # %% ../nbs/08b_adapt.ipynb #3a923344
-from .data import check_modalities
-
 def _drop_probs(where:str, p) -> dict|float:
     "Validate a drop probability (a number, or {modality: number}), each in [0, 1)."
     if isinstance(p, dict): check_modalities(list(p), f"{where} p"); probs = p
@@ -495,32 +519,7 @@ def mark_absent(batch:dict, *modalities:str) -> dict:
     if unknown: raise InputError(f"mark_absent: {unknown[0]!r} is not in the batch's present ({', '.join(pres)})")
     return batch | {"present": pres | {m: torch.zeros_like(pres[m], dtype=torch.bool) for m in modalities}}
 
-# %% ../nbs/08b_adapt.ipynb #4c45675f
-ADAPT_METHODS = ("zero-shot", "probe", "lora", "full", "wise-ft")   # the levers `mmlab adapt` compares, cheapest first
-
-def adapted_classifier(zs:ZeroShotClassifier,    # the zero-shot classifier (not changed)
-                       method:str,               # "full" (every weight, lr 1e-3) or "lora" (r=4, alpha=16 on the tower, lr 1e-2)
-                       batch:dict,               # the labelled examples
-                       steps:int=100,            # fine-tuning updates
-                       seed:int=0,               # LoRA's initialisation and the batch order
-                      ) -> ZeroShotClassifier:   # a fine-tuned copy, in eval mode
-    "A fine-tuned copy of `zs` with this chapter's settings (LoRA takes a larger rate and scale for its small updates)."
-    if method not in ("full", "lora"): raise InputError(f"adapted_classifier: method {method!r}; expected 'full' or 'lora'")
-    clf = copy.deepcopy(zs)
-    if method == "lora": clf.requires_grad_(False); add_lora(clf.tower, r=4, alpha=16.0, seed=seed)
-    return fine_tune(clf, batch, steps=steps, lr=1e-3 if method == "full" else 1e-2, seed=seed)
-
-
 # %% ../nbs/08b_adapt.ipynb #0d5abdd7
-import json, time
-from pathlib import Path
-from .core import md_table
-from .data import take
-from .encoders import count_params
-from .eval import few_shot_subset, linear_probe
-from .recipes import MAX_BANK, label_names, load_run, load_split, parse_overrides, text_classes
-from .train import atomic_write
-
 def _check_adapt(recipe, shift, shots, seeds, steps, methods, lam):
     "The modality `shift` changes, after checking every argument of `adapt_model` against the run."
     if shift not in SHIFTS: raise InputError(f"adapt_model: shift {shift!r} is unknown; expected one of: {', '.join(SHIFTS)}")
@@ -568,6 +567,8 @@ def _classifier_rows(zs, few, tests, methods, steps, lam):
 
 
 # %% ../nbs/08b_adapt.ipynb #3c717185
+ADAPT_METHODS = ("zero-shot", "probe", "lora", "full", "wise-ft")   # the levers `mmlab adapt` compares, cheapest first
+
 def adapt_model(recipe,                  # the run's recipe: its dataset, tokenizer and prompts
                 model,                   # the run's model (not changed)
                 shift:str="invert",      # a key of SHIFTS
@@ -593,17 +594,6 @@ def adapt_model(recipe,                  # the run's recipe: its dataset, tokeni
 
 
 # %% ../nbs/08b_adapt.ipynb #17770cc0
-def adapt_summary(rows:dict, shift:str) -> dict:   # `adapt_model`'s rows and its shift
-    "{method: clean and shifted accuracy (mean and std over seeds), trainable parameters, mean CPU seconds}."
-    def mean_std(rs, key): v = torch.tensor([r[key] for r in rs], dtype=torch.float64); return v.mean().item(), v.std(unbiased=False).item()
-    return {m: {k: v for key in ("clean", shift) for k, v in zip((key, f"{key} std"), mean_std(rs, key))}
-            | {"trainable": rs[0]["trainable"], "cpu_s": mean_std(rs, "cpu_s")[0]} for m, rs in rows.items()}
-
-def adapt_table(rows:dict, shift:str):   # `adapt_model`'s rows and its shift
-    "The table `mmlab adapt` prints: one line per method, accuracies as mean ± std over seeds."
-    return md_table({m: {k: f"{r[k]:.3f} ± {r[f'{k} std']:.3f}" for k in ("clean", shift)} | {"trainable": r["trainable"],
-                     "cpu s": round(r["cpu_s"], 2)} for m, r in adapt_summary(rows, shift).items()}, index="method")
-
 def adapt_run(run:str|Path,              # a finished run folder (or one of its checkpoints/step-* folders)
               shift:str="invert", shots:int=16, seeds:int=3, methods:tuple=ADAPT_METHODS, steps:int=100, lam:float=0.5,
               out:str|Path|None=None,     # the JSON file (default RUN/adapt-<shift>.json)
