@@ -476,7 +476,7 @@ def refine_labels(x:Tensor,       # (N, E) embeddings, compared by cosine
                   n_classes:int,  # C
                   iters:int=3,    # centroid and reassignment steps
                  ) -> tuple:      # (N,) refined labels, (C, E) unit centroids (a class left empty gets a zero row)
-    "Class-centroid refinement (k-means from the given labels): mu_c = unit mean of class c, then y_i = argmax_c x_i . mu_c."
+    "Class-centroid refinement (k-means from the given labels): x̄_c = unit mean of class c, then y_i = argmax_c x_i . mu_c."
     if not isinstance(x, Tensor) or x.dim() != 2: raise ShapeError(f"refine_labels: x must be an (N, E) tensor, got {getattr(x, 'shape', type(x))}")
     if not isinstance(labels, Tensor) or labels.shape != x.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
         raise ShapeError(f"refine_labels: labels must be an integer (N,) tensor with N = {len(x)}, got {getattr(labels, 'shape', type(labels))}")
@@ -522,7 +522,7 @@ def reclip(clf:ZeroShotClassifier,  # starts as the zero-shot classifier; adapte
         x = F.normalize(remove_directions(u, agnostic), dim=-1)       # x_perp
         zero_shot = (x @ F.normalize(remove_directions(w, agnostic), dim=-1).T).argmax(1)   # (a, b) pseudo-labels
         labels, centroids = refine_labels(x, zero_shot, len(w), iters)                      # (c)
-        with torch.no_grad(): clf.weight.copy_(centroids)             # mu_c are orthogonal to the removed directions
+        with torch.no_grad(): clf.weight.copy_(centroids)             # x̄_c are orthogonal to the removed directions
         history.append(labels)
         if r < rounds: fine_tune(clf, data | {"label": labels}, steps, lr, batch_size, seed=seed + r)   # (d)
     return history
