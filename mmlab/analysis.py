@@ -14,9 +14,10 @@ from torch import Tensor
 from .core import InputError, InputTypeError, check_finite, check_shape, check_unit_norm, eval_mode
 
 # %% auto #0
-__all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'relative_gap', 'separability', 'gap_metrics',
-           'shift_embeddings', 'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout',
-           'token_relevance', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
+__all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'embedding_std', 'collapse_stats',
+           'distill_stats', 'collapse_probe', 'relative_gap', 'separability', 'gap_metrics', 'shift_embeddings',
+           'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout', 'token_relevance',
+           'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #f199ef40
 def _emb(x, name:str, dims:dict, unit:bool=True) -> Tensor:
@@ -73,6 +74,56 @@ def effective_rank(x:Tensor,          # (N, D) embeddings (any norm)
     if s.sum() <= 1e-12 * max(1, x.abs().max().item()): return 0.0
     p = s / s.sum(); p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
+
+# %% ../nbs/09_analysis.ipynb #defe9c07
+def embedding_std(x:Tensor, # (N, D) embeddings (any norm), N >= 2
+                 ) -> float:
+    "SimSiam's collapse indicator: per-dimension std (N - 1 in the denominator) of the L2-normalised rows, averaged over D."
+    x = _emb(x, "x", {}, unit=False)
+    if x.shape[0] < 2: raise InputError(f"embedding_std: needs N >= 2 embeddings, got {x.shape[0]}")
+    return F.normalize(x, dim=1).std(0).mean().item()
+
+def collapse_stats(x:Tensor, # (N, D) embeddings (any norm), N >= 2
+                  ) -> dict:
+    "std of the L2-normalised rows (`embedding_std`), its spread-out level 1/sqrt(D), the effective rank of their covariance."
+    std = embedding_std(x)
+    z = F.normalize(_emb(x, "x", {}, unit=False), dim=1); z = z - z.mean(0)
+    return {"std": std, "std_uniform": 1 / math.sqrt(z.shape[1]), "erank": effective_rank(z.T @ z / (z.shape[0] - 1), center=False)}
+
+def distill_stats(teacher:Tensor,  # (N, K) teacher head outputs (logits)
+                  student:Tensor,  # (N, K) student head outputs of the same inputs
+                  center:Tensor|float=0.0,  # (K,) the teacher centre c
+                  teacher_temp:float=0.04, student_temp:float=0.1,
+                 ) -> dict:
+    "DINO's collapse read-outs (Caron et al. 2021, Fig. 7): mean entropy of q = softmax((t - c)/tau_t), mean KL(q || p), log K; nats."
+    dims = {}; t, s = _emb(teacher, "teacher", dims, unit=False), _emb(student, "student", dims, unit=False)
+    c = torch.as_tensor(center, dtype=torch.float64).reshape(-1)
+    logq, logp = F.log_softmax((t - c) / teacher_temp, dim=1), F.log_softmax(s / student_temp, dim=1)
+    q = logq.exp()
+    return {"entropy": -(q * logq).sum(1).mean().item(), "kl": (q * (logq - logp)).sum(1).mean().item(),
+            "log_K": math.log(t.shape[1])}
+
+# %% ../nbs/09_analysis.ipynb #f95f632c
+def collapse_probe(test:dict,               # held-out batch with "image" (and "label" for the kNN accuracy)
+                   bank:dict|None=None,     # labelled training batch, the kNN bank; None: no kNN
+                   num_classes:int|None=None, # C for `knn_eval`
+                  ):                        # model -> {name: float}, e.g. for `EvalCallback(fn, at=...)`
+    "Collapse read-outs of a `BYOLModel` (z: `collapse_stats`) or `DINOModel` (q: `collapse_stats`, `distill_stats`), + kNN."
+    from mmlab.eval import embed, knn_eval
+    from mmlab.models import BYOLModel, DINOModel
+    def fn(model) -> dict:
+        if not isinstance(model, (BYOLModel, DINOModel)):
+            raise InputTypeError(f"collapse_probe: expected a BYOLModel or DINOModel, got {type(model).__name__}")
+        out, enc = {}, model.encoder("image")
+        if bank is not None:
+            f = lambda b: embed(model, b, lambda m, x: enc(x["image"]).pooled)
+            out["knn"] = knn_eval(f(bank), bank["label"], f(test), test["label"], num_classes=num_classes)["accuracy"]
+        if isinstance(model, BYOLModel): return out | collapse_stats(embed(model, test, lambda m, x: m.project(m.online, x["image"])))
+        crit, head = model.criterion, lambda net: (lambda m, x: m.logits(net, [x["image"]])[0])
+        t, s, c = embed(model, test, head(model.teacher.module)), embed(model, test, head(model.online)), crit.center.cpu()
+        q = F.softmax((t - c) / crit.teacher_temp, dim=1)                    # the teacher's targets
+        return out | collapse_stats(q) | distill_stats(t, s, c, crit.teacher_temp, crit.student_temp)
+    return fn
 
 # %% ../nbs/09_analysis.ipynb #9e719ec9
 def relative_gap(x:Tensor, # (N, D) L2-normalised embeddings of modality X

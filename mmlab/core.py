@@ -36,8 +36,8 @@ class KernelBuildError(MMLabError, RuntimeError): "A C++/CUDA extension failed t
 # %% ../nbs/00_core.ipynb #21c90903
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# MMLAB_* variables that are not settings (they are read elsewhere).
-ENV_NON_SETTINGS = {"MMLAB_SETTINGS", "MMLAB_TEST_FLAGS", "MMLAB_TEST_CUDA_ARCH"}
+# MMLAB_* variables that are not settings (they are read elsewhere; MMLAB_FULL_SWEEP by the projects' slow cells).
+ENV_NON_SETTINGS = {"MMLAB_SETTINGS", "MMLAB_TEST_FLAGS", "MMLAB_TEST_CUDA_ARCH", "MMLAB_FULL_SWEEP"}
 
 @dataclass(frozen=True)
 class Settings:

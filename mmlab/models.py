@@ -671,13 +671,20 @@ class EMATeacher(nn.Module):
 # %% ../nbs/05b_models.ipynb #5bc8246a
 class BYOLModel(Model):
     "Online ViT encoder + projector + predictor, and an EMA teacher of encoder + projector (Grill et al. 2020)."
-    def __init__(self, encoder:nn.Module, dim:int=64, hidden:int=128, total_steps:int=1000, base_momentum:float=0.99):
+    def __init__(self, encoder:nn.Module, dim:int=64, hidden:int=128, total_steps:int=1000, base_momentum:float=0.99,
+                 final_momentum:float=1.0, # momentum of the last update; base = final = 0: the teacher is the student (SimSiam)
+                 predictor:bool=True,      # False: the online projection is compared with the target directly (an ablation)
+                 stop_grad:bool=True):     # False: targets are the online projections, with their gradient (needs momentum 0)
         super().__init__()
-        self.remember(dim=dim, hidden=hidden, total_steps=total_steps, base_momentum=base_momentum)
+        if not stop_grad and (base_momentum, final_momentum) != (0, 0):
+            raise ConfigError(f"BYOLModel: stop_grad=False takes the targets from the online network, which is the teacher only "
+                              f"with base_momentum = final_momentum = 0; got {base_momentum}, {final_momentum}")
+        self.remember(dim=dim, hidden=hidden, total_steps=total_steps, base_momentum=base_momentum,
+                      final_momentum=final_momentum, predictor=predictor, stop_grad=stop_grad)
         mlp = lambda d: ProjectionHead(d, dim, layers=2, hidden_dim=hidden, norm=True, act="relu", bias=True)   # Linear-BN-ReLU-Linear
         self.online = nn.ModuleDict({"encoder": encoder, "projector": mlp(encoder.embed_dim)})
-        self.predictor = mlp(dim)
-        self.teacher = EMATeacher(self.online, base=base_momentum, total_steps=total_steps)
+        self.predictor, self.stop_grad = mlp(dim) if predictor else nn.Identity(), stop_grad
+        self.teacher = EMATeacher(self.online, base=base_momentum, final=final_momentum, total_steps=total_steps)
     def parts(self) -> dict: return {"encoder": self.online["encoder"]}
     def encoders(self) -> dict: return {"image": self.online["encoder"]}
     def project(self, net, x): return net["projector"](net["encoder"](x).pooled)
@@ -686,9 +693,12 @@ class BYOLModel(Model):
         enc = self.online["encoder"]
         return dict(v1=enc.example_inputs(batch_size, generator)["x"], v2=enc.example_inputs(batch_size, generator)["x"])
     def forward(self, v1:Tensor, v2:Tensor) -> Tensor:   # (B, C, H, W) two views -> scalar loss
-        p1, p2 = self.predictor(self.project(self.online, v1)), self.predictor(self.project(self.online, v2))
-        with torch.no_grad(): t1, t2 = self.project(self.teacher.module, v1), self.project(self.teacher.module, v2)
-        return byol_loss(p1, p2, t1, t2)
+        z1, z2 = self.project(self.online, v1), self.project(self.online, v2)
+        if self.stop_grad:
+            with torch.no_grad(): t1, t2 = self.project(self.teacher.module, v1), self.project(self.teacher.module, v2)
+        else: t1, t2 = z1, z2                                    # the ablation: the targets keep their gradient
+        return byol_loss(self.predictor(z1), self.predictor(z2), t1, t2, stop_grad=self.stop_grad)
+
 
 # %% ../nbs/05b_models.ipynb #311cd1cb
 class DINOModel(Model):

@@ -321,23 +321,31 @@ def augment_views(images:Tensor,  # (B, C, H, W) a batch of images
     "`n` independently augmented views of every image (per-sample random crops)."
     return [torch.stack([augment(x) for x in images]) for _ in range(n)]
 
+
+# %% ../nbs/08a_recipes.ipynb #b1e0c0a5
 @dataclass
 class ByolRecipe(RunFields):
-    "BYOL on the image tower; evaluated by kNN on the frozen encoder."
+    "BYOL on the image tower; evaluated by kNN on the frozen encoder. Its switches also give SimSiam and the collapse ablations."
     dim: int = 64                 # projection width
     hidden: int = 128             # MLP hidden width
-    base_momentum: float = 0.99   # teacher momentum at step 0 (BYOL: 0.996 for long runs), cosine to 1
+    base_momentum: float = 0.99   # teacher momentum at step 0 (BYOL: 0.996 for long runs), cosine to final_momentum
+    final_momentum: float = 1.0   # teacher momentum of the last update; base = final = 0: SimSiam (the teacher is the student)
+    predictor: bool = True        # False: no predictor (an ablation that collapses in BYOL's Table 5)
+    stop_grad: bool = True        # False: targets keep their gradient (SimSiam's ablation; needs both momenta 0)
     crop_scale: float = 0.5       # smallest crop area of RandomResizedCrop
 
     name, modalities = "byol", ("image",)
     def __post_init__(self):
         super().__post_init__()
-        _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "base_momentum")
+        _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "base_momentum", "final_momentum")
         _check(self, lambda v: 0 < v <= 1, "a fraction in (0, 1]", "crop_scale")
-        _ints(self, "dim", "hidden")
+        _ints(self, "dim", "hidden"); _choice(self, "predictor", (True, False)); _choice(self, "stop_grad", (True, False))
+        _check(self, lambda v: v or (self.base_momentum, self.final_momentum) == (0, 0), "True unless base_momentum = "
+               "final_momentum = 0 (without stop-gradient the targets come from the online network: the teacher must be it)", "stop_grad")
     def make_model(self):
         torch.manual_seed(self.seed)
-        return BYOLModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.steps, self.base_momentum)
+        return BYOLModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.steps, self.base_momentum,
+                         self.final_momentum, self.predictor, self.stop_grad)
     def make_loss(self):
         aug = image_augment(size=ViTConfig.preset(self.size).img_size[0], scale=(self.crop_scale, 1.0))
         return lambda model, batch: model(*augment_views(batch["image"], aug))
@@ -346,6 +354,7 @@ class ByolRecipe(RunFields):
         "kNN accuracy of the online encoder's pooled features (train -> `batch`)."
         enc = model.online["encoder"]
         return knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image")
+
 
 # %% ../nbs/08a_recipes.ipynb #77cb7620
 @dataclass
@@ -357,7 +366,7 @@ class DinoRecipe(RunFields):
     head_bn: bool = True          # BatchNorm in the head MLP: without it this small run collapses (DINO's ViTs: False)
     student_temp: float = 0.1     # tau_s (student)
     teacher_temp: float = 0.04    # tau_t (teacher): sharpening
-    center_momentum: float = 0.9  # m_c
+    center_momentum: float = 0.9  # m_c (1: the centre stays at 0, no centring)
     base_momentum: float = 0.99   # teacher EMA momentum at step 0, cosine to 1 (DINO: 0.996 for long runs)
     local_crops: int = 2          # small crops only the student sees (DINO: 8)
     global_scale: float = 0.4     # smallest area of the two global crops (DINO: 0.4)
@@ -533,6 +542,7 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
                progress:bool=False,        # a tqdm bar
                resume:bool=False,          # continue from the newest checkpoint in out_dir (same recipe)
                overwrite:bool=False,       # replace the run in out_dir (its files only); else a non-empty out_dir is refused
+               callbacks:list|tuple=(),    # more trainer callbacks after the recipe's (e.g. an `EvalCallback` along the run)
               ) -> RunResult:
     "Load data, build the model, train it with `Trainer`, evaluate: the recipe says what, the trainer does the loop."
     t0 = time.perf_counter(); recipe = resolve_runtime(recipe)
@@ -546,7 +556,7 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
         set_seed(recipe.seed)                                     # Python's, NumPy's and torch's generators
         data, model = train_data(recipe, n_train), recipe.make_model()
         trainer = Trainer(model, recipe.make_loss(), data, recipe.train_config(out),
-                          callbacks=list(getattr(recipe, "callbacks", list)()) + ([ProgressBar()] if progress else []))
+                          callbacks=[*getattr(recipe, "callbacks", list)(), *callbacks] + ([ProgressBar()] if progress else []))
         if resume: trainer.resume(out)
         history = trainer.fit()
         if resume and (out / "metrics.jsonl").is_file():          # the whole run's records, not only the resumed part
@@ -738,7 +748,7 @@ mmlab train --resume RUN                          continue an interrupted run fr
 mmlab eval CHECKPOINT [--split test] [--out FILE]  evaluate a run folder or a checkpoints/step-* folder
 mmlab export RUN --tower MODALITY -o FOLDER       save a run's tower (config.json + model.safetensors; mmlab.models.load_model)
 mmlab adapt RUN [--shift invert] [--shots 16] [--seeds 3] [--steps 100] [--lam 0.5] [--methods zero-shot,probe,lora,full,wise-ft]
-  [--out FILE]   the adaptation levers on a shifted test set (invert, pixel-noise, rotate, audio-noise): a table, RUN/adapt-<shift>.json"""
+  [--out FILE]   the adaptation levers on a shifted test set (a key of mmlab.adapt.SHIFTS, spaces as dashes: invert, pixel-noise, new-background, audio-speed, ...): a table, RUN/adapt-<shift>.json"""
 
 def _recipe_help(name):
     cls, doc = RECIPES[name], field_help(RECIPES[name])

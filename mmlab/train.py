@@ -300,9 +300,17 @@ class Callback:
     def load_state_dict(self, state:dict): pass
 
 class EvalCallback(Callback):
-    "On `on_eval`, run `fn(model) -> {name: number}` in eval mode without gradients and log it under `prefix/`."
-    def __init__(self, fn, prefix:str="eval"): self.fn, self.prefix = fn, prefix
+    "On `on_eval` (or after the updates `at`), run `fn(model) -> {name: number}` in eval mode without gradients; log it under `prefix/`."
+    def __init__(self, fn, prefix:str="eval",
+                 at:tuple|None=None):  # update counts to evaluate after (0: before the first update) instead of on `on_eval`
+        self.fn, self.prefix, self.at = fn, prefix, None if at is None else set(at)
+    def on_fit_start(self, trainer):
+        if self.at is not None and trainer.step == 0 and 0 in self.at: self.evaluate(trainer)
+    def on_step_end(self, trainer):
+        if self.at is not None and trainer.step in self.at: self.evaluate(trainer)
     def on_eval(self, trainer):
+        if self.at is None: self.evaluate(trainer)
+    def evaluate(self, trainer):
         with eval_mode(trainer.model): out = self.fn(trainer.model)
         trainer.log({"step": trainer.step} | {f"{self.prefix}/{k}": float(v.detach() if isinstance(v, Tensor) else v)
                                              for k, v in out.items()})

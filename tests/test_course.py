@@ -126,7 +126,7 @@ def check_project(nb:Path, cs:list):
     heads = [l.strip() for s in md for l in s.splitlines() if l.startswith("## ")]
     assert heads == PROJECT_SECTIONS, f"{nb.name}: a project's sections are {PROJECT_SECTIONS}, found {heads}"
     question = md[[i for i, s in enumerate(md) if "## Question" in s][0]]
-    assert re.search(r"\[[^\]]+\]\((https?://[^)]+)\)[^\n]*\b(19|20)\d\d\b", question), \
+    assert re.search(r"\[[^\]]+\]\((https?://[^)]+)\)[\s\S]{0,80}?\b(19|20)\d\d\b", question), \
         f"{nb.name}: the question must cite the paper (title, year, link)"
     first_math = next((s for s in md if "$" in s), None)
     assert first_math is None or "notation.ipynb" in first_math, f"{nb.name}: the first equation must link to notation.ipynb"

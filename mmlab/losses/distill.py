@@ -111,23 +111,27 @@ def _pair(p, z, where, names=("p", "z")):
     dims = check_shape(p, f"{where}: {names[0]}", ("B", "D")); check_shape(z, f"{where}: {names[1]}", ("B", "D"), dims)
 
 def negative_cosine(p:Tensor, # (B, D) predictions
-                    z:Tensor, # (B, D) targets; the gradient is stopped
+                    z:Tensor, # (B, D) targets
+                    stop_grad:bool=True, # cut the gradient into z (False: an ablation that lets the run collapse)
                    ) -> Tensor:
     "SimSiam's D(p, z) = -cos(p, sg(z)), averaged over the batch."
     _pair(p, z, "negative_cosine")
-    return -(F.normalize(p, dim=-1) * F.normalize(z.detach(), dim=-1)).sum(-1).mean()
+    return -(F.normalize(p, dim=-1) * F.normalize(z.detach() if stop_grad else z, dim=-1)).sum(-1).mean()
 
 def simsiam_loss(p1:Tensor, p2:Tensor, # (B, D) predictor outputs of views 1 and 2
                  z1:Tensor, z2:Tensor, # (B, D) projector outputs of views 1 and 2
+                 stop_grad:bool=True,  # sg on z (False: SimSiam's ablation without stop-gradient)
                 ) -> Tensor:
     "SimSiam (Chen & He 2021, Alg. 1): 1/2 D(p1, z2) + 1/2 D(p2, z1) with stop-gradient on z."
-    return 0.5 * negative_cosine(p1, z2) + 0.5 * negative_cosine(p2, z1)
+    return 0.5 * negative_cosine(p1, z2, stop_grad) + 0.5 * negative_cosine(p2, z1, stop_grad)
 
 def byol_loss(p1:Tensor, p2:Tensor, # (B, D) online predictions of views 1 and 2
               t1:Tensor, t2:Tensor, # (B, D) EMA-teacher projections of views 1 and 2
+              stop_grad:bool=True,  # sg on t (False: the targets pass their gradient on)
              ) -> Tensor:
     "BYOL (Grill et al. 2020, eq. 2): (2 - 2 cos(p1, t2)) + (2 - 2 cos(p2, t1)), averaged over the batch."
-    return (2 + 2 * negative_cosine(p1, t2)) + (2 + 2 * negative_cosine(p2, t1))
+    return (2 + 2 * negative_cosine(p1, t2, stop_grad)) + (2 + 2 * negative_cosine(p2, t1, stop_grad))
+
 
 # %% ../../nbs/05_distill.ipynb #5c54841c
 def _off_diagonal(c:Tensor) -> Tensor:
