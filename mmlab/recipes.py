@@ -31,13 +31,13 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
            'GENERIC_TEMPLATES', 'RUN_FILES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields',
-           'ClipRecipe', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'train_data',
-           'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn', 'class_prompts', 'prompt_encoder',
-           'text_classes', 'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
-           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict',
-           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
-           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
-           'export_tower', 'LitRecipe']
+           'ClipRecipe', 'parse_pairs', 'train_pairs', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset',
+           'load_split', 'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn',
+           'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate',
+           'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime',
+           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
+           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
+           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -116,6 +116,7 @@ class ClipRecipe(RunFields):
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
+    pairs: tuple = ()             # modality pairs the loss trains, e.g. image-text,image-audio (ImageBind); empty: every pair
     proj_dim: int = 64            # shared embedding width E
     steps: int = 300
     lr: float = 2e-3              # tiny towers tolerate a high rate
@@ -140,6 +141,36 @@ class ClipRecipe(RunFields):
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
         _ints(self, "proj_dim", "n_mels", "max_len")
+        self.pairs = parse_pairs(self)
+
+# %% ../nbs/08a_recipes.ipynb #7b3f9d20
+def parse_pairs(recipe) -> tuple:
+    "Check `recipe.pairs` ('image-text,image-audio' or a tuple of such names); return them named and ordered as `combinations`."
+    raw, ms, where = recipe.pairs, recipe.modalities, f"{recipe.name}.pairs"
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (tuple, list)) or not all(isinstance(n, str) for n in items):
+        raise ConfigError(f"{where}={raw!r}: expected pair names like 'image-text', comma-separated or as a tuple of strings")
+    names = [n.strip() for n in items if n.strip()]
+    every = {frozenset(c): "-".join(c) for c in combinations(ms, 2)}   # the loss's term names, in its order
+    chosen = []
+    for n in names:
+        key = frozenset(n.split("-"))
+        if n.count("-") != 1 or key not in every:
+            raise ConfigError(f"{where}: {n!r} is not a pair of this recipe's modalities; expected 'a-b' with two "
+                              f"different modalities of {', '.join(ms)}, one of {', '.join(every.values())}")
+        if key in chosen: raise ConfigError(f"{where}: the pair {every[key]!r} is listed twice ({', '.join(names)})")
+        chosen.append(key)
+    if not chosen: return ()                                  # every pair (the default)
+    if recipe.loss == "symile":
+        raise ConfigError(f"{where}={','.join(names)!r}: symile trains one three-way term, not pairs; use loss=clip or siglip")
+    lonely = [m for m in ms if not any(m in k for k in chosen)]
+    if lonely: raise ConfigError(f"{where}={','.join(names)!r}: {', '.join(lonely)} is in no pair, so its tower would never "
+                                 f"train; add a pair with it or drop it from modalities={','.join(ms)!r}")
+    return tuple(n for k, n in every.items() if k in chosen)
+
+def train_pairs(recipe) -> list[tuple[str, str]]:
+    "The modality pairs the loss trains: `recipe.pairs`, or every pair of `recipe.modalities` (in `combinations` order)."
+    return [tuple(p.split("-")) for p in recipe.pairs] or list(combinations(recipe.modalities, 2))
 
 # %% ../nbs/08a_recipes.ipynb #c2d16c26
 MAX_BANK = 10_000   # training examples held in memory for kNN banks and k-means (manifests can be far larger)
@@ -219,14 +250,13 @@ def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip")
     raise ConfigError(f"pair_loss: loss={loss!r}; expected clip or siglip")
 
 def contrastive_loss_fn(recipe):
-    "(model, batch) -> {pair: loss}: every modality pair (CLIP/SigLIP), or one Symile term for three modalities."
-    ms = recipe.modalities
+    "(model, batch) -> {pair: loss}: each trained modality pair (CLIP/SigLIP; mean over pairs), or one Symile term."
+    ms, pairs = recipe.modalities, train_pairs(recipe)
     def loss_fn(model, batch):
         out = model(batch)
         if recipe.loss == "symile": return {"symile": symile_loss([out[m] for m in ms], out["logit_scale"])}
         labels = batch["label"] if recipe.targets == "label" else None
-        return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss) / (len(ms) * (len(ms) - 1) // 2)
-                for a, b in combinations(ms, 2)}
+        return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss) / len(pairs) for a, b in pairs}
     return loss_fn
 
 # %% ../nbs/08a_recipes.ipynb #94595733
