@@ -665,15 +665,23 @@ class NoisyPairs(Dataset):
     def __init__(self, ds:Dataset,      # a dataset of example dicts
                  modality:str="text",    # the half of the pair to replace
                  p:float=0.2,            # fraction of corrupted pairs
-                 seed:int=0):            # which pairs, and with what
+                 seed:int=0,             # which pairs, and with what
+                 shuffle:bool=False):    # True: exactly round(p n) pairs, their `modality` permuted among them (none keeps its own)
         check_modalities([modality])
         if not 0 <= p <= 1: raise ConfigError(f"NoisyPairs: p must be in [0, 1], got {p}")
         n = len(ds); rng = np.random.default_rng(seed)
         if n < 2 and p > 0: raise ConfigError(f"NoisyPairs: a dataset of {n} example(s) has no other example to pair with; "
                                               f"expected at least 2 (or p=0)")
         self.ds, self.modality, self.p = ds, modality, p
-        self.noisy = rng.random(n) < p
-        self.source = np.where(self.noisy, (np.arange(n) + rng.integers(1, max(n, 2), n)) % n, np.arange(n))
+        if shuffle:                                    # k chosen pairs, each taking the next one's in a random cycle
+            k = int(np.floor(p * n + 0.5)); chosen = rng.permutation(n)[:k]
+            if k == 1: raise ConfigError(f"NoisyPairs: shuffle permutes round(p n) pairs among themselves; p={p} of "
+                                         f"n={n} gives one pair, which has no other to swap with (expected 0 or >= 2)")
+            self.noisy, self.source = np.zeros(n, bool), np.arange(n)
+            self.noisy[chosen], self.source[chosen] = True, np.roll(chosen, -1)
+        else:
+            self.noisy = rng.random(n) < p
+            self.source = np.where(self.noisy, (np.arange(n) + rng.integers(1, max(n, 2), n)) % n, np.arange(n))
     def __len__(self): return len(self.ds)
     def __getitem__(self, i:int) -> dict:
         item = self.ds[i]
@@ -686,6 +694,7 @@ class NoisyPairs(Dataset):
             if raw in other: item[raw] = other[raw]
         item["attrs"] = {**item.get("attrs", {}), "noisy_pair": int(self.noisy[i])}
         return item
+
 
 # %% ../nbs/01_data.ipynb #1acd3f11
 class ModalityDropout(Dataset):

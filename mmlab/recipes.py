@@ -19,12 +19,12 @@ from fastcore.basics import patch
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, InputTypeError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings, set_seed)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
-                        dataset_meta, image_augment, label_order, load_dataset, make_loader, stack_dataset)
+                        dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .losses import clip_loss, kmeans, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features, save_model)
-from .train import (LOCK_FILE, Callback, ProgressBar, Trainer, TrainConfig, atomic_write, decode_state,
+from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainConfig, atomic_write, decode_state,
                          history_figure, latest_checkpoint, load_checkpoint, run_lock)
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
@@ -32,12 +32,12 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
            'GENERIC_TEMPLATES', 'RUN_FILES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields',
            'ClipRecipe', 'parse_pairs', 'train_pairs', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset',
-           'load_split', 'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_loss_fn',
-           'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate',
-           'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime',
-           'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'parse_overrides', 'export_manifest',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'load_split', 'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
+           'contrastive_terms', 'contrastive_loss_fn', 'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate',
+           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe',
+           'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
+           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -116,13 +116,18 @@ class ClipRecipe(RunFields):
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
-    pairs: tuple = ()             # modality pairs the loss trains, e.g. image-text,image-audio (ImageBind); empty: every pair
     proj_dim: int = 64            # shared embedding width E
     steps: int = 300
     lr: float = 2e-3              # tiny towers tolerate a high rate
     n_mels: int = 32              # log-mel bands of the audio features
     max_len: int = 32             # caption length in characters (CharTokenizer)
-
+    pairs: tuple = ()             # modality pairs the loss trains, e.g. image-text,image-audio (ImageBind); empty: every pair
+    mismatch: float = 0.0         # fraction of training pairs whose text (or last modality) is shuffled among them: noisy pairs
+    label_smoothing: float = 0.0  # clip loss: epsilon of the smoothed targets (1 - eps on the positives, eps over the batch)
+    init_scale: float = 0.0       # initial logit scale 1/temperature; 0: the loss's own (clip 1/0.07, siglip 10)
+    init_bias: float = -10.0      # siglip: initial bias b (SigLIP's -10; about -log B starts a batch of B at the prior)
+    learn_scale: bool = True      # learn the logit scale (CLIP); false: hold it at its initial value (a fixed temperature)
+    grad_cache: int = 0           # > 0: GradCache, chunks of this many rows (the exact whole-batch gradient, a chunk's memory)
     name = "clip"
     def make_model(self): return build_model(self)
     def make_loss(self): return contrastive_loss_fn(self)
@@ -140,7 +145,11 @@ class ClipRecipe(RunFields):
             raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(ms)}")
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
-        _ints(self, "proj_dim", "n_mels", "max_len")
+        _ints(self, "proj_dim", "n_mels", "max_len"); _ints(self, "grad_cache", least=0)
+        _check(self, lambda v: 0 <= v <= 1, "a fraction in [0, 1]", "mismatch"); _choice(self, "learn_scale", (True, False))
+        _check(self, lambda v: 0 <= v < 1 and (v == 0 or self.loss == "clip"), "0, or with loss=clip a value in [0, 1)", "label_smoothing")
+        _check(self, lambda v: v == 0 or 1 <= v <= 100, "0 (the loss's own) or a multiplier 1/temperature in [1, 100]", "init_scale")
+        _check(self, lambda v: v == -10.0 or self.loss == "siglip", "-10 unless loss=siglip (only siglip has a bias)", "init_bias")
         self.pairs = parse_pairs(self)
 
 # %% ../nbs/08a_recipes.ipynb #7b3f9d20
@@ -221,11 +230,23 @@ def load_split(recipe, split:str, n:int|None=None) -> dict:
     return stack_dataset(split_dataset(recipe, split), n, pad_id=CharTokenizer.PAD)
 
 # %% ../nbs/08a_recipes.ipynb #0566a9ef
-def train_data(recipe, n:int|None=None):
-    "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
-    if not is_manifest(recipe.dataset): return InMemoryBatches(load_split(recipe, "train", n), recipe.batch_size, recipe.seed)
+def mismatched_modality(recipe) -> str:
+    "The half of each pair that `recipe.mismatch` shuffles: the text, or the last modality of a recipe without text."
+    return "text" if "text" in recipe.modalities else recipe.modalities[-1]
+
+def train_split(recipe, n:int|None=None):
+    "The training Dataset: its first `n` examples, a `recipe.mismatch` fraction of their pairs shuffled (`NoisyPairs`)."
     ds = split_dataset(recipe, "train")
     if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+    if getattr(recipe, "mismatch", 0):          # exactly round(mismatch n) pairs swap their text, seeded by the recipe
+        ds = NoisyPairs(ds, mismatched_modality(recipe), p=recipe.mismatch, seed=recipe.seed, shuffle=True)
+    return ds
+
+def train_data(recipe, n:int|None=None):
+    "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
+    ds = train_split(recipe, n)
+    if not is_manifest(recipe.dataset):
+        return InMemoryBatches(stack_dataset(ds, pad_id=CharTokenizer.PAD), recipe.batch_size, recipe.seed)
     if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
     return make_loader(ds, recipe.batch_size, seed=recipe.seed, num_workers=recipe.workers, drop_last=True,
                        pad_id=CharTokenizer.PAD)
@@ -235,29 +256,44 @@ def model_device(model:nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 def build_model(recipe) -> MultiModalModel:
-    "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias -10."
+    "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
     knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
-    kw = dict(init_scale=10.0, init_bias=-10.0) if recipe.loss == "siglip" else {}
-    return MultiModalModel(towers, proj_dim=recipe.proj_dim, **kw)
+    kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
+    if recipe.init_scale: kw["init_scale"] = recipe.init_scale
+    model = MultiModalModel(towers, proj_dim=recipe.proj_dim, **kw)
+    if not recipe.learn_scale: model.log_scale.requires_grad_(False)     # a fixed temperature: not trained, not clamped
+    return model
 
-def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip") -> Tensor:
+
+# %% ../nbs/08a_recipes.ipynb #b53d3902
+def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip", label_smoothing:float=0.0) -> Tensor:
     "The loss of one modality pair: plain diagonal targets when `labels` is None, label-aware otherwise."
     s, t = out["logit_scale"], out.get("logit_bias")
-    if loss == "clip": return clip_loss(a, b, s, labels=labels)
+    if loss == "clip": return clip_loss(a, b, s, label_smoothing=label_smoothing, labels=labels)
+    if label_smoothing: raise ConfigError(f"pair_loss: label_smoothing={label_smoothing!r} is for the clip loss, not {loss!r}")
     if loss == "siglip": return siglip_loss(a, b, s, t, labels=labels)
     raise ConfigError(f"pair_loss: loss={loss!r}; expected clip or siglip")
 
-def contrastive_loss_fn(recipe):
-    "(model, batch) -> {pair: loss}: each trained modality pair (CLIP/SigLIP; mean over pairs), or one Symile term."
+def contrastive_terms(recipe, out:dict, labels:Tensor|None) -> dict:
+    "{pair: loss} of the embeddings `out` (with its logit_scale and bias): each trained pair (mean over pairs), or one Symile term."
     ms, pairs = recipe.modalities, train_pairs(recipe)
-    def loss_fn(model, batch):
-        out = model(batch)
-        if recipe.loss == "symile": return {"symile": symile_loss([out[m] for m in ms], out["logit_scale"])}
-        labels = batch["label"] if recipe.targets == "label" else None
-        return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss) / len(pairs) for a, b in pairs}
-    return loss_fn
+    if recipe.loss == "symile": return {"symile": symile_loss([out[m] for m in ms], out["logit_scale"])}
+    return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss, recipe.label_smoothing) / len(pairs) for a, b in pairs}
+
+def contrastive_loss_fn(recipe):
+    "(model, batch) -> {pair: loss}; with `recipe.grad_cache`, the same terms and gradient through `GradCache`."
+    labels = lambda batch: batch["label"] if recipe.targets == "label" else None     # label-aware or diagonal targets
+    if not recipe.grad_cache: return lambda model, batch: contrastive_terms(recipe, model(batch), labels(batch))
+    embed = lambda model, chunk: {m: e for m, e in model(chunk).items() if m in recipe.modalities}
+    def cached(model, batch, backward=None, autocast=None):
+        loss = lambda model, emb: contrastive_terms(recipe, emb | {"logit_scale": model.logit_scale,
+                                                                  "logit_bias": model.logit_bias}, labels(batch))
+        return GradCache(embed, loss, recipe.grad_cache)(model, batch, backward, autocast)
+    cached.backward_inside = True                     # the Trainer lets it run its own backward passes
+    return cached
+
 
 # %% ../nbs/08a_recipes.ipynb #94595733
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
