@@ -787,6 +787,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.TeacherUpdate.on_step_end': ('recipes.html#teacherupdate.on_step_end', 'mmlab/recipes.py'),
                                'mmlab.recipes._check': ('recipes.html#_check', 'mmlab/recipes.py'),
                                'mmlab.recipes._check_resumable': ('recipes.html#_check_resumable', 'mmlab/recipes.py'),
+                               'mmlab.recipes._check_switches': ('recipes.html#_check_switches', 'mmlab/recipes.py'),
                                'mmlab.recipes._choice': ('recipes.html#_choice', 'mmlab/recipes.py'),
                                'mmlab.recipes._claim_run_folder': ('recipes.html#_claim_run_folder', 'mmlab/recipes.py'),
                                'mmlab.recipes._cmd': ('recipes.html#_cmd', 'mmlab/recipes.py'),

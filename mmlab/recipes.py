@@ -109,6 +109,16 @@ def recipe_fields(cls) -> list:
     shared = {f.name for f in fields(RunFields)}
     return sorted(fields(cls), key=lambda f: f.name in shared)
 
+# %% ../nbs/08a_recipes.ipynb #8916bf0d
+def _check_switches(r):
+    "The clip recipe's experiment switches: trained pairs, noisy pairs, smoothing, temperature and bias, GradCache."
+    _ints(r, "grad_cache", least=0); _choice(r, "learn_scale", (True, False))
+    _check(r, lambda v: 0 <= v <= 1, "a fraction in [0, 1]", "mismatch")
+    _check(r, lambda v: 0 <= v < 1 and (v == 0 or r.loss == "clip"), "0, or with loss=clip a value in [0, 1)", "label_smoothing")
+    _check(r, lambda v: v == 0 or 1 <= v <= 100, "0 (the loss's own) or a multiplier 1/temperature in [1, 100]", "init_scale")
+    _check(r, lambda v: v == -10.0 or r.loss == "siglip", "-10 unless loss=siglip (only siglip has a bias)", "init_bias")
+    r.pairs = parse_pairs(r)
+
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
 @dataclass
 class ClipRecipe(RunFields):
@@ -145,12 +155,7 @@ class ClipRecipe(RunFields):
             raise ConfigError(f"{self.name}.loss='symile' needs three modalities, got {','.join(ms)}")
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
-        _ints(self, "proj_dim", "n_mels", "max_len"); _ints(self, "grad_cache", least=0)
-        _check(self, lambda v: 0 <= v <= 1, "a fraction in [0, 1]", "mismatch"); _choice(self, "learn_scale", (True, False))
-        _check(self, lambda v: 0 <= v < 1 and (v == 0 or self.loss == "clip"), "0, or with loss=clip a value in [0, 1)", "label_smoothing")
-        _check(self, lambda v: v == 0 or 1 <= v <= 100, "0 (the loss's own) or a multiplier 1/temperature in [1, 100]", "init_scale")
-        _check(self, lambda v: v == -10.0 or self.loss == "siglip", "-10 unless loss=siglip (only siglip has a bias)", "init_bias")
-        self.pairs = parse_pairs(self)
+        _ints(self, "proj_dim", "n_mels", "max_len"); _check_switches(self)
 
 # %% ../nbs/08a_recipes.ipynb #7b3f9d20
 def parse_pairs(recipe) -> tuple:
