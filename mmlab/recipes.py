@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_recipes.ipynb #be008874
 from __future__ import annotations
-import json, os, shutil, sys, time
+import json, os, re, shutil, sys, time
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
@@ -21,7 +21,7 @@ from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, Inpu
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
-from .losses import clip_loss, kmeans, siglip_loss, symile_loss
+from .losses import clip_loss, kmeans, negclip_loss, siglip_loss, symile_loss
 from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features, save_model)
 from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainConfig, atomic_write, decode_state,
@@ -29,15 +29,17 @@ from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainC
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'MAX_BANK', 'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES',
-           'GENERIC_TEMPLATES', 'RUN_FILES', 'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields',
-           'ClipRecipe', 'parse_pairs', 'train_pairs', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset',
-           'load_split', 'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
-           'contrastive_terms', 'contrastive_loss_fn', 'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate',
-           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'HubertRecipe',
-           'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
-           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
-           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
+           'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES', 'USAGE',
+           'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe', 'parse_pairs', 'train_pairs', 'is_manifest',
+           'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'mismatched_modality', 'train_split',
+           'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_terms', 'contrastive_loss_fn',
+           'swap_colours', 'hard_negative_texts', 'pair_term', 'class_prompts', 'prompt_encoder', 'text_classes',
+           'evaluate', 'compositional_eval', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
+           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict',
+           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
+           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
+           'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -111,21 +113,29 @@ def recipe_fields(cls) -> list:
 
 # %% ../nbs/08a_recipes.ipynb #8916bf0d
 def _check_switches(r):
-    "The clip recipe's experiment switches: trained pairs, noisy pairs, smoothing, temperature and bias, GradCache."
+    "The clip recipe's experiment switches: trained pairs, noisy pairs, smoothing, temperature and bias, GradCache, hard negatives."
     _ints(r, "grad_cache", least=0); _choice(r, "learn_scale", (True, False))
     _check(r, lambda v: 0 <= v <= 1, "a fraction in [0, 1]", "mismatch")
     _check(r, lambda v: 0 <= v < 1 and (v == 0 or r.loss == "clip"), "0, or with loss=clip a value in [0, 1)", "label_smoothing")
     _check(r, lambda v: v == 0 or 1 <= v <= 100, "0 (the loss's own) or a multiplier 1/temperature in [1, 100]", "init_scale")
     _check(r, lambda v: v == -10.0 or r.loss == "siglip", "-10 unless loss=siglip (only siglip has a bias)", "init_bias")
+    _choice(r, "hard_negatives", HARD_NEGATIVES)
+    if r.hard_negatives != "none" and (r.loss != "clip" or "text" not in r.modalities or r.grad_cache or r.label_smoothing):
+        raise ConfigError(f"{r.name}.hard_negatives={r.hard_negatives!r} adds negative captions to the plain clip loss; expected "
+                          f"loss='clip', text among the modalities, grad_cache=0 and label_smoothing=0, got loss={r.loss!r}, "
+                          f"modalities={','.join(r.modalities)}, grad_cache={r.grad_cache}, label_smoothing={r.label_smoothing}")
     r.pairs = parse_pairs(r)
 
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
+HARD_NEGATIVES = ("none", "swap-colours")   # NegCLIP-style negative captions the clip recipe can add
+
 @dataclass
 class ClipRecipe(RunFields):
     "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
+    hard_negatives: str = "none"  # none | swap-colours: each caption with its two colours swapped is an extra negative (NegCLIP)
     proj_dim: int = 64            # shared embedding width E
     steps: int = 300
     lr: float = 2e-3              # tiny towers tolerate a high rate
@@ -281,16 +291,18 @@ def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip",
     if loss == "siglip": return siglip_loss(a, b, s, t, labels=labels)
     raise ConfigError(f"pair_loss: loss={loss!r}; expected clip or siglip")
 
-def contrastive_terms(recipe, out:dict, labels:Tensor|None) -> dict:
+def contrastive_terms(recipe, out:dict, labels:Tensor|None, negatives:Tensor|None=None) -> dict:
     "{pair: loss} of the embeddings `out` (with its logit_scale and bias): each trained pair (mean over pairs), or one Symile term."
     ms, pairs = recipe.modalities, train_pairs(recipe)
     if recipe.loss == "symile": return {"symile": symile_loss([out[m] for m in ms], out["logit_scale"])}
-    return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss, recipe.label_smoothing) / len(pairs) for a, b in pairs}
+    return {f"{a}-{b}": pair_term(out, a, b, labels, recipe.loss, negatives, recipe.label_smoothing) / len(pairs)
+            for a, b in pairs}
 
 def contrastive_loss_fn(recipe):
     "(model, batch) -> {pair: loss}; with `recipe.grad_cache`, the same terms and gradient through `GradCache`."
     labels = lambda batch: batch["label"] if recipe.targets == "label" else None     # label-aware or diagonal targets
-    if not recipe.grad_cache: return lambda model, batch: contrastive_terms(recipe, model(batch), labels(batch))
+    if not recipe.grad_cache:   # NegCLIP's extra captions (K, E) join the text pairs; None when the recipe adds none
+        return lambda model, batch: contrastive_terms(recipe, model(batch), labels(batch), hard_negative_texts(model, recipe, batch))
     embed = lambda model, chunk: {m: e for m, e in model(chunk).items() if m in recipe.modalities}
     def cached(model, batch, backward=None, autocast=None):
         loss = lambda model, emb: contrastive_terms(recipe, emb | {"logit_scale": model.logit_scale,
@@ -299,6 +311,43 @@ def contrastive_loss_fn(recipe):
     cached.backward_inside = True                     # the Trainer lets it run its own backward passes
     return cached
 
+
+# %% ../nbs/08a_recipes.ipynb #23835ab4
+COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "brown", "pink")
+
+def swap_colours(caption:str,               # one caption
+                 colours:tuple=COLOUR_WORDS, # the colour words (matched as whole words, any case)
+                ) -> str|None:               # the caption with its two colour words exchanged, or None
+    "NegCLIP's attribute swap: exchange the two colour words of a caption; None unless it names exactly two different colours."
+    if not isinstance(caption, str): raise InputTypeError(f"swap_colours: expected a caption string, got {type(caption).__name__}")
+    found = list(re.finditer(r"\b(" + "|".join(map(re.escape, colours)) + r")\b", caption, flags=re.IGNORECASE))
+    if len(found) != 2 or found[0].group().lower() == found[1].group().lower(): return None
+    x, y = found
+    return caption[:x.start()] + y.group() + caption[x.end():y.start()] + x.group() + caption[y.end():]
+
+# %% ../nbs/08a_recipes.ipynb #f25d9bfb
+def hard_negative_texts(model, recipe, batch:dict) -> Tensor|None:
+    "The batch's negative captions (colours swapped) through the model's text path: (K, E), K >= 0; None when the recipe adds none."
+    if getattr(recipe, "hard_negatives", "none") == "none": return None
+    caps = batch.get("caption")
+    if caps is None:
+        raise DataError(f"{recipe.name}.hard_negatives={recipe.hard_negatives!r}: the batch has no 'caption' (the raw text) "
+                        f"to swap colours in; keys: {', '.join(batch)}; expected a batch from the recipe's data (train_data)")
+    tok, seen, negs = CharTokenizer(max_len=recipe.max_len), set(caps), []
+    for c in caps:
+        s = swap_colours(c)
+        if s is not None and s not in seen and not torch.equal(t := tok(s), tok(c)): negs.append({"text": t})
+    dev = model_device(model)
+    if not negs: return torch.zeros(0, model.proj_dim, device=dev)
+    nb = collate(negs, pad_id=tok.pad_id)
+    return model({k: v.to(dev) for k, v in nb.items() if k.startswith("text")})["text"]
+
+def pair_term(out:dict, a:str, b:str, labels:Tensor|None, loss:str="clip", negatives:Tensor|None=None,
+              label_smoothing:float=0.0) -> Tensor:
+    "`pair_loss` of modalities a and b; with `negatives` (captions), a pair with text is NegCLIP's loss for the other modality's rows."
+    if negatives is None or "text" not in (a, b): return pair_loss(out[a], out[b], out, labels, loss, label_smoothing)
+    if loss != "clip": raise ConfigError(f"pair_term: negative captions need loss='clip', got loss={loss!r}")
+    return negclip_loss(out[b if a == "text" else a], out["text"], negatives, out["logit_scale"], labels=labels)
 
 # %% ../nbs/08a_recipes.ipynb #94595733
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -339,6 +388,29 @@ def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dic
         m |= {f"retrieval/{d}/{k}": res[k] for d, res in r.items()
               for k in ("R@1", "R@5", "R@10", "mean_rank", "chance_R@1", "chance_R@5", "chance_R@10")}
     return m, emb
+
+# %% ../nbs/08a_recipes.ipynb #4ac3a42e
+TIE = 1e-5   # similarities closer than this count as equal (float32 rounding of the same embedding)
+
+def compositional_eval(model, recipe, batch:dict) -> dict:
+    "Own-caption retrieval (R@1, chance) and the swapped-colour test (true vs swapped caption, chance 0.5) for each non-text modality."
+    if "text" not in recipe.modalities or "caption" not in batch:
+        raise DataError(f"compositional_eval: needs a text tower and the batch's raw 'caption'; modalities "
+                        f"{', '.join(recipe.modalities)}, batch keys {', '.join(batch)}")
+    emb, caps, attrs = embed(model, batch), batch["caption"], batch.get("attrs", {})
+    ids = {c: i for i, c in enumerate(dict.fromkeys(caps))}
+    y, m = torch.tensor([ids[c] for c in caps]), {}
+    swapped = [swap_colours(c) for c in caps]
+    keep = [i for i, s in enumerate(swapped) if s is not None and ("shape2" not in attrs or attrs["shape"][i] != attrs["shape2"][i])]
+    neg = prompt_encoder(model, recipe.max_len)([swapped[i] for i in keep]) if keep else None
+    for q in (q for q in recipe.modalities if q != "text"):
+        r = retrieval_eval(emb[q], emb["text"], y, y, names=(q, "text"))
+        m |= {f"captions/{d}/{k}": r[d][k] for d in r for k in ("R@1", "chance_R@1")}
+        if keep:
+            margin = (emb[q][keep] * (emb["text"][keep] - neg)).sum(1)   # s(x, caption) - s(x, swapped caption)
+            win = (margin > TIE).float() + 0.5 * (margin.abs() <= TIE).float()   # a tie (a bag of words) is half a point
+            m |= {f"swap/{q}/accuracy": win.mean().item(), f"swap/{q}/n": len(keep)}
+    return m | {"swap/chance": 0.5}
 
 # %% ../nbs/08a_recipes.ipynb #8d9cd489
 def knn_metrics(model,                  # the model `feats` runs (in eval mode, on its device, in chunks)

@@ -19,8 +19,8 @@ from ..core import ConfigError, InputError, InputTypeError, ShapeError, check_fi
 __all__ = ['DEFAULT_CHUNK', 'AUTO_CHUNK_MIN_BATCH', 'IMPLS', 'ChunkedClipLoss', 'ChunkedSiglipLoss', 'dist_info',
            'gather_with_grad', 'clip_loss', 'siglip_loss', 'check_logit_scale', 'clamp_log_scale_', 'ClipLoss',
            'SigLipLoss', 'nt_xent_loss', 'cwcl_weights', 'cwcl_loss', 'isogclr_objective', 'IndividualTemperatureLoss',
-           'symile_loss', 'hard_negative_mixing', 'mochi_loss', 'mixup', 'mixup_contrastive_loss', 'alignment_loss',
-           'uniformity_loss']
+           'symile_loss', 'hard_negative_mixing', 'mochi_loss', 'negclip_loss', 'mixup', 'mixup_contrastive_loss',
+           'alignment_loss', 'uniformity_loss']
 
 # %% ../../nbs/03_contrastive.ipynb #e5742e9a
 def _check_embeddings(xs:dict,             # name -> (B, D) tensor, all with the same B and D
@@ -671,6 +671,32 @@ def mochi_loss(q:Tensor, k:Tensor, logit_scale, **kw) -> Tensor:
     "Cross-entropy of `hard_negative_mixing` logits with the positive in column 0 (scalar mean)."
     logits = hard_negative_mixing(q, k, logit_scale, **kw)
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+# %% ../../nbs/03_contrastive.ipynb #c7d84c71
+@_full_precision
+def negclip_loss(a:Tensor,              # (B, D) L2-normalised anchors (e.g. images)
+                 b:Tensor,              # (B, D) L2-normalised positives (e.g. captions); b[i] pairs with a[i]
+                 negatives:Tensor,      # (K, D) L2-normalised extra negatives of b's modality, K >= 0 (e.g. swapped captions)
+                 logit_scale,           # multiplier 1/temperature: float or 0-d tensor (may require grad)
+                 *, labels:Tensor|None=None,   # (B,) int class ids: same-label pairs are positives, as in `clip_loss`
+                ) -> Tensor:            # scalar mean loss
+    "NegCLIP (Yuksekgonul et al. 2023): CLIP's loss with K hard negatives appended to the columns of a -> b; b -> a is CLIP's."
+    where = "negclip_loss"
+    B, D = _check_embeddings({"a": a, "b": b}, where=where)
+    if not isinstance(negatives, Tensor) or negatives.dim() != 2 or negatives.shape[1] != D:
+        got = tuple(negatives.shape) if isinstance(negatives, Tensor) else type(negatives).__name__
+        raise ShapeError(f"{where}: negatives must be a (K, D) = (K, {D}) tensor (K may be 0), got {got}")
+    if len(negatives): _check_embeddings({"negatives": negatives.to(a.dtype)}, min_batch=1, where=where)
+    a, b, n = _f32(a, b, negatives.to(a.dtype))
+    scale = _scalar(logit_scale, a, "logit_scale", where)
+    y = _check_labels(labels, B, a.device, where)
+    logits = scale * (a @ torch.cat([b, n]).T)                   # (B, B + K): the K extra columns are negatives of every row
+    if y is None: t_rows = t_cols = torch.arange(B, device=a.device)
+    else:
+        t_cols = _label_targets(y, y, logits.dtype)
+        t_rows = F.pad(t_cols, (0, n.shape[0]))                 # target 0 on every negative column
+    return (F.cross_entropy(logits, t_rows) + F.cross_entropy(logits[:, :B].T, t_cols)) / 2
+
 
 # %% ../../nbs/03_contrastive.ipynb #a4823eda
 def mixup(x:Tensor,       # (B, ...) a batch of inputs (or embeddings) of one modality
