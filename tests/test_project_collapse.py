@@ -140,7 +140,6 @@ def _tiny_trainer(callbacks, steps=5):
     return Trainer(nn.Linear(3, 1), loss, data, TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, device="cpu"), callbacks=callbacks)
 
 def test_eval_callback_at_chosen_updates():
-    seen = []
     at = EvalCallback(lambda m: {"w": m.weight.sum(), "train": float(m.training)}, prefix="p", at=(0, 2, 5))
     plain = EvalCallback(lambda m: {"w": m.weight.sum()}, prefix="e")
     hist = _tiny_trainer([at, plain]).fit()

@@ -11,7 +11,6 @@ The switches: `mismatch` (shuffles exactly the stated fraction, as a permutation
 recipe before it existed."""
 import json, math
 from dataclasses import replace
-from itertools import combinations
 
 import numpy as np
 import pytest
@@ -20,9 +19,10 @@ import torch
 from mmlab.core import ConfigError
 from mmlab.data import InMemoryBatches, NoisyPairs, load_dataset, take
 from mmlab.eval import embed
-from mmlab.losses import clip_loss, siglip_loss
-from mmlab.recipes import (ClipRecipe, build_model, contrastive_loss_fn, get_recipe, load_split, pair_loss, read_recipe,
+from mmlab.losses import clip_loss
+from mmlab.recipes import (ClipRecipe, build_model, contrastive_loss_fn, get_recipe, load_split, read_recipe,
                            recipe_dict, run_recipe, train_data, train_split)
+from clip_reference import every_pair_loss_fn
 
 PAIRS = dict(modalities=("image", "text"), targets="diagonal")      # the notebook's setup
 MISMATCH_MARGIN = 0.2     # zero-shot accuracy, clean minus 60 % shuffled, at least
@@ -114,15 +114,6 @@ def test_default_run_is_bit_identical_to_every_switch_at_its_neutral_value():
 def batch():
     return take(load_split(ClipRecipe(), "train", 32), range(16))
 
-def old_loss_fn(recipe):
-    "The clip recipe's loss before these switches: every pair, no smoothing."
-    ms = recipe.modalities
-    def loss_fn(model, batch):
-        out = model(batch)
-        labels = batch["label"] if recipe.targets == "label" else None
-        return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss) / (len(ms) * (len(ms) - 1) // 2)
-                for a, b in combinations(ms, 2)}
-    return loss_fn
 
 @pytest.mark.parametrize("kw", [dict(), dict(loss="siglip"), dict(targets="diagonal"), dict(modalities=("image", "text"))])
 def test_default_loss_and_model_are_unchanged(kw, batch):
@@ -131,7 +122,7 @@ def test_default_loss_and_model_are_unchanged(kw, batch):
     assert model.log_scale.requires_grad
     assert model.logit_scale.item() == pytest.approx(10.0 if r.loss == "siglip" else 1 / 0.07)
     if r.loss == "siglip": assert model.logit_bias.item() == -10.0
-    new, old = contrastive_loss_fn(r)(model, batch), old_loss_fn(r)(model, batch)
+    new, old = contrastive_loss_fn(r)(model, batch), every_pair_loss_fn(r)(model, batch)
     assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old)
 
 # ---- the other switches --------------------------------------------------------------------------------------------

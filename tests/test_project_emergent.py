@@ -11,8 +11,9 @@ import torch
 from mmlab.core import ConfigError
 from mmlab.data import take
 from mmlab.losses import clip_loss, siglip_loss
-from mmlab.recipes import (ClipRecipe, build_model, contrastive_loss_fn, get_recipe, load_split, pair_loss, read_recipe,
+from mmlab.recipes import (ClipRecipe, build_model, contrastive_loss_fn, get_recipe, load_split, read_recipe,
                            recipe_dict, run_recipe, train_pairs)
+from clip_reference import every_pair_loss_fn
 
 HEADLINE_STEPS = 100      # short enough that the binding hops are still weak (the notebook's middle length)
 ABOVE_CHANCE = 0.15       # emergent zero-shot accuracy - chance, at least
@@ -35,22 +36,13 @@ def test_headline_emergent_audio_text_is_above_chance_and_below_direct():
 def batch():
     return take(load_split(ClipRecipe(), "train", 32), range(16))
 
-def old_loss_fn(recipe):
-    "The clip recipe's loss as it was before `pairs` existed: the mean over every pair of its modalities."
-    ms = recipe.modalities
-    def loss_fn(model, batch):
-        out = model(batch)
-        labels = batch["label"] if recipe.targets == "label" else None
-        return {f"{a}-{b}": pair_loss(out[a], out[b], out, labels, recipe.loss) / (len(ms) * (len(ms) - 1) // 2)
-                for a, b in combinations(ms, 2)}
-    return loss_fn
 
 @pytest.mark.parametrize("kw", [dict(), dict(loss="siglip"), dict(targets="diagonal"), dict(modalities=("image", "text"))])
 def test_default_pairs_are_bit_identical_to_every_pair(kw, batch):
     r = ClipRecipe(batch_size=16, **kw)
     assert r.pairs == () and train_pairs(r) == list(combinations(r.modalities, 2))
     model = build_model(r)
-    new, old = contrastive_loss_fn(r)(model, batch), old_loss_fn(r)(model, batch)
+    new, old = contrastive_loss_fn(r)(model, batch), every_pair_loss_fn(r)(model, batch)
     assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old)
 
 def test_default_run_is_bit_identical_to_naming_every_pair():
