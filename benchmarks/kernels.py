@@ -5,11 +5,12 @@ the naive PyTorch loss (full B x B logits) and, when mmlab.losses.contrastive pr
 chunked form. Reports median time and peak extra memory (peak RSS above the pre-call RSS, measured
 by resetting the kernel's high-water mark through /proc/self/clear_refs) and the ratios to naive.
 
-GPU section (only when CUDA is available): bf16 CLIP at B=32768, D=512 (fused vs naive vs the PyPI
-`inf-cl` Triton kernel when importable; time also as a multiple of the cuBLAS (B,D)x(D,B) matmul),
-and the fused kernel alone at B=262144 (peak extra memory).
+GPU section (only when CUDA is available): bf16 CLIP forward+backward, D=512, at B=32768 and B=262144:
+the fused kernels, the chunked loss, the naive loss (skipped with the reason when `loss_memory_bytes` says it
+cannot fit in the free memory) and the PyPI `inf-cl` Triton kernel when importable; median time, peak memory
+above the inputs, ratios to naive, and issue 23's targets (met / missed). `python -m mmlab.gpu_check` runs it.
 
-    python benchmarks/kernels.py [--smoke] [--out results.json] [--repeats N] [--threads T]
+    python benchmarks/kernels.py [--smoke] [--out results.json] [--repeats N] [--threads T] [--no-gpu | --gpu-only]
 """
 from __future__ import annotations
 import argparse, gc, json, os, platform, statistics, sys, time
@@ -113,45 +114,70 @@ def cpu_section(B, D, repeats):
         out[loss] = res
     return out
 
-def gpu_section(B, D, big_B, repeats):
-    dev = torch.device("cuda")
-    sync = torch.cuda.synchronize
-    kernels.build_extension("cuda")
-    out = {"device": torch.cuda.get_device_name(), "B": B, "D": D, "dtype": "bfloat16"}
-
-    def measure(run):
-        run(); sync()                                   # warm-up
-        torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-        med, ts = time_median(run, repeats, sync)
-        return {"median_s": med, "times_s": ts, "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
-
-    a, b, s, _ = make_inputs(B, D, dev, torch.bfloat16)
-    ad, bd = a.detach(), b.detach()
-    res = {"matmul": measure(lambda: ad @ bd.T),
-           "fused": measure(fwd_bwd(kernels.fused_clip_loss, a, b, s))}
-    try:
-        res["naive"] = measure(fwd_bwd(naive_clip, a, b, s))
-    except torch.OutOfMemoryError as e:
-        res["naive"] = {"error": f"out of memory: {e}"[:200]}
-    torch.cuda.empty_cache()
+def _infcl():
+    "The PyPI `inf-cl` Triton kernel as a CLIP loss, or None when it is not importable."
     try:
         from inf_cl import cal_inf_loss
-        def infcl(a, b, s):
-            return 0.5 * (cal_inf_loss(a, b, scale=s).mean() + cal_inf_loss(b, a, scale=s).mean())
-        res["inf_cl"] = measure(fwd_bwd(infcl, a, b, s))
-    except ImportError as e:
-        res["inf_cl"] = {"error": f"inf-cl not importable: {e}"}
-    mm = res["matmul"]["median_s"]
-    for k, r in res.items():
-        if "median_s" in r:
-            r["time_vs_matmul"] = r["median_s"] / mm
-            if "median_s" in res.get("naive", {}): r["time_vs_naive"] = r["median_s"] / res["naive"]["median_s"]
-            if "peak_extra_mib" in res.get("naive", {}): r["memory_vs_naive"] = r["peak_extra_mib"] / res["naive"]["peak_extra_mib"]
-    out["clip"] = res
-    del a, b, ad, bd; torch.cuda.empty_cache()
-    a, b, s, _ = make_inputs(big_B, D, dev, torch.bfloat16)
-    out["big"] = {"B": big_B, "fused": measure(fwd_bwd(kernels.fused_clip_loss, a, b, s))}
-    return out
+    except ImportError:
+        return None
+    return lambda a, b, s: 0.5 * (cal_inf_loss(a, b, scale=s).mean() + cal_inf_loss(b, a, scale=s).mean())
+
+def gpu_measure(run, inputs, repeats, sync):
+    "Warm-up, then median time and peak memory above the inputs (earlier gradients freed before the baseline)."
+    loss = run().item(); sync()                       # warm-up, and the value for the agreement check
+    for x in inputs: x.grad = None
+    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    med, ts = time_median(run, repeats, sync)
+    return {"median_s": med, "times_s": ts, "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+            "loss": loss}
+
+def gpu_run(B, D, repeats, dev):
+    "bf16 CLIP forward+backward at batch B: fused, chunked, naive (skipped when the model says it cannot fit), inf-cl."
+    sync = torch.cuda.synchronize
+    a, b, s, _ = make_inputs(B, D, dev, torch.bfloat16)
+    chunk_clip, _ = chunked_fns()
+    impls = {"fused": kernels.fused_clip_loss, "chunked": chunk_clip, "naive": naive_clip, "inf_cl": _infcl()}
+    res = {}
+    for name, fn in impls.items():
+        if fn is None: res[name] = {"skipped": "not importable (pip install inf-cl)" if name == "inf_cl" else "unavailable"}; continue
+        free = torch.cuda.mem_get_info()[0]
+        need = kernels.loss_memory_bytes(B, D, "naive") if name == "naive" else 0
+        if need > 0.9 * free:
+            res[name] = {"skipped": f"cannot fit: needs about {need / 2**30:.0f} GiB (loss_memory_bytes), {free / 2**30:.0f} GiB free"}
+            continue
+        try: res[name] = gpu_measure(fwd_bwd(fn, a, b, s), (a, b, s), repeats, sync)
+        except torch.OutOfMemoryError as e: res[name] = {"error": f"out of memory: {e}"[:300]}
+        except Exception as e: res[name] = {"error": f"{type(e).__name__}: {e}"[:300]}   # noqa: BLE001 - reported, not fatal
+        torch.cuda.empty_cache()
+    n = res.get("naive", {})
+    for r in res.values():
+        if "median_s" in r and "median_s" in n:
+            r["time_vs_naive"] = r["median_s"] / n["median_s"]
+            r["memory_vs_naive"] = r["peak_extra_mib"] / n["peak_extra_mib"]
+            r["loss_abs_diff_vs_naive"] = abs(r["loss"] - n["loss"])
+    del a, b, s; torch.cuda.empty_cache()
+    return {"B": B, "repeats": repeats, "impls": res}
+
+def gpu_targets(runs, small, big):
+    "Issue 23's targets: at `small` memory <= 1/50 and time <= 0.7 of naive; at `big` under 4 GiB of loss memory."
+    by = {r["B"]: r["impls"] for r in runs}
+    f, n = by.get(small, {}).get("fused", {}), by.get(small, {}).get("naive", {})
+    both = "median_s" in f and "median_s" in n
+    fb = by.get(big, {}).get("fused", {})
+    return {f"memory_B{small}": {"met": both and f["memory_vs_naive"] <= 1 / 50,
+                                 "detail": f"fused/naive peak {f['memory_vs_naive']:.4f}, target <= 0.02" if both else "not measured"},
+            f"time_B{small}": {"met": both and f["time_vs_naive"] <= 0.7,
+                               "detail": f"fused/naive time {f['time_vs_naive']:.3f}, target <= 0.7" if both else "not measured"},
+            f"memory_B{big}": {"met": "peak_extra_mib" in fb and fb["peak_extra_mib"] < 4096,
+                               "detail": f"fused peak {fb['peak_extra_mib'] / 1024:.2f} GiB, target < 4" if "peak_extra_mib" in fb else "not measured"}}
+
+def gpu_section(sizes, D, repeats):
+    dev = torch.device("cuda")
+    kernels.build_extension("cuda")
+    # a step at the large size takes seconds: one timed repeat there keeps the run inside the GPU check's limit
+    runs = [gpu_run(B, D, repeats if i == 0 else 1, dev) for i, B in enumerate(sizes)]
+    return {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "D": D, "repeats": repeats, "runs": runs,
+            "targets": gpu_targets(runs, sizes[0], sizes[-1])}
 
 
 def _exec_with_tight_malloc():
@@ -167,26 +193,30 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the target machine has 2 cores)")
     p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU section (the GPU check runs this)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     B, D = (512, 64) if args.smoke else (8192, 256)
     reps = args.repeats or (2 if args.smoke else 5)
     result = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-              "smoke": args.smoke, "cpu": {"B": B, "D": D, "dtype": "float32", "repeats": reps}}
-    result["cpu"].update(cpu_section(B, D, reps))
-    for loss in ("clip", "siglip"):
-        print(f"\nCPU {loss} fwd+bwd  B={B} D={D} fp32, {args.threads} threads, median of {reps}")
-        print(f"{'impl':>8} {'time (s)':>10} {'x naive':>8} {'peak extra (MiB)':>17} {'x naive':>8} {'loss':>12}")
-        for k, r in result["cpu"][loss].items():
-            print(f"{k:>8} {r['median_s']:10.3f} {r['time_vs_naive']:8.2f} {r['peak_extra_mib']:17.1f} "
-                  f"{r['memory_vs_naive']:8.3f} {r['loss']:12.6f}")
+              "smoke": args.smoke, "cpu": None}
+    if not args.gpu_only:
+        result["cpu"] = {"B": B, "D": D, "dtype": "float32", "repeats": reps}
+        result["cpu"].update(cpu_section(B, D, reps))
+        for loss in ("clip", "siglip"):
+            print(f"\nCPU {loss} fwd+bwd  B={B} D={D} fp32, {args.threads} threads, median of {reps}")
+            print(f"{'impl':>8} {'time (s)':>10} {'x naive':>8} {'peak extra (MiB)':>17} {'x naive':>8} {'loss':>12}")
+            for k, r in result["cpu"][loss].items():
+                print(f"{k:>8} {r['median_s']:10.3f} {r['time_vs_naive']:8.2f} {r['peak_extra_mib']:17.1f} "
+                      f"{r['memory_vs_naive']:8.3f} {r['loss']:12.6f}")
     if torch.cuda.is_available() and not args.no_gpu:
-        gB, gD, big = (4096, 128, 16384) if args.smoke else (32768, 512, 262144)
-        result["gpu"] = gpu_section(gB, gD, big, 2 if args.smoke else reps)
-        print(f"\nGPU {result['gpu']['device']}: bf16 CLIP fwd+bwd B={gB} D={gD}")
-        for k, r in result["gpu"]["clip"].items():
-            print(f"{k:>8}", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items() if kk != "times_s"})
-        print(f"B={big}: fused", {kk: round(v, 4) for kk, v in result["gpu"]["big"]["fused"].items() if kk != "times_s"})
+        sizes, gD = ((4096, 16384), 128) if args.smoke else ((32768, 262144), 512)
+        result["gpu"] = gpu_section(sizes, gD, 2 if args.smoke else min(reps, 3))
+        print(f"\nGPU {result['gpu']['device']}: bf16 CLIP fwd+bwd, D={gD}")
+        for run in result["gpu"]["runs"]:
+            for k, r in run["impls"].items():
+                print(f"B={run['B']:>7} {k:>8}", {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items() if kk != "times_s"})
+        for k, t in result["gpu"]["targets"].items(): print(f"target {k}: {'met' if t['met'] else 'MISSED'} ({t['detail']})")
     else:
         result["gpu"] = None
         print("\nGPU section skipped (no CUDA): GPU figures unmeasured")

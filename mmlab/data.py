@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #f00aa73a
 from __future__ import annotations
-import csv, difflib, hashlib, io, json, os, re, warnings
+import csv, difflib, hashlib, io, itertools, json, os, re, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -22,13 +22,14 @@ from .core import (ConfigError, DataError, InputError, InputTypeError, MissingFi
                         get_settings)
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'RESAMPLE_HINT', 'BUNDLED', 'Modality',
-           'register_modality', 'get_modality', 'unregister_modality', 'check_modalities', 'resample', 'Resample',
-           'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment', 'image_augment', 'CharTokenizer',
-           'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash', 'stack_fields',
-           'pad_fields', 'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta',
+__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'RESAMPLE_HINT', 'BUNDLED', 'SHARD_EXTS',
+           'Modality', 'register_modality', 'get_modality', 'unregister_modality', 'check_modalities', 'resample',
+           'Resample', 'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment', 'image_augment',
+           'CharTokenizer', 'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash',
+           'stack_fields', 'pad_fields', 'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta',
            'BundledDataset', 'load_dataset', 'Skipped', 'collate', 'take', 'make_loader', 'stack_dataset',
-           'InMemoryBatches', 'NoisyPairs', 'ModalityDropout', 'label_order', 'ManifestDataset', 'bad_inputs',
+           'InMemoryBatches', 'NoisyPairs', 'ModalityDropout', 'label_order', 'ManifestDataset', 'expand_shards',
+           'ShardDataset', 'shard_labels', 'write_shards', 'manifest_samples', 'folder_samples', 'bad_inputs',
            'run_bad_input']
 
 # %% ../nbs/01_data.ipynb #515a2439
@@ -156,14 +157,15 @@ def image_to_float(im,           # a PIL image of any mode in IMAGE_MODES
     else: a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
 
-def read_image(path:str|Path, # an image file (PNG, JPEG, TIFF, ...)
+def read_image(path:str|Path|bytes, # an image file (PNG, JPEG, TIFF, ...), or its bytes (a shard member)
                where:str="",  # where it came from (file, row), for error messages
               ) -> torch.Tensor:
     "Read an image file as a float tensor `(3, H, W)` in [0, 1] (see `image_to_float`), or raise `DataError`."
     from PIL import Image
-    where = where or str(path)
-    _need_file(path, f"{where}: image file")
-    with _reading(f"{where}: cannot decode image", "a readable PNG/JPEG/... file"), Image.open(path) as im: im.load()
+    where = where or (str(path) if not isinstance(path, bytes) else "<bytes>")
+    if not isinstance(path, bytes): _need_file(path, f"{where}: image file")
+    src = io.BytesIO(path) if isinstance(path, bytes) else path
+    with _reading(f"{where}: cannot decode image", "a readable PNG/JPEG/... file"), Image.open(src) as im: im.load()
     return image_to_float(im, where)
 
 # %% ../nbs/01_data.ipynb #4ecdc01b
@@ -439,6 +441,7 @@ def _cached_audio(ds, data:bytes, where:str, suffix:str="") -> torch.Tensor:
     return ds.cache.get(content_hash(data), key + suffix, lambda: features(decode()))
 
 def _read_audio(ds, p, where):
+    if isinstance(p, bytes): return _cached_audio(ds, p, where, f"-rs{int(ds.resample)}")   # a shard member: the file's bytes
     _need_file(p, f"{where}: audio file")
     with _reading(f"{where}: cannot read audio {str(p)!r}", "a readable file"): data = p.read_bytes()
     return _cached_audio(ds, data, f"{where}: {p}", f"-rs{int(ds.resample)}")
@@ -634,6 +637,8 @@ def make_loader(ds:Dataset,           # a dataset of example dicts
     seed = get_settings().seed if seed is None else seed
     g = torch.Generator().manual_seed(int(seed))
     collate_fn = kwargs.pop("collate_fn", None) or partial(collate, pad_id=pad_id)   # picklable for spawn workers
+    if isinstance(ds, torch.utils.data.IterableDataset):   # a stream (ShardDataset) shuffles and batches itself
+        return DataLoader(ds, batch_size=None, num_workers=num_workers, generator=g, worker_init_fn=_seed_worker, **kwargs)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
                       collate_fn=collate_fn, generator=g, worker_init_fn=_seed_worker, **kwargs)
     # Workers are not persistent: each epoch's iterator then draws the workers' base seed and the order from `g`,
@@ -893,6 +898,269 @@ def report(self:ManifestDataset) -> str:
 
 @patch
 def __repr__(self:ManifestDataset): return f"ManifestDataset({str(self.path)!r}, n={len(self)}, modalities={list(self.modalities)}, skipped={self.skipped})"
+
+# %% ../nbs/01_data.ipynb #13979c90
+SHARD_EXTS = {"image": ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"), "audio": ("flac", "wav", "mp3", "ogg"),
+              "text": ("txt",)}   # member names per modality (img2dataset's layout: key.jpg, key.txt, key.json)
+
+def _summary_path(shard:str|Path) -> Path:
+    "The summary `write_shards` leaves beside a shard set: <folder>/<prefix>-summary.json for <prefix>-000000.tar."
+    p = Path(shard); return p.parent / f"{p.name.rsplit('-', 1)[0]}-summary.json"
+
+def expand_shards(pattern:str|list, # brace pattern ('shards/train-{000000..000099}.tar'), URL, or a list of them
+                 ) -> list[str]:
+    "The shard URLs a pattern names (webdataset's brace expansion); local ones must exist (a range may run past a set's end only when its summary says so)."
+    from webdataset.shardlists import expand_urls
+    urls = [u for p in ([pattern] if isinstance(pattern, (str, Path)) else pattern) for u in expand_urls(str(p))]
+    if not urls: raise ConfigError(f"expand_shards: {pattern!r} names no shard; expected e.g. 'shards/train-{{000000..000009}}.tar'")
+    local = lambda u: "://" not in u and not u.startswith("pipe:")
+    present = [u for u in urls if not local(u) or Path(u).is_file()]
+    if len(present) == len(urls): return urls
+    s = _summary_path(present[0]) if present else None        # a range written for a larger split: the set's own end
+    if s and s.is_file() and urls[:len(present)] == present and json.loads(s.read_text()).get("shards") == len(present):
+        return present
+    missing = [u for u in urls if u not in present]
+    raise MissingFileError(f"shards {pattern!r}: {len(missing)} of {len(urls)} shard file(s) do not exist (first: {missing[0]}); "
+                           f"write them with `mmlab shards SOURCE OUT`")
+
+def _raw_samples(urls:list, on_error:str="skip"):
+    "Undecoded samples `{'__key__', '__url__', ext: bytes}` of `urls` in order; an unreadable rest of a shard is one error marker."
+    from webdataset import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    for url in urls:
+        try:
+            with gopen(url, bufsize=1 << 20) as f: yield from group_by_keys({**fs, "__url__": url} for fs in tar_file_iterator(f))
+        except Exception as e:                      # truncated or corrupt tar: its complete samples were yielded
+            msg = f"unreadable shard after its complete samples ({type(e).__name__}: {e})"
+            if on_error == "raise": raise DataError(f"{url}: {msg}; expected a complete tar file") from e
+            yield {"__key__": "", "__url__": url, "__error__": msg}
+
+# %% ../nbs/01_data.ipynb #3fe82b27
+def _shuffle_buffer(samples, size:int, rng:np.random.Generator):
+    "Shuffle a stream with a buffer of `size` (0 or 1: unchanged): fill it, then emit a random element for each new one."
+    if size <= 1: yield from samples; return
+    buf = []
+    def pop():
+        j = int(rng.integers(len(buf))); buf[j], buf[-1] = buf[-1], buf[j]; return buf.pop()
+    for s in samples:
+        buf.append(s)
+        if len(buf) >= size: yield pop()
+    while buf: yield pop()
+
+def _round_robin_taken(n:int, batches:list[int]) -> tuple[list[int], list[int]]:
+    "Batches each of W workers gave in the first `n` a DataLoader returns (round robin, dry workers drop out), and the workers still giving, in the order they give next."
+    W = len(batches); taken, w = [0] * W, 0                  # w: the next worker in the cycle
+    while n > 0 and any(t < b for t, b in zip(taken, batches)):
+        if taken[w] < batches[w]: taken[w] += 1; n -= 1
+        w = (w + 1) % W
+    return taken, [v % W for v in range(w, w + W) if taken[v % W] < batches[v % W]]
+
+# %% ../nbs/01_data.ipynb #4f9df369
+class ShardDataset(torch.utils.data.IterableDataset):
+    "Batches streamed from WebDataset tar shards, split over ranks and workers, shuffled by shard order and a buffer."
+    def __init__(self,
+                 urls:str|list,             # brace pattern, URL or list (see `expand_shards`)
+                 modalities=None,           # members each sample must have; None = every registered modality
+                 image_size:int|None=None,  # resize images to this square side; None = keep
+                 audio_features=None,       # deterministic, cached audio transform, e.g. `LogMel()`
+                 transforms:dict|None=None, # modality -> callable applied after decoding
+                 batch_size:int=64,         # samples per batch (a skipped one leaves its batch shorter)
+                 shuffle_buffer:int=1000,   # samples the buffer mixes (0: file order)
+                 shuffle:bool=True,         # shuffle the shard order each epoch and use the buffer
+                 seed:int|None=None,        # seed of both shuffles; None = get_settings().seed
+                 drop_last:bool=False,      # drop each reader's last incomplete batch of an epoch
+                 labels:list|None=None,     # class names: `label` becomes the index; None: the json label text, else the sample's ordinal
+                 on_error:str="skip",       # "skip" bad samples (counted, reasons in batch['skipped']) or "raise"
+                 sample_rate:int=SAMPLE_RATE, # rate required of audio
+                 resample:bool=False,       # resample audio at other rates instead of raising
+                 cache:bool|FeatureCache=True, # cache decoded audio / features on disk
+                 rank:int|None=None,        # this process; None = torch.distributed's rank (0 outside it)
+                 world:int|None=None,       # number of processes; None = torch.distributed's world size (1 outside it)
+                 pad_id:int=0,              # padding id of token-id text
+                ):
+        if on_error not in ON_ERROR: raise ConfigError(f"ShardDataset: on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
+        if not isinstance(batch_size, int) or batch_size < 1: raise ConfigError(f"ShardDataset: batch_size must be an int >= 1, got {batch_size!r}")
+        self.urls, self.modalities = expand_shards(urls), check_modalities(modalities)
+        self.image_size, self.audio_features, self.transforms = image_size, audio_features, _check_transforms(transforms)
+        self.batch_size, self.shuffle_buffer, self.shuffle, self.drop_last = batch_size, shuffle_buffer, shuffle, drop_last
+        self.seed, self.labels, self.on_error = get_settings().seed if seed is None else seed, labels, on_error
+        self.label_index = {n: i for i, n in enumerate(labels)} if labels is not None else None
+        self.sample_rate, self.resample, self.pad_id = sample_rate, resample, pad_id
+        self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
+        on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world = world or (torch.distributed.get_world_size() if on else 1)
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if on else 0)
+        self.epoch, self.skip = 0, 0
+    def __iter__(self): return self._batches()   # defined below
+
+# %% ../nbs/01_data.ipynb #cb5d7572
+@patch
+def set_epoch(self:ShardDataset, epoch:int, skip:int=0):
+    "Use epoch `epoch`'s order; the next iteration starts after its first `skip` batches (read, not decoded)."
+    self.epoch, self.skip = int(epoch), int(skip)
+
+@patch
+def __repr__(self:ShardDataset): return (f"ShardDataset({len(self.urls)} shard(s), modalities={list(self.modalities)}, "
+                                         f"batch_size={self.batch_size}, rank {self.rank} of {self.world})")
+
+@patch
+def _slot_shards(self:ShardDataset, slot:int, slots:int) -> list[str]:
+    "The shards of reader `slot` of `slots` this epoch: an order shuffled by (seed, epoch), dealt round the readers."
+    order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls)) if self.shuffle else range(len(self.urls))
+    return [self.urls[i] for i in list(order)[slot::slots]]
+
+@patch
+def _slot_stream(self:ShardDataset, slot:int, slots:int):
+    "Reader `slot`'s undecoded samples this epoch, through the shuffle buffer (seeded by seed, epoch, slot)."
+    rng = np.random.default_rng([self.seed, self.epoch, slot])
+    return _shuffle_buffer(_raw_samples(self._slot_shards(slot, slots), self.on_error), self.shuffle_buffer * self.shuffle, rng)
+
+@patch
+def _n_batches(self:ShardDataset, slot:int, slots:int) -> int:
+    "Batches reader `slot` gives this epoch (its samples counted by reading the shards, without decoding)."
+    n = sum(1 for _ in _raw_samples(self._slot_shards(slot, slots), "skip"))
+    return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+# %% ../nbs/01_data.ipynb #6800169b
+@patch
+def _batches(self:ShardDataset):
+    "This reader's batches of the epoch: `__iter__` of a `ShardDataset`."
+    info = torch.utils.data.get_worker_info()
+    W, w = (info.num_workers, info.id) if info is not None else (1, 0)
+    slots, slot = self.world * W, self.rank * W + w                  # every (rank, worker) reads its own shards
+    if len(self.urls) < slots:
+        raise ConfigError(f"ShardDataset: {len(self.urls)} shard(s) for {self.world} process(es) x {W} worker(s); expected "
+                          f"at least one shard per reader (write smaller shards: mmlab shards --samples-per-shard)")
+    B, start = self.batch_size, 0
+    if self.skip:   # resume: the loader's next batch comes from worker 0, so worker w plays the w-th reader due next
+        taken, due = _round_robin_taken(self.skip, [self._n_batches(self.rank * W + v, slots) for v in range(W)])
+        if w >= len(due): return                                     # fewer readers left than workers: this one is done
+        slot, start = self.rank * W + due[w], B * taken[due[w]]
+    stream = self._slot_stream(slot, slots)
+    for _ in itertools.islice(stream, start): pass                   # read, not decoded
+    batch, carry = [], []
+    for i, s in enumerate(stream, start):
+        batch.append(self._decode(s, i))
+        if len(batch) == B:
+            if any(isinstance(x, dict) for x in batch): yield collate(carry + batch, pad_id=self.pad_id); carry = []
+            else: carry += batch                                     # all skipped: the reasons go with the next batch
+            batch = []
+    if batch and not self.drop_last and any(isinstance(x, dict) for x in batch):
+        yield collate(carry + batch, pad_id=self.pad_id); carry = []
+    else: carry += [x for x in batch if not isinstance(x, dict)]     # drop_last drops the good ones by request
+    if carry: warnings.warn(f"ShardDataset: {len(carry)} skipped sample(s) at the end of an epoch reach no batch; first: {carry[0]}")
+
+# %% ../nbs/01_data.ipynb #073b0c54
+@patch
+def _decode(self:ShardDataset, s:dict, ordinal:int) -> dict|Skipped:
+    "A raw sample as an example dict (the manifest's reads and transforms), or `Skipped` saying where and why."
+    if "__error__" in s: return Skipped(s["__url__"], s["__error__"])
+    where, tf = f"{s['__url__']} sample {s['__key__']}", self.transforms
+    try:
+        with _reading(f"{where}: cannot parse key.json", "a JSON object"): meta = json.loads(s["json"]) if "json" in s else {}
+        item = {"attrs": {"key": s["__key__"]} | {k: v for k, v in meta.items() if k != "label"}}
+        for m in self.modalities:
+            mod, ext = get_modality(m), next((e for e in SHARD_EXTS.get(m, (m,)) if e in s), None)
+            if ext is None: raise DataError(f"no {m} member (.{', .'.join(SHARD_EXTS.get(m, (m,)))}); the sample has "
+                                            + ", ".join(sorted(k for k in s if not k.startswith("__"))))
+            v = s[ext]
+            if not mod.file:
+                with _reading(f"{where}: {m} member is not UTF-8 text", "UTF-8"): v = v.decode("utf-8")
+                if mod.check: mod.check(self, v, where)
+            with one_thread(): item[m] = _apply(tf.get(m), mod.read(self, v, where) if mod.read else v)
+            if mod.raw and m in tf: item[mod.raw] = v
+        lab = meta.get("label")
+        lab = lab if lab is None or isinstance(lab, str) else json.dumps(lab)   # a number: its JSON text, as manifests read it
+        if self.label_index is not None and lab not in self.label_index:
+            raise DataError(f"label {lab!r} is not one of the {len(self.labels)} class names ({', '.join(self.labels[:5])}, ...)")
+        item["label"] = self.label_index[lab] if self.label_index is not None else lab if lab is not None else ordinal
+        return item
+    except DataError as e:
+        if self.on_error == "raise": raise DataError(f"{where}: {str(e).removeprefix(where + ': ')}") from e
+        return Skipped(where, str(e).removeprefix(f"{where}: "))
+
+# %% ../nbs/01_data.ipynb #fb8ebc4c
+@patch
+def first(self:ShardDataset, n:int|None=None) -> list:
+    "The first `n` samples in file order (one reader, no shuffle) decoded: for evaluation, as `stack_dataset` reads a split."
+    return [self._decode(s, i) for i, s in enumerate(itertools.islice(_raw_samples(self.urls, self.on_error), n))]
+
+_LABELS = {}   # (url, size, mtime) of each shard -> its set's labels: reading every sample once per set
+
+def shard_labels(urls:str|list) -> list[str]|None:
+    "The distinct `label`s of the shards' json members in `label_order` (None if there are none): a shard set's class names."
+    urls = expand_shards(urls)
+    key = tuple((u, *((Path(u).stat().st_size, Path(u).stat().st_mtime_ns) if Path(u).is_file() else ())) for u in urls)
+    if key not in _LABELS:
+        labels = {json.loads(s["json"]).get("label") for s in _raw_samples(urls) if "json" in s} - {None}
+        _LABELS[key] = label_order(l if isinstance(l, str) else json.dumps(l) for l in labels) or None
+    return _LABELS[key]
+
+# %% ../nbs/01_data.ipynb #227f6794
+def _tar_member(tar, name:str, data:bytes):
+    "Add `data` as `name` with fixed metadata, so the same samples always give the same bytes."
+    import tarfile
+    ti = tarfile.TarInfo(name); ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+    tar.addfile(ti, io.BytesIO(data))
+
+def write_shards(samples,                    # (key, {ext: bytes}) pairs, or `Skipped` markers (counted)
+                 out:str|Path,               # folder the shards go in
+                 split:str="train",          # the shards are <split>-000000.tar, <split>-000001.tar, ...
+                 samples_per_shard:int=1000, # samples per tar file
+                 progress:bool=False,        # a tqdm bar
+                ) -> dict:                   # summary: samples, shards, bytes, skipped and the first reasons
+    "Write samples as WebDataset shards (one `key.ext` member per modality) and `<split>-summary.json` beside them."
+    import tarfile
+    from tqdm.auto import tqdm
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ConfigError(f"write_shards: samples_per_shard must be an int >= 1, got {samples_per_shard!r}")
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    info, tar, names = {"split": split, "samples": 0, "shards": 0, "bytes": 0, "skipped": 0, "reasons": []}, None, []
+    for x in tqdm(samples, desc=f"shards {split}", disable=not progress, unit=" samples"):
+        if isinstance(x, Skipped):
+            info["skipped"] += 1; info["reasons"] = (info["reasons"] + [str(x)])[:5]; continue
+        if info["samples"] % samples_per_shard == 0:
+            if tar: tar.close()
+            names.append(f"{split}-{len(names):06d}.tar"); tar = tarfile.open(out / (names[-1] + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+        key, members = x
+        for ext, data in members.items(): _tar_member(tar, f"{key}.{ext}", data if isinstance(data, bytes) else data.encode())
+        info["samples"] += 1
+    if tar: tar.close()
+    for n in names: os.replace(out / (n + ".tmp"), out / n)    # complete files only, under their final names
+    info |= {"shards": len(names), "bytes": sum((out / n).stat().st_size for n in names),
+             "pattern": str(out / f"{split}-{{000000..{max(len(names) - 1, 0):06d}}}.tar")}
+    (out / f"{split}-summary.json").write_text(json.dumps(info, indent=1))
+    return info
+
+# %% ../nbs/01_data.ipynb #8c9059b9
+def manifest_samples(path:str|Path,             # a CSV/JSONL manifest
+                     root:str|Path|None=None,   # folder relative paths start from; None = the manifest's
+                    ):
+    "A manifest's rows as `write_shards` samples: each file's bytes unchanged, the caption as key.txt, label and attributes as key.json."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # the skipped rows are counted in the shards' summary instead
+        ds = ManifestDataset(path, root, on_error="skip", cache=False)
+    for i in range(ds.skipped): yield Skipped(str(ds.path), ds.skip_reasons[i] if i < len(ds.skip_reasons) else "(reason not kept)")
+    for i, r in enumerate(ds.rows):
+        members = {}
+        for m in ds.modalities:
+            if m not in r: continue
+            if get_modality(m).file: members[r[m].suffix.lstrip(".").lower()] = r[m].read_bytes()
+            else: members[SHARD_EXTS.get(m, (m,))[0]] = str(r[m])
+        meta = ({"label": r["label"]} if r["label"] is not None else {}) | r["attrs"]
+        if meta: members["json"] = json.dumps(meta)
+        yield f"{i:09d}", members
+
+def folder_samples(folder:str|Path):
+    "Files grouped by name up to the first dot (`0001.png`, `0001.txt`, ...) as `write_shards` samples, in name order."
+    folder, groups = Path(folder), {}
+    if not folder.is_dir(): raise MissingFileError(f"folder_samples: {str(folder)!r} is not a folder")
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and "." in p.name: groups.setdefault(p.name.split(".", 1)[0], {})[p.name.split(".", 1)[1].lower()] = p.read_bytes()
+    known = {e for exts in SHARD_EXTS.values() for e in exts}
+    for key, members in groups.items():
+        if known & set(members): yield key, members
+        else: yield Skipped(f"{folder}/{key}.*", f"no image, audio or text member (has {', '.join(sorted(members))})")
 
 # %% ../nbs/01_data.ipynb #0f36d87f
 def _bad_input_tools(d:Path):

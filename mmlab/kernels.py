@@ -12,8 +12,10 @@ from .core import (KernelBuildError, DeviceError, InputError, InputTypeError, Sh
                         check_shape, get_settings, in_test)
 
 # %% auto #0
-__all__ = ['CPU_SOURCE', 'CPU_FUNCTIONS', 'CUDA_SOURCE', 'CUDA_DECLS', 'CUDA_FUNCTIONS', 'wavefront_schedule', 'cuda_home',
-           'local_cuda_arch', 'build_extension', 'fused_available', 'fused_clip_loss', 'fused_siglip_loss']
+__all__ = ['CPU_SOURCE', 'CPU_FUNCTIONS', 'CUDA_SOURCE', 'CUDA_DECLS', 'CUDA_FUNCTIONS', 'GPU_PEAKS', 'NAIVE_PASSES',
+           'CHUNKED_PASSES', 'wavefront_schedule', 'cuda_home', 'local_cuda_arch', 'build_extension', 'fused_available',
+           'fused_clip_loss', 'fused_siglip_loss', 'loss_gemms', 'loss_flops', 'loss_memory_bytes',
+           'loss_traffic_bytes', 'loss_time_floor']
 
 # %% ../nbs/06_kernels.ipynb #6a39264a
 def wavefront_schedule(nb:int, # number of tile blocks per side
@@ -879,3 +881,70 @@ def fused_siglip_loss(a:torch.Tensor,   # (B, D) embeddings of modality A (L2-no
     acc = sp.dtype
     diag = scale.to(acc) * _RowDot.apply(a, b, acc) + bias.to(acc)   # L_ii: the linear diagonal term
     return (sp - diag.sum()) / a.shape[0]
+
+# %% ../nbs/06_kernels.ipynb #48b29f7e
+def loss_gemms(impl:str,           # naive | chunked | fused_cpu | fused_cuda | design
+               fwd_sweeps:int=1,   # design: 1 (column statistics from per-block partials) or 2 (a second sweep)
+               bwd_sweeps:int=2,   # design: 1 (dB accumulated in fp32 across row blocks) or 2 (a column-ordered sweep)
+              ) -> int:
+    "B x B x E GEMMs of one CLIP forward + backward (each 2 B^2 E FLOPs)."
+    if fwd_sweeps not in (1, 2) or bwd_sweeps not in (1, 2):
+        raise InputError(f"loss_gemms: fwd_sweeps and bwd_sweeps must be 1 or 2, got {fwd_sweeps}, {bwd_sweeps}")
+    gemms = {"naive": 3,            # S = s A B^T (stored), then G B and G^T A from the stored G
+             "chunked": 4,          # per row block: S; backward: S again, G B, G^T A
+             "fused_cpu": 4,        # the wavefront: each tile gives row and column statistics, then S, G B, G^T A
+             "fused_cuda": 6,       # rows and columns in separate sweeps; each backward side recomputes its tiles
+             "design": fwd_sweeps + (3 if bwd_sweeps == 1 else 4)}
+    if impl not in gemms: raise InputError(f"loss_gemms: impl must be one of {', '.join(gemms)}, got {impl!r}")
+    return gemms[impl]
+
+def loss_flops(B:int, E:int, impl:str, **design) -> int:
+    "GEMM FLOPs of one CLIP forward + backward on (B, E) embeddings: `loss_gemms(impl)` x 2 B^2 E."
+    return loss_gemms(impl, **design) * 2 * B * B * E
+
+# %% ../nbs/06_kernels.ipynb #72d2186a
+def loss_memory_bytes(B:int, E:int, impl:str,
+                      elt:int=2,            # bytes per input element: 2 (bf16/fp16), 4 (fp32), 8 (fp64)
+                      chunk:int=512,        # chunked: rows per block (`DEFAULT_CHUNK`)
+                      tile:int=256,         # design: rows per tile (sets the column partials)
+                      fwd_sweeps:int=1,     # design: see `loss_gemms`
+                      bwd_sweeps:int=2,     # design: see `loss_gemms`
+                      cpu_threads:int=1,    # fused_cpu: threads, each with two cpu_tile^2 fp32 tiles
+                      cpu_tile:int=512,     # the C++ kernel's tile width W
+                     ) -> int:
+    "Peak extra bytes of one CLIP forward + backward: the gradients plus what `impl` holds besides them (a model)."
+    loss_gemms(impl, fwd_sweeps, bwd_sweeps)                       # validates impl and the sweeps
+    grads = 2 * B * E * elt
+    if impl == "naive": return grads + 4 * B * B * elt
+    if impl == "chunked":
+        acc = max(elt, 4)            # blocks and gradients in fp32 (fp64 inputs stay fp64)
+        return 2 * B * E * acc + 4 * chunk * B * acc + (0 if elt >= 4 else 2 * B * E * 4 + grads)
+    if impl.startswith("fused"):   # two fp32 (B, E) workspaces (cast down when narrower), the diagonal term's gradients
+        tiles = 2 * cpu_threads * cpu_tile ** 2 * 4 if impl == "fused_cpu" else 0
+        return 2 * B * E * max(elt, 4) + grads + (0 if elt >= 4 else grads) + tiles
+    partials = 8 * B * math.ceil(B / tile) if fwd_sweeps == 1 else 0
+    return grads + partials + (4 * B * E if bwd_sweeps == 1 else 0) + 8 * B
+
+# %% ../nbs/06_kernels.ipynb #acfefb82
+# Spec-sheet peaks (NVIDIA H100 and H200 datasheets, SXM parts): dense bf16 tensor-core FLOP/s (half the
+# "with sparsity" figure) and HBM bandwidth in bytes/s. Constants for the model, not measurements.
+GPU_PEAKS = {"H100 SXM": {"bf16_flops": 989e12, "hbm_bytes_per_s": 3.35e12},
+             "H200 SXM": {"bf16_flops": 989e12, "hbm_bytes_per_s": 4.8e12}}
+# B x B element reads + writes of the naive step: S written (1); row and column log-softmax, read + write (2 x 2);
+# the two nll gradients written (2); two log-softmax backwards, 2 reads + 1 write (2 x 3); their sum (3); G read by
+# the two gradient GEMMs (2). The chunked loss's fp32 blocks, counted the same way from its code: 27 passes.
+NAIVE_PASSES, CHUNKED_PASSES = 18, 27
+
+def loss_traffic_bytes(B:int, E:int, impl:str, elt:int=2, tile:int=256, **design) -> int:
+    "Memory traffic of one CLIP step (a model): B x B passes for the unfused losses, re-streamed operands for the tiled ones."
+    if impl == "naive": return NAIVE_PASSES * B * B * elt
+    if impl == "chunked": return CHUNKED_PASSES * B * B * 4
+    # each tile of `tile` rows streams the other side's (B, E) rows once per GEMM (no credit for L2 reuse)
+    return loss_gemms(impl, **design) * math.ceil(B / tile) * B * E * elt
+
+def loss_time_floor(B:int, E:int, impl:str, gpu:str="H200 SXM", elt:int=2, tile:int=256, **design) -> float:
+    "Seconds one step needs at the GPU's peaks: GEMMs then element-wise passes (unfused), or the larger of the two (fused)."
+    p = GPU_PEAKS[gpu]
+    t_flops = loss_flops(B, E, impl, **design) / p["bf16_flops"]
+    t_bytes = loss_traffic_bytes(B, E, impl, elt, tile, **design) / p["hbm_bytes_per_s"]
+    return t_flops + t_bytes if impl in ("naive", "chunked") else max(t_flops, t_bytes)

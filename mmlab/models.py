@@ -21,18 +21,19 @@ from .data import get_modality
 from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttention, EncoderOutput, FusionConfig,
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
                             _attn_mask, _masked_mean, gather_tokens, sincos_2d, tower_inputs)
-from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, random_mask, span_mask
-from .losses import (DINOLoss, byol_loss, clamp_log_scale_, clip_loss, dino_loss, ema_update,
-                          hubert_loss, kmeans_targets, mae_loss, momentum_schedule, simmim_loss)
-from .losses.contrastive import _LearntScale
+from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, num_masked, random_mask, span_mask
+from .losses import (DINOLoss, IBOTPatchLoss, byol_loss, clamp_log_scale_, clip_loss, dino_loss, ema_update,
+                          hubert_loss, kmeans_targets, mae_loss, momentum_schedule, simmim_loss,
+                          ibot_patch_loss, koleo_loss)
+from .losses.contrastive import MemoryQueue, _LearntScale
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
-           'model_config', 'model_from_config', 'Model', 'save_model', 'load_model', 'MultiModalModel',
+           'flip_mae_tiny', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model', 'MultiModalModel',
            'register_model', 'list_models', 'create_model', 'make_tower', 'check_model_contract', 'scatter_tokens',
-           'MAEDecoder', 'MAEOutput', 'MAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features',
-           'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel', 'CaptionBlock',
-           'CaptionDecoder']
+           'MAEDecoder', 'MAEOutput', 'MAE', 'FlipMAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE',
+           'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel',
+           'MomentumQueueModel', 'SwavModel', 'CaptionBlock', 'CaptionDecoder', 'ITMHead', 'summary_tokens']
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder)}
@@ -135,6 +136,7 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
                  init_bias:float|None=None,                   # initial bias b; None: no bias (SigLIP: -10)
                  max_scale:float=100.0,                       # cap of s, kept by clamp_parameters_ (CLIP: 100)
                  locked=(),                                   # modalities whose towers are frozen (LiT)
+                 extras:dict|None=None,                       # name -> module trained with the model (an ITMHead, feature-KD heads)
                 ):
         super().__init__()
         if not towers: raise ConfigError("MultiModalModel: needs at least one tower")
@@ -145,6 +147,7 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if init_bias is not None else None
         self.locked = set()
         self.lock(*locked)
+        self.extras = nn.ModuleDict(extras or {})   # after every other parameter: a model without extras is unchanged
 
     @property
     def modalities(self): return list(self.towers)
@@ -155,7 +158,8 @@ class MultiModalModel(Model, _LearntScale):   # _LearntScale: log_scale, logit_s
         return self
 
     def encoders(self) -> dict: return dict(self.towers)
-    def parts(self) -> dict: return {"towers": dict(self.towers), "heads": dict(self.heads)}
+    def parts(self) -> dict:
+        return {"towers": dict(self.towers), "heads": dict(self.heads)} | ({"extras": dict(self.extras)} if len(self.extras) else {})
     def get_config(self) -> dict:
         bias = None if self.logit_bias is None else float(self.logit_bias.detach())
         return {**super().get_config(), "proj_dim": self.proj_dim, "head": self.head_options, "init_bias": bias,
@@ -177,6 +181,16 @@ def unlock(self:MultiModalModel, *modalities):
         self.towers[m].requires_grad_(True).train(self.training); self.locked.discard(m)
     return self
 
+# %% ../nbs/05b_models.ipynb #045bea8b
+def _visible_kwargs(model:MultiModalModel, masks:dict|None):
+    "modality -> the tower's `visible_idx` keyword from `masks` (none for a modality without a mask)."
+    masks = masks or {}
+    if not isinstance(masks, dict) or not all(isinstance(v, Mask) for v in masks.values()):
+        raise InputTypeError(f"MultiModalModel: masks must be a dict modality -> Mask, got {type(masks).__name__}")
+    unknown = sorted(set(masks) - set(model.towers))
+    if unknown: raise InputError(f"MultiModalModel: masks for {unknown}, which have no tower; towers: {', '.join(model.towers)}")
+    return lambda m: {"visible_idx": masks[m].visible} if m in masks else {}
+
 # %% ../nbs/05b_models.ipynb #90e77146
 @patch
 def encode(self:MultiModalModel, modality:str, *args, **kwargs) -> torch.Tensor:   # (B, E) unit rows
@@ -186,10 +200,13 @@ def encode(self:MultiModalModel, modality:str, *args, **kwargs) -> torch.Tensor:
     return F.normalize(self.heads[modality](pooled), dim=-1)
 
 @patch
-def forward(self:MultiModalModel, batch:dict) -> dict:
+def forward(self:MultiModalModel, batch:dict,
+            masks:dict|None=None,   # modality -> `Mask`: its tower encodes only the visible tokens (FLIP)
+           ) -> dict:
     "{modality: (B, E) normalised embeddings, 'logit_scale': e^t, 'logit_bias': b or None}."
     if not isinstance(batch, dict): raise InputTypeError(f"MultiModalModel: expected a batch dict, got {type(batch).__name__}")
-    out = {m: self.encode(m, **tower_inputs(batch, m)) for m in self.towers if batch.get(m) is not None}
+    seen = _visible_kwargs(self, masks)
+    out = {m: self.encode(m, **tower_inputs(batch, m), **seen(m)) for m in self.towers if batch.get(m) is not None}
     if not out:
         raise InputError(f"MultiModalModel: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
     out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
@@ -399,6 +416,41 @@ def reconstruct(self:MAE, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W
         pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
     pred = torch.where(out.mask.mask[..., None], pred, target)
     return self.tower.unpatchify(pred).clamp(0, 1)
+
+# %% ../nbs/05b_models.ipynb #a85620a4
+class FlipMAE(MultiModalModel):
+    "CLIP towers + an MAE decoder on the image tower; one pass over the visible patches feeds both losses (SLIP, M3AE, FLIP + MAE)."
+    def __init__(self, towers:dict,              # modality -> tower, with an "image" ViTEncoder and at least one other
+                 decoder_dim:int=64, decoder_depth:int=1, decoder_heads:int=2,
+                 norm_pix:bool=True,             # per-patch normalised targets (MAE)
+                 **kw):                          # MultiModalModel's options: proj_dim, heads, init_scale, ...
+        super().__init__(towers, **kw)
+        if not isinstance(self.towers["image"] if "image" in self.towers else None, ViTEncoder) or len(self.towers) < 2:
+            raise InputTypeError(f"FlipMAE: needs an 'image' ViTEncoder and another tower to contrast it with, got "
+                                 + ", ".join(f"{m}: {type(t).__name__}" for m, t in self.towers.items()))
+        self.remember(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads, norm_pix=norm_pix)
+        c, self.norm_pix = self.towers["image"].config, norm_pix
+        with torch.random.fork_rng(devices=[]):   # the generator continues as after a plain MultiModalModel: FLIP's masks
+            self.decoder = MAEDecoder(c.embed_dim, c.patch_size[0] * c.patch_size[1] * c.in_chans, decoder_dim,
+                                      decoder_depth, decoder_heads)
+
+    def forward(self, batch:dict, masks:dict|None=None) -> dict:
+        "MultiModalModel's outputs; with an image mask, the image embedding is FLIP's and 'mae' is the reconstruction loss."
+        m = (masks or {}).get("image")
+        if m is None or batch.get("image") is None: return super().forward(batch, masks)
+        vit, inp = self.towers["image"], tower_inputs(batch, "image")
+        feats = vit.forward_features(**inp, visible_idx=m.visible); P = vit.num_prefix_tokens   # (B, P + N_vis, D): once
+        pred = self.decoder(feats[:, P:], m, vit.grid_size, prefix=feats[:, :P] if P else None)
+        out = {"image": F.normalize(self.heads["image"](vit.forward_head(feats)), dim=-1),
+               "mae": mae_loss(pred, vit.patchify(inp["x"]), m.mask, self.norm_pix)}
+        rest = {k: v for k, v in batch.items() if k != "image"}
+        if any(rest.get(k) is not None for k in self.towers): out = super().forward(rest, masks) | out
+        return out | {"logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
+
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Every tower's example inputs and a fixed random image mask hiding 75 % (MAE's ratio), as keyword arguments of `forward`."
+        L = self.towers["image"].grid_size[0] * self.towers["image"].grid_size[1]
+        return super().example_inputs(batch_size, generator) | dict(masks={"image": random_mask(batch_size, L, 0.75, generator=generator)})
 
 # %% ../nbs/05b_models.ipynb #d155ce0c
 class SimMIM(Model):
@@ -705,29 +757,152 @@ class DINOModel(Model):
     "Student (encoder + DINO head), its EMA teacher, and the DINO loss with its centre (a buffer)."
     def __init__(self, encoder:nn.Module, out_dim:int=256, hidden:int=128, bottleneck:int=64, total_steps:int=1000,
                  base_momentum:float=0.996, student_temp:float=0.1, teacher_temp:float=0.04, center_momentum:float=0.9,
-                 head_bn:bool=False):
+                 head_bn:bool=False,
+                 warmup_teacher_temp:float=0.04, warmup_teacher_temp_steps:int=0, centering:str="center",   # DINOLoss's switches
+                 ibot_weight:float=0.0, mask_ratio:float=0.3, koleo_weight:float=0.0):   # iBOT, KoLeo (0: off)
         super().__init__()
         self.remember(out_dim=out_dim, hidden=hidden, bottleneck=bottleneck, total_steps=total_steps, base_momentum=base_momentum,
                       student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum, head_bn=head_bn)
+        self.args |= dict(warmup_teacher_temp=warmup_teacher_temp, warmup_teacher_temp_steps=warmup_teacher_temp_steps, centering=centering)
+        self.args |= dict(ibot_weight=ibot_weight, mask_ratio=mask_ratio, koleo_weight=koleo_weight)
         head = ProjectionHead(encoder.embed_dim, bottleneck, layers=3, hidden_dim=hidden, norm=head_bn, bias=True, prototypes=out_dim)
         self.online = nn.ModuleDict({"encoder": encoder, "head": head})
         self.teacher = EMATeacher(self.online, base=base_momentum, total_steps=total_steps)
-        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, center_momentum)
+        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, center_momentum, warmup_teacher_temp, warmup_teacher_temp_steps, centering)
+        self.ibot_weight, self.mask_ratio, self.koleo_weight = ibot_weight, mask_ratio, koleo_weight
+        if ibot_weight: self.add_ibot(encoder, out_dim, student_temp, teacher_temp, center_momentum)
     def parts(self) -> dict: return {"encoder": self.online["encoder"]}
     def encoders(self) -> dict: return {"image": self.teacher.module["encoder"]}   # DINO evaluates the teacher
     def logits(self, net:nn.ModuleDict, views:list) -> Tensor:   # V views of (B, C, H, W) -> (V, B, K), one pass
         out = net["head"](net["encoder"](torch.cat(views)).pooled).float()
         return out.view(len(views), len(views[0]), -1)
     def forward(self, global_views:list, local_views:list=()) -> Tensor:
+        if self.ibot_weight or self.koleo_weight: return sum(self.loss_terms(global_views, local_views).values())
         student = self.logits(self.online, list(global_views) + list(local_views))
         with torch.no_grad(): teacher = self.logits(self.teacher.module, list(global_views))
         if self.training: return self.criterion(student, teacher)   # also moves the centre towards the teacher's mean
         c = self.criterion                                      # eval: the same loss, the centre left where it is
-        return dino_loss(student, teacher, c.center, c.student_temp, c.teacher_temp)
+        return dino_loss(student, teacher, c.center, c.student_temp, c.current_teacher_temp(), c.centering)
     def example_inputs(self, batch_size:int=2, generator=None) -> dict:
         "Two global and two local random views (all at the tower's size), as keyword arguments of `forward`."
         view = lambda: self.online["encoder"].example_inputs(batch_size, generator)["x"]
         return dict(global_views=[view(), view()], local_views=[view(), view()])
+
+# %% ../nbs/05b_models.ipynb #f84e7255
+class MomentumQueueModel(MultiModalModel):
+    "A `MultiModalModel` + an EMA copy of its towers and heads (the key encoder) + a `MemoryQueue` of its keys (MoCo, ALBEF)."
+    def __init__(self, towers:dict,               # modality -> tower, as `MultiModalModel`
+                 queue_size:int=1024,             # K keys kept per modality
+                 total_steps:int=1000,            # updates T of the momentum schedule
+                 base_momentum:float=0.995,       # m of the first update (ALBEF: 0.995), cosine to final_momentum
+                 final_momentum:float=1.0,        # m of the last update
+                 **kw):                           # the other arguments of `MultiModalModel`
+        super().__init__(towers, **kw)
+        self.remember(queue_size=queue_size, total_steps=total_steps, base_momentum=base_momentum, final_momentum=final_momentum)
+        self.teacher = EMATeacher(self.online, base=base_momentum, final=final_momentum, total_steps=total_steps)
+        self.queue = MemoryQueue(queue_size, self.proj_dim, modalities=tuple(towers))
+
+    @property
+    def online(self) -> nn.ModuleDict:
+        "The towers and heads the teacher tracks (a view: the same modules, the teacher's parameter names)."
+        return nn.ModuleDict({"towers": self.towers, "heads": self.heads})
+
+    @torch.no_grad()
+    def momentum_embed(self, batch:dict) -> dict:   # {modality: (B, E) unit keys} of the modalities in `batch`
+        "The key encoder's L2-normalised embeddings (no gradient)."
+        t = self.teacher.module
+        return {m: F.normalize(t["heads"][m](t["towers"][m](**tower_inputs(batch, m)).pooled), dim=-1)
+                for m in self.towers if batch.get(m) is not None}
+
+# %% ../nbs/05b_models.ipynb #94e5a1e8
+from .losses.distill import swav_loss
+
+class SwavModel(Model):
+    "Encoder + projection MLP + K unit-norm prototypes; the loss is SwAV's swapped prediction of Sinkhorn codes (Caron et al. 2020)."
+    def __init__(self, encoder:nn.Module, dim:int=64, hidden:int=128,
+                 prototypes:int=64,         # K (SwAV: 3000)
+                 temperature:float=0.1,     # tau of the predictions
+                 epsilon:float=0.05,        # Sinkhorn's epsilon (the codes' temperature)
+                 sinkhorn_iters:int=3):
+        super().__init__()
+        self.remember(dim=dim, hidden=hidden, prototypes=prototypes, temperature=temperature, epsilon=epsilon,
+                      sinkhorn_iters=sinkhorn_iters)
+        head = ProjectionHead(encoder.embed_dim, dim, layers=2, hidden_dim=hidden, norm=True, act="relu", bias=True,
+                              prototypes=prototypes)
+        self.online = nn.ModuleDict({"encoder": encoder, "head": head})
+        self.clamp_parameters_()
+    def parts(self) -> dict: return {"encoder": self.online["encoder"]}
+    def encoders(self) -> dict: return {"image": self.online["encoder"]}
+    @torch.no_grad()
+    def clamp_parameters_(self) -> None:
+        "Prototypes back to unit length (SwAV renormalises them at every iteration; the trainer calls this after each update)."
+        w = self.online["head"].prototypes; w.copy_(F.normalize(w, dim=-1))
+    def scores(self, views:list) -> Tensor:      # V views of (B, C, H, W) -> (V, B, K) cosines, one pass
+        out = self.online["head"](self.online["encoder"](torch.cat(views)).pooled).float()
+        return out.view(len(views), len(views[0]), -1)
+    def forward(self, global_views:list, local_views:list=()) -> Tensor:
+        a = self.args
+        return swav_loss(self.scores(list(global_views) + list(local_views)), len(global_views), a["temperature"],
+                         a["epsilon"], a["sinkhorn_iters"])
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "Two global and two local random views (all at the tower's size), as keyword arguments of `forward`."
+        view = lambda: self.online["encoder"].example_inputs(batch_size, generator)["x"]
+        return dict(global_views=[view(), view()], local_views=[view(), view()])
+
+# %% ../nbs/05b_models.ipynb #e95cc40b
+@patch
+def add_ibot(self:DINOModel, encoder:nn.Module, out_dim:int, student_temp:float, teacher_temp:float, center_momentum:float):
+    "iBOT's parts: a learnt mask token (BEiT/iBOT init, std 0.02) and the patch loss with its own centre."
+    if not isinstance(encoder, ViTEncoder):
+        raise InputTypeError(f"DINOModel: ibot_weight > 0 masks image patches and needs a ViTEncoder, got {type(encoder).__name__}")
+    num_masked(math.prod(encoder.grid_size), self.mask_ratio, "DINOModel (iBOT's mask_ratio)")   # hides >= 1 and not all
+    self.mask_token = nn.Parameter(0.02 * torch.randn(encoder.embed_dim))
+    self.patch_criterion = IBOTPatchLoss(out_dim, student_temp, teacher_temp, center_momentum)
+
+@patch
+def student_tokens(self:DINOModel, views:list, mask:Tensor|None=None) -> tuple:
+    "The student encoder on V views in one pass, the hidden patches of `mask` (V*B, N) replaced by the mask token."
+    enc = self.online["encoder"]; t, grid = enc.embed_patches(torch.cat(views))
+    if mask is not None: t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
+    feats = enc.forward_tokens(enc.add_pos(t, grid))
+    return enc.forward_head(feats), feats[:, enc.num_prefix_tokens:]     # pooled (V*B, D), patches (V*B, N, D)
+
+def _head(head:nn.Module, x:Tensor) -> Tensor:
+    "A head on (..., D) rows flattened to (rows, D), as its BatchNorm needs: (..., K) float logits."
+    return head(x.reshape(-1, x.shape[-1])).float().view(*x.shape[:-1], -1)
+
+@patch
+def dino_term(self:DINOModel, student:Tensor, teacher:Tensor) -> Tensor:
+    "DINO's loss as `forward` computes it: training moves the centre, eval leaves it."
+    if self.training: return self.criterion(student, teacher)
+    c = self.criterion; return dino_loss(student, teacher, c.center, c.student_temp, c.current_teacher_temp(), c.centering)
+
+@patch
+def patch_term(self:DINOModel, student:Tensor, teacher:Tensor, mask:Tensor) -> Tensor:
+    "iBOT's patch loss: training moves the patch centre, eval leaves it."
+    if self.training: return self.patch_criterion(student, teacher, mask)
+    c = self.patch_criterion; return ibot_patch_loss(student, teacher, mask, c.center, c.student_temp, c.teacher_temp)
+
+# %% ../nbs/05b_models.ipynb #8c73a7d5
+@patch
+def loss_terms(self:DINOModel, global_views:list, local_views:list=()) -> dict:
+    "{'dino', 'ibot', 'koleo'}: DINO's loss and the weighted iBOT and KoLeo terms that are on; they sum to the loss."
+    if not (self.ibot_weight or self.koleo_weight): return {"dino": self(global_views, local_views)}
+    views, G, B = list(global_views) + list(local_views), len(global_views), len(global_views[0])
+    grid = self.online["encoder"].grid_size
+    mask = (block_mask(G * B, grid, self.mask_ratio, device=views[0].device).mask if self.ibot_weight else None)
+    full = None if mask is None else torch.cat([mask, mask.new_zeros((len(views) - G) * B, mask.shape[1])])   # locals whole
+    pooled, patches = self.student_tokens(views, full)
+    student = _head(self.online["head"], pooled).view(len(views), B, -1)
+    with torch.no_grad():
+        out = self.teacher.module["encoder"](torch.cat(global_views))
+        teacher = _head(self.teacher.module["head"], out.pooled).view(G, B, -1)
+    terms = {"dino": self.dino_term(student, teacher)}
+    if self.ibot_weight:
+        with torch.no_grad(): t_patch = _head(self.teacher.module["head"], out.tokens)
+        terms["ibot"] = self.ibot_weight * self.patch_term(_head(self.online["head"], patches[:G * B]), t_patch, mask)
+    if self.koleo_weight: terms["koleo"] = self.koleo_weight * sum(koleo_loss(p) for p in pooled[:G * B].split(B))
+    return terms
 
 # %% ../nbs/05b_models.ipynb #12b2b42c
 class CaptionBlock(nn.Module):
@@ -769,6 +944,44 @@ class CaptionDecoder(nn.Module):
         for blk in self.blocks: x = blk(x, context)
         return self.head(self.norm(x))
 
+# %% ../nbs/05b_models.ipynb #870e3cee
+class ITMHead(Model):
+    "Image-text matching head (ALBEF, Li et al. 2021; BLIP, Li et al. 2022): a `FusionEncoder`, then matched/unmatched logits."
+    def __init__(self, text_dim:int,     # width D of the text tower's tokens
+                 context_dim:int,        # width of the other tower's tokens (image or audio)
+                 depth:int=1,            # FusionBlocks: text self-attention, cross-attention to the context, MLP
+                 num_heads:int=2):
+        super().__init__()
+        self.remember(text_dim=text_dim, context_dim=context_dim, depth=depth, num_heads=num_heads)
+        self.fusion = FusionEncoder(FusionConfig(embed_dim=text_dim, context_dim=context_dim, depth=depth, num_heads=num_heads))
+        self.head = nn.Linear(text_dim, 2)       # column 1: "this text matches this context"
+    def forward(self, text:Tensor,               # (B, L, D) text tokens (a TextEncoder's `tokens`)
+                context:Tensor,                  # (B, M, Dc) image or audio tokens
+                text_valid:Tensor|None=None,     # (B, L) bool, True for real text tokens
+                context_valid:Tensor|None=None,  # (B, M) bool, True for real context tokens
+               ) -> Tensor:                      # (B, 2) logits
+        return self.head(self.fusion(text, context, text_valid, context_valid)[:, 0])   # the fused first token, ALBEF's [CLS]
+    def example_inputs(self, batch_size:int=2, generator=None) -> dict:
+        "The fusion encoder's random text and context tokens, as keyword arguments of `forward`."
+        return self.fusion.example_inputs(batch_size, generator)
+
+
+# %% ../nbs/05b_models.ipynb #299ce2a6
+@patch
+def forward_with_tokens(self:MultiModalModel, batch:dict) -> tuple:
+    "(`forward`'s output, {modality: the tower's EncoderOutput}) from one pass: the tokens a fusion head (ITM) reads."
+    enc = {m: self.towers[m](**tower_inputs(batch, m)) for m in self.towers if batch.get(m) is not None}
+    if not enc: raise InputError(f"forward_with_tokens: the batch has none of the modalities {list(self.towers)}; keys: {list(batch)}")
+    out = {m: F.normalize(self.heads[m](e.pooled), dim=-1) for m, e in enc.items()}   # as `encode`
+    return out | {"logit_scale": self.logit_scale, "logit_bias": self.logit_bias}, enc
+
+def summary_tokens(out:EncoderOutput) -> tuple:   # ((B, 1 + N, D) tokens, (B, 1 + N) bool valid)
+    "A tower's pooled vector in front of its tokens, as a [CLS]: the sequence an `ITMHead` fuses (the summary always valid)."
+    t = out.tokens
+    valid = out.valid if out.valid is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    return torch.cat([out.pooled[:, None], t], 1), torch.cat([valid.new_ones(len(t), 1), valid], 1)
+
+
 # %% ../nbs/05b_models.ipynb #ecbae74d
 def _vit(size, **kw): return ViTEncoder(ViTConfig.preset(size, **kw))
 
@@ -801,3 +1014,12 @@ for _s in ("tiny", "small"):
             lambda size=_s, **kw: _hubert(size, **kw))
     _preset(f"av_mae_{_s}", f"Audio-visual MAE: {_s} image and audio adapters, a shared encoder of the {_s} ViT's width and depth (the av-mae recipe's defaults).",
             lambda size=_s, **kw: _av_mae(size, **kw))
+
+# %% ../nbs/05b_models.ipynb #2e538114
+for _s in ("tiny", "small"):
+    _preset(f"swav_{_s}", f"SwAV on the {_s} ViT: projection 64, hidden 128, K=16 prototypes, tau 0.1, epsilon 0.05 (the swav recipe's defaults).",
+            lambda size=_s, **kw: SwavModel(_vit(size), **{**dict(dim=64, hidden=128, prototypes=16), **kw}))
+
+# %% ../nbs/05b_models.ipynb #59b55a68
+flip_mae_tiny = _preset("flip_mae_tiny", "Image-text FlipMAE from tiny towers (E=32): CLIP plus a decoder 64 wide, 1 block, 2 heads.",
+                        lambda **kw: FlipMAE({m: make_tower(m, "tiny") for m in ("image", "text")}, **{"proj_dim": 32, **kw}))

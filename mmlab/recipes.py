@@ -21,9 +21,16 @@ from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, Inpu
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
-from .losses import clip_loss, kmeans, negclip_loss, siglip_loss, symile_loss
-from .models import (BYOLModel, make_tower, DINOModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
-                          mmae_features, save_model)
+from .masking import mask_from_scores, num_masked, random_mask
+from .losses import clip_loss, kmeans, negclip_loss, queue_clip_loss, siglip_loss, symile_loss
+from .losses import CENTERINGS
+from .models import SwavModel
+from .models import (BYOLModel, make_tower, DINOModel, MomentumQueueModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
+                          mmae_features, save_model, FlipMAE)
+from .data import BUNDLED, ShardDataset, folder_samples, manifest_samples, shard_labels, write_shards   # WebDataset shards
+from .train import init_distributed
+from contextlib import redirect_stdout
+from .losses.contrastive import dist_info
 from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainConfig, atomic_write, decode_state,
                          history_figure, latest_checkpoint, load_checkpoint, run_lock)
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
@@ -31,15 +38,17 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
            'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES', 'USAGE',
-           'RunFields', 'field_help', 'recipe_fields', 'ClipRecipe', 'parse_pairs', 'train_pairs', 'is_manifest',
-           'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'mismatched_modality', 'train_split',
-           'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_terms', 'contrastive_loss_fn',
-           'swap_colours', 'hard_negative_texts', 'pair_term', 'class_prompts', 'prompt_encoder', 'text_classes',
+           'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields', 'FlipFields', 'ClipRecipe',
+           'matching_extras', 'itm_terms', 'distill_terms', 'load_teacher', 'matching_loss_fn', 'itm_rerank_eval',
+           'matching_metrics', 'parse_pairs', 'train_pairs', 'is_shards', 'is_manifest', 'label_names', 'LabelIndex',
+           'split_dataset', 'load_split', 'mismatched_modality', 'train_split', 'train_data', 'model_device',
+           'build_model', 'pair_loss', 'contrastive_terms', 'contrastive_loss_fn', 'flip_masks', 'swap_colours',
+           'hard_negative_texts', 'pair_term', 'queue_terms', 'class_prompts', 'prompt_encoder', 'text_classes',
            'evaluate', 'compositional_eval', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
-           'DinoRecipe', 'HubertRecipe', 'AvMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict',
-           'get_recipe', 'field_default', 'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables',
-           'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower',
-           'export_tower', 'LitRecipe']
+           'DinoRecipe', 'multi_crop', 'FreezePrototypes', 'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe',
+           'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
+           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -65,7 +74,7 @@ def _choice(cfg, key, allowed): _check(cfg, lambda v: v in allowed, f"one of {',
 @dataclass
 class RunFields:
     "The fields every recipe shares: data, tower size, optimisation schedule, precision, seed, device, logging."
-    dataset: str = "digits"       # a bundled dataset (digits, shapes) or a manifest path with {split}, e.g. data/{split}.csv
+    dataset: str = "digits"       # a bundled dataset (digits, shapes), a manifest path with {split}, e.g. data/{split}.csv, or shards, e.g. shards/{split}-{000000..000099}.tar
     size: str = "tiny"            # tower preset: tiny (2 blocks, width 64) | small (ViT-Tiny-like) | base (ViT-B/16)
     steps: int = 200              # optimiser updates
     batch_size: int = 64          # examples per micro-batch; an update sees batch_size * grad_accum
@@ -79,6 +88,7 @@ class RunFields:
     device: str = _setting("device")  # auto | cpu | cuda | cuda:N | mps
     threads: int = 1              # torch CPU threads (tiny towers: 1 is fastest on a busy CPU; 0 leaves torch's setting)
     workers: int = 0              # DataLoader worker processes (manifest datasets)
+    shuffle_buffer: int = 1000    # shards: samples the shuffle buffer mixes (0: file order)
     resample: bool = False        # resample manifest audio recorded at another rate (else an error names the file)
     ckpt_every: int = 0           # updates between checkpoints (0: only at the end)
     log_to: str = "jsonl"         # metric logs, comma-separated: jsonl, csv, tensorboard
@@ -89,6 +99,7 @@ class RunFields:
         _choice(self, "size", SIZES); _choice(self, "precision", PRECISIONS); _ints(self, "batch_size")
         _check(self, lambda v: isinstance(v, str) and DEVICE_PATTERN.match(v), "auto, cpu, mps, cuda or cuda:N", "device")
         _ints(self, "threads", "workers", "ckpt_every", "seed", least=0)
+        _ints(self, "shuffle_buffer", least=0)
         try: self.train_config()
         except ConfigError as e: raise ConfigError(str(e).replace("TrainConfig.", f"{self.name}.", 1)) from None
 
@@ -107,30 +118,64 @@ def field_help(cls) -> dict:
     return {k: v for c in bases_first for k, v in docments(c, full=False).items() if v}
 
 def recipe_fields(cls) -> list:
-    "The fields of a recipe class, its own first, then the shared `RunFields` (the order help and errors list them)."
+    "The fields of a recipe class: its own, its mixins' switches (e.g. `FlipFields`), the shared `RunFields` (help's and errors' order)."
     shared = {f.name for f in fields(RunFields)}
-    return sorted(fields(cls), key=lambda f: f.name in shared)
+    switch = {f.name for c in cls.__mro__ if is_dataclass(c) and not issubclass(c, RunFields) for f in fields(c)}   # mixins
+    return sorted(fields(cls), key=lambda f: (f.name in shared, f.name in switch))   # a mixin's switches after the recipe's own
 
 # %% ../nbs/08a_recipes.ipynb #8916bf0d
 def _check_switches(r):
-    "The clip recipe's experiment switches: trained pairs, noisy pairs, smoothing, temperature and bias, GradCache, hard negatives."
+    "The clip recipe's experiment switches: trained pairs, noisy pairs, smoothing, temperature and bias, GradCache, hard negatives, FLIP masking."
     _ints(r, "grad_cache", least=0); _choice(r, "learn_scale", (True, False))
     _check(r, lambda v: 0 <= v <= 1, "a fraction in [0, 1]", "mismatch")
     _check(r, lambda v: 0 <= v < 1 and (v == 0 or r.loss == "clip"), "0, or with loss=clip a value in [0, 1)", "label_smoothing")
     _check(r, lambda v: v == 0 or 1 <= v <= 100, "0 (the loss's own) or a multiplier 1/temperature in [1, 100]", "init_scale")
     _check(r, lambda v: v == -10.0 or r.loss == "siglip", "-10 unless loss=siglip (only siglip has a bias)", "init_bias")
     _choice(r, "hard_negatives", HARD_NEGATIVES)
+    for m in ("image", "audio"):   # FLIP's masking needs the tower it masks
+        _check(r, lambda v: v == 0 or (0 < v < 1 and m in r.modalities),
+               f"0 (off), or with {m} among the modalities a fraction in (0, 1)", f"{m}_mask_ratio")
     if r.hard_negatives != "none" and (r.loss != "clip" or "text" not in r.modalities or r.grad_cache or r.label_smoothing):
         raise ConfigError(f"{r.name}.hard_negatives={r.hard_negatives!r} adds negative captions to the plain clip loss; expected "
                           f"loss='clip', text among the modalities, grad_cache=0 and label_smoothing=0, got loss={r.loss!r}, "
                           f"modalities={','.join(r.modalities)}, grad_cache={r.grad_cache}, label_smoothing={r.label_smoothing}")
+    _ints(r, "queue_size", least=0); _check(r, lambda v: 0 <= v <= 1, "a momentum in [0, 1]", "queue_momentum")
+    if r.queue_size and (r.loss != "clip" or r.grad_cache or r.hard_negatives != "none" or r.label_smoothing):
+        raise ConfigError(f"{r.name}.queue_size={r.queue_size} adds queued keys to the plain clip loss; expected loss='clip', "
+                          f"grad_cache=0, hard_negatives='none' and label_smoothing=0, got loss={r.loss!r}, grad_cache={r.grad_cache}, "
+                          f"hard_negatives={r.hard_negatives!r}, label_smoothing={r.label_smoothing}")
     r.pairs = parse_pairs(r)
+    _check_matching(r)                                  # itm_weight, teacher, kd_weight, feature_kd_weight
+
+# %% ../nbs/08a_recipes.ipynb #02df6acf
+@dataclass
+class QueueFields:
+    "The memory-queue switch of the contrastive recipes (MoCo, ALBEF): a key encoder, a queue of its keys, its EMA step."
+    queue_size: int = 0           # > 0: a memory queue of this many momentum keys per modality as extra negatives (MoCo, ALBEF)
+    queue_momentum: float = 0.99  # with a queue: the key encoder's EMA momentum at step 0, cosine to 1 (ALBEF: 0.995 for long runs)
+    def callbacks(self): return [TeacherUpdate()] if self.queue_size else []   # the key encoder's EMA step after each update
+
+# %% ../nbs/08a_recipes.ipynb #061eb690
+@dataclass
+class MatchingFields:
+    "The clip recipe's matching and distillation switches (ALBEF's ITM, CLIP-KD); 0 and \"\" leave its loss as it is."
+    itm_weight: float = 0.0       # > 0: ALBEF's image-text matching loss on hard negatives, this weight (an ITMHead per text pair)
+    teacher: str = ""             # a finished clip run folder to distil from (CLIP-KD, TinyCLIP); "" = none
+    kd_weight: float = 0.0        # logit distillation: KL of the teacher's vs the student's similarities, both directions
+    feature_kd_weight: float = 0.0  # feature distillation: 1 - cos of the student's projected vs the teacher's embeddings
+
+# %% ../nbs/08a_recipes.ipynb #019b572e
+@dataclass
+class FlipFields:
+    "FLIP's switches of the contrastive recipes (Li et al. 2023): the share of a tower's tokens hidden and dropped in training."
+    image_mask_ratio: float = 0.0 # FLIP: share of the image patches hidden (dropped) at random in training, 0.5-0.75; 0: off
+    audio_mask_ratio: float = 0.0 # FLIP on the audio tower: share of its spectrogram patches hidden (padding first); 0: off
 
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
 HARD_NEGATIVES = ("none", "swap-colours")   # NegCLIP-style negative captions the clip recipe can add
 
 @dataclass
-class ClipRecipe(RunFields):
+class ClipRecipe(QueueFields, FlipFields, MatchingFields, RunFields):   # the mixins: experiment switches
     "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
     modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
@@ -150,10 +195,10 @@ class ClipRecipe(RunFields):
     grad_cache: int = 0           # > 0: GradCache, chunks of this many rows (the exact whole-batch gradient, a chunk's memory)
     name = "clip"
     def make_model(self): return build_model(self)
-    def make_loss(self): return contrastive_loss_fn(self)
+    def make_loss(self): return matching_loss_fn(self, contrastive_loss_fn(self))   # the base loss itself with every switch off
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "Zero-shot and retrieval metrics on `batch` (see `evaluate`)."
-        return evaluate(model, self, batch, label_names)[0]
+        return evaluate(model, self, batch, label_names)[0] | matching_metrics(model, self, batch)   # ITM re-ranking if trained
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.modalities, str): self.modalities = tuple(m.strip() for m in self.modalities.split(",") if m.strip())
@@ -166,6 +211,146 @@ class ClipRecipe(RunFields):
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
         _ints(self, "proj_dim", "n_mels", "max_len"); _check_switches(self)
+
+# %% ../nbs/08a_recipes.ipynb #cd0156e0
+from .core import eval_mode
+from .encoders import ProjectionHead
+from .losses import feature_kd_loss, itm_loss, logit_kd_loss, sample_hard_negatives
+from .models import ITMHead, summary_tokens
+
+def _teacher_recipe(r):
+    "The recipe of the run `r.teacher`, checked: a finished clip/lit run whose inputs and modalities fit recipe `r`."
+    where, run = f"{r.name}.teacher={r.teacher!r}", Path(r.teacher)
+    if not (run / "recipe.json").is_file() or latest_checkpoint(run / "checkpoints") is None:
+        raise ConfigError(f"{where}: expected a finished run folder with recipe.json and checkpoints/ (from run_recipe or "
+                          f"`mmlab train clip --out DIR`); {'it does not exist' if not run.exists() else 'it holds no finished run'}")
+    t = read_recipe(run / "recipe.json")
+    if not isinstance(t, ClipRecipe):
+        raise ConfigError(f"{where}: a {t.name} run has no image-text similarities to distil; expected a clip or lit run")
+    lacking = [m for m in r.modalities if m not in t.modalities]
+    if lacking: raise ConfigError(f"{where}: the teacher has no {', '.join(lacking)} tower (its modalities: "
+                                  f"{','.join(t.modalities)}); expected every student modality {','.join(r.modalities)}")
+    img = lambda x: ViTConfig.preset(x.size).img_size if "image" in r.modalities else None
+    same = {"dataset": (t.dataset, r.dataset), "n_mels": (t.n_mels, r.n_mels), "max_len": (t.max_len, r.max_len),
+            "image size": (img(t), img(r))}
+    diff = {k: v for k, v in same.items() if v[0] != v[1] and (k != "n_mels" or "audio" in r.modalities)}
+    if diff: raise ConfigError(f"{where}: the teacher reads other inputs than the student: "
+                               + ", ".join(f"{k} {a!r} (teacher) vs {b!r}" for k, (a, b) in diff.items()))
+    return t
+
+# %% ../nbs/08a_recipes.ipynb #56bf15f6
+def _check_matching(r):
+    "The ITM and distillation switches of the clip recipe: weights >= 0, a teacher with a distillation weight, plain batches."
+    _check(r, lambda v: isinstance(v, (int, float)) and v >= 0, "a weight >= 0 (0: off)", "itm_weight", "kd_weight", "feature_kd_weight")
+    distil = r.kd_weight > 0 or r.feature_kd_weight > 0
+    if distil != bool(r.teacher):
+        raise ConfigError(f"{r.name}: teacher={r.teacher!r}, kd_weight={r.kd_weight}, feature_kd_weight={r.feature_kd_weight}: "
+                          f"expected a teacher run folder together with kd_weight > 0 or feature_kd_weight > 0, or neither")
+    if not (r.itm_weight or distil): return
+    if r.grad_cache or r.loss == "symile":
+        raise ConfigError(f"{r.name}: itm_weight and distillation add terms on the whole batch's pairs; expected grad_cache=0 "
+                          f"and loss clip or siglip, got grad_cache={r.grad_cache}, loss={r.loss!r}")
+    if r.itm_weight and "text" not in r.modalities:
+        raise ConfigError(f"{r.name}.itm_weight={r.itm_weight}: matching fuses text with another modality; expected text "
+                          f"among the modalities, got {','.join(r.modalities)}")
+    if distil: _teacher_recipe(r)
+
+
+# %% ../nbs/08a_recipes.ipynb #7f2d4449
+def matching_extras(recipe, towers:dict) -> dict:
+    "The modules the switches add to the model: an `ITMHead` per text pair (itm_weight), a teacher-width head per modality (feature KD)."
+    extras = {}
+    if getattr(recipe, "itm_weight", 0):
+        text = towers["text"].embed_dim
+        extras |= {f"itm_{m}": ITMHead(text, t.embed_dim, num_heads=towers["text"].config.num_heads)
+                   for m, t in towers.items() if m != "text"}
+    if getattr(recipe, "feature_kd_weight", 0):
+        width = _teacher_recipe(recipe).proj_dim                # project E_S -> E_T (CLIP-KD's feature distillation)
+        extras |= {f"kd_{m}": ProjectionHead(recipe.proj_dim, width) for m in recipe.modalities}
+    return extras
+
+def itm_terms(model, recipe, out:dict, enc:dict, labels:Tensor|None) -> dict:
+    "ALBEF's matching term per text pair: each row's pair, its hard text and its hard image/audio (drawn from the logits, no gradient)."
+    (t, t_valid), terms, B = summary_tokens(enc["text"]), {}, out["text"].shape[0]
+    rows = torch.arange(B, device=out["text"].device)
+    for m in (m for m in recipe.modalities if m != "text"):
+        c, c_valid = summary_tokens(enc[m])                                  # pooled summary first, as a [CLS]
+        sim = out["logit_scale"] * out[m] @ out["text"].T                     # (B, B): row i, context i vs text j
+        hard_text, hard_ctx = sample_hard_negatives(sim, labels), sample_hard_negatives(sim.T, labels)
+        ti, ci = torch.cat([rows, hard_text, rows]), torch.cat([rows, rows, hard_ctx])   # positives, then 2B negatives
+        logits = model.extras[f"itm_{m}"](t[ti], c[ci], t_valid[ti], c_valid[ci])
+        terms[f"itm-{m}"] = recipe.itm_weight * itm_loss(logits[:B], logits[B:])
+    return terms
+
+
+# %% ../nbs/08a_recipes.ipynb #31536f8d
+def distill_terms(model, recipe, out:dict, teacher:nn.Module, batch:dict) -> dict:
+    "CLIP-KD terms: KL of teacher vs student similarities per trained pair (kd_weight), 1 - cos to the teacher's embeddings (feature_kd_weight)."
+    with torch.no_grad(): t = teacher(batch)                              # the student's modalities only: the batch holds no others
+    pairs, terms = train_pairs(recipe), {}
+    if recipe.kd_weight:
+        for a, b in pairs:
+            s_logits, t_logits = out["logit_scale"] * out[a] @ out[b].T, t["logit_scale"] * t[a] @ t[b].T
+            terms[f"kd-{a}-{b}"] = recipe.kd_weight * logit_kd_loss(s_logits, t_logits) / len(pairs)
+    if recipe.feature_kd_weight:
+        for m in recipe.modalities:
+            proj = model.extras[f"kd_{m}"](out[m])
+            terms[f"feature-kd-{m}"] = recipe.feature_kd_weight * feature_kd_loss(proj, t[m], "cosine") / len(recipe.modalities)
+    return terms
+
+def load_teacher(recipe) -> nn.Module|None:
+    "The frozen model of the run `recipe.teacher` (eval mode, no gradients), or None without a teacher."
+    if not getattr(recipe, "teacher", ""): return None
+    with torch.random.fork_rng(devices=[]): model = load_run(recipe.teacher)[1]   # building it reseeds: keep the run's generator
+    return model.eval().requires_grad_(False)
+
+def matching_loss_fn(recipe, base):
+    "The clip loss `base` with the ITM and distillation terms added; `base` itself when every switch is off (today's loss)."
+    if not (recipe.itm_weight or recipe.kd_weight or recipe.feature_kd_weight): return base
+    teacher, labels = load_teacher(recipe), lambda batch: batch["label"] if recipe.targets == "label" else None
+    def loss_fn(model, batch):
+        out, enc = model.forward_with_tokens(batch)                                # one pass: embeddings and tokens
+        terms = contrastive_terms(recipe, out, labels(batch), hard_negative_texts(model, recipe, batch))
+        if recipe.itm_weight: terms |= itm_terms(model, recipe, out, enc, labels(batch))
+        if teacher is not None: terms |= distill_terms(model, recipe, out, teacher.to(out["logit_scale"].device), batch)
+        return terms
+    return loss_fn
+
+
+# %% ../nbs/08a_recipes.ipynb #fdf93be4
+def _tokens_fn(model, batch):
+    "Unit embeddings, tokens and real-token masks of every modality of `batch`, for `embed`."
+    out, enc = model.forward_with_tokens(batch)
+    return {f"{k}/{m}": v for m, e in enc.items() for k, v in zip(("emb", "tokens", "valid"), (out[m], *summary_tokens(e)))}
+
+def _itm_scores(head, f:dict, m:str, ti:Tensor, ci:Tensor, dev, chunk:int) -> Tensor:
+    "P(matched) of the text rows `ti` of `f` with its modality-`m` rows `ci`, in chunks on `dev`."
+    parts = []
+    for s in range(0, len(ti), chunk):
+        t, c = ti[s:s + chunk], ci[s:s + chunk]
+        logits = head(f["tokens/text"][t].to(dev), f[f"tokens/{m}"][c].to(dev), f["valid/text"][t].to(dev), f[f"valid/{m}"][c].to(dev))
+        parts.append(logits.softmax(-1)[:, 1].cpu())
+    return torch.cat(parts)
+
+def itm_rerank_eval(model, recipe, batch:dict, k:int=8, chunk:int=256) -> dict:
+    "ALBEF's retrieval at test time: each query's contrastive top-k candidates re-ranked by the ITM head; R@1 (same class) before and after."
+    f, y, res = embed(model, batch, _tokens_fn, chunk), batch["label"], {}
+    with eval_mode(model):
+        for m in (m for m in recipe.modalities if m != "text"):
+            for q, c in ((m, "text"), ("text", m)):                                       # query -> candidates, both ways
+                top = (f[f"emb/{q}"] @ f[f"emb/{c}"].T).topk(min(k, len(y)), dim=1).indices   # (N, k) contrastive order
+                query = torch.arange(len(y))[:, None].expand_as(top)
+                ti, ci = (top, query) if c == "text" else (query, top)
+                score = _itm_scores(model.extras[f"itm_{m}"], f, m, ti.reshape(-1), ci.reshape(-1), model_device(model), chunk)
+                best = top.gather(1, score.view(top.shape).argmax(1, keepdim=True)).squeeze(1)
+                res |= {f"itm_rerank/{q}_to_{c}/contrastive_R@1": (y[top[:, 0]] == y).float().mean().item(),
+                        f"itm_rerank/{q}_to_{c}/itm_R@1": (y[best] == y).float().mean().item()}
+    return res
+
+def matching_metrics(model, recipe, batch:dict) -> dict:
+    "The clip recipe's extra evaluation: ITM re-ranking when it trained an ITM head (`itm_weight` > 0), else nothing."
+    return itm_rerank_eval(model, recipe, batch) if getattr(recipe, "itm_weight", 0) else {}
+
 
 # %% ../nbs/08a_recipes.ipynb #7b3f9d20
 def parse_pairs(recipe) -> tuple:
@@ -199,12 +384,17 @@ def train_pairs(recipe) -> list[tuple[str, str]]:
 # %% ../nbs/08a_recipes.ipynb #c2d16c26
 MAX_BANK = 10_000   # training examples held in memory for kNN banks and k-means (manifests can be far larger)
 
+def is_shards(dataset:str) -> bool:
+    "True when `dataset` names WebDataset shards: a path or URL template with `{split}` and `.tar`."
+    return "{split}" in dataset and ".tar" in dataset
+
 def is_manifest(dataset:str) -> bool:
     "True when `dataset` is a manifest path template (it contains `{split}`), not a bundled dataset's name."
-    return "{split}" in dataset
+    return "{split}" in dataset and not is_shards(dataset)
 
 def label_names(recipe) -> list[str]|None:
     "Class names: the bundled dataset's, or the distinct labels of a manifest's train split in `label_order` (None if none)."
+    if is_shards(recipe.dataset): return shard_labels(recipe.dataset.replace("{split}", "train"))   # its json members' labels
     if not is_manifest(recipe.dataset): return dataset_meta(recipe.dataset)["label_names"]
     path = Path(recipe.dataset.format(split="train"))
     if not path.is_file(): raise MissingFileError(f"{recipe.name}.dataset: train manifest {str(path)!r} does not exist")
@@ -232,6 +422,9 @@ def split_dataset(recipe, split:str):
     kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
               transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
               image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
+    if is_shards(recipe.dataset):   # a stream: it shuffles, batches and splits itself over ranks and workers
+        return ShardDataset(recipe.dataset.replace("{split}", split), resample=recipe.resample, labels=label_names(recipe),
+                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
     ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
@@ -242,7 +435,9 @@ def split_dataset(recipe, split:str):
 
 def load_split(recipe, split:str, n:int|None=None) -> dict:
     "The first `n` examples of a split as one collated batch (log-mel audio, char-token text, class-index labels)."
-    return stack_dataset(split_dataset(recipe, split), n, pad_id=CharTokenizer.PAD)
+    ds = split_dataset(recipe, split)
+    if isinstance(ds, ShardDataset): return collate(ds.first(n), pad_id=CharTokenizer.PAD)   # the first n in file order
+    return stack_dataset(ds, n, pad_id=CharTokenizer.PAD)
 
 # %% ../nbs/08a_recipes.ipynb #0566a9ef
 def mismatched_modality(recipe) -> str:
@@ -251,6 +446,9 @@ def mismatched_modality(recipe) -> str:
 
 def train_split(recipe, n:int|None=None):
     "The training Dataset: its first `n` examples, a `recipe.mismatch` fraction of their pairs shuffled (`NoisyPairs`)."
+    if is_shards(recipe.dataset) and (n is not None or getattr(recipe, "mismatch", 0)):
+        raise ConfigError(f"{recipe.name}: n_train and mismatch pick examples by index, which a shard stream has not; "
+                          "write the subset you want as shards (mmlab shards)")
     ds = split_dataset(recipe, "train")
     if n is not None: ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
     if getattr(recipe, "mismatch", 0):          # exactly round(mismatch n) pairs swap their text, seeded by the recipe
@@ -260,6 +458,7 @@ def train_split(recipe, n:int|None=None):
 def train_data(recipe, n:int|None=None):
     "Training batches: the split in memory (bundled data), or a seeded, shuffled DataLoader over a manifest."
     ds = train_split(recipe, n)
+    if isinstance(ds, ShardDataset): return make_loader(ds, num_workers=recipe.workers)   # the stream batches itself
     if not is_manifest(recipe.dataset):
         return InMemoryBatches(stack_dataset(ds, pad_id=CharTokenizer.PAD), recipe.batch_size, recipe.seed)
     if recipe.batch_size > len(ds): raise ConfigError(f"batch_size={recipe.batch_size} exceeds the {len(ds)} training examples")
@@ -270,14 +469,17 @@ def model_device(model:nn.Module) -> torch.device:
     "The device of a model's parameters."
     return next(model.parameters()).device
 
-def build_model(recipe) -> MultiModalModel:
+def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cls, extra: a subclass and its options (FlipMAE)
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
     knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
     if recipe.init_scale: kw["init_scale"] = recipe.init_scale
-    model = MultiModalModel(towers, proj_dim=recipe.proj_dim, **kw)
+    if getattr(recipe, "queue_size", 0):     # a key encoder and a queue (MoCo/ALBEF): the model holds them, so checkpoints do
+        kw |= dict(queue_size=recipe.queue_size, total_steps=recipe.steps, base_momentum=recipe.queue_momentum)
+    model = (MomentumQueueModel if getattr(recipe, "queue_size", 0) else cls)(towers, proj_dim=recipe.proj_dim, **kw, **extra)
+    model.extras.update(matching_extras(recipe, towers))               # ITM / feature-KD heads; none by default
     if not recipe.learn_scale: model.log_scale.requires_grad_(False)     # a fixed temperature: not trained, not clamped
     return model
 
@@ -286,9 +488,10 @@ def build_model(recipe) -> MultiModalModel:
 def pair_loss(a:Tensor, b:Tensor, out:dict, labels:Tensor|None, loss:str="clip", label_smoothing:float=0.0) -> Tensor:
     "The loss of one modality pair: plain diagonal targets when `labels` is None, label-aware otherwise."
     s, t = out["logit_scale"], out.get("logit_bias")
-    if loss == "clip": return clip_loss(a, b, s, label_smoothing=label_smoothing, labels=labels)
+    d = dist_info()[0] > 1                                  # under torchrun the loss sees the global batch (all-gather)
+    if loss == "clip": return clip_loss(a, b, s, label_smoothing=label_smoothing, labels=labels, distributed=d)
     if label_smoothing: raise ConfigError(f"pair_loss: label_smoothing={label_smoothing!r} is for the clip loss, not {loss!r}")
-    if loss == "siglip": return siglip_loss(a, b, s, t, labels=labels)
+    if loss == "siglip": return siglip_loss(a, b, s, t, labels=labels, distributed=d)
     raise ConfigError(f"pair_loss: loss={loss!r}; expected clip or siglip")
 
 def contrastive_terms(recipe, out:dict, labels:Tensor|None, negatives:Tensor|None=None) -> dict:
@@ -301,9 +504,11 @@ def contrastive_terms(recipe, out:dict, labels:Tensor|None, negatives:Tensor|Non
 def contrastive_loss_fn(recipe):
     "(model, batch) -> {pair: loss}; with `recipe.grad_cache`, the same terms and gradient through `GradCache`."
     labels = lambda batch: batch["label"] if recipe.targets == "label" else None     # label-aware or diagonal targets
+    if getattr(recipe, "queue_size", 0): return lambda model, batch: queue_terms(recipe, model, batch, labels(batch))
     if not recipe.grad_cache:   # NegCLIP's extra captions (K, E) join the text pairs; None when the recipe adds none
-        return lambda model, batch: contrastive_terms(recipe, model(batch), labels(batch), hard_negative_texts(model, recipe, batch))
-    embed = lambda model, chunk: {m: e for m, e in model(chunk).items() if m in recipe.modalities}
+        return lambda model, batch: contrastive_terms(recipe, model(batch, flip_masks(recipe, model, batch)), labels(batch),
+                                                      hard_negative_texts(model, recipe, batch))
+    embed = lambda model, chunk: {m: e for m, e in model(chunk, flip_masks(recipe, model, chunk)).items() if m in recipe.modalities}
     def cached(model, batch, backward=None, autocast=None):
         loss = lambda model, emb: contrastive_terms(recipe, emb | {"logit_scale": model.logit_scale,
                                                                   "logit_bias": model.logit_bias}, labels(batch))
@@ -311,6 +516,23 @@ def contrastive_loss_fn(recipe):
     cached.backward_inside = True                     # the Trainer lets it run its own backward passes
     return cached
 
+
+# %% ../nbs/08a_recipes.ipynb #23a06537
+def flip_masks(recipe, model, batch:dict,
+               generator:torch.Generator|None=None,   # None: torch's generator, seeded by the run and saved in its checkpoints
+              ) -> dict|None:
+    "FLIP (Li et al. 2023): {modality: `Mask`} hiding `<modality>_mask_ratio` of its tower's tokens at random; None if no ratio is set."
+    masks = {}
+    for m in ("image", "audio"):
+        r, x = getattr(recipe, f"{m}_mask_ratio", 0.0), batch.get(m)
+        if not r or x is None: continue
+        tower = model.towers[m]
+        if m == "image": masks[m] = random_mask(len(x), tower.grid_size[0] * tower.grid_size[1], r, generator, x.device); continue
+        lengths = batch.get("audio_lengths", torch.full((len(x),), x.shape[-1], device=x.device))
+        pad = ~tower.valid_tokens(lengths.to(x.device), x.shape[-1])        # (B, L) padding tokens of short clips: hidden first
+        scores = torch.rand(pad.shape, generator=generator, device=x.device) + pad   # padding scores above every real token
+        masks[m] = mask_from_scores(scores, num_masked(pad.shape[1], r, "flip_masks"))
+    return masks or None
 
 # %% ../nbs/08a_recipes.ipynb #23835ab4
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "brown", "pink")
@@ -348,6 +570,17 @@ def pair_term(out:dict, a:str, b:str, labels:Tensor|None, loss:str="clip", negat
     if negatives is None or "text" not in (a, b): return pair_loss(out[a], out[b], out, labels, loss, label_smoothing)
     if loss != "clip": raise ConfigError(f"pair_term: negative captions need loss='clip', got loss={loss!r}")
     return negclip_loss(out[b if a == "text" else a], out["text"], negatives, out["logit_scale"], labels=labels)
+
+# %% ../nbs/08a_recipes.ipynb #34e2b7c6
+def queue_terms(recipe, model:MomentumQueueModel, batch:dict, labels:Tensor|None) -> dict:
+    "{pair: loss} with the queue's momentum keys as extra negatives (`queue_clip_loss`, online in-batch keys); then the batch's keys join the queue."
+    out, keys, q = model(batch), model.momentum_embed(batch), model.queue
+    pairs = train_pairs(recipe)
+    yq = None if labels is None else q.queued_labels()
+    terms = {f"{a}-{b}": queue_clip_loss(out[a], out[b], out["logit_scale"], q.keys(a), q.keys(b), labels=labels,
+                                         queue_labels=yq) / len(pairs) for a, b in pairs}
+    if model.training: q.enqueue({m: keys[m] for m in q.modalities}, labels, distributed=True)   # every rank: the global batch
+    return terms
 
 # %% ../nbs/08a_recipes.ipynb #94595733
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -456,6 +689,8 @@ class MaeRecipe(RunFields):
 class TeacherUpdate(Callback):
     "After each optimiser step: EMA update of `model.teacher` from `model.online` (momentum schedule by update index)."
     def on_step_end(self, trainer): trainer.model.teacher.update(trainer.model.online, trainer.step - 1)   # step counts 1..K
+    def on_step_start(self, trainer):   # schedules inside the loss (DINO's teacher temperature) read the update index
+        for m in trainer.model.modules(): hasattr(m, "set_step") and m.set_step(trainer.step)
 
 def augment_views(images:Tensor,  # (B, C, H, W) a batch of images
                   augment,         # a per-image random transform (e.g. `image_augment`)
@@ -514,13 +749,23 @@ class DinoRecipe(RunFields):
     local_crops: int = 2          # small crops only the student sees (DINO: 8)
     global_scale: float = 0.4     # smallest area of the two global crops (DINO: 0.4)
     local_scale: float = 0.1      # smallest area of a local crop; the largest is global_scale (DINO: 0.05)
+    warmup_teacher_temp: float = 0.04   # tau_t of update 0, linear to teacher_temp over warmup_teacher_temp_steps (DINO: 0.04 -> 0.07)
+    warmup_teacher_temp_steps: int = 0  # updates of the teacher-temperature warm-up; 0: none (DINO: 30 epochs)
+    ibot_weight: float = 0.0      # iBOT: weight of the masked patch-token distillation (0: off; iBOT: 1)
+    mask_ratio: float = 0.3       # iBOT: fraction of each global crop's patches hidden from the student (iBOT: 0.1-0.5)
+    koleo_weight: float = 0.0     # KoLeo: weight of the nearest-neighbour spreading term (0: off; DINOv2: 0.1)
+    centering: str = "center"     # center: running mean of the teacher (DINO) | sinkhorn: Sinkhorn-Knopp on each batch (DINOv2)
 
     name, modalities = "dino", ("image",)
     def __post_init__(self):
         super().__post_init__()
         _ints(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
         _ints(self, "local_crops", least=0)
-        _check(self, lambda v: v > 0, "a temperature > 0", "student_temp", "teacher_temp")
+        _check(self, lambda v: v >= 0, ">= 0 (0: off)", "ibot_weight", "koleo_weight"); _fraction(self, "mask_ratio")
+        v = ViTConfig.preset(self.size); n = (v.img_size[0] // v.patch_size[0]) * (v.img_size[1] // v.patch_size[1]) if self.ibot_weight else 0
+        _check(self, lambda v: not n or 0 < round(v * n) < n, f"a fraction hiding at least 1 and fewer than all {n} patches", "mask_ratio")
+        _check(self, lambda v: v > 0, "a temperature > 0", "student_temp", "teacher_temp", "warmup_teacher_temp")
+        _ints(self, "warmup_teacher_temp_steps", least=0); _choice(self, "centering", CENTERINGS)
         _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "center_momentum", "base_momentum")
         if not 0 < self.local_scale < self.global_scale <= 1:
             raise ConfigError(f"dino: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
@@ -528,7 +773,9 @@ class DinoRecipe(RunFields):
     def make_model(self):
         torch.manual_seed(self.seed)
         return DINOModel(ViTEncoder(ViTConfig.preset(self.size)), self.out_dim, self.hidden, self.bottleneck, self.steps,
-                         self.base_momentum, self.student_temp, self.teacher_temp, self.center_momentum, self.head_bn)
+                         self.base_momentum, self.student_temp, self.teacher_temp, self.center_momentum, self.head_bn,
+                         self.warmup_teacher_temp, self.warmup_teacher_temp_steps, self.centering,
+                         ibot_weight=self.ibot_weight, mask_ratio=self.mask_ratio, koleo_weight=self.koleo_weight)
 
 # %% ../nbs/08a_recipes.ipynb #1147df08
 @patch
@@ -537,7 +784,7 @@ def make_loss(self:DinoRecipe):
     glob = image_augment(size=size, scale=(self.global_scale, 1.0))
     local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
     views = lambda x: (augment_views(x, glob, 2), augment_views(x, local, self.local_crops))   # 2 global, then local
-    return lambda model, batch: {"dino": model(*views(batch["image"]))}
+    return lambda model, batch: model.loss_terms(*views(batch["image"]))   # {"dino"}, + "ibot", "koleo" when on
 
 @patch
 def callbacks(self:DinoRecipe): return [TeacherUpdate()]
@@ -547,6 +794,63 @@ def evaluate(self:DinoRecipe, model, batch:dict, label_names:list|None, train_ba
     "kNN accuracy of the teacher's and the student's encoders (DINO reports the teacher's)."
     knn = lambda enc, key: knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, key)
     return knn(model.teacher.module["encoder"], "image") | knn(model.online["encoder"], "image_student")
+
+# %% ../nbs/08a_recipes.ipynb #d8a1696e
+def multi_crop(size:int,              # side of every crop (the tower's image size)
+               global_scale:float,     # smallest area of a global crop (up to the whole image)
+               local_scale:float,      # smallest area of a local crop (up to global_scale)
+               local_crops:int,        # local crops per image
+               n_global:int=2,         # global crops per image
+              ):
+    "images -> (global views, local views): the multi-crop of DINO and SwAV (Caron et al. 2020), every crop at `size`."
+    glob = image_augment(size=size, scale=(global_scale, 1.0))
+    local = image_augment(size=size, scale=(local_scale, global_scale))
+    return lambda x: (augment_views(x, glob, n_global), augment_views(x, local, local_crops))
+
+class FreezePrototypes(Callback):
+    "SwAV's start: parameters named `*prototypes` get no gradient (so no update) while fewer than `steps` updates are done."
+    def __init__(self, steps:int): self.steps = steps
+    def on_after_backward(self, trainer):
+        if trainer.step >= self.steps: return
+        for name, p in trainer.model.named_parameters():
+            if name.endswith("prototypes"): p.grad = None
+
+# %% ../nbs/08a_recipes.ipynb #f963d7bc
+@dataclass
+class SwavRecipe(RunFields):
+    "SwAV on the image tower: every crop predicts the Sinkhorn codes of the global crops over K prototypes; kNN eval."
+    dim: int = 64                 # projection width (SwAV: 128)
+    hidden: int = 128             # projection MLP width (SwAV: 2048)
+    prototypes: int = 16          # K (SwAV: 3000 for batches of 4096); the batch shares them equally: 4 samples each at 64
+    temperature: float = 0.1      # tau of the predictions' softmax
+    epsilon: float = 0.05         # Sinkhorn's epsilon: the codes' temperature
+    sinkhorn_iters: int = 3       # Sinkhorn-Knopp iterations
+    freeze_prototypes_steps: int = 20  # updates without a prototype gradient at the start (SwAV: the first epoch)
+    local_crops: int = 2          # small crops (SwAV: 6)
+    global_scale: float = 0.4     # smallest area of the two global crops (SwAV: 0.14)
+    local_scale: float = 0.1      # smallest area of a local crop; the largest is global_scale (SwAV: 0.05)
+    lr: float = 3e-3
+
+    name, modalities = "swav", ("image",)
+    def __post_init__(self):
+        super().__post_init__()
+        _ints(self, "dim", "hidden", "prototypes"); _ints(self, "sinkhorn_iters", "freeze_prototypes_steps", "local_crops", least=0)
+        _check(self, lambda v: v > 0, "a temperature > 0", "temperature", "epsilon")
+        if not 0 < self.local_scale < self.global_scale <= 1:
+            raise ConfigError(f"swav: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
+                              f"global_scale={self.global_scale!r}")
+    def make_model(self):
+        torch.manual_seed(self.seed)
+        return SwavModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.prototypes, self.temperature,
+                         self.epsilon, self.sinkhorn_iters)
+    def make_loss(self):
+        views = multi_crop(ViTConfig.preset(self.size).img_size[0], self.global_scale, self.local_scale, self.local_crops)
+        return lambda model, batch: {"swav": model(*views(batch["image"]))}
+    def callbacks(self): return [FreezePrototypes(self.freeze_prototypes_steps)]
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+        "kNN accuracy of the encoder's pooled features (train -> `batch`)."
+        enc = model.online["encoder"]
+        return knn_metrics(model, lambda b: enc(b["image"]).pooled, train_batch, batch, label_names, "image")
 
 # %% ../nbs/08a_recipes.ipynb #0bb6e04b
 @dataclass
@@ -630,6 +934,39 @@ def evaluate(self:AvMaeRecipe, model, batch:dict, label_names:list|None, train_b
     per = embed(model, batch, mse).mean(0)
     return m | {f"av-mae/{k}/masked_mse": v.item() for k, v in zip(self.modalities, per)}
 
+# %% ../nbs/08a_recipes.ipynb #f00d214d
+@dataclass
+class FlipMaeRecipe(ClipRecipe):
+    "CLIP on the visible image patches + MAE on the hidden ones, from one encoder pass (FLIP + MAE; SLIP, M3AE)."
+    image_mask_ratio: float = 0.5 # share of the patches hidden: FLIP trains the contrastive terms without them, MAE predicts them
+    mae_weight: float = 1.0       # lambda, the weight of the masked-patch loss beside the contrastive terms; 0: FLIP
+    decoder_dim: int = 64         # light decoder width
+    decoder_depth: int = 1        # decoder blocks
+    norm_pix: bool = True         # per-patch normalised targets
+
+    name = "flip-mae"
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self, lambda v: 0 < v < 1, "a fraction in (0, 1): the reconstruction needs hidden patches", "image_mask_ratio")
+        _check(self, lambda v: v >= 0, "a weight >= 0", "mae_weight"); _ints(self, "decoder_dim", "decoder_depth")
+        _choice(self, "norm_pix", (True, False))
+        _check(self, lambda v: v == 0, "0 (GradCache caches embeddings; the decoder's loss is not one)", "grad_cache")
+    def make_model(self):
+        return build_model(self, FlipMAE, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                           decoder_heads=max(1, self.decoder_dim // 32), norm_pix=self.norm_pix)
+    def make_loss(self):
+        labels = lambda batch: batch["label"] if self.targets == "label" else None
+        def loss_fn(model, batch):
+            out = model(batch, flip_masks(self, model, batch))          # one image pass: embedding + reconstruction
+            terms = contrastive_terms(self, out, labels(batch), hard_negative_texts(model, self, batch))
+            return terms | ({"mae": self.mae_weight * out["mae"]} if self.mae_weight else {})
+        return loss_fn
+    def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
+        "The clip recipe's zero-shot and retrieval metrics (all patches seen) and the masked-patch MSE on `batch` (fixed masks)."
+        g = torch.Generator(model_device(model)).manual_seed(0)       # the same masks every evaluation
+        mse = embed(model, batch, lambda m, b: m(b, flip_masks(self, m, b, g))["mae"].expand(len(b["image"])))
+        return evaluate(model, self, batch, label_names)[0] | {"flip-mae/image/masked_mse": mse.mean().item()}
+
 # %% ../nbs/08a_recipes.ipynb #e67e920a
 @dataclass
 class RunResult:
@@ -676,6 +1013,14 @@ def resolve_runtime(recipe):
     dev = get_device(recipe.device)
     return replace(recipe, device=str(dev), precision=get_precision(recipe.precision, dev))
 
+def _join_processes(recipe) -> tuple[int, int]:
+    "(world size, rank) after joining torchrun's process group; several processes must stream shards, each its own."
+    world, rank = init_distributed(recipe.device)
+    if world > 1 and not is_shards(recipe.dataset):
+        raise ConfigError(f"{recipe.name}: under torchrun ({world} processes) a recipe streams shards, each process its own "
+                          f"(--dataset 'shards/{{split}}-{{000000..000099}}.tar', written by mmlab shards); got {recipe.dataset!r}")
+    return world, rank
+
 # %% ../nbs/08a_recipes.ipynb #ad7733bc
 def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()`)
                out_dir:str|Path|None=None, # write metrics.jsonl, checkpoints/, recipe.json, metrics.json here
@@ -691,10 +1036,11 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
     t0 = time.perf_counter(); recipe = resolve_runtime(recipe)
     if recipe.threads: torch.set_num_threads(recipe.threads)
     out = Path(out_dir) if out_dir is not None else None
+    world, rank = _join_processes(recipe)                     # under torchrun: its process group; rank 0 alone writes
     if resume and overwrite: raise ConfigError("run_recipe: resume and overwrite exclude each other; choose one")
-    with run_lock(out) if out is not None else nullcontext():   # the whole run: recipe.json, training, evaluation
+    with run_lock(out) if out is not None and rank == 0 else nullcontext():   # the whole run: recipe.json, training, evaluation
         if resume: _check_resumable(recipe, out)                  # recipe.json is never rewritten
-        elif out is not None:
+        elif out is not None and rank == 0:
             _claim_run_folder(out, overwrite); atomic_write(out / "recipe.json", json.dumps(recipe_dict(recipe), indent=1))
         set_seed(recipe.seed)                                     # Python's, NumPy's and torch's generators
         data, model = train_data(recipe, n_train), recipe.make_model()
@@ -705,10 +1051,10 @@ def run_recipe(recipe,                     # a recipe config (e.g. `ClipRecipe()
         if resume and (out / "metrics.jsonl").is_file():          # the whole run's records, not only the resumed part
             history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
         metrics = {"skipped": trainer.skipped, "skipped_reasons": trainer.skip_reasons} if trainer.skipped else {}
-        if evaluate_after:
+        if evaluate_after and rank == 0:
             bank = data.batch if isinstance(data, InMemoryBatches) else load_split(recipe, "train", min(n_train or MAX_BANK, MAX_BANK))
             metrics |= recipe.evaluate(trainer.model, load_split(recipe, recipe.eval_split, n_eval), label_names(recipe), bank)
-        if out is not None and metrics: atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+        if out is not None and metrics and rank == 0: atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
     return RunResult(trainer.model, history, metrics, out, time.perf_counter() - t0)
 
 def recipe_dict(recipe) -> dict:
@@ -743,6 +1089,12 @@ def _convert(name, key, v, default):
     except (ValueError, KeyError):
         raise ConfigError(f"recipe {name!r}: --{key} {v!r} is not a valid {type(default).__name__} (default {default!r})") from None
     return v
+
+# %% ../nbs/08a_recipes.ipynb #8e4f54cb
+RECIPES["swav"] = SwavRecipe
+
+# %% ../nbs/08a_recipes.ipynb #48d38a5d
+RECIPES["flip-mae"] = FlipMaeRecipe   # CLIP + MAE from one masked image pass (its section above)
 
 # %% ../nbs/08a_recipes.ipynb #f4fe62b9
 def parse_overrides(args:list[str]) -> dict:
@@ -945,11 +1297,12 @@ def _cmd(argv:list[str]) -> int:
         _report_run(run_recipe(get_recipe(name, **kw), out, progress=True, overwrite=overwrite))
         return 0
     if cmd == "eval": return _eval_cmd(rest)
+    if cmd == "shards": return _shards_cmd(rest)
     if cmd == "export": return _export_cmd(rest)
     if cmd == "adapt":
         from mmlab.adapt import adapt_cmd   # here, not at the top: mmlab.adapt imports this module
         return adapt_cmd(rest)
-    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, eval, export, adapt")
+    raise ConfigError(f"unknown command {cmd!r}; commands: quickstart, train, shards, eval, export, adapt")
 
 # %% ../nbs/08a_recipes.ipynb #551909e1
 def _eval_cmd(rest:list[str]) -> int:
@@ -978,11 +1331,46 @@ def _export_cmd(rest:list[str]) -> int:
     print(f"{kw['tower']} tower of {run}: {path} (config.json + model.safetensors; mmlab.models.load_model reads it)")
     return 0
 
+# %% ../nbs/08a_recipes.ipynb #ba54d284
+USAGE += """
+mmlab shards SOURCE OUT [--samples-per-shard 1000] [--split train]   WebDataset shards of a bundled dataset (every split),
+  a manifest (with {{split}}: every split it has) or a folder of key.png|wav|txt|json files; then --dataset 'OUT/{{split}}-{{000000..000009}}.tar'"""
+
+def _shard_sources(source:str, split:str) -> list:
+    "[(split, samples)] of `mmlab shards SOURCE`: a bundled dataset's splits, a manifest's (or its {split} template's), a folder."
+    import tempfile
+    if source in BUNDLED:
+        tmp = Path(tempfile.mkdtemp(prefix="mmlab-shards-"))    # PNG + float WAV files, as `export_manifest` writes them
+        return [(s, manifest_samples(export_manifest(source, s, tmp))) for s in dataset_meta(source)["splits"]]
+    if "{split}" in source:
+        found = [s for s in ("train", "val", "test") if Path(source.replace("{split}", s)).is_file()]
+        if not found: raise MissingFileError(f"mmlab shards: no manifest {source!r} for split train, val or test")
+        return [(s, manifest_samples(source.replace("{split}", s))) for s in found]
+    return [(split, folder_samples(source) if Path(source).is_dir() else manifest_samples(source))]
+
+def _shards_cmd(rest:list[str]) -> int:
+    "`mmlab shards SOURCE OUT [--samples-per-shard N] [--split S]`: write WebDataset shards and print a summary per split."
+    if len(rest) < 2 or rest[0].startswith("-") or rest[1].startswith("-"):
+        raise ConfigError("mmlab shards: give SOURCE (a bundled dataset, a manifest or a folder) and OUT, then options")
+    source, out, kw = rest[0], Path(rest[1]), parse_overrides(rest[2:])
+    unknown = set(kw) - {"samples-per-shard", "split"}
+    if unknown: raise ConfigError(f"mmlab shards: unknown option(s) {sorted(unknown)}; allowed: --samples-per-shard, --split")
+    n = _convert("shards", "samples-per-shard", kw.get("samples-per-shard", "1000"), 1000)
+    most = 0
+    for split, samples in _shard_sources(source, kw.get("split", "train")):
+        info = write_shards(samples, out, split, n, progress=True); most = max(most, info["shards"])
+        print(json.dumps({k: v for k, v in info.items() if k != "pattern"}))
+    print(f"shards: {out}; train on them with --dataset '{out}/{{split}}-{{000000..{max(most - 1, 0):06d}}}.tar' "
+          f"(a range may run past a smaller split's last shard: <split>-summary.json says where its set ends)")
+    return 0
+
 # %% ../nbs/08a_recipes.ipynb #49d69fa6
 def main(argv:list[str]|None=None) -> int:
     "Console entry point `mmlab`: mmlab errors and OS errors (a file) print one clear line and exit with status 2."
     argv = sys.argv[1:] if argv is None else list(argv)
-    try: return _cmd(argv)
+    quiet = os.environ.get("RANK", "0") != "0"              # under torchrun rank 0 alone prints results (errors: every rank)
+    try:
+        with redirect_stdout(open(os.devnull, "w")) if quiet else nullcontext(): return _cmd(argv)
     except MMLabError as e: msg = str(e)
     except OSError as e:                    # the last line of defence for files: which one, and the system's reason
         msg = f"{e.filename}: {e.strerror}" if e.filename else str(e)
@@ -1020,6 +1408,7 @@ class LitRecipe(ClipRecipe):
             tower = pretrained_tower(self.init_from, self.locked)
             try: model.towers[self.locked].load_state_dict(tower.state_dict())
             except RuntimeError as e: raise ConfigError(f"lit.init_from={self.init_from!r}: its {self.locked} tower does not fit size={self.size!r}: {e}") from e
+            if self.queue_size: model.teacher.module["towers"][self.locked].load_state_dict(tower.state_dict())   # the key encoder's too
         return model.lock(self.locked)
 
 RECIPES["lit"] = LitRecipe

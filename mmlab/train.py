@@ -28,7 +28,7 @@ __all__ = ['LOGGERS', 'CHECKPOINT_FORMAT', 'LOCK_FILE', 'SKIP_REASONS', 'warmup_
            'set_rng_state', 'encode_state', 'decode_state', 'atomic_write', 'list_checkpoints', 'latest_checkpoint',
            'save_checkpoint', 'load_checkpoint', 'run_lock', 'Callback', 'EvalCallback', 'ProgressBar', 'MetricsFile',
            'JSONLLogger', 'CSVLogger', 'TensorBoardLogger', 'metric_loggers', 'history_figure', 'LivePlot', 'EMA',
-           'to_device', 'make_optimizer', 'compile_model', 'Trainer', 'split_batch', 'GradCache']
+           'to_device', 'make_optimizer', 'compile_model', 'Trainer', 'init_distributed', 'split_batch', 'GradCache']
 
 # %% ../nbs/07_train.ipynb #2440a017
 def warmup_cosine(step:int,            # update index n = 0, 1, ... (LambdaLR's counter)
@@ -708,12 +708,14 @@ def _count_skipped(self:Trainer, batch):
 
 # %% ../nbs/07_train.ipynb #ba120fe1
 @patch
-def _start_epoch(self:Trainer, rng:dict|None=None):
+def _start_epoch(self:Trainer, rng:dict|None=None, skip:int=0):
     "A fresh iterator over the data, after recording the RNG state (or restoring `rng`, to replay that epoch)."
     if rng is None: self._epoch_rng = rng_state(self.generator)
     else: set_rng_state(rng, self.generator)
     sampler = getattr(self.data, "sampler", None)
     if hasattr(sampler, "set_epoch"): sampler.set_epoch(self.epoch)   # DistributedSampler shuffles by epoch number
+    stream = getattr(self.data, "dataset", None)
+    if hasattr(stream, "set_epoch"): stream.set_epoch(self.epoch, skip)   # a stream (ShardDataset) seeks its first `skip` batches
     self.batch_in_epoch, self._it = 0, iter(self.data)
 
 @patch
@@ -785,8 +787,9 @@ def resume(self:Trainer, path:str|Path) -> Path:
     self.skipped, self.skip_reasons = s.get("skipped", {}).get("count", 0), s.get("skipped", {}).get("reasons", [])
     self._epoch_rng, self._it = s["epoch_rng"][self.rank], None
     if self._epoch_rng is not None:                         # replay this epoch's order up to the saved position
-        self._start_epoch(self._epoch_rng)
-        for i in range(s["batch_in_epoch"]):
+        skip = s["batch_in_epoch"] if hasattr(getattr(self.data, "dataset", None), "set_epoch") else 0   # a stream seeks
+        self._start_epoch(self._epoch_rng, skip)
+        for i in range(s["batch_in_epoch"] - skip):
             try: next(self._it)
             except StopIteration:
                 raise CheckpointError(f"{p}: the data has fewer than {s['batch_in_epoch']} batches per epoch; "
@@ -794,6 +797,17 @@ def resume(self:Trainer, path:str|Path) -> Path:
     self.batch_in_epoch = s["batch_in_epoch"]
     set_rng_state(s["rng"][self.rank], self.generator)
     return p
+
+# %% ../nbs/07_train.ipynb #9f64bbf3
+def init_distributed(device:str="auto",   # the run's device: NCCL when it is CUDA (one GPU per process), else gloo
+                    ) -> tuple[int, int]:  # (world size, rank)
+    "Join the process group `torchrun` describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR/PORT); (1, 0) without it."
+    if dist.is_available() and dist.is_initialized(): return dist_info()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return 1, 0
+    cuda = get_device(device).type == "cuda"
+    if cuda: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))   # "cuda" then means this process's GPU
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist_info()
 
 # %% ../nbs/07_train.ipynb #a8f3131e
 def split_batch(batch, chunk_size:int) -> list:

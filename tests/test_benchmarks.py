@@ -56,6 +56,26 @@ def check_masking(d):
     assert len(masks) >= 6
     for r in masks: ratio(r["loop_over_vectorised"], r["loop_ms"], r["vectorised_ms"])
 
+def check_flip(d):
+    for res in d["results"]:
+        assert res["same_as_clip_at_zero"] is True, res["size"]    # the switch at 0 is CLIP's loss, bit for bit
+        rows = {r["image_mask_ratio"]: r for r in res["rows"]}
+        assert set(rows) == {0.0, 0.5, 0.75}
+        clip = rows[0.0]
+        for r in rows.values():
+            ratio(r["time_vs_clip"], r["ms_per_step"], clip["ms_per_step"])
+            assert r["ms_per_step"] == pytest.approx(statistics.median(r["ms_all"]))
+        assert rows[0.0]["tokens"] > rows[0.5]["tokens"] > rows[0.75]["tokens"]   # the tower sees fewer patches
+
+def check_shards(d):
+    by = {(r["source"], r["workers"]): r for r in d["rows"]}
+    for r in d["rows"]:
+        assert r["samples"] == d["samples"], r                    # both sources give every sample of the epoch
+        ratio(r["samples_per_s"], r["samples"], r["median_s"])
+        assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+    for w, x in d["shards_over_manifest"].items():
+        ratio(x, by[("shards", int(w))]["samples_per_s"], by[("manifest", int(w))]["samples_per_s"])
+
 CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
 
 def test_every_benchmark_has_a_check():

@@ -12,7 +12,7 @@ NBS = ROOT / "nbs"
 
 # The module map: one chapter notebook per module, in notebook order. A module imports only modules above it.
 MAP = ["mmlab.core", "mmlab.data", "mmlab.encoders", "mmlab.losses.contrastive", "mmlab.masking", "mmlab.losses.masked",
-       "mmlab.losses.distill", "mmlab.losses", "mmlab.models", "mmlab.kernels", "mmlab.train", "mmlab.eval",
+       "mmlab.losses.distill", "mmlab.losses", "mmlab.models", "mmlab.kernels", "mmlab.gpu_check", "mmlab.train", "mmlab.eval",
        "mmlab.recipes", "mmlab.adapt", "mmlab.analysis", "mmlab.widgets", "mmlab.docsite"]
 
 # Imports that may point down the map, each with its reason.

@@ -19,8 +19,8 @@ from ..core import ConfigError, InputError, InputTypeError, ShapeError, check_fi
 __all__ = ['DEFAULT_CHUNK', 'AUTO_CHUNK_MIN_BATCH', 'IMPLS', 'ChunkedClipLoss', 'ChunkedSiglipLoss', 'dist_info',
            'gather_with_grad', 'clip_loss', 'siglip_loss', 'check_logit_scale', 'clamp_log_scale_', 'ClipLoss',
            'SigLipLoss', 'nt_xent_loss', 'cwcl_weights', 'cwcl_loss', 'isogclr_objective', 'IndividualTemperatureLoss',
-           'symile_loss', 'hard_negative_mixing', 'mochi_loss', 'negclip_loss', 'mixup', 'mixup_contrastive_loss',
-           'alignment_loss', 'uniformity_loss']
+           'symile_loss', 'hard_negative_mixing', 'mochi_loss', 'negclip_loss', 'MemoryQueue', 'queue_clip_loss',
+           'nearest_neighbours', 'nnclr_loss', 'mixup', 'mixup_contrastive_loss', 'alignment_loss', 'uniformity_loss']
 
 # %% ../../nbs/03_contrastive.ipynb #e5742e9a
 def _check_embeddings(xs:dict,             # name -> (B, D) tensor, all with the same B and D
@@ -697,6 +697,158 @@ def negclip_loss(a:Tensor,              # (B, D) L2-normalised anchors (e.g. ima
         t_rows = F.pad(t_cols, (0, n.shape[0]))                 # target 0 on every negative column
     return (F.cross_entropy(logits, t_rows) + F.cross_entropy(logits[:, :B].T, t_cols)) / 2
 
+
+# %% ../../nbs/03_contrastive.ipynb #b408b047
+class MemoryQueue(nn.Module):
+    "FIFO queue of the newest K keys per modality and their labels (MoCo, He et al. 2020; ALBEF, Li et al. 2021)."
+    def __init__(self, size:int,                    # K: keys kept per modality (0: an empty queue that stays empty)
+                 dim:int,                           # E: width of a key
+                 modalities=("image", "text"),      # one queue per modality; row k of each holds the same sample
+                 dtype:torch.dtype=torch.float32):  # dtype of the stored keys
+        super().__init__()
+        where = "MemoryQueue"
+        for name, v, least in (("size", size, 0), ("dim", dim, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise InputError(f"{where}: {name} must be an integer >= {least}, got {v!r}")
+        if isinstance(modalities, str) or not modalities or len(set(modalities)) != len(modalities) \
+           or not all(isinstance(m, str) and m.isidentifier() for m in modalities):
+            raise InputError(f"{where}: modalities must be distinct names such as ('image', 'text'), got {modalities!r}")
+        self.size, self.dim, self.modalities = size, dim, tuple(modalities)
+        for m in self.modalities: self.register_buffer(f"keys_{m}", torch.zeros(size, dim, dtype=dtype))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))   # -1: enqueued without a label
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))              # next slot to write
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))           # slots that hold a key
+    def extra_repr(self) -> str: return f"size={self.size}, dim={self.dim}, modalities={self.modalities}"
+
+@patch
+def _oldest_first(self:MemoryQueue, buf:Tensor) -> Tensor:
+    "A copy of the filled rows of a buffer, oldest first (the write order); a copy, so a later enqueue cannot change it."
+    n, p = int(self.filled), int(self.ptr)
+    return buf[:n].clone() if n < self.size else torch.cat([buf[p:], buf[:p]])
+
+@patch
+def keys(self:MemoryQueue, modality:str) -> Tensor:   # (n, E), n = min(K, keys enqueued so far)
+    "The queued keys of `modality`, oldest first."
+    if modality not in self.modalities:
+        raise InputError(f"MemoryQueue.keys: no queue for {modality!r}; this queue holds {', '.join(self.modalities)}")
+    return self._oldest_first(getattr(self, f"keys_{modality}"))
+
+@patch
+def queued_labels(self:MemoryQueue) -> Tensor:        # (n,) int64, -1 where a key came without a label
+    "The labels of the queued keys, oldest first (row k belongs to `keys(m)[k]` of every modality)."
+    return self._oldest_first(self.labels)
+
+# %% ../../nbs/03_contrastive.ipynb #fdf65e68
+@patch
+@torch.no_grad()
+def enqueue(self:MemoryQueue, keys:dict,           # modality -> (B, E) L2-normalised keys, one entry per queue
+            labels:Tensor|None=None,               # (B,) int labels of the keys (None: stored as -1)
+            distributed:bool=False,                # all-gather keys and labels over the ranks first (rank order)
+            group=None,                            # process group for `distributed`
+           ) -> None:
+    "Write the newest keys in FIFO order, overwriting the oldest; under `distributed`, the global batch on every rank."
+    where = "MemoryQueue.enqueue"
+    if not isinstance(keys, dict) or set(keys) != set(self.modalities):
+        got = sorted(keys) if isinstance(keys, dict) else type(keys).__name__
+        raise InputError(f"{where}: expected a dict with one (B, E) tensor per modality {list(self.modalities)}, got {got}")
+    xs = {m: keys[m].detach() for m in self.modalities}
+    B, E = _check_embeddings(xs, min_batch=1, where=where)
+    if E != self.dim: raise ShapeError(f"{where}: keys must have width E={self.dim} (the queue's dim), got E={E}")
+    y = _check_labels(labels, B, self.labels.device, where)
+    if y is not None and (y < 0).any(): raise InputError(f"{where}: labels must be >= 0 (-1 marks a key without one), got {y.tolist()[:8]}")
+    if y is None: y = torch.full((B,), -1, dtype=torch.long, device=self.labels.device)
+    if distributed:
+        xs = {m: _gather(x, group, f"{where}: keys[{m!r}]") for m, x in xs.items()}
+        y = _gather(y, group, f"{where}: labels")
+    N, K = len(y), self.size
+    if K == 0: return
+    n = min(N, K)                                           # only the last K of a larger batch survive
+    start = (int(self.ptr) + N - n) % K                     # where row N - n lands when rows are written one by one
+    idx = (start + torch.arange(n, device=self.labels.device)) % K
+    for m, x in xs.items(): getattr(self, f"keys_{m}")[idx] = x[-n:].to(self.labels.device, getattr(self, f"keys_{m}").dtype)
+    self.labels[idx] = y[-n:].to(self.labels.device)
+    self.ptr.fill_((int(self.ptr) + N) % K); self.filled.fill_(min(int(self.filled) + N, K))
+
+# %% ../../nbs/03_contrastive.ipynb #eed8473e
+def _queue_logits(x:Tensor, q:Tensor, scale:Tensor, y:Tensor|None, yq, where:str) -> Tensor:
+    "(B, K) logits of anchors x against queued keys q; with labels, a key of the anchor's class is masked out (not a negative)."
+    s = scale * (x @ q.T)
+    if y is None: return s
+    K = len(q)
+    if yq is None: return s                                              # keys without labels: all negatives
+    if not isinstance(yq, Tensor) or yq.dim() != 1 or yq.shape[0] != K or yq.is_floating_point() or yq.dtype == torch.bool:
+        got = tuple(yq.shape) if isinstance(yq, Tensor) else type(yq).__name__
+        raise ShapeError(f"{where}: queue_labels must be a (K,) = ({K},) integer tensor (the queue's labels), got {got}")
+    same = y[:, None] == yq.to(y.device)[None, :]
+    # the most negative finite logit: exp() of it is 0 and its target is 0, so it leaves the loss without a 0 * inf
+    return s.masked_fill(same, torch.finfo(s.dtype).min)
+
+# %% ../../nbs/03_contrastive.ipynb #47768a7a
+def _queue_part(q, name:str, E:int, ref:Tensor, where:str) -> Tensor:
+    "A (K, E) queue (None: K = 0) checked and cast to the loss's dtype."
+    if q is None: return ref.new_zeros(0, E)
+    if not isinstance(q, Tensor) or q.dim() != 2 or q.shape[1] != E:
+        got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+        raise ShapeError(f"{where}: {name} must be a (K, E) = (K, {E}) tensor of keys (K may be 0), got {got}")
+    if len(q): _check_embeddings({name: q.to(ref.dtype)}, min_batch=1, where=where)
+    return q.to(ref.dtype)
+
+@_full_precision
+def queue_clip_loss(a:Tensor,             # (B, E) L2-normalised anchors of modality A (online)
+                    b:Tensor,             # (B, E) L2-normalised anchors of modality B (online); b[i] pairs with a[i]
+                    logit_scale,          # multiplier 1/temperature: float or 0-d tensor (may require grad)
+                    queue_a:Tensor|None=None,  # (K, E) queued keys of A: extra negatives of b's rows (None: K = 0)
+                    queue_b:Tensor|None=None,  # (K, E) queued keys of B: extra negatives of a's rows
+                    *, key_a:Tensor|None=None, # (B, E) in-batch keys of A (ALBEF: momentum embeddings); None: a
+                    key_b:Tensor|None=None,    # (B, E) in-batch keys of B; None: b
+                    labels:Tensor|None=None,   # (B,) int class ids: same-label pairs of the batch are positives, as in `clip_loss`
+                    queue_labels:Tensor|None=None,  # (K,) labels of the queued keys: a key of the anchor's class is no negative
+                   ) -> Tensor:           # scalar mean of both directions
+    "InfoNCE with a memory queue (MoCo, He et al. 2020; ALBEF, Li et al. 2021): rows of a vs [key_b; queue_b], rows of b vs [key_a; queue_a]."
+    where = "queue_clip_loss"
+    B, E = _check_embeddings({"a": a, "b": b} | {n: k for n, k in (("key_a", key_a), ("key_b", key_b)) if k is not None}, where=where)
+    a, b = _f32(a, b)
+    qa, qb = _queue_part(queue_a, "queue_a", E, a, where), _queue_part(queue_b, "queue_b", E, a, where)
+    scale = _scalar(logit_scale, a, "logit_scale", where)
+    y = _check_labels(labels, B, a.device, where)
+    t = torch.arange(B, device=a.device) if y is None else _label_targets(y, y, a.dtype)   # targets on the batch's columns
+    pad = lambda t, K: t if y is None or K == 0 else F.pad(t, (0, K))                    # 0 on every queued key
+    ab = scale * (a @ (b if key_b is None else _f32(key_b).detach()).T)
+    rows_a = ab if len(qb) == 0 else torch.cat([ab, _queue_logits(a, qb, scale, y, queue_labels, where)], 1)   # (B, B + K)
+    loss_a = F.cross_entropy(rows_a, pad(t, len(qb)))
+    # CLIP's keys: the same B x B block serves both directions (taken after loss_a, in clip_loss's order: same bits)
+    ba = ab.T if key_a is None and key_b is None else scale * (b @ (a if key_a is None else _f32(key_a).detach()).T)
+    rows_b = ba if len(qa) == 0 else torch.cat([ba, _queue_logits(b, qa, scale, y, queue_labels, where)], 1)
+    return (loss_a + F.cross_entropy(rows_b, pad(t, len(qa)))) / 2
+
+# %% ../../nbs/03_contrastive.ipynb #495397f4
+@torch.no_grad()
+def nearest_neighbours(x:Tensor,        # (B, E) L2-normalised queries
+                       support:Tensor,  # (K, E) L2-normalised support set (e.g. `MemoryQueue.keys`), K >= 1
+                      ) -> Tensor:      # (B, E) the support row of largest cosine similarity to each query (no gradient)
+    "NNCLR's lookup NN(x_i, Q) = argmax_q x_i.q over the support set (Dwibedi et al. 2021); ties go to the first row."
+    where = "nearest_neighbours"
+    B, E = _check_embeddings({"x": x}, min_batch=1, where=where)
+    if not isinstance(support, Tensor) or support.dim() != 2 or support.shape[1] != E or len(support) == 0:
+        got = tuple(support.shape) if isinstance(support, Tensor) else type(support).__name__
+        raise ShapeError(f"{where}: support must be a non-empty (K, E) = (K, {E}) tensor (fill the queue first), got {got}")
+    _check_embeddings({"support": support.to(x.dtype)}, min_batch=1, where=where)
+    s = support.to(x.dtype)
+    return s[(x.detach() @ s.T).argmax(1)]
+
+@_full_precision
+def nnclr_loss(z1:Tensor,          # (B, E) L2-normalised embeddings of view (or modality) 1
+               z2:Tensor,          # (B, E) L2-normalised embeddings of view 2; z2[i] pairs with z1[i]
+               support:Tensor,     # (K, E) support set of past view-1/2 embeddings (no gradient)
+               logit_scale,        # multiplier 1/temperature (NNCLR: tau = 0.1)
+              ) -> Tensor:         # scalar mean of the two swapped terms
+    "NNCLR (Dwibedi et al. 2021, Eq. 2 symmetrised): rows NN(z1_i, Q) against the columns z2 (positive i), and swapped."
+    where = "nnclr_loss"
+    _check_embeddings({"z1": z1, "z2": z2}, where=where)
+    z1, z2 = _f32(z1, z2)
+    scale = _scalar(logit_scale, z1, "logit_scale", where)
+    n1, n2 = nearest_neighbours(z1, support), nearest_neighbours(z2, support)
+    return (_clip_naive(n1, z2, scale, None, 0.0, both=False) + _clip_naive(n2, z1, scale, None, 0.0, both=False)) / 2
 
 # %% ../../nbs/03_contrastive.ipynb #a4823eda
 def mixup(x:Tensor,       # (B, ...) a batch of inputs (or embeddings) of one modality

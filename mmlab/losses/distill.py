@@ -15,8 +15,11 @@ from ..core import InputError, ShapeError, check_shape
 from .contrastive import _soft_ce, clip_loss, gather_with_grad
 
 # %% auto #0
-__all__ = ['momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
-           'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'momentum_distill_loss', 'caption_loss', 'coca_loss']
+__all__ = ['CENTERINGS', 'FEATURE_KD', 'momentum_schedule', 'ema_', 'ema_update', 'dino_loss', 'DINOLoss',
+           'teacher_temp_schedule', 'sinkhorn_knopp', 'swav_loss', 'negative_cosine', 'simsiam_loss', 'byol_loss',
+           'vicreg_terms', 'vicreg_loss', 'barlow_twins_loss', 'ibot_patch_loss', 'IBOTPatchLoss', 'koleo_loss',
+           'momentum_distill_loss', 'sample_hard_negatives', 'itm_loss', 'logit_kd_loss', 'feature_kd_loss',
+           'caption_loss', 'coca_loss']
 
 # %% ../../nbs/05_distill.ipynb #1111b94e
 def momentum_schedule(step:int,         # index n of the update: 0 for the first, total - 1 for the last
@@ -63,11 +66,15 @@ def _check_views(x, name, dims=None):
     if isinstance(x, (list, tuple)): x = torch.stack(list(x))
     return x, check_shape(x, name, ("V" + name[0], "B", "K"), dims)
 
+CENTERINGS = ("center", "sinkhorn")   # how the teacher's targets avoid collapse: a running centre (DINO) or Sinkhorn-Knopp (DINOv2)
+
 def dino_loss(student:Tensor|list, # (V_s, B, K) student logits; the first V_t views are the global crops
               teacher:Tensor|list, # (V_t, B, K) teacher logits of the global crops
               center:Tensor,       # (K,) or (1, K) running centre of the teacher logits
               student_temp:float=0.1,  # tau_s
               teacher_temp:float=0.04, # tau_t (DINO warms it up from 0.04 to 0.07)
+              centering:str="center",  # center: subtract `center` (DINO) | sinkhorn: Sinkhorn-Knopp codes over the batch (DINOv2)
+              sinkhorn_iters:int=3,    # iterations of `sinkhorn_knopp` (centering="sinkhorn")
              ) -> Tensor:
     "DINO loss (Caron et al. 2021, Alg. 1): cross-entropy of centred, sharpened teacher vs student, all view pairs v != i."
     student, dims = _check_views(student, "student")
@@ -76,7 +83,9 @@ def dino_loss(student:Tensor|list, # (V_s, B, K) student logits; the first V_t v
     if Vt > Vs: raise ShapeError(f"dino_loss: teacher has {Vt} views but student only {Vs}; the teacher's views must be the student's first views")
     if Vs < 2: raise ShapeError(f"dino_loss: need at least 2 student views to form pairs, got {Vs}")
     check_shape(center.reshape(-1), "center", (dims["K"],))
-    q = F.softmax((teacher.detach() - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)   # (V_t, B, K)
+    if centering not in CENTERINGS: raise InputError(f"dino_loss: centering={centering!r}; expected one of {', '.join(CENTERINGS)}")
+    if centering == "sinkhorn": q = sinkhorn_knopp(teacher.detach().flatten(0, 1), sinkhorn_iters, teacher_temp).view_as(teacher)
+    else: q = F.softmax((teacher.detach() - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)   # (V_t, B, K)
     logp = F.log_softmax(student / student_temp, dim=-1)                                   # (V_s, B, K)
     ce = -torch.einsum("ibk,vbk->iv", q, logp) / student.shape[1]                        # (V_t, V_s) mean over B
     keep = torch.ones(Vt, Vs, dtype=torch.bool, device=ce.device); keep[range(Vt), range(Vt)] = False
@@ -88,13 +97,23 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim:int,             # K, prototypes
                  student_temp:float=0.1,
                  teacher_temp:float=0.04,
-                 center_momentum:float=0.9):    # m_c
+                 center_momentum:float=0.9,     # m_c
+                 warmup_teacher_temp:float=0.04, warmup_teacher_temp_steps:int=0,  # tau_t of update 0, linear to teacher_temp over W updates (0: none)
+                 centering:str="center"):       # center (DINO) | sinkhorn (DINOv2): how the teacher's targets are kept from collapsing
         super().__init__()
         self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
+        self.warmup_teacher_temp, self.warmup_teacher_temp_steps, self.centering = warmup_teacher_temp, warmup_teacher_temp_steps, centering
+        if centering not in CENTERINGS: raise InputError(f"DINOLoss: centering={centering!r}; expected one of {', '.join(CENTERINGS)}")
+        self.step = 0   # update index of the temperature schedule; the training loop sets it (`set_step`, by `TeacherUpdate`)
         self.register_buffer("center", torch.zeros(1, out_dim))
     def forward(self, student, teacher, teacher_temp:float|None=None) -> Tensor:
-        loss = dino_loss(student, teacher, self.center, self.student_temp, teacher_temp or self.teacher_temp)
+        loss = dino_loss(student, teacher, self.center, self.student_temp, teacher_temp or self.current_teacher_temp(), self.centering)
         self.update_center(teacher); return loss
+    def set_step(self, step:int) -> None: self.step = step
+    def current_teacher_temp(self) -> float:
+        "tau_t of update `self.step`: `teacher_temp_schedule` during the warm-up, else `teacher_temp`."
+        if not self.warmup_teacher_temp_steps: return self.teacher_temp
+        return teacher_temp_schedule(self.step, self.warmup_teacher_temp_steps, self.warmup_teacher_temp, self.teacher_temp)
     @torch.no_grad()
     def update_center(self, teacher) -> None:
         "c <- m_c c + (1 - m_c) mean of the teacher logits (averaged across processes when distributed)."
@@ -104,6 +123,71 @@ class DINOLoss(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total); torch.distributed.all_reduce(n)
         self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+
+# %% ../../nbs/05_distill.ipynb #8fab786b
+def teacher_temp_schedule(step:int,         # update index n: 0 for the first
+                          warmup_steps:int, # W, updates of the warm-up (0: none)
+                          start:float=0.04, # tau_t,0, the temperature of update 0 (DINO's warmup_teacher_temp)
+                          final:float=0.07, # tau_t from update W - 1 on (DINO's teacher_temp)
+                         ) -> float:
+    "DINO's teacher temperature (Caron et al. 2021, sec. 3.2): linear from `start` at n = 0 to `final` at n = W - 1, then `final`."
+    if step < 0 or warmup_steps < 0:
+        raise InputError(f"teacher_temp_schedule: step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}")
+    if not (start > 0 and final > 0):
+        raise InputError(f"teacher_temp_schedule: temperatures must be > 0, got start={start}, final={final}")
+    if step >= warmup_steps: return final
+    return start if warmup_steps == 1 else start + (final - start) * step / (warmup_steps - 1)   # np.linspace(start, final, W)[n]
+
+# %% ../../nbs/05_distill.ipynb #61fbfbcc
+from .contrastive import dist_info
+
+def _global_logsumexp(x:Tensor, dim:int, world:int, group) -> Tensor:
+    "logsumexp along `dim`, where that dimension is split over the processes of `group` (stable: a global max first)."
+    if world == 1: return torch.logsumexp(x, dim, keepdim=True)
+    import torch.distributed as dist
+    m = x.amax(dim, keepdim=True); dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = (x - m).exp().sum(dim, keepdim=True); dist.all_reduce(s, group=group)
+    return m + s.log()
+
+@torch.no_grad()
+def sinkhorn_knopp(scores:Tensor,          # (B, K) this process's scores (teacher logits or prototype cosines)
+                   n_iters:int=3,           # alternating rescalings (SwAV, DINOv2: 3)
+                   temperature:float=0.05,  # epsilon: the plan starts from exp(scores / epsilon)
+                   group=None,              # process group; sums run over the global batch when one is initialised
+                  ) -> Tensor:              # (B, K) targets: rows sum to 1, each prototype gets B_global / K in all
+    "Sinkhorn-Knopp targets (Cuturi 2013; SwAV, Caron et al. 2020, sec. 3.1; DINOv2's centering): B x the uniform-marginal plan."
+    check_shape(scores, "sinkhorn_knopp: scores", ("B", "K"))
+    if not (isinstance(n_iters, int) and n_iters >= 0): raise InputError(f"sinkhorn_knopp: n_iters must be an integer >= 0, got {n_iters!r}")
+    if not temperature > 0: raise InputError(f"sinkhorn_knopp: temperature must be > 0, got {temperature}")
+    world = dist_info(group)[0]
+    s = scores.detach().float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.detach()
+    B = s.new_tensor(float(s.shape[0]))
+    if world > 1: torch.distributed.all_reduce(B, group=group)              # the global batch
+    K = s.shape[1]
+    logq = s / temperature                                                   # log of the plan, in logs: no overflow
+    logq = logq - _global_logsumexp(torch.logsumexp(logq, 1, keepdim=True), 0, world, group)   # total mass 1
+    for _ in range(n_iters):
+        logq = logq - _global_logsumexp(logq, 0, world, group) - math.log(K)   # each prototype: mass 1/K over the global batch
+        logq = logq - torch.logsumexp(logq, 1, keepdim=True) - B.log()         # each sample: mass 1/B (it lives on one process)
+    return (logq + B.log()).exp()
+
+# %% ../../nbs/05_distill.ipynb #788f98a7
+def swav_loss(scores:Tensor|list,       # (V, B, K) cosines of every crop to the K prototypes; the first n_global are global crops
+              n_global:int=2,            # crops whose codes are predicted (SwAV's crops_for_assign: the 2 global crops)
+              temperature:float=0.1,     # tau of the predictions' softmax
+              epsilon:float=0.05,        # Sinkhorn's epsilon: the codes' temperature
+              sinkhorn_iters:int=3,      # Sinkhorn-Knopp iterations (SwAV: 3)
+              centering:str="sinkhorn",  # sinkhorn (SwAV) | center: codes softmax(scores / epsilon), an ablation without equipartition
+             ) -> Tensor:
+    "SwAV's swapped prediction (Caron et al. 2020, eq. 1-3): every crop predicts the Sinkhorn codes of each other global crop."
+    scores, dims = _check_views(scores, "scores")
+    V = scores.shape[0]
+    if not (isinstance(n_global, int) and 1 <= n_global <= V) or V < 2:
+        raise ShapeError(f"swav_loss: need V >= 2 crops and 1 <= n_global <= V, got V={V}, n_global={n_global!r}")
+    zero = scores.new_zeros(dims["K"])
+    per_crop = [dino_loss(scores[[w] + [v for v in range(V) if v != w]], scores[w:w + 1], zero, temperature, epsilon,
+                          centering, sinkhorn_iters) for w in range(n_global)]   # crop w first: dino_loss skips the pair (w, w)
+    return torch.stack(per_crop).mean()
 
 # %% ../../nbs/05_distill.ipynb #7edc9a1c
 def _pair(p, z, where, names=("p", "z")):
@@ -189,6 +273,46 @@ def barlow_twins_loss(z1:Tensor, z2:Tensor,  # (B, D) embeddings of the two view
     c = total(zn[0].T @ zn[1]) / n                                        # (D, D)
     return (torch.diagonal(c) - 1).pow(2).sum() + lambda_ * _off_diagonal(c).pow(2).sum()
 
+# %% ../../nbs/05_distill.ipynb #0546801b
+def ibot_patch_loss(student:Tensor, # (B, N, K) student patch logits of the masked crop
+                    teacher:Tensor, # (B, N, K) teacher patch logits of the same crop, unmasked
+                    mask:Tensor,    # (B, N) bool, True where the student's patch was hidden
+                    center:Tensor,  # (K,) or (1, K) running centre c' of the teacher patch logits
+                    student_temp:float=0.1,  # tau_s
+                    teacher_temp:float=0.04, # tau_t
+                   ) -> Tensor:
+    "iBOT's L_MIM (Zhou et al. 2022): centred, sharpened teacher vs student cross-entropy at the masked patches."
+    dims = check_shape(student, "ibot_patch_loss: student", ("B", "N", "K"))
+    check_shape(teacher, "ibot_patch_loss: teacher", ("B", "N", "K"), dims)
+    check_shape(mask, "ibot_patch_loss: mask", ("B", "N"), dims); check_shape(center.reshape(-1), "center", (dims["K"],))
+    if mask.dtype != torch.bool: raise InputError(f"ibot_patch_loss: mask must be a bool tensor (True = hidden), got {mask.dtype}")
+    q = F.softmax((teacher.detach() - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    ce = -(q * F.log_softmax(student / student_temp, dim=-1)).sum(-1)          # (B, N)
+    m = mask.to(ce.dtype)
+    return ((ce * m).sum(1) / m.sum(1).clamp_min(1)).mean()                   # mean over masked, then over images
+
+class IBOTPatchLoss(DINOLoss):
+    "iBOT's patch loss with its own centre c' (a buffer), moved by `DINOLoss.update_center` towards the mean teacher patch logit."
+    def forward(self, student:Tensor, teacher:Tensor, mask:Tensor, teacher_temp:float|None=None) -> Tensor:
+        loss = ibot_patch_loss(student, teacher, mask, self.center, self.student_temp, teacher_temp or self.teacher_temp)
+        self.update_center(teacher); return loss
+
+# %% ../../nbs/05_distill.ipynb #c4492584
+def koleo_loss(x:Tensor,         # (B, D) embeddings, normalised inside
+               eps:float=1e-8,   # added to each distance: keeps a duplicate (d = 0) finite
+              ) -> Tensor:
+    "KoLeo (Sablayrolles et al. 2019; DINOv2, Oquab et al. 2024): L = -mean_i log(d_i + eps), d_i = distance to the nearest other row."
+    dims = check_shape(x, "koleo_loss: x", ("B", "D"))
+    if dims["B"] < 2: raise ShapeError(f"koleo_loss: a nearest neighbour needs at least 2 rows, got B={dims['B']}")
+    if x.dtype in (torch.float16, torch.bfloat16): x = x.float()   # distances near eps need float32 (DINOv2: no autocast)
+    u = F.normalize(x, dim=-1, eps=eps)
+    with torch.no_grad(), torch.autocast(u.device.type, enabled=False):   # the neighbour's index: no gradient, full precision
+        dots = u @ u.T
+        dots.fill_diagonal_(-float("inf"))                 # never yourself
+        nn_idx = dots.argmax(1)                            # largest dot = nearest unit vector
+    d = torch.linalg.vector_norm(u - u[nn_idx], dim=-1)    # its norm backward is 0 at d = 0
+    return -torch.log(d + eps).mean()
+
 # %% ../../nbs/05_distill.ipynb #06e727d4
 def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modality A (student)
                           b:Tensor,   # (B, D) L2-normalised embeddings of modality B (student)
@@ -208,6 +332,60 @@ def momentum_distill_loss(a:Tensor,   # (B, D) L2-normalised embeddings of modal
         t_i2t = alpha * F.softmax(sim_m, 1) + (1 - alpha) * eye
         t_t2i = alpha * F.softmax(sim_m.T, 1) + (1 - alpha) * eye
     return 0.5 * (_soft_ce(logits, t_i2t) + _soft_ce(logits.T, t_t2i))
+
+# %% ../../nbs/05_distill.ipynb #7ab2a681
+@torch.no_grad()
+def sample_hard_negatives(logits:Tensor,           # (B, B) logits l_ij = s_ij / tau: query i (row) against candidate j
+                          labels:Tensor|None=None, # (B,) class ids: candidates of the query's class are never drawn
+                          generator:torch.Generator|None=None, # a seeded generator; None: torch's global one (checkpointed)
+                          num_samples:int|None=None, # None: one draw per query, (B,); n: n independent draws each, (B, n)
+                         ) -> Tensor:              # long indices j of negative candidates, j != i
+    "ALBEF's hard negatives (Li et al. 2021, sec. 3.2): j ~ softmax_j(l_ij) over j != i (and j of another class), no gradient."
+    dims = check_shape(logits, "sample_hard_negatives: logits", ("B", "B"))
+    excluded = torch.eye(dims["B"], dtype=torch.bool, device=logits.device)          # the positive pair
+    if labels is not None:
+        check_shape(labels, "sample_hard_negatives: labels", ("B",), dims)
+        excluded = excluded | (labels[:, None] == labels[None, :])                  # same class: a positive too
+    if excluded.all(1).any():
+        i = int(excluded.all(1).nonzero()[0])
+        raise InputError(f"sample_hard_negatives: query {i} has no candidate outside its own pair and class "
+                         f"(B={dims['B']}); expected a batch with at least two pairs of different classes")
+    w = torch.softmax(logits.detach().double().masked_fill(excluded, float("-inf")), dim=1)   # 0 where excluded
+    draws = torch.multinomial(w, num_samples or 1, replacement=True, generator=generator)
+    return draws if num_samples else draws.squeeze(1)
+
+def itm_loss(pos:Tensor,  # (B, 2) matching logits of the matched pairs (column 1: "matched")
+             neg:Tensor,  # (N, 2) matching logits of unmatched pairs (ALBEF: N = 2B, a hard text and a hard image per pair)
+            ) -> Tensor:
+    "ALBEF's image-text matching loss (Li et al. 2021, sec. 3.2): cross-entropy of matched (1) vs unmatched (0) over all pairs."
+    check_shape(pos, "itm_loss: pos", (None, 2)); check_shape(neg, "itm_loss: neg", (None, 2))
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long().to(pos.device)
+    return F.cross_entropy(torch.cat([pos, neg]), y)
+
+
+# %% ../../nbs/05_distill.ipynb #7bfdd946
+def logit_kd_loss(student:Tensor, # (B, B) student logits l_ij = u_i . v_j / tau_s (row i: a query of the first modality)
+                  teacher:Tensor, # (B, B) teacher logits on the same pairs, with the teacher's own 1/tau_t
+                 ) -> Tensor:
+    "CLIP-KD's logit distillation (Yang et al. 2024; TinyCLIP's affinity mimicking): KL(p_T || p_S), rows and columns, averaged."
+    dims = check_shape(student, "logit_kd_loss: student", ("B", "B"))
+    check_shape(teacher, "logit_kd_loss: teacher", ("B", "B"), dims)
+    kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.log_softmax(t.detach(), 1), log_target=True, reduction="batchmean")
+    return 0.5 * (kl(student, teacher) + kl(student.T, teacher.T))    # A->B rows, B->A columns
+
+FEATURE_KD = ("mse", "cosine")
+
+def feature_kd_loss(student:Tensor, # (B, E_T) student embeddings, already projected to the teacher's width
+                    teacher:Tensor, # (B, E_T) teacher embeddings (no gradient flows into them)
+                    kind:str="mse", # mse: CLIP-KD's feature distillation | cosine: mean of 1 - cos
+                   ) -> Tensor:
+    "CLIP-KD's feature distillation (Yang et al. 2024): pull the projected student embedding onto the teacher's."
+    dims = check_shape(student, "feature_kd_loss: student", ("B", "E"))
+    check_shape(teacher, "feature_kd_loss: teacher", ("B", "E"), dims)
+    if kind == "mse": return F.mse_loss(student, teacher.detach())
+    if kind == "cosine": return (1 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+    raise InputError(f"feature_kd_loss: kind={kind!r}; expected one of {', '.join(FEATURE_KD)}")
+
 
 # %% ../../nbs/05_distill.ipynb #bc5bccdf
 def caption_loss(logits:Tensor, # (B, T, V) decoder outputs at positions 0..T-1
