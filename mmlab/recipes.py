@@ -777,13 +777,23 @@ class DinoRecipe(RunFields):
                          self.warmup_teacher_temp, self.warmup_teacher_temp_steps, self.centering,
                          ibot_weight=self.ibot_weight, mask_ratio=self.mask_ratio, koleo_weight=self.koleo_weight)
 
+# %% ../nbs/08a_recipes.ipynb #3b39cb52
+def multi_crop(size:int,              # side of every crop (the tower's image size)
+               global_scale:float,     # smallest area of a global crop (up to the whole image)
+               local_scale:float,      # smallest area of a local crop (up to global_scale)
+               local_crops:int,        # local crops per image
+               n_global:int=2,         # global crops per image
+              ):
+    "images -> (global views, local views): the multi-crop of DINO and SwAV (Caron et al. 2020), every crop at `size`."
+    glob = image_augment(size=size, scale=(global_scale, 1.0))
+    local = image_augment(size=size, scale=(local_scale, global_scale))
+    return lambda x: (augment_views(x, glob, n_global), augment_views(x, local, local_crops))
+
+
 # %% ../nbs/08a_recipes.ipynb #1147df08
 @patch
 def make_loss(self:DinoRecipe):
-    size = ViTConfig.preset(self.size).img_size[0]
-    glob = image_augment(size=size, scale=(self.global_scale, 1.0))
-    local = image_augment(size=size, scale=(self.local_scale, self.global_scale))
-    views = lambda x: (augment_views(x, glob, 2), augment_views(x, local, self.local_crops))   # 2 global, then local
+    views = multi_crop(ViTConfig.preset(self.size).img_size[0], self.global_scale, self.local_scale, self.local_crops)
     return lambda model, batch: model.loss_terms(*views(batch["image"]))   # {"dino"}, + "ibot", "koleo" when on
 
 @patch
@@ -796,17 +806,6 @@ def evaluate(self:DinoRecipe, model, batch:dict, label_names:list|None, train_ba
     return knn(model.teacher.module["encoder"], "image") | knn(model.online["encoder"], "image_student")
 
 # %% ../nbs/08a_recipes.ipynb #d8a1696e
-def multi_crop(size:int,              # side of every crop (the tower's image size)
-               global_scale:float,     # smallest area of a global crop (up to the whole image)
-               local_scale:float,      # smallest area of a local crop (up to global_scale)
-               local_crops:int,        # local crops per image
-               n_global:int=2,         # global crops per image
-              ):
-    "images -> (global views, local views): the multi-crop of DINO and SwAV (Caron et al. 2020), every crop at `size`."
-    glob = image_augment(size=size, scale=(global_scale, 1.0))
-    local = image_augment(size=size, scale=(local_scale, global_scale))
-    return lambda x: (augment_views(x, glob, n_global), augment_views(x, local, local_crops))
-
 class FreezePrototypes(Callback):
     "SwAV's start: parameters named `*prototypes` get no gradient (so no update) while fewer than `steps` updates are done."
     def __init__(self, steps:int): self.steps = steps

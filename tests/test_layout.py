@@ -230,7 +230,7 @@ def test_every_preset_saves_loads_and_hands_back_its_towers(name, tmp_path):
         model_from_config(model_config(tower)).load_state_dict(tower.state_dict(), strict=True)
 
 
-PRESET_OF_RECIPE = {"mae": "mae_tiny", "byol": "byol_tiny", "dino": "dino_tiny", "hubert": "hubert_tiny", "av-mae": "av_mae_tiny"}
+PRESET_OF_RECIPE = {"mae": "mae_tiny", "byol": "byol_tiny", "dino": "dino_tiny", "hubert": "hubert_tiny", "av-mae": "av_mae_tiny", "swav": "swav_tiny"}
 
 @pytest.mark.parametrize("recipe_name", list(PRESET_OF_RECIPE))
 def test_recipe_models_are_the_presets(recipe_name):
