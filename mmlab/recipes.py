@@ -469,6 +469,8 @@ def model_device(model:nn.Module) -> torch.device:
     "The device of a model's parameters."
     return next(model.parameters()).device
 
+
+# %% ../nbs/08a_recipes.ipynb #4fd649e6
 def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cls, extra: a subclass and its options (FlipMAE)
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
@@ -755,12 +757,10 @@ class DinoRecipe(RunFields):
     mask_ratio: float = 0.3       # iBOT: fraction of each global crop's patches hidden from the student (iBOT: 0.1-0.5)
     koleo_weight: float = 0.0     # KoLeo: weight of the nearest-neighbour spreading term (0: off; DINOv2: 0.1)
     centering: str = "center"     # center: running mean of the teacher (DINO) | sinkhorn: Sinkhorn-Knopp on each batch (DINOv2)
-
     name, modalities = "dino", ("image",)
     def __post_init__(self):
         super().__post_init__()
-        _ints(self, "out_dim", "hidden", "bottleneck"); _choice(self, "head_bn", (True, False))
-        _ints(self, "local_crops", least=0)
+        _ints(self, "out_dim", "hidden", "bottleneck"); _ints(self, "local_crops", least=0); _choice(self, "head_bn", (True, False))
         _check(self, lambda v: v >= 0, ">= 0 (0: off)", "ibot_weight", "koleo_weight"); _fraction(self, "mask_ratio")
         v = ViTConfig.preset(self.size); n = (v.img_size[0] // v.patch_size[0]) * (v.img_size[1] // v.patch_size[1]) if self.ibot_weight else 0
         _check(self, lambda v: not n or 0 < round(v * n) < n, f"a fraction hiding at least 1 and fewer than all {n} patches", "mask_ratio")
