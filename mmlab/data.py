@@ -1040,7 +1040,7 @@ def _batches(self:ShardDataset):
     for _ in itertools.islice(stream, start): pass                   # read, not decoded
     batch, carry = [], []
     for i, s in enumerate(stream, start):
-        batch.append(self._decode(s, i))
+        batch.append(self._decode(s, i * slots + slot))   # an ordinal no other reader gives
         if len(batch) == B:
             if any(isinstance(x, dict) for x in batch): yield collate(carry + batch, pad_id=self.pad_id); carry = []
             else: carry += batch                                     # all skipped: the reasons go with the next batch

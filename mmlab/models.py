@@ -856,6 +856,10 @@ def add_ibot(self:DINOModel, encoder:nn.Module, out_dim:int, student_temp:float,
     if not isinstance(encoder, ViTEncoder):
         raise InputTypeError(f"DINOModel: ibot_weight > 0 masks image patches and needs a ViTEncoder, got {type(encoder).__name__}")
     num_masked(math.prod(encoder.grid_size), self.mask_ratio, "DINOModel (iBOT's mask_ratio)")   # hides >= 1 and not all
+    if self.args["centering"] != "center" or self.args["warmup_teacher_temp_steps"]:   # the patch loss has neither yet
+        raise ConfigError(f"DINOModel: ibot_weight > 0 uses DINO's running centre and a fixed teacher temperature for the "
+                          f"patches; expected centering='center' and warmup_teacher_temp_steps=0, got centering="
+                          f"{self.args['centering']!r}, warmup_teacher_temp_steps={self.args['warmup_teacher_temp_steps']}")
     self.mask_token = nn.Parameter(0.02 * torch.randn(encoder.embed_dim))
     self.patch_criterion = IBOTPatchLoss(out_dim, student_temp, teacher_temp, center_momentum)
 

@@ -140,10 +140,12 @@ def _check_switches(r):
                           f"loss='clip', text among the modalities, grad_cache=0 and label_smoothing=0, got loss={r.loss!r}, "
                           f"modalities={','.join(r.modalities)}, grad_cache={r.grad_cache}, label_smoothing={r.label_smoothing}")
     _ints(r, "queue_size", least=0); _check(r, lambda v: 0 <= v <= 1, "a momentum in [0, 1]", "queue_momentum")
-    if r.queue_size and (r.loss != "clip" or r.grad_cache or r.hard_negatives != "none" or r.label_smoothing):
+    masked = r.image_mask_ratio or r.audio_mask_ratio           # the queue's key encoder sees whole inputs: no FLIP beside it
+    if r.queue_size and (r.loss != "clip" or r.grad_cache or r.hard_negatives != "none" or r.label_smoothing or masked):
         raise ConfigError(f"{r.name}.queue_size={r.queue_size} adds queued keys to the plain clip loss; expected loss='clip', "
-                          f"grad_cache=0, hard_negatives='none' and label_smoothing=0, got loss={r.loss!r}, grad_cache={r.grad_cache}, "
-                          f"hard_negatives={r.hard_negatives!r}, label_smoothing={r.label_smoothing}")
+                          f"grad_cache=0, hard_negatives='none', label_smoothing=0 and no FLIP masking, got loss={r.loss!r}, "
+                          f"grad_cache={r.grad_cache}, hard_negatives={r.hard_negatives!r}, label_smoothing={r.label_smoothing}, "
+                          f"image_mask_ratio={r.image_mask_ratio}, audio_mask_ratio={r.audio_mask_ratio}")
     r.pairs = parse_pairs(r)
     _check_matching(r)                                  # itm_weight, teacher, kd_weight, feature_kd_weight
 
@@ -247,6 +249,10 @@ def _check_matching(r):
         raise ConfigError(f"{r.name}: teacher={r.teacher!r}, kd_weight={r.kd_weight}, feature_kd_weight={r.feature_kd_weight}: "
                           f"expected a teacher run folder together with kd_weight > 0 or feature_kd_weight > 0, or neither")
     if not (r.itm_weight or distil): return
+    others = {k: getattr(r, k) for k in ("queue_size", "image_mask_ratio", "audio_mask_ratio") if getattr(r, k)}
+    if others:   # their losses replace the plain contrastive one that matching and distillation extend
+        raise ConfigError(f"{r.name}: itm_weight and distillation extend the plain clip loss on whole inputs; expected them "
+                          f"without {', '.join(f'{k}={v}' for k, v in others.items())}")
     if r.grad_cache or r.loss == "symile":
         raise ConfigError(f"{r.name}: itm_weight and distillation add terms on the whole batch's pairs; expected grad_cache=0 "
                           f"and loss clip or siglip, got grad_cache={r.grad_cache}, loss={r.loss!r}")

@@ -212,3 +212,15 @@ def test_flip_mae_registered_saves_loads_and_hands_back_towers(tmp_path, batch):
     loaded = load_model(save_model(m, tmp_path / "fm"))
     assert type(loaded) is FlipMAE and all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
     assert m.encoder("image") is m.towers["image"] and isinstance(m, MultiModalModel)
+
+@pytest.mark.parametrize("recipe, kw, why", [
+    ("clip", dict(queue_size="8", image_mask_ratio="0.5"), "no FLIP masking"),           # the key encoder sees whole inputs
+    ("flip-mae", dict(queue_size="8"), "no FLIP masking"),
+    ("clip", dict(itm_weight="1", image_mask_ratio="0.5"), "without image_mask_ratio=0.5"),
+    ("clip", dict(itm_weight="1", queue_size="8"), "without queue_size=8"),
+    ("flip-mae", dict(itm_weight="1"), "without image_mask_ratio=0.5"),
+])
+def test_switches_that_would_drop_each_other_are_refused(recipe, kw, why):
+    "Two switches whose losses replace each other raise a ConfigError naming both, instead of one silently winning."
+    from mmlab.recipes import get_recipe
+    with pytest.raises(ConfigError, match=why): get_recipe(recipe, **kw)

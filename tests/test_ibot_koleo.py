@@ -220,3 +220,9 @@ def test_bad_ibot_settings_are_refused_early():
     from mmlab.encoders import AudioConfig, AudioEncoder
     with pytest.raises(InputTypeError, match="needs a ViTEncoder, got AudioEncoder"):
         DINOModel(AudioEncoder(AudioConfig.preset("tiny")), ibot_weight=1.0)
+
+@pytest.mark.parametrize("kw", [dict(centering="sinkhorn"), dict(warmup_teacher_temp_steps=5)])
+def test_ibot_refuses_the_switches_its_patch_loss_lacks(kw):
+    "iBOT's patch loss keeps DINO's running centre and a fixed temperature: other DINO switches with it are refused."
+    with pytest.raises(ConfigError, match="ibot_weight > 0"):
+        DINOModel(ViTEncoder(ViTConfig.preset("tiny")), ibot_weight=1.0, **kw)
