@@ -383,7 +383,7 @@ def feature_kd_loss(student:Tensor, # (B, E_T) student embeddings, already proje
     dims = check_shape(student, "feature_kd_loss: student", ("B", "E"))
     check_shape(teacher, "feature_kd_loss: teacher", ("B", "E"), dims)
     if kind == "mse": return F.mse_loss(student, teacher.detach())
-    if kind == "cosine": return (1 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+    if kind == "cosine": return 1 + negative_cosine(student, teacher)          # SimSiam's D, shifted to start at 0
     raise InputError(f"feature_kd_loss: kind={kind!r}; expected one of {', '.join(FEATURE_KD)}")
 
 
