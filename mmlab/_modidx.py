@@ -943,6 +943,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mmlab.recipes.TeacherUpdate.on_step_start': ( 'recipes.html#teacherupdate.on_step_start',
                                                                               'mmlab/recipes.py'),
                                'mmlab.recipes._check': ('recipes.html#_check', 'mmlab/recipes.py'),
+                               'mmlab.recipes._check_crops': ('recipes.html#_check_crops', 'mmlab/recipes.py'),
                                'mmlab.recipes._check_matching': ('recipes.html#_check_matching', 'mmlab/recipes.py'),
                                'mmlab.recipes._check_resumable': ('recipes.html#_check_resumable', 'mmlab/recipes.py'),
                                'mmlab.recipes._check_switches': ('recipes.html#_check_switches', 'mmlab/recipes.py'),

@@ -773,9 +773,7 @@ class DinoRecipe(RunFields):
         _check(self, lambda v: v > 0, "a temperature > 0", "student_temp", "teacher_temp", "warmup_teacher_temp")
         _ints(self, "warmup_teacher_temp_steps", least=0); _choice(self, "centering", CENTERINGS)
         _check(self, lambda v: 0 <= v <= 1, "a value in [0, 1]", "center_momentum", "base_momentum")
-        if not 0 < self.local_scale < self.global_scale <= 1:
-            raise ConfigError(f"dino: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
-                              f"global_scale={self.global_scale!r}")
+        _check_crops(self)
     def make_model(self):
         torch.manual_seed(self.seed)
         return DINOModel(ViTEncoder(ViTConfig.preset(self.size)), self.out_dim, self.hidden, self.bottleneck, self.steps,
@@ -794,6 +792,12 @@ def multi_crop(size:int,              # side of every crop (the tower's image si
     glob = image_augment(size=size, scale=(global_scale, 1.0))
     local = image_augment(size=size, scale=(local_scale, global_scale))
     return lambda x: (augment_views(x, glob, n_global), augment_views(x, local, local_crops))
+
+def _check_crops(r):
+    "A multi-crop recipe's crop areas: 0 < local_scale < global_scale <= 1."
+    if not 0 < r.local_scale < r.global_scale <= 1:
+        raise ConfigError(f"{r.name}: expected 0 < local_scale < global_scale <= 1, got local_scale={r.local_scale!r}, "
+                          f"global_scale={r.global_scale!r}")
 
 
 # %% ../nbs/08a_recipes.ipynb #1147df08
@@ -841,9 +845,7 @@ class SwavRecipe(RunFields):
         super().__post_init__()
         _ints(self, "dim", "hidden", "prototypes"); _ints(self, "sinkhorn_iters", "freeze_prototypes_steps", "local_crops", least=0)
         _check(self, lambda v: v > 0, "a temperature > 0", "temperature", "epsilon")
-        if not 0 < self.local_scale < self.global_scale <= 1:
-            raise ConfigError(f"swav: expected 0 < local_scale < global_scale <= 1, got local_scale={self.local_scale!r}, "
-                              f"global_scale={self.global_scale!r}")
+        _check_crops(self)
     def make_model(self):
         torch.manual_seed(self.seed)
         return SwavModel(ViTEncoder(ViTConfig.preset(self.size)), self.dim, self.hidden, self.prototypes, self.temperature,
