@@ -37,18 +37,19 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 
 # %% auto #0
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
-           'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES', 'USAGE',
-           'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields', 'FlipFields', 'ClipRecipe',
-           'matching_extras', 'itm_terms', 'distill_terms', 'load_teacher', 'matching_loss_fn', 'itm_rerank_eval',
-           'matching_metrics', 'parse_pairs', 'train_pairs', 'is_shards', 'is_manifest', 'label_names', 'LabelIndex',
-           'split_dataset', 'load_split', 'mismatched_modality', 'train_split', 'train_data', 'model_device',
-           'build_model', 'pair_loss', 'contrastive_terms', 'contrastive_loss_fn', 'flip_masks', 'swap_colours',
-           'hard_negative_texts', 'pair_term', 'queue_terms', 'class_prompts', 'prompt_encoder', 'text_classes',
-           'evaluate', 'compositional_eval', 'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe',
-           'DinoRecipe', 'multi_crop', 'FreezePrototypes', 'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe',
-           'RunResult', 'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default',
-           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
-           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'ACTION_TEMPLATES', 'TIE', 'RUN_FILES',
+           'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields',
+           'FlipFields', 'ClipRecipe', 'matching_extras', 'itm_terms', 'distill_terms', 'load_teacher',
+           'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs', 'train_pairs', 'is_shards',
+           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'mismatched_modality',
+           'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_terms',
+           'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term', 'queue_terms',
+           'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval', 'knn_metrics',
+           'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'multi_crop', 'FreezePrototypes',
+           'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe',
+           'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe', 'parse_overrides', 'export_manifest',
+           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
+           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -595,9 +596,11 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 WORD_TEMPLATES = ["{}", "a handwritten {}", "number {}", "this is a {}", "the spoken word {}"]
 NUMERAL_TEMPLATES = ["{}", "the digit {}", "the number {}"]
 GENERIC_TEMPLATES = ["{}", "a {}", "this is a {}", "a picture of a {}", "the sound of a {}"]
+ACTION_TEMPLATES = ["{}", "something {}", "a shape {}", "a video of something {}", "the sound of something {}"]
 
 def class_prompts(label_names:list[str]) -> list[list[str]]:
-    "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); else generic ones."
+    "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); actions ('moving left') take action templates; else generic ones."
+    if all(n.split()[0].endswith("ing") for n in label_names): return build_prompts(label_names, ACTION_TEMPLATES)   # motion
     if list(label_names) != DIGIT_WORDS: return build_prompts(label_names, GENERIC_TEMPLATES)
     words, numerals = build_prompts(label_names, WORD_TEMPLATES), build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES)
     return [p + q for p, q in zip(words, numerals)]
@@ -670,7 +673,7 @@ def knn_metrics(model,                  # the model `feats` runs (in eval mode, 
 # %% ../nbs/08a_recipes.ipynb #f9649dcc
 @dataclass
 class MaeRecipe(RunFields):
-    "Masked autoencoding of images (MAE); evaluated by kNN on the frozen encoder."
+    "Masked autoencoding of images (MAE; `videomae` below: of videos); evaluated by kNN on the frozen encoder."
     mask_ratio: float = 0.75      # MAE: hide 75 % of the patches
     decoder_dim: int = 64         # light decoder (MAE: narrower and shallower than the encoder)
     decoder_depth: int = 1        # decoder blocks
@@ -683,15 +686,16 @@ class MaeRecipe(RunFields):
         _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _ints(self, "decoder_dim", "decoder_depth")
     def make_model(self):
         torch.manual_seed(self.seed)
-        return MAE(ViTEncoder(ViTConfig.preset(self.size)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+        return MAE(make_tower(self.modalities[0], self.size), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                    decoder_heads=2, mask_ratio=self.mask_ratio, norm_pix=self.norm_pix)
-    def make_loss(self): return lambda model, batch: model(batch["image"]).loss
+    def make_loss(self): return lambda model, batch: model(batch[self.modalities[0]]).loss
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
         "kNN accuracy of the encoder's pooled features (train -> `batch`) and the masked-patch loss on `batch`."
-        m = knn_metrics(model, lambda b: model.encoder("image")(b["image"]).pooled, train_batch, batch, label_names, "image")
+        x = self.modalities[0]                                    # image (video in the videomae recipe)
+        m = knn_metrics(model, lambda b: model.encoder(x)(b[x]).pooled, train_batch, batch, label_names, x)
         g = torch.Generator(model_device(model)).manual_seed(0)   # the same masks every evaluation
-        mse = embed(model, batch, lambda m, b: m(b["image"], generator=g).loss.expand(len(b["image"])))
-        return m | {"mae/image/masked_mse": mse.mean().item()}   # mean over examples
+        mse = embed(model, batch, lambda m, b: m(b[x], generator=g).loss.expand(len(b[x])))
+        return m | {f"mae/{x}/masked_mse": mse.mean().item()}   # mean over examples
 
 # %% ../nbs/08a_recipes.ipynb #d9327726
 class TeacherUpdate(Callback):
@@ -1102,6 +1106,17 @@ RECIPES["swav"] = SwavRecipe
 
 # %% ../nbs/08a_recipes.ipynb #48d38a5d
 RECIPES["flip-mae"] = FlipMaeRecipe   # CLIP + MAE from one masked image pass (its section above)
+
+# %% ../nbs/08a_recipes.ipynb #58d5fe27
+@dataclass
+class VideoMaeRecipe(MaeRecipe):
+    "VideoMAE (Tong et al. 2022): the mae recipe on the video tower, tube masks hiding 90 % of each frame's positions."
+    dataset: str = "motion"       # clips: the bundled motion set, or a manifest/shards with a video column
+    mask_ratio: float = 0.9       # VideoMAE: tubes hide 90 % (neighbouring frames repeat each other; tubes stop copying)
+    name, modalities = "videomae", ("video",)   # fixed: one modality
+
+RECIPES["videomae"] = VideoMaeRecipe   # the MAE objective on video (chapter 05b's MAE takes a VideoEncoder)
+
 
 # %% ../nbs/08a_recipes.ipynb #f4fe62b9
 def parse_overrides(args:list[str]) -> dict:

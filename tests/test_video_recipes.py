@@ -1,0 +1,95 @@
+"""Video in the models and recipes: the one MAE on a video tower (VideoMAE's tube masks), the videomae recipe, and
+video through the contrastive recipe (video-text vs the single-frame image-text baseline on the motion set)."""
+import itertools, shutil
+
+import pytest
+import torch
+
+from mmlab.core import ConfigError, InputError
+from mmlab.masking import tube_mask
+from mmlab.models import MAE, MODEL_CLASSES, create_model, load_model, make_tower, save_model, tower_modality
+
+torch.set_num_threads(1)
+
+
+def video_mae(**kw):
+    torch.manual_seed(0)
+    return MAE(make_tower("video", "tiny"), **{**dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, mask_ratio=0.9), **kw})
+
+
+def test_video_tower_is_registered_and_mae_takes_it():
+    m = video_mae()
+    assert "VideoEncoder" in MODEL_CLASSES and "video_tiny" in __import__("mmlab.models").models.list_models("video_*")
+    assert tower_modality(m.tower) == "video" and list(m.encoders()) == ["video"] and m.encoder("video") is m.tower
+    assert len(m.grid) == 3 and m.grid == m.tower.grid_size
+
+
+def test_tube_masks_hide_the_same_positions_at_every_time_step():
+    m = video_mae(); T_, gh, gw = m.grid; S = gh * gw
+    mask = m.make_mask(5, generator=torch.Generator().manual_seed(1)).mask.view(5, T_, S)
+    assert torch.equal(mask, mask[:, :1].expand_as(mask))                      # one spatial mask, every time step
+    assert (mask[:, 0].sum(1) == round(0.9 * S)).all()                         # VideoMAE: 90 % of each frame's positions
+    ref = tube_mask(5, T_, S, 0.9, generator=torch.Generator().manual_seed(1)).mask
+    assert torch.equal(mask.view(5, -1), ref)                                  # the masking chapter's tube_mask itself
+    out = m(torch.rand(5, *m.tower.example_inputs(1)["x"].shape[1:]), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out.mask.mask, ref)
+
+
+def naive_video_mae_loss(video, pred_video, hidden, grid, tubelet, patch, eps=1e-6):
+    "Float64 reference: for each hidden tubelet, its pixels standardised by their own mean and unbiased variance, MSE to the prediction."
+    T_, gh, gw = grid; ph, pw = patch; total, count = 0.0, 0
+    for b, t, i, j in itertools.product(range(video.shape[0]), range(T_), range(gh), range(gw)):
+        if not hidden[b, t * gh * gw + i * gw + j]: continue                   # tokens are time-major
+        sl = (b, slice(t * tubelet, (t + 1) * tubelet), slice(None), slice(i * ph, (i + 1) * ph), slice(j * pw, (j + 1) * pw))
+        x, p = video[sl].double().flatten(), pred_video[sl].double().flatten()
+        target = (x - x.mean()) / (x.var() + eps).sqrt()
+        total += ((p - target) ** 2).mean().item(); count += 1
+    return total / count
+
+
+def test_video_mae_loss_equals_a_float64_naive_reconstruction_mse():
+    m = video_mae().double().eval(); cfg = m.tower.config
+    video = torch.rand(2, cfg.num_frames, cfg.in_chans, *cfg.img_size, dtype=torch.float64)
+    out = m(video, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.tower.unpatchify(m.tower.patchify(video)), video)    # the patch layout is invertible
+    pred_video = m.tower.unpatchify(out.pred)                                  # predictions laid out as pixels
+    ref = naive_video_mae_loss(video, pred_video, out.mask.mask, m.grid, cfg.tubelet, cfg.patch_size)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-10)
+    rec = m.reconstruct(video, out)                                            # the video back, visible tubelets as they were
+    assert rec.shape == video.shape
+    keep = ~out.mask.mask
+    assert torch.equal(m.tower.patchify(rec)[keep], m.tower.patchify(video.clamp(0, 1))[keep])
+
+
+def test_hidden_tubelets_do_not_leak_into_the_encoder():
+    m = video_mae().eval(); cfg = m.tower.config
+    video = torch.rand(2, cfg.num_frames, cfg.in_chans, *cfg.img_size)
+    out = m(video, generator=torch.Generator().manual_seed(0))
+    noise = m.tower.unpatchify(out.mask.mask[..., None].float().expand(-1, -1, out.pred.shape[-1]))   # 1 on hidden pixels
+    same = m.encode(video + 5 * torch.randn_like(video) * noise, out.mask)
+    assert torch.allclose(same, m.encode(video, out.mask), atol=1e-6)
+    assert (m.encode(video + torch.randn_like(video) * (1 - noise), out.mask) - same).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 0.99, 0.01])
+def test_a_ratio_that_hides_no_or_every_position_is_refused(ratio):
+    with pytest.raises(InputError, match=r"MAE: "):
+        video_mae(mask_ratio=ratio)                      # 16 positions per frame: 0.99 hides all 16, 0.01 none
+
+
+def test_video_mae_saves_and_loads_bit_identically(tmp_path):
+    m = video_mae().eval()
+    inputs = m.example_inputs(2, torch.Generator().manual_seed(3))
+    path = save_model(m, tmp_path / "vmae")
+    back = load_model(path).eval()
+    assert type(back.tower).__name__ == "VideoEncoder" and back.mask_ratio == 0.9
+    a, b = m(**inputs), back(**inputs)
+    assert torch.equal(a.pred, b.pred) and torch.equal(a.loss, b.loss)
+
+
+def test_image_mae_keeps_random_masks():
+    m = create_model("mae_tiny")
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    from mmlab.masking import random_mask
+    assert torch.equal(m.make_mask(3, generator=g1).mask, random_mask(3, 16, 0.75, generator=g2).mask)
+    assert list(m.encoders()) == ["image"]
