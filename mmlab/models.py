@@ -1052,3 +1052,10 @@ for _s in ("tiny", "small"):
 # %% ../nbs/05b_models.ipynb #59b55a68
 flip_mae_tiny = _preset("flip_mae_tiny", "Image-text FlipMAE from tiny towers (E=32): CLIP plus a decoder 64 wide, 1 block, 2 heads.",
                         lambda **kw: FlipMAE({m: make_tower(m, "tiny") for m in ("image", "text")}, **{"proj_dim": 32, **kw}))
+
+# %% ../nbs/05b_models.ipynb #fe953d9b
+for _s in ("tiny", "small"):
+    _preset(f"videomae_{_s}", f"VideoMAE on the {_s} video tower: decoder 64 wide, 1 block, 2 heads, tube masks of ratio 0.9 (the videomae recipe's defaults).",
+            lambda size=_s, **kw: MAE(make_tower("video", size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2,
+                                                                            mask_ratio=0.9, norm_pix=True), **kw}))
+
