@@ -21,7 +21,8 @@ from .core import ConfigError, InputError, ShapeError, InputTypeError, MissingFi
 __all__ = ['SIZES', 'attention_probs', 'Attention', 'CrossAttention', 'drop_path', 'DropPath', 'Mlp', 'Block', 'set_fused_attn',
            'patchify', 'unpatchify', 'PatchEmbed', 'sincos_1d', 'sincos_2d', 'resize_pos_embed', 'ConfigBase',
            'TowerConfig', 'EncoderOutput', 'gather_tokens', 'TransformerEncoder', 'ViTConfig', 'ViTEncoder',
-           'patchify_spec', 'unpatchify_spec', 'AudioConfig', 'AudioEncoder', 'TextConfig', 'TextEncoder',
+           'patchify_spec', 'unpatchify_spec', 'AudioConfig', 'AudioEncoder', 'TextConfig', 'TextEncoder', 'sincos_3d',
+           'patchify_video', 'unpatchify_video', 'TubeletEmbed', 'VideoConfig', 'DividedBlock', 'VideoEncoder',
            'ProjectionHead', 'tower_inputs', 'FusionConfig', 'FusionBlock', 'FusionEncoder', 'MoMEBlock',
            'attention_layers', 'capture_attention', 'HFEncoder', 'minilm_path', 'minilm_text_encoder',
            'minilm_tokenizer', 'count_params', 'count_flops']
@@ -325,7 +326,7 @@ def gather_tokens(x:torch.Tensor,         # (B, N, ...) tokens (or a (B, N) map 
 # %% ../nbs/02_encoders.ipynb #c06c2d4e
 def _init_weights(m:nn.Module):
     "MAE / timm initialisation: xavier-uniform linears (and patch convs, flattened), zero biases, unit norms."
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
         if m.bias is not None: nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
@@ -680,6 +681,207 @@ class TextEncoder(TransformerEncoder):
         ids = torch.randint(1, self.config.vocab_size, (batch_size, L), generator=generator)
         pad = torch.zeros(batch_size, L, dtype=torch.bool); pad[1:, L // 2:] = True
         return dict(x=ids.masked_fill(pad, 0), padding_mask=pad)
+
+# %% ../nbs/02_encoders.ipynb #a3c0d463
+def sincos_3d(grid_t:int, grid_h:int, grid_w:int,  # grid: time steps T', rows gh, columns gw
+              dim:int,                              # code width D, even and >= 6
+             ) -> torch.Tensor:                     # (T'*gh*gw, D), time-major: index t*(gh*gw) + r*gw + c
+    "Separable space-time sin-cos code: channels [time | row | column], 2*floor(D/6) for rows and for columns, the rest for time."
+    if dim % 2 or dim < 6: raise ConfigError(f"sincos_3d: dim must be even and >= 6, got {dim}")
+    ds = 2 * (dim // 6)                               # equal thirds when 6 divides D (192, 768); time takes the rest
+    t, r, c = torch.meshgrid(torch.arange(grid_t), torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([sincos_1d(t.flatten(), dim - 2 * ds), sincos_1d(r.flatten(), ds), sincos_1d(c.flatten(), ds)], dim=1)
+
+# %% ../nbs/02_encoders.ipynb #d986452d
+def patchify_video(video:torch.Tensor,  # (B, T, C, H, W) frames first; T divisible by `tubelet`
+                   tubelet:int,         # frames per token
+                   patch_size,          # p or (ph, pw)
+                  ) -> torch.Tensor:    # (B, T'*gh*gw, tubelet*ph*pw*C), time-major
+    "Cut clips into tubelets (VideoMAE's cubes), each flattened as (tubelet, ph, pw, C)."
+    ph, pw = _pair(patch_size)
+    check_shape(video, "video", ("B", "T", "C", "H", "W"))
+    B, T, C, H, W = video.shape
+    if T % tubelet or H % ph or W % pw:
+        raise ShapeError(f"patchify_video: clip of {T} frames of {H}x{W} does not divide into tubelets of "
+                         f"{tubelet} frames x {ph}x{pw} pixels; crop or resample to multiples")
+    x = video.reshape(B, T // tubelet, tubelet, C, H // ph, ph, W // pw, pw)
+    return torch.einsum("btkchpwq->bthwkpqc", x).reshape(B, -1, tubelet * ph * pw * C)
+
+def unpatchify_video(x:torch.Tensor,    # (B, N, tubelet*ph*pw*C) from `patchify_video`
+                     tubelet:int, patch_size,
+                     grid,              # (T', gh, gw), T'*gh*gw = N
+                     in_chans:int=3,    # C
+                    ) -> torch.Tensor:  # (B, T'*tubelet, C, gh*ph, gw*pw)
+    "Inverse of `patchify_video`."
+    ph, pw = _pair(patch_size); gt, gh, gw = grid
+    check_shape(x, "x", ("B", gt * gh * gw, tubelet * ph * pw * in_chans))
+    x = x.reshape(x.shape[0], gt, gh, gw, tubelet, ph, pw, in_chans)
+    return torch.einsum("bthwkpqc->btkchpwq", x).reshape(x.shape[0], gt * tubelet, in_chans, gh * ph, gw * pw)
+
+# %% ../nbs/02_encoders.ipynb #ca9078f3
+class TubeletEmbed(nn.Module):
+    "Linear embedding of non-overlapping tubelets (ViViT / VideoMAE cube embedding), as a stride = kernel Conv3d."
+    def __init__(self, tubelet:int=2,            # frames per token
+                 patch_size=16,                 # (ph, pw)
+                 in_chans:int=3, embed_dim:int=768, bias:bool=True):
+        super().__init__()
+        self.tubelet, self.patch_size, self.in_chans = tubelet, _pair(patch_size), in_chans
+        k = (tubelet, *self.patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=k, stride=k, bias=bias)
+
+    def forward(self, x:torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W) -> (B, T', gh, gw, D)
+        return self.proj(x.transpose(1, 2)).permute(0, 2, 3, 4, 1)
+
+# %% ../nbs/02_encoders.ipynb #7894896e
+@dataclass
+class VideoConfig(TowerConfig):
+    "Video Transformer over tubelets (ViViT, Arnab et al. 2021; VideoMAE, Tong et al. 2022): joint or divided attention."
+    num_frames: int = 8             # T frames per clip
+    img_size: tuple = (32, 32)      # (H, W) of each frame
+    patch_size: tuple = (8, 8)      # (ph, pw)
+    tubelet: int = 2                # frames per token: T' = T / tubelet time steps
+    in_chans: int = 3
+    attention: str = "joint"        # joint (all T'*S tokens) | divided (TimeSformer: time, then space, per block)
+    class_token: bool = False       # VideoMAE pools the mean of the tokens
+    pool: str = "mean"
+
+    SINCOS_AXES = 1                 # `sincos_3d` splits any even width over time, rows and columns
+    PRESETS = {"tiny": dict(), "small": dict(num_frames=16, img_size=64),
+               "base": dict(num_frames=16, img_size=224, patch_size=16)}   # ViT-B VideoMAE: 8x14x14 tokens
+
+    def __post_init__(self): _tuple_fields(self, ("img_size", "patch_size"))
+
+    def validate(self):
+        super().validate()
+        if self.num_frames % self.tubelet or self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ConfigError(f"VideoConfig: num_frames={self.num_frames} x img_size {self.img_size} does not divide into "
+                              f"tubelets of {self.tubelet} frames x {self.patch_size} pixels")
+        if self.attention not in ("joint", "divided"):
+            raise ConfigError(f"VideoConfig: attention={self.attention!r}; expected 'joint' or 'divided'")
+        if self.attention == "divided" and self.class_token:
+            raise ConfigError("VideoConfig: attention='divided' has no [CLS] token here (every token belongs to one "
+                              "frame and one position); use class_token=False, pool='mean'")
+        return self
+
+# %% ../nbs/02_encoders.ipynb #773c122f
+class DividedBlock(Block):
+    "Divided space-time block (TimeSformer, Bertasius et al. 2021): temporal attention, then the `Block` (spatial attention, MLP)."
+    def __init__(self, dim:int, num_heads:int, mlp_ratio:float=4., qkv_bias:bool=True, qk_norm:bool=False,
+                 proj_drop:float=0., attn_drop:float=0., drop_path:float=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 fused_attn:bool=True,
+                 frames:int=1,                  # T' time steps; tokens arrive time-major (B, T'*S, D)
+                ):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop, attn_drop, drop_path, act_layer,
+                         norm_layer, fused_attn)
+        self.frames = frames
+        self.norm_t = norm_layer(dim)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer, fused_attn)
+        self.drop_path_t = DropPath(drop_path)
+        first = ("norm_t", "temporal_attn", "drop_path_t")     # registration order = forward order (what capture lists)
+        self._modules = {k: self._modules[k] for k in first + tuple(k for k in self._modules if k not in first)}
+
+    def forward(self, x:torch.Tensor,                       # (B, T'*S, D) tokens, time-major
+                attn_mask:torch.Tensor|None=None,           # must be None: clips have no padding
+               ) -> torch.Tensor:                           # (B, T'*S, D)
+        B, N, D = x.shape; T = self.frames
+        if attn_mask is not None: raise InputError("DividedBlock: attn_mask is not supported (video tokens have no padding)")
+        if N % T: raise ShapeError(f"DividedBlock: {N} tokens do not split into frames={T} time steps")
+        S = N // T
+        xt = self.norm_t(x).reshape(B, T, S, D).transpose(1, 2).reshape(B * S, T, D)     # one sequence per position
+        x = x + self.drop_path_t(self.temporal_attn(xt).reshape(B, S, T, D).transpose(1, 2).reshape(B, N, D))
+        xs = self.norm1(x).reshape(B * T, S, D)                                           # one sequence per frame
+        x = x + self.drop_path1(self.attn(xs).reshape(B, N, D))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+# %% ../nbs/02_encoders.ipynb #866d7cb2
+class VideoEncoder(TransformerEncoder):
+    "Video tower: tubelets -> tokens + space-time positions -> shared trunk (joint) or divided space-time blocks."
+    config_class = VideoConfig
+
+    def __init__(self, config:VideoConfig|None=None, **overrides):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        self.patch_embed = TubeletEmbed(cfg.tubelet, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.grid_size = (cfg.num_frames // cfg.tubelet, cfg.img_size[0] // cfg.patch_size[0], cfg.img_size[1] // cfg.patch_size[1])
+        if cfg.attention == "divided":                      # the same blocks, each with a temporal attention in front
+            dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+            self.blocks = nn.ModuleList([
+                DividedBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.qk_norm, cfg.drop_rate,
+                             cfg.attn_drop_rate, dpr[i], _ACTS[cfg.act], nn.LayerNorm, cfg.fused_attn, frames=self.grid_size[0])
+                for i in range(cfg.depth)])
+        if cfg.pos_embed == "learned": self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), cfg.embed_dim))
+        else: self.register_buffer("pos_embed", sincos_3d(*self.grid_size, cfg.embed_dim)[None], persistent=False)
+        self.init_weights()
+        if cfg.pos_embed == "learned": nn.init.normal_(self.pos_embed, std=0.02)
+
+# %% ../nbs/02_encoders.ipynb #70819b81
+@patch
+def patchify(self:VideoEncoder, video:torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W) -> (B, N, tubelet*ph*pw*C)
+    "Tubelet pixels in token order (VideoMAE targets)."
+    return patchify_video(video, self.config.tubelet, self.config.patch_size)
+
+@patch
+def unpatchify(self:VideoEncoder, x:torch.Tensor, grid=None) -> torch.Tensor:  # (B, N, tubelet*ph*pw*C) -> (B, T, C, H, W)
+    "Inverse of `patchify`; `grid` (T', gh, gw) defaults to the config's."
+    return unpatchify_video(x, self.config.tubelet, self.config.patch_size, grid or self.grid_size, self.config.in_chans)
+
+@patch
+def embed_patches(self:VideoEncoder, x:torch.Tensor) -> tuple:  # (B, T, C, H, W) -> ((B, N, D), (T', gh, gw))
+    "Tubelet embedding without positions, and the token grid; tokens are time-major."
+    check_shape(x, "video", ("B", "T", self.config.in_chans, "H", "W"))
+    if not x.is_floating_point():
+        raise InputError(f"VideoEncoder: video has dtype {x.dtype}; expected floats in [0, 1] (convert 8-bit frames with x.float() / 255)")
+    (ph, pw), k = self.config.patch_size, self.config.tubelet
+    if x.shape[1] % k or x.shape[3] % ph or x.shape[4] % pw:
+        raise ShapeError(f"VideoEncoder: clip of {x.shape[1]} frames of {x.shape[3]}x{x.shape[4]} does not divide into "
+                         f"tubelets of {k} frames x {ph}x{pw} pixels")
+    t = self.patch_embed(x)                                       # (B, T', gh, gw, D)
+    return t.flatten(1, 3), tuple(t.shape[1:4])
+
+@patch
+def pos_embed_for(self:VideoEncoder, grid) -> torch.Tensor:  # (1, T'*gh*gw, D)
+    "Space-time position codes for a token grid (sin-cos: computed for any grid; learned: the config's grid only)."
+    grid = tuple(grid)
+    if grid == self.grid_size: return self.pos_embed
+    if self.config.pos_embed == "learned":
+        raise ShapeError(f"VideoEncoder: learned positions cover the grid {self.grid_size}, got {grid}; use pos_embed='sincos'")
+    return sincos_3d(*grid, self.embed_dim)[None].to(self.pos_embed)
+
+@patch
+def add_pos(self:VideoEncoder, tokens:torch.Tensor, grid) -> torch.Tensor:
+    "Add the position codes of `grid` to tokens (B, T'*gh*gw, D)."
+    return tokens + self.pos_embed_for(grid)
+
+# %% ../nbs/02_encoders.ipynb #e23b3c17
+@patch
+def embed(self:VideoEncoder, x:torch.Tensor) -> tuple:     # (B, T, C, H, W) -> ((B, N, D), None)
+    "Tubelet tokens with positions; clips have no padding, so `valid` is None."
+    t, grid = self.embed_patches(x)
+    if self.config.attention == "divided" and grid[0] != self.grid_size[0]:
+        raise ShapeError(f"VideoEncoder: divided attention is built for {self.config.num_frames} frames, got "
+                         f"{x.shape[1]}; build the tower with num_frames={x.shape[1]}")
+    return self.add_pos(t, grid), None
+
+@patch
+def check_tube(self:VideoEncoder, visible_idx:torch.Tensor):
+    "Divided attention needs the same visible positions at every time step (a tube mask), listed time-major."
+    T, S = self.grid_size[0], self.grid_size[1] * self.grid_size[2]
+    B, K = visible_idx.shape
+    first = visible_idx[:, : K // T]
+    tube = first[:, None] + S * torch.arange(T, device=visible_idx.device)[None, :, None]      # (B, T', K/T')
+    if K % T or not torch.equal(visible_idx.reshape(B, T, -1), tube) or (first >= S).any():
+        raise InputError(f"VideoEncoder: divided attention encodes visible tokens only for tube patterns (the same spatial "
+                         f"positions, in the same order, at each of the {T} time steps, time-major); use tube_mask, or attention='joint'")
+
+@patch
+def _encode(self:VideoEncoder, x, visible_idx=None):
+    if visible_idx is not None and self.config.attention == "divided": self.check_tube(visible_idx)
+    return TransformerEncoder._encode(self, x, visible_idx=visible_idx)
+
+@patch
+def example_inputs(self:VideoEncoder, batch_size:int=2, generator=None) -> dict:
+    "Random clips of the config's size (B, T, C, H, W) in [0, 1], as keyword arguments of `forward`."
+    return dict(x=torch.rand(batch_size, self.config.num_frames, self.config.in_chans, *self.config.img_size, generator=generator))
 
 # %% ../nbs/02_encoders.ipynb #34c326cc
 class ProjectionHead(nn.Module):
