@@ -93,3 +93,55 @@ def test_image_mae_keeps_random_masks():
     from mmlab.masking import random_mask
     assert torch.equal(m.make_mask(3, generator=g1).mask, random_mask(3, 16, 0.75, generator=g2).mask)
     assert list(m.encoders()) == ["image"]
+
+
+# ---------------------------------------------------------------- the videomae recipe
+from mmlab.recipes import ClipRecipe, MaeRecipe, class_prompts, get_recipe, label_names, load_split, main, run_recipe
+from mmlab.train import latest_checkpoint, load_checkpoint
+
+VM = dict(batch_size=16, warmup_steps=2)
+
+
+def test_videomae_is_the_mae_recipe_with_video_defaults():
+    r = get_recipe("videomae")
+    assert isinstance(r, MaeRecipe) and (r.dataset, r.mask_ratio, r.modalities) == ("motion", 0.9, ("video",))
+    assert get_recipe("videomae", mask_ratio="0.8").mask_ratio == 0.8
+    with pytest.raises(ConfigError, match=r"videomae.mask_ratio=1.0: expected a fraction in \(0, 1\)"): get_recipe("videomae", mask_ratio=1.0)
+    m = r.make_model()
+    assert type(m.tower).__name__ == "VideoEncoder" and m.mask_ratio == 0.9
+    image = get_recipe("mae").make_model()                                     # the image form is unchanged
+    assert type(image.tower).__name__ == "ViTEncoder" and image.mask_ratio == 0.75
+
+
+def test_videomae_trains_with_a_falling_loss_and_evaluates():
+    res = run_recipe(get_recipe("videomae", steps=12, **VM), n_train=64, n_eval=48)
+    h = [x["loss"] for x in res.history]
+    assert len(h) == 12 and sum(h[-3:]) / 3 < sum(h[:3]) / 3, h
+    m = res.metrics
+    assert set(m) == {"knn/video/accuracy", "knn/video/chance", "mae/video/masked_mse"}
+    assert m["knn/video/chance"] == pytest.approx(1 / 6) and 0 < m["mae/video/masked_mse"] < h[0]
+
+
+def test_videomae_resumes_bit_identically(tmp_path):
+    r = get_recipe("videomae", steps=4, ckpt_every=2, **VM)
+    full = run_recipe(r, tmp_path / "run", n_train=32, evaluate_after=False)
+    final = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
+    shutil.rmtree(latest_checkpoint(tmp_path / "run" / "checkpoints"))      # the run "died" after step 2
+    resumed = run_recipe(r, tmp_path / "run", n_train=32, evaluate_after=False, resume=True)
+    again = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
+    assert sorted(again) == sorted(final) and all(torch.equal(final[k], again[k]) for k in final)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_mmlab_train_videomae(tmp_path, capsys):
+    assert main(["train", "videomae", "--steps", "2", "--batch_size", "8", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "metrics.json").is_file() and "knn/video/accuracy" in (tmp_path / "run" / "metrics.json").read_text()
+
+
+# ---------------------------------------------------------------- video through the contrastive recipe
+def test_motion_prompts_name_the_motion():
+    names = label_names(get_recipe("clip", dataset="motion", modalities="video,text"))
+    assert names[:2] == ["moving left", "moving right"]
+    prompts = class_prompts(names)
+    assert "a video of something moving left" in prompts[0] and all(p.endswith("moving left") for p in prompts[0])
+    assert class_prompts(["circle", "square"])[0][1] == "a circle"                # other labels keep the generic templates
