@@ -39,17 +39,17 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
            'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'ACTION_TEMPLATES', 'TIE', 'RUN_FILES',
            'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields',
-           'FlipFields', 'ClipRecipe', 'matching_extras', 'itm_terms', 'distill_terms', 'load_teacher',
-           'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs', 'train_pairs', 'is_shards',
-           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'mismatched_modality',
-           'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_terms',
-           'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term', 'queue_terms',
-           'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval', 'knn_metrics',
-           'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'multi_crop', 'FreezePrototypes',
-           'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe',
-           'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe', 'parse_overrides', 'export_manifest',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'FlipFields', 'VideoFields', 'video_knobs', 'ClipRecipe', 'matching_extras', 'itm_terms', 'distill_terms',
+           'load_teacher', 'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs', 'train_pairs',
+           'is_shards', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split',
+           'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
+           'contrastive_terms', 'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term',
+           'queue_terms', 'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval',
+           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'multi_crop',
+           'FreezePrototypes', 'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult',
+           'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe',
+           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -174,13 +174,26 @@ class FlipFields:
     image_mask_ratio: float = 0.0 # FLIP: share of the image patches hidden (dropped) at random in training, 0.5-0.75; 0: off
     audio_mask_ratio: float = 0.0 # FLIP on the audio tower: share of its spectrogram patches hidden (padding first); 0: off
 
+# %% ../nbs/08a_recipes.ipynb #634f89da
+@dataclass
+class VideoFields:
+    "The video tower's knobs (chapter 02's `VideoConfig`): 0 keeps the preset's value."
+    video_patch: int = 0          # video tower: patch side in pixels (0: the preset's); 4 sees motion on 32x32 clips
+    video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
+
+def video_knobs(recipe) -> dict:
+    "`make_tower` overrides of the video tower from the recipe's `VideoFields` ({} without them or with the preset's)."
+    if not isinstance(recipe, VideoFields): return {}
+    return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet)) if v}
+
+
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
 HARD_NEGATIVES = ("none", "swap-colours")   # NegCLIP-style negative captions the clip recipe can add
 
 @dataclass
-class ClipRecipe(QueueFields, FlipFields, MatchingFields, RunFields):   # the mixins: experiment switches
+class ClipRecipe(QueueFields, FlipFields, MatchingFields, VideoFields, RunFields):   # the mixins: experiment switches
     "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
-    modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
+    modalities: tuple = ("image", "audio", "text")  # any two or three registered modalities: image, audio, text, video
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
     hard_negatives: str = "none"  # none | swap-colours: each caption with its two colours swapped is an extra negative (NegCLIP)
@@ -214,6 +227,7 @@ class ClipRecipe(QueueFields, FlipFields, MatchingFields, RunFields):   # the mi
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
         _ints(self, "proj_dim", "n_mels", "max_len"); _check_switches(self)
+        _ints(self, "video_patch", "video_tubelet", least=0)
 
 # %% ../nbs/08a_recipes.ipynb #cd0156e0
 from .core import eval_mode
@@ -481,7 +495,8 @@ def model_device(model:nn.Module) -> torch.device:
 def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cls, extra: a subclass and its options (FlipMAE)
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
-    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
+    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32)),
+             "video": lambda: video_knobs(recipe)}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
     if recipe.init_scale: kw["init_scale"] = recipe.init_scale
@@ -686,7 +701,7 @@ class MaeRecipe(RunFields):
         _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _ints(self, "decoder_dim", "decoder_depth")
     def make_model(self):
         torch.manual_seed(self.seed)
-        return MAE(make_tower(self.modalities[0], self.size), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+        return MAE(make_tower(self.modalities[0], self.size, **video_knobs(self)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                    decoder_heads=2, mask_ratio=self.mask_ratio, norm_pix=self.norm_pix)
     def make_loss(self): return lambda model, batch: model(batch[self.modalities[0]]).loss
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
@@ -1109,11 +1124,14 @@ RECIPES["flip-mae"] = FlipMaeRecipe   # CLIP + MAE from one masked image pass (i
 
 # %% ../nbs/08a_recipes.ipynb #58d5fe27
 @dataclass
-class VideoMaeRecipe(MaeRecipe):
+class VideoMaeRecipe(VideoFields, MaeRecipe):
     "VideoMAE (Tong et al. 2022): the mae recipe on the video tower, tube masks hiding 90 % of each frame's positions."
     dataset: str = "motion"       # clips: the bundled motion set, or a manifest/shards with a video column
     mask_ratio: float = 0.9       # VideoMAE: tubes hide 90 % (neighbouring frames repeat each other; tubes stop copying)
+    video_patch: int = 4          # 4x4-pixel patches: the motion clips' objects move about a pixel a frame
+    video_tubelet: int = 4        # 4 frames per token: 2 time steps of 64 patches on 8-frame clips
     name, modalities = "videomae", ("video",)   # fixed: one modality
+    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)
 
 RECIPES["videomae"] = VideoMaeRecipe   # the MAE objective on video (chapter 05b's MAE takes a VideoEncoder)
 
