@@ -739,14 +739,14 @@ class VideoConfig(TowerConfig):
     num_frames: int = 8             # T frames per clip
     img_size: tuple = (32, 32)      # (H, W) of each frame
     patch_size: tuple = (8, 8)      # (ph, pw)
-    tubelet: int = 2                # frames per token: T' = T / tubelet time steps
+    tubelet: int = 2                # q frames per token: T' = T / q time steps
     in_chans: int = 3
     attention: str = "joint"        # joint (all T'*S tokens) | divided (TimeSformer: time, then space, per block)
     class_token: bool = False       # VideoMAE pools the mean of the tokens
     pool: str = "mean"
 
     SINCOS_AXES = 1                 # `sincos_3d` splits any even width over time, rows and columns
-    PRESETS = {"tiny": dict(), "small": dict(num_frames=16, img_size=64),
+    PRESETS = {"tiny": dict(), "small": dict(),                         # small: the motion clips' size, ViT-Tiny width
                "base": dict(num_frames=16, img_size=224, patch_size=16)}   # ViT-B VideoMAE: 8x14x14 tokens
 
     def __post_init__(self): _tuple_fields(self, ("img_size", "patch_size"))
