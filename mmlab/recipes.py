@@ -19,7 +19,8 @@ from fastcore.basics import patch
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, InputTypeError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings, set_seed)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
-                        dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset)
+                        dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset,
+                        write_video)
 from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .masking import mask_from_scores, num_masked, random_mask
 from .losses import clip_loss, kmeans, negclip_loss, queue_clip_loss, siglip_loss, symile_loss
@@ -1156,7 +1157,7 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
                     n:int|None=None,        # first n examples (None: all)
                     labels:bool=True,       # include the label column (class names)
                    ) -> Path:               # the manifest
-    "Write a bundled split as PNG images, float WAV clips and a CSV manifest with captions (and labels)."
+    "Write a bundled split as PNG images, float WAV clips (MP4 videos where it holds video) and a CSV manifest with captions (and labels)."
     import csv
     import soundfile as sf
     from PIL import Image
@@ -1168,7 +1169,9 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(pixels).save(folder / f"{stem}.png")
         sf.write(folder / f"{stem}.wav", item["audio"].numpy(), meta["sample_rate"], subtype="FLOAT")
+        if "video" in item: write_video(folder / f"{stem}.mp4", item["video"], fps=meta.get("fps", 8))   # H.264, decoded by PyAV
         rows.append({"image": f"{stem}.png", "audio": f"{stem}.wav", "text": item["text"]}
+                    | ({"video": f"{stem}.mp4"} if "video" in item else {})
                     | ({"label": meta["label_names"][item["label"]]} if labels else {}))
     path = folder / f"{split}.csv"
     with open(path, "w", newline="") as f:

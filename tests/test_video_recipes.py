@@ -176,3 +176,14 @@ def test_video_text_beats_the_single_frame_baseline_on_motion():
     chance = frame.metrics["zero_shot/text_to_image/chance"]
     assert abs(f - chance) < 0.07, (f, chance)                                # a frame cannot tell the motion
     assert v > f, (v, f)                                                      # the clip can
+
+
+def test_motion_exports_as_a_video_manifest_that_the_clip_recipe_reads(tmp_path):
+    from mmlab.recipes import export_manifest
+    for split, n in (("train", 48), ("test", 8)): export_manifest("motion", split, tmp_path, n=n)
+    head = (tmp_path / "test.csv").read_text().splitlines()[:2]
+    assert head[0] == "image,audio,text,video,label" and head[1].split(",")[3] == "test/00000.mp4"
+    r = get_recipe("clip", dataset=str(tmp_path / "{split}.csv"), modalities="video,text", steps=2, batch_size=8)
+    bundled, decoded = load_split(get_recipe("clip", dataset="motion", modalities="video,text"), "test", 8), load_split(r, "test")
+    assert decoded["video"].shape == bundled["video"].shape and (decoded["video"] - bundled["video"]).abs().mean() < 0.02   # H.264
+    assert "zero_shot/text_to_video/accuracy" in run_recipe(r).metrics
