@@ -21,7 +21,7 @@ from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, Inpu
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset,
                         write_video)
-from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
+from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder, VideoConfig
 from .masking import mask_from_scores, num_masked, random_mask
 from .losses import clip_loss, kmeans, negclip_loss, queue_clip_loss, siglip_loss, symile_loss
 from .losses import CENTERINGS
@@ -37,12 +37,12 @@ from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainC
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
-           'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'ACTION_TEMPLATES', 'TIE', 'RUN_FILES',
-           'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields',
-           'FlipFields', 'VideoFields', 'video_knobs', 'ClipRecipe', 'matching_extras', 'itm_terms', 'distill_terms',
-           'load_teacher', 'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs', 'train_pairs',
-           'is_shards', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split',
+__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'ACTION_TEMPLATES',
+           'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES',
+           'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields', 'FlipFields',
+           'VideoFields', 'video_knobs', 'video_clip_size', 'ClipRecipe', 'matching_extras', 'itm_terms',
+           'distill_terms', 'load_teacher', 'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs',
+           'train_pairs', 'is_shards', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split',
            'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
            'contrastive_terms', 'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term',
            'queue_terms', 'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval',
@@ -181,11 +181,17 @@ class VideoFields:
     "The video tower's knobs (chapter 02's `VideoConfig`): 0 keeps the preset's value."
     video_patch: int = 0          # video tower: patch side in pixels (0: the preset's); 4 sees motion on 32x32 clips
     video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
+    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)   # after RunFields' checks
 
 def video_knobs(recipe) -> dict:
     "`make_tower` overrides of the video tower from the recipe's `VideoFields` ({} without them or with the preset's)."
     if not isinstance(recipe, VideoFields): return {}
     return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet)) if v}
+
+def video_clip_size(recipe) -> dict:
+    "The clips the recipe's video tower takes: {num_frames, image_size} of its preset (manifests and shards read them so)."
+    c = VideoConfig.preset(recipe.size, **video_knobs(recipe))
+    return dict(num_frames=c.num_frames, image_size=c.img_size[0])
 
 
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
@@ -228,7 +234,6 @@ class ClipRecipe(QueueFields, FlipFields, MatchingFields, VideoFields, RunFields
         if self.loss == "symile" and self.targets == "label":
             raise ConfigError(f"{self.name}.loss='symile' has no label-aware form here; use targets=diagonal")
         _ints(self, "proj_dim", "n_mels", "max_len"); _check_switches(self)
-        _ints(self, "video_patch", "video_tubelet", least=0)
 
 # %% ../nbs/08a_recipes.ipynb #cd0156e0
 from .core import eval_mode
@@ -441,14 +446,16 @@ class LabelIndex(torch.utils.data.Dataset):
 def split_dataset(recipe, split:str):
     "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
     ms = recipe.modalities                                  # a recipe has `n_mels` only if it reads audio, `max_len` text
+    clips = video_clip_size(recipe) if "video" in ms else {}   # the video tower's clips: frames, and size unless images set it
     kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
               transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
-              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
+              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else clips.get("image_size"))
+    frames = {"num_frames": clips["num_frames"]} if clips else {}   # manifests and shards decode this many frames a clip
     if is_shards(recipe.dataset):   # a stream: it shuffles, batches and splits itself over ranks and workers
         return ShardDataset(recipe.dataset.replace("{split}", split), resample=recipe.resample, labels=label_names(recipe),
-                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw)
+                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw, **frames)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
-    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw)
+    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw, **frames)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
     if partial_rows:
         raise DataError(f"{ds.path}: {len(partial_rows)} row(s) lack one of {', '.join(recipe.modalities)} (first: row "
@@ -607,12 +614,15 @@ def queue_terms(recipe, model:MomentumQueueModel, batch:dict, labels:Tensor|None
     if model.training: q.enqueue({m: keys[m] for m in q.modalities}, labels, distributed=True)   # every rank: the global batch
     return terms
 
+# %% ../nbs/08a_recipes.ipynb #fa46360b
+ACTION_TEMPLATES = ["{}", "something {}", "a shape {}", "a video of something {}", "the sound of something {}"]   # 'moving left'
+
+
 # %% ../nbs/08a_recipes.ipynb #94595733
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 WORD_TEMPLATES = ["{}", "a handwritten {}", "number {}", "this is a {}", "the spoken word {}"]
 NUMERAL_TEMPLATES = ["{}", "the digit {}", "the number {}"]
 GENERIC_TEMPLATES = ["{}", "a {}", "this is a {}", "a picture of a {}", "the sound of a {}"]
-ACTION_TEMPLATES = ["{}", "something {}", "a shape {}", "a video of something {}", "the sound of something {}"]
 
 def class_prompts(label_names:list[str]) -> list[list[str]]:
     "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); actions ('moving left') take action templates; else generic ones."
@@ -1132,7 +1142,6 @@ class VideoMaeRecipe(VideoFields, MaeRecipe):
     video_patch: int = 4          # 4x4-pixel patches: the motion clips' objects move about a pixel a frame
     video_tubelet: int = 4        # 4 frames per token: 2 time steps of 64 patches on 8-frame clips
     name, modalities = "videomae", ("video",)   # fixed: one modality
-    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)
 
 RECIPES["videomae"] = VideoMaeRecipe   # the MAE objective on video (chapter 05b's MAE takes a VideoEncoder)
 
