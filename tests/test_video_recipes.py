@@ -71,6 +71,17 @@ def test_hidden_tubelets_do_not_leak_into_the_encoder():
     assert (m.encode(video + torch.randn_like(video) * (1 - noise), out.mask) - same).abs().max() > 1e-3
 
 
+def test_divided_attention_takes_tube_masks_and_refuses_random_ones():
+    from mmlab.masking import random_mask
+    torch.manual_seed(0)
+    m = MAE(make_tower("video", "tiny", attention="divided"), decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    video = torch.rand(2, *m.tower.example_inputs(1)["x"].shape[1:])
+    out = m(video, generator=torch.Generator().manual_seed(0))                 # tubes: the same positions at every time step
+    assert out.pred.shape[1] == 64 and torch.isfinite(out.loss)
+    with pytest.raises(InputError):                                           # a random mask breaks divided attention's grid
+        m(video, mask=random_mask(2, 64, 0.75, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 0.99, 0.01])
 def test_a_ratio_that_hides_no_or_every_position_is_refused(ratio):
     with pytest.raises(InputError, match=r"MAE: "):
