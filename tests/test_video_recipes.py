@@ -198,3 +198,15 @@ def test_motion_exports_as_a_video_manifest_that_the_clip_recipe_reads(tmp_path)
     bundled, decoded = load_split(get_recipe("clip", dataset="motion", modalities="video,text"), "test", 8), load_split(r, "test")
     assert decoded["video"].shape == bundled["video"].shape and (decoded["video"] - bundled["video"]).abs().mean() < 0.02   # H.264
     assert "zero_shot/text_to_video/accuracy" in run_recipe(r).metrics
+
+
+def test_tube_mask_count_reproduces_videomae_at_vit_b():
+    # VideoMAE's TubeMaskingGenerator (MCG-NJU/VideoMAE, masking_generator.py) at input_size (8, 14, 14), mask_ratio 0.9
+    # prints "total patches 1568, mask patches 1408": int(0.9 * 196) = 176 per frame, 8 time steps; transformers'
+    # VideoMAE docs give seq_length = (16 // 2) * (224 // 16) ** 2 = 1568 for videomae-base.
+    from mmlab.encoders import VideoConfig
+    c = VideoConfig.preset("base")
+    grid = (c.num_frames // c.tubelet, c.img_size[0] // c.patch_size[0], c.img_size[1] // c.patch_size[1])
+    assert grid == (8, 14, 14)
+    m = tube_mask(1, 8, 196, 0.9, generator=torch.Generator().manual_seed(0))
+    assert (m.mask.shape[1], m.num_masked) == (1568, 1408)
