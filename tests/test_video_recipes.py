@@ -210,3 +210,17 @@ def test_tube_mask_count_reproduces_videomae_at_vit_b():
     assert grid == (8, 14, 14)
     m = tube_mask(1, 8, 196, 0.9, generator=torch.Generator().manual_seed(0))
     assert (m.mask.shape[1], m.num_masked) == (1568, 1408)
+
+
+def test_lit_locks_a_videomae_tower_for_video_text(tmp_path):
+    from mmlab.recipes import pretrained_tower
+    run_recipe(get_recipe("videomae", steps=2, batch_size=8), tmp_path / "vm", n_train=16, evaluate_after=False)
+    r = get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm"),
+                   video_patch=4, video_tubelet=4, steps=2, batch_size=8)
+    res = run_recipe(r, n_train=16, n_eval=24)
+    tower, pre = res.model.towers["video"], pretrained_tower(tmp_path / "vm", "video")
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(tower.state_dict().values(), pre.state_dict().values()))
+    assert "zero_shot/text_to_video/accuracy" in res.metrics
+    with pytest.raises(ConfigError, match="does not fit"):                    # the preset's 8x8 patches: another tower
+        get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm")).make_model()
