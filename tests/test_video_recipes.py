@@ -174,6 +174,8 @@ def test_video_text_audio_quickstart_writes_its_report(tmp_path):
 
 
 # Measured on this 2-core CPU (shared): video-text 120 steps about 20 s, the single-frame baseline about 5 s.
+# Here: zero-shot 0.273 (video) vs 0.167 (frame), chance 0.167. At 300 steps on all 1800 training clips (about 32 s and
+# 11 s): 0.997 vs 0.160; video,text,audio: text->video 0.883, text->audio 0.527.
 # With the preset's 8x8 patches the video tower stays at chance on motion at this budget; 4x4 patches and 4-frame
 # tubelets (video_patch, video_tubelet) see the objects' one-pixel-a-frame motion.
 MOTION = dict(dataset="motion", steps=120, batch_size=32, lr=1e-3, warmup_steps=20, video_patch=4, video_tubelet=4)
