@@ -1,5 +1,5 @@
 """Rewrite the generated part of DATASHEET.md (file table with item counts, bytes and sha256; split
-statistics) from the files on disk. Run after make_shapes.py / make_digits.py:
+statistics) from the files on disk. Run after make_shapes.py / make_digits.py / make_motion.py:
 
     python datasets_small/update_datasheet.py
 """
@@ -23,7 +23,7 @@ def main():
         lines.append(f"| `{p.relative_to(HERE)}` | {n} | {p.stat().st_size} | {hashlib.sha256(p.read_bytes()).hexdigest()} |")
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     lines += ["", f"Total size: {total / 2**20:.2f} MiB (every file under datasets_small/, scripts included; budget 24 MiB).", ""]
-    for name in ["shapes", "digits"]:
+    for name in ["shapes", "digits", "motion"]:
         if not (HERE / name / "meta.json").is_file(): continue
         meta = json.loads((HERE / name / "meta.json").read_text())
         lines += [f"**{name}** (per split: items, clip duration range and mean in seconds, lowest clip RMS, "

@@ -22,15 +22,15 @@ from .core import (ConfigError, DataError, InputError, InputTypeError, MissingFi
                         get_settings)
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'RESAMPLE_HINT', 'BUNDLED', 'SHARD_EXTS',
-           'Modality', 'register_modality', 'get_modality', 'unregister_modality', 'check_modalities', 'resample',
-           'Resample', 'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment', 'image_augment',
-           'CharTokenizer', 'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread', 'content_hash',
-           'stack_fields', 'pad_fields', 'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir', 'dataset_meta',
-           'BundledDataset', 'load_dataset', 'Skipped', 'collate', 'take', 'make_loader', 'stack_dataset',
-           'InMemoryBatches', 'NoisyPairs', 'ModalityDropout', 'label_order', 'ManifestDataset', 'expand_shards',
-           'ShardDataset', 'shard_labels', 'write_shards', 'manifest_samples', 'folder_samples', 'bad_inputs',
-           'run_bad_input']
+__all__ = ['SAMPLE_RATE', 'ON_ERROR', 'MODALITY_REGISTRY', 'MODALITIES', 'IMAGE_MODES', 'RESAMPLE_HINT', 'BUNDLED', 'VIDEO_EXTS',
+           'SHARD_EXTS', 'Modality', 'register_modality', 'get_modality', 'unregister_modality', 'check_modalities',
+           'resample', 'Resample', 'decode_audio', 'image_to_float', 'read_image', 'LogMel', 'SpecAugment',
+           'image_augment', 'CharTokenizer', 'HFTokenizer', 'make_tiny_hf_tokenizer', 'FeatureCache', 'one_thread',
+           'content_hash', 'stack_fields', 'pad_fields', 'x_inputs', 'lengths_inputs', 'padding_inputs', 'dataset_dir',
+           'dataset_meta', 'BundledDataset', 'load_dataset', 'sample_frame_indices', 'count_video_frames', 'read_video',
+           'write_video', 'Skipped', 'collate', 'take', 'make_loader', 'stack_dataset', 'InMemoryBatches', 'NoisyPairs',
+           'ModalityDropout', 'label_order', 'ManifestDataset', 'expand_shards', 'ShardDataset', 'shard_labels',
+           'write_shards', 'manifest_samples', 'folder_samples', 'bad_inputs', 'run_bad_input']
 
 # %% ../nbs/01_data.ipynb #515a2439
 SAMPLE_RATE = 16_000                       # every waveform mmlab hands out is at this rate (Hz)
@@ -456,8 +456,34 @@ register_modality(Modality("image", _image_fields, x_inputs, check=_check_image,
 register_modality(Modality("audio", _audio_fields, lengths_inputs, check=_check_audio, read=_read_audio, tower="AudioEncoder"))
 register_modality(Modality("text", _text_fields, padding_inputs, file=False, check=_check_caption, tower="TextEncoder", raw="caption"));
 
+# %% ../nbs/01_data.ipynb #d8d42f14
+def _video_fields(name, xs, **_):
+    "Stack clips `(T, 3, H, W)` to `{name: (B, T, 3, H, W)}`: floats, one num_frames and one frame size in a batch."
+    i0, ref = next((i, x) for i, x in enumerate(xs) if x is not None)
+    for i, x in enumerate(xs):
+        if x is None: continue
+        if not torch.is_floating_point(x):
+            raise InputError(f"collate: {name} of item {i} has dtype {x.dtype}; expected floats in [0, 1] "
+                             f"(convert 8-bit frames with x.float() / 255)")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}; expected (num_frames, 3, H, W)")
+        if x.shape != ref.shape:
+            raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}, item {i0} has {tuple(ref.shape)}; "
+                             f"expected one num_frames and one image_size for every clip (pass num_frames=..., image_size=...)")
+    return stack_fields(name, xs)
+
+def _check_video(ds, p, where):
+    n = count_video_frames(p, f"{where}: video {str(p)!r}")
+    if n < ds.num_frames: raise DataError(f"{where}: video {str(p)!r} has {n} frames; expected at least {ds.num_frames} (num_frames)")
+
+def _read_video(ds, p, where):
+    return read_video(p, ds.num_frames, ds.image_size, where if isinstance(p, bytes) else f"{where}: {p}")
+
+register_modality(Modality("video", _video_fields, x_inputs, check=_check_video, read=_read_video, tower="VideoEncoder"));
+
+
 # %% ../nbs/01_data.ipynb #7d7a6a5b
-BUNDLED = ("shapes", "digits")   # names accepted by `load_dataset`
+BUNDLED = ("shapes", "digits", "motion")   # names accepted by `load_dataset`
 
 def dataset_dir(name:str, root:str|Path|None=None) -> Path:
     "Folder of bundled dataset `name` (under `root`, default `get_settings().data_root`)."
@@ -491,7 +517,10 @@ class BundledDataset(Dataset):
             keys = set(z.files)
             self.labels = z["label"]
             self.attrs = {k[5:]: z[k] for k in sorted(keys) if k.startswith("attr_")}
-            self.images = z["image"] if "image" in self.modalities else None
+            self.videos = z["video"] if "video" in self.modalities or ("image" in self.modalities and "image" not in keys) else None
+            if "image" in self.modalities:   # motion stores no image: it is the clip's middle frame
+                self.images = z["image"] if "image" in keys else self.videos[:, self.videos.shape[1] // 2]
+            else: self.images = None
             self.texts = z["text"] if "text" in self.modalities else None
             if "audio" in self.modalities:
                 self.audio_bytes, self.audio_offsets = z["audio_bytes"], z["audio_offsets"]
@@ -521,6 +550,15 @@ def _image(self:BundledDataset, i):
 def _audio(self:BundledDataset, i):
     return _cached_audio(self, self.clip_bytes(i), f"{self.path} clip {int(self.clip[i])} (item {i})")
 
+# %% ../nbs/01_data.ipynb #27042179
+@patch
+def _video(self:BundledDataset, i):
+    "Clip `i` as `(T, 3, H, W)` floats in [0, 1], its frames resized to `image_size` as `_image` resizes."
+    x = torch.from_numpy(self.videos[i].copy()).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != self.image_size:
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x.contiguous()
+
 # %% ../nbs/01_data.ipynb #3b5a0ac2
 @patch
 def __getitem__(self:BundledDataset, i:int) -> dict:
@@ -534,6 +572,7 @@ def __getitem__(self:BundledDataset, i:int) -> dict:
         if "text" in self.modalities:
             cap = str(self.texts[i]); item["text"] = _apply(tf.get("text"), cap)
             if "text" in tf: item["caption"] = cap
+        if "video" in self.modalities: item["video"] = _apply(tf.get("video"), self._video(i))
     return item
 
 @patch
@@ -551,9 +590,9 @@ def _check_transforms(transforms):
     return transforms
 
 # %% ../nbs/01_data.ipynb #14c5b5b5
-def load_dataset(name:str,                  # "shapes" or "digits"
+def load_dataset(name:str,                  # "shapes", "digits" or "motion"
                  split:str,                 # "train", "val", "test" (shapes also "compositional")
-                 modalities=None,           # subset of ("image", "audio", "text"); None = all three
+                 modalities=None,           # subset of the modalities the dataset holds (its meta.json); None = all of them
                  image_size:int|None=None,  # square side in pixels; None = the dataset's (shapes 64, digits 32)
                  audio_features=None,       # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None, # modality -> callable applied after (augmentations, tokenizers)
@@ -561,16 +600,91 @@ def load_dataset(name:str,                  # "shapes" or "digits"
                  root:str|Path|None=None,   # data folder; None = get_settings().data_root
                 ) -> BundledDataset:
     "Load a split of a bundled dataset as a map-style torch `Dataset` of example dicts."
-    held = ("image", "audio", "text")                       # what every bundled dataset holds
-    modalities = check_modalities(held if modalities is None else modalities)
-    if set(modalities) - set(held):    # a modality registered later is not in these files
-        raise ConfigError(f"dataset {name!r} holds {', '.join(held)}, not {', '.join(sorted(set(modalities) - set(held)))}")
+    if modalities is not None: check_modalities(modalities)  # an unknown name first, before any file is read
     meta = dataset_meta(name, root)
+    held = tuple(meta.get("modalities", ("image", "audio", "text")))   # what the files hold (meta.json; older: these three)
+    modalities = check_modalities(held if modalities is None else modalities)
+    if set(modalities) - set(held):    # a modality the files do not hold
+        raise ConfigError(f"dataset {name!r} holds {', '.join(held)}, not {', '.join(sorted(set(modalities) - set(held)))}")
     splits = list(meta["splits"])
     if split not in splits: raise ConfigError(f"dataset {name!r} has no split {split!r}; splits are {', '.join(splits)}")
     p = dataset_dir(name, root) / f"{split}.npz"
     if not p.is_file(): raise MissingFileError(f"{p} does not exist; regenerate it with datasets_small/make_{name}.py")
     return BundledDataset(p, meta, modalities, image_size, audio_features, transforms, cache)
+
+# %% ../nbs/01_data.ipynb #a50ea4e2
+VIDEO_EXTS = ("mp4", "webm", "avi", "mov", "mkv")     # video file types manifests and shards name (PyAV decodes them)
+
+def sample_frame_indices(n:int,           # frames the clip holds (M)
+                         num_frames:int=8, # frames to take (S)
+                        ) -> list[int]:
+    "The middle frame of each of `num_frames` equal segments of `n` frames: floor((i + 1/2) n / num_frames) (TSN, Wang et al. 2016)."
+    if not isinstance(num_frames, int) or num_frames < 1: raise ConfigError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    if n < num_frames: raise DataError(f"a clip of {n} frames cannot give {num_frames}; expected at least {num_frames} frames")
+    return [(2 * i + 1) * n // (2 * num_frames) for i in range(num_frames)]
+
+def _open_video(src, where):
+    "A PyAV container of a video file or its bytes, with at least one video stream, or `DataError`."
+    import av
+    with _reading(f"{where}: cannot open video", "a readable video file (MP4, WebM, AVI, ...) with a video stream"):
+        c = av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+        if not c.streams.video: c.close(); raise ValueError("the file holds no video stream")
+    return c
+
+def count_video_frames(src:str|Path|bytes, # a video file or its bytes
+                       where:str="",        # where it came from, for error messages
+                      ) -> int:
+    "Frames of the first video stream, counted from its packets (demuxed, not decoded)."
+    where = where or (str(src) if not isinstance(src, bytes) else "<bytes>")
+    c = _open_video(src, where)
+    with c, _reading(f"{where}: cannot read video", "a complete video file"):
+        return sum(1 for p in c.demux(video=0) if p.size)
+
+def _decode_frames(src, want:list, where:str) -> tuple[dict, int]:
+    "The frames at indices `want` as (H, W, 3) uint8 arrays, and how many frames were decoded."
+    c, keep, n, want = _open_video(src, where), {}, 0, set(want)
+    with c, _reading(f"{where}: cannot decode video", "a decodable video file"):
+        for n, frame in enumerate(c.decode(video=0), 1):
+            if n - 1 in want: keep[n - 1] = frame.to_ndarray(format="rgb24")
+    return keep, n
+
+# %% ../nbs/01_data.ipynb #f7e8f498
+def read_video(src:str|Path|bytes,  # a video file (MP4, WebM, AVI, ...) or its bytes (a shard member)
+               num_frames:int=8,     # frames to take, by `sample_frame_indices`
+               size:int|None=None,   # resize frames to this square side (as images are); None = keep
+               where:str="",         # where it came from (file, row), for error messages
+              ) -> torch.Tensor:     # (num_frames, 3, H, W) float32 in [0, 1]
+    "Decode `num_frames` frames of a clip, the middle frame of each of as many equal segments, or raise `DataError`."
+    if not isinstance(src, (str, Path, bytes)):
+        raise InputTypeError(f"read_video: expected a file path or the bytes of a video file, got {type(src).__name__}")
+    where = where or (str(src) if not isinstance(src, bytes) else "<bytes>")
+    if not isinstance(src, bytes): _need_file(src, f"{where}: video file")
+    n = count_video_frames(src, where)
+    if n < num_frames: raise DataError(f"{where}: video has {n} frames; expected at least {num_frames} (num_frames)")
+    want = sample_frame_indices(n, num_frames)
+    keep, decoded = _decode_frames(src, want, where)
+    if decoded != n:                       # a codec that gives fewer frames than packets: the rule on what decodes
+        if decoded < num_frames: raise DataError(f"{where}: video has {decoded} frames; expected at least {num_frames} (num_frames)")
+        want = sample_frame_indices(decoded, num_frames); keep, _ = _decode_frames(src, want, where)
+    x = torch.from_numpy(np.stack([keep[j] for j in want])).permute(0, 3, 1, 2).float() / 255
+    if size: x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return x.contiguous()
+
+def write_video(path:str|Path,       # the file to write; its suffix picks the container (.mp4, .webm, .avi, ...)
+                video:torch.Tensor,  # (T, 3, H, W) floats in [0, 1]; H and W even for H.264
+                fps:int=8,           # frames per second
+                codec:str="libx264", # PyAV codec: libx264, mpeg4, libvpx-vp9, ...
+               ) -> Path:
+    "Encode a clip as a video file with PyAV (yuv420p), e.g. to make a manifest or a shard of your clips."
+    import av
+    if not (torch.is_tensor(video) and video.dim() == 4 and video.shape[1] == 3):
+        raise ShapeError(f"write_video: expected a (T, 3, H, W) tensor, got {getattr(video, 'shape', type(video).__name__)}")
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps); s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames: c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        c.mux(s.encode())                  # flush the encoder
+    return Path(path)
 
 # %% ../nbs/01_data.ipynb #c608e1ac
 @dataclass(frozen=True)
@@ -820,6 +934,7 @@ class ManifestDataset(Dataset):
                  root:str|Path|None=None,    # folder that relative paths start from; None = the manifest's folder
                  modalities=None,            # columns to load; None = every registered modality with a column
                  image_size:int|None=None,   # resize images to this square side; None = keep
+                 num_frames:int=8,           # frames taken from each video clip (`read_video`)
                  audio_features=None,        # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None,  # modality -> callable applied after
                  sample_rate:int=SAMPLE_RATE,# rate required of audio files
@@ -832,7 +947,7 @@ class ManifestDataset(Dataset):
         self.root = Path(root) if root is not None else self.path.parent
         cols, rows = _read_manifest(self.path)
         self.modalities = _manifest_modalities(self.path, cols, modalities)
-        self.image_size, self.audio_features = image_size, audio_features
+        self.image_size, self.audio_features, self.num_frames = image_size, audio_features, num_frames
         self.transforms, self.sample_rate, self.resample, self.on_error = _check_transforms(transforms), sample_rate, resample, on_error
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         self.rows, self.skip_reasons, self.skipped = [], [], 0
@@ -901,7 +1016,7 @@ def __repr__(self:ManifestDataset): return f"ManifestDataset({str(self.path)!r},
 
 # %% ../nbs/01_data.ipynb #13979c90
 SHARD_EXTS = {"image": ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"), "audio": ("flac", "wav", "mp3", "ogg"),
-              "text": ("txt",)}   # member names per modality (img2dataset's layout: key.jpg, key.txt, key.json)
+              "text": ("txt",), "video": ("mp4", "webm", "avi", "mov", "mkv")}   # member names per modality (img2dataset's layout: key.jpg, key.txt, key.json)
 
 def _summary_path(shard:str|Path) -> Path:
     "The summary `write_shards` leaves beside a shard set: <folder>/<prefix>-summary.json for <prefix>-000000.tar."
@@ -962,6 +1077,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                  urls:str|list,             # brace pattern, URL or list (see `expand_shards`)
                  modalities=None,           # members each sample must have; None = every registered modality
                  image_size:int|None=None,  # resize images to this square side; None = keep
+                 num_frames:int=8,          # frames taken from each video member (`read_video`)
                  audio_features=None,       # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None, # modality -> callable applied after decoding
                  batch_size:int=64,         # samples per batch (a skipped one leaves its batch shorter)
@@ -982,6 +1098,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if not isinstance(batch_size, int) or batch_size < 1: raise ConfigError(f"ShardDataset: batch_size must be an int >= 1, got {batch_size!r}")
         self.urls, self.modalities = expand_shards(urls), check_modalities(modalities)
         self.image_size, self.audio_features, self.transforms = image_size, audio_features, _check_transforms(transforms)
+        self.num_frames = num_frames
         self.batch_size, self.shuffle_buffer, self.shuffle, self.drop_last = batch_size, shuffle_buffer, shuffle, drop_last
         self.seed, self.labels, self.on_error = get_settings().seed if seed is None else seed, labels, on_error
         self.label_index = {n: i for i, n in enumerate(labels)} if labels is not None else None
@@ -1160,7 +1277,7 @@ def folder_samples(folder:str|Path):
     known = {e for exts in SHARD_EXTS.values() for e in exts}
     for key, members in groups.items():
         if known & set(members): yield key, members
-        else: yield Skipped(f"{folder}/{key}.*", f"no image, audio or text member (has {', '.join(sorted(members))})")
+        else: yield Skipped(f"{folder}/{key}.*", f"no image, audio, text or video member (has {', '.join(sorted(members))})")
 
 # %% ../nbs/01_data.ipynb #0f36d87f
 def _bad_input_tools(d:Path):
@@ -1257,7 +1374,27 @@ def _audio_cases(d:Path) -> list[tuple]:
 def bad_inputs(d:Path) -> list[tuple]:
     "Every kind of bad input, as (kind, input, call, expected): `call()` writes its files under `d` and reads them; expected is (error class, message excerpt) or the values returned."
     d = Path(d)
-    return _manifest_cases(d) + _image_cases(d) + _audio_cases(d)
+    return _manifest_cases(d) + _image_cases(d) + _audio_cases(d) + _video_cases(d)
+
+# %% ../nbs/01_data.ipynb #a463ca34
+def _video_cases(d:Path) -> list[tuple]:
+    "Video clips that are too short, not video, missing or of the wrong dtype, and the frames the rule takes, as (kind, input, call, expected)."
+    file, img, wav, csv_, jsonl, audio, tone = _bad_input_tools(d)
+    ramp = lambda n: torch.stack([torch.full((3, 16, 16), (10 + 12 * k) / 255) for k in range(n)])   # frame k: grey 10 + 12k
+    def taken(n):                                    # which frames of an n-frame clip read_video returns
+        x = read_video(write_video(d / f"ramp{n}.mp4", ramp(n)))
+        return ((x.mean((1, 2, 3)) * 255 - 10) / 12).round().tolist()
+    short = lambda: write_video(d / "v5.mp4", ramp(5)).name
+    return [
+        ("video", "20-frame clip: the middle frame of 8 segments", lambda: taken(20), [1, 3, 6, 8, 11, 13, 16, 18]),
+        ("video", "clip as long as num_frames: every frame", lambda: taken(8), list(range(8))),
+        ("video", "clip with 5 frames, 8 wanted", lambda: read_video(d / short()), (DataError, "v5.mp4: video has 5 frames; expected at least 8")),
+        ("video", "short clip in a manifest", lambda: csv_(f"video\n{short()}\n"), (DataError, "row 2: video")),
+        ("video", "text file named .mp4", lambda: read_video(file("fake.mp4", "hello")), (DataError, "cannot open video")),
+        ("video", "audio file given as a clip", lambda: read_video(d / "ok.wav"), (DataError, "no video stream")),
+        ("video", "missing clip in a manifest", lambda: csv_("video\nnope.mp4\n"), (MissingFileError, "row 2: video file")),
+        ("video", "uint8 clip tensor", lambda: collate([{"video": torch.zeros(8, 3, 2, 2, dtype=torch.uint8)}]), (InputError, "expected floats in [0, 1]")),
+    ]
 
 # %% ../nbs/01_data.ipynb #2e70f02c
 def run_bad_input(call, expected) -> tuple[str, bool]:

@@ -20,8 +20,10 @@ from .core import (CheckpointError, ConfigError, InputError, InputTypeError, Mis
 from .data import get_modality
 from .encoders import (Attention, AudioConfig, AudioEncoder, Block, CrossAttention, EncoderOutput, FusionConfig,
                             FusionEncoder, HFEncoder, Mlp, ProjectionHead, TextConfig, TextEncoder, ViTConfig, ViTEncoder,
+                            VideoEncoder, sincos_3d,
                             _attn_mask, _masked_mean, gather_tokens, sincos_2d, tower_inputs)
 from .masking import Mask, block_mask, mask_from_bool, multimodal_mask, num_masked, random_mask, span_mask
+from .masking import tube_mask
 from .losses import (DINOLoss, IBOTPatchLoss, byol_loss, clamp_log_scale_, clip_loss, dino_loss, ema_update,
                           hubert_loss, kmeans_targets, mae_loss, momentum_schedule, simmim_loss,
                           ibot_patch_loss, koleo_loss)
@@ -29,14 +31,16 @@ from .losses.contrastive import MemoryQueue, _LearntScale
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
-           'flip_mae_tiny', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model', 'MultiModalModel',
-           'register_model', 'list_models', 'create_model', 'make_tower', 'check_model_contract', 'scatter_tokens',
-           'MAEDecoder', 'MAEOutput', 'MAE', 'FlipMAE', 'SimMIM', 'MultiModalMAEOutput', 'MultiModalMAE',
-           'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel', 'DINOModel',
-           'MomentumQueueModel', 'SwavModel', 'CaptionBlock', 'CaptionDecoder', 'ITMHead', 'summary_tokens']
+           'flip_mae_tiny', 'videomae_tiny', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model',
+           'MultiModalModel', 'register_model', 'list_models', 'create_model', 'make_tower', 'tower_modality',
+           'check_model_contract', 'scatter_tokens', 'MAEDecoder', 'MAEOutput', 'MAE', 'FlipMAE', 'SimMIM',
+           'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel',
+           'EMATeacher', 'BYOLModel', 'DINOModel', 'MomentumQueueModel', 'SwavModel', 'CaptionBlock', 'CaptionDecoder',
+           'ITMHead', 'summary_tokens']
 
 # %% ../nbs/05b_models.ipynb #efe85131
-MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder)}
+MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder,
+                                        VideoEncoder)}
 
 def model_config(model:nn.Module) -> dict:
     "JSON-able description {'class': name, 'config': ...} that `model_from_config` rebuilds."
@@ -250,7 +254,8 @@ def _tower_presets(prefix, tower):
         _preset(f"{prefix}_{size}", f"{tower.__name__} with the {size!r} preset of {tower.config_class.__name__}.",
                 lambda size=size, **kw: tower(tower.config_class.preset(size, **kw)))
 
-for _prefix, _tower in dict(vit=ViTEncoder, audio=AudioEncoder, text=TextEncoder, fusion=FusionEncoder).items():
+for _prefix, _tower in dict(vit=ViTEncoder, audio=AudioEncoder, text=TextEncoder, fusion=FusionEncoder,
+                            video=VideoEncoder).items():
     _tower_presets(_prefix, _tower)
 
 def make_tower(modality:str, size:str="small", **overrides) -> nn.Module:
@@ -273,6 +278,16 @@ clap_tiny = _mm_preset("clap_tiny", "tiny", ("audio", "text"), 32, "Audio-text m
 trimodal_tiny = _mm_preset("trimodal_tiny", "tiny", ("image", "audio", "text"), 32, "Image-audio-text model from tiny towers (E=32).")
 trimodal_small = _mm_preset("trimodal_small", "small", ("image", "audio", "text"), 128,
                             "Image-audio-text model from the small towers (E=128).")
+
+# %% ../nbs/05b_models.ipynb #bf7305b0
+def tower_modality(tower:nn.Module) -> str:
+    "The registered modality whose `Modality.tower` names `tower`'s class (a ViTEncoder encodes \"image\")."
+    from mmlab.data import MODALITY_REGISTRY
+    names = [m for m, mod in MODALITY_REGISTRY.items() if mod.tower == type(tower).__name__]
+    if not names: raise InputTypeError(f"tower_modality: no registered modality is encoded by a {type(tower).__name__}; "
+                                       f"towers: {', '.join(f'{m}={mod.tower}' for m, mod in MODALITY_REGISTRY.items())}")
+    return names[0]
+
 
 # %% ../nbs/05b_models.ipynb #f0cc63af
 def check_model_contract(model:nn.Module, batch_size:int=2, seed:int=0) -> dict:
@@ -319,7 +334,7 @@ def scatter_tokens(visible:Tensor,    # (B, N_vis, D) tokens at the visible posi
 
 # %% ../nbs/05b_models.ipynb #16d80360
 class MAEDecoder(nn.Module):
-    "MAE's light decoder: embed, scatter with mask tokens, 2-D sin-cos positions, Blocks, linear patch head."
+    "MAE's light decoder: embed, scatter with mask tokens, sin-cos positions of the grid (2-D, or 3-D for video), Blocks, linear patch head."
     def __init__(self, embed_dim:int,          # encoder width D
                  patch_dim:int,                # P values predicted per token
                  decoder_dim:int=128,          # decoder width (MAE: 512 for ViT-B/L)
@@ -338,16 +353,17 @@ class MAEDecoder(nn.Module):
 
     def forward(self, visible:Tensor,            # (B, N_vis, D) encoded visible tokens (prefix removed)
                 m:Mask,                          # mask over the L tokens
-                grid:tuple,                      # (gh, gw) token grid of the decoded part, gh*gw tokens
+                grid:tuple,                      # (gh, gw) token grid of the decoded part, gh*gw tokens; (T', gh, gw) for video
                 prefix:Tensor|None=None,         # (B, P, D) [CLS] tokens, decoded and dropped
                 context:Tensor|None=None,        # (B, N_c, D) tokens to cross-attend to (needs cross=True)
                 segment:tuple|None=None,         # (start, stop): decode only these of the L positions
                ) -> Tensor:                      # (B, gh*gw, patch_dim)
         x = scatter_tokens(self.embed(visible), m, self.mask_token)           # (B, L, Dd)
         if segment is not None: x = x[:, segment[0]:segment[1]]
-        if x.shape[1] != grid[0] * grid[1]:
-            raise ShapeError(f"MAEDecoder: {x.shape[1]} tokens to decode but grid {tuple(grid)} has {grid[0] * grid[1]}")
-        x = x + sincos_2d(grid[0], grid[1], self.decoder_dim).to(x)[None]
+        if x.shape[1] != math.prod(grid):
+            raise ShapeError(f"MAEDecoder: {x.shape[1]} tokens to decode but grid {tuple(grid)} has {math.prod(grid)}")
+        pos = sincos_2d if len(grid) == 2 else sincos_3d            # time-major space-time positions for a video grid
+        x = x + pos(*grid, self.decoder_dim).to(x)[None]
         if self.cross is not None:
             if context is None: raise InputError("MAEDecoder: cross=True needs `context` tokens")
             x = x + self.cross(self.cross_norm(x), self.ctx_norm(self.embed(context)))
@@ -364,22 +380,24 @@ class MAEOutput(NamedTuple):
 
 # %% ../nbs/05b_models.ipynb #417cd3d1
 class MAE(Model):
-    "Masked autoencoder (He et al. 2022) on a `ViTEncoder`: encode visible patches, decode all, MSE on hidden ones."
-    def __init__(self, encoder:ViTEncoder,     # the image tower (any preset)
+    "Masked autoencoder (He et al. 2022) on a `ViTEncoder`, or VideoMAE (Tong et al. 2022) on a `VideoEncoder`: encode visible patches, decode all, MSE on hidden ones."
+    def __init__(self, encoder:ViTEncoder|VideoEncoder,  # the image tower, or a video tower (any preset)
                  decoder_dim:int=128, decoder_depth:int=2, decoder_heads:int=4,
-                 mask_ratio:float=0.75,        # MAE: 0.75
+                 mask_ratio:float=0.75,        # MAE: 0.75; VideoMAE: 0.9 (of each frame's positions: tube masks)
                  norm_pix:bool=True):          # per-patch normalised targets
         super().__init__()
-        if not isinstance(encoder, ViTEncoder): raise InputTypeError(f"MAE: encoder must be a ViTEncoder, got {type(encoder).__name__}")
+        if not isinstance(encoder, (ViTEncoder, VideoEncoder)):
+            raise InputTypeError(f"MAE: encoder must be a ViTEncoder or a VideoEncoder, got {type(encoder).__name__}")
         self.remember(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads, mask_ratio=mask_ratio,
                       norm_pix=norm_pix)
         self.tower, self.mask_ratio, self.norm_pix = encoder, mask_ratio, norm_pix
-        cfg = encoder.config; self.grid = encoder.grid_size
-        self.decoder = MAEDecoder(cfg.embed_dim, cfg.patch_size[0] * cfg.patch_size[1] * cfg.in_chans,
+        cfg = encoder.config; self.grid = encoder.grid_size        # (gh, gw), or (T', gh, gw) for video
+        num_masked(math.prod(self.grid[-2:]), mask_ratio, "MAE")   # a mask draws among one frame's positions (tubes: every frame)
+        self.decoder = MAEDecoder(cfg.embed_dim, getattr(cfg, "tubelet", 1) * cfg.patch_size[0] * cfg.patch_size[1] * cfg.in_chans,
                                   decoder_dim, decoder_depth, decoder_heads)
 
     def parts(self) -> dict: return {"encoder": self.tower}
-    def encoders(self) -> dict: return {"image": self.tower}
+    def encoders(self) -> dict: return {tower_modality(self.tower): self.tower}
 
 # %% ../nbs/05b_models.ipynb #18476e90
 @patch
@@ -388,13 +406,20 @@ def encode(self:MAE, imgs:Tensor, m:Mask) -> Tensor:   # (B, P+N_vis, D)
     return self.tower.forward_features(imgs, visible_idx=m.visible)
 
 @patch
-def forward(self:MAE, imgs:Tensor,                  # (B, C, H, W) at the encoder's img_size
-            mask:Mask|None=None,                    # None: random mask at `mask_ratio`
+def make_mask(self:MAE, B:int, generator:torch.Generator|None=None, device=None) -> Mask:
+    "A random mask at `mask_ratio` (MAE); for video a tube mask (VideoMAE): one spatial mask repeated at every time step."
+    if len(self.grid) == 3: return tube_mask(B, self.grid[0], self.grid[1] * self.grid[2], self.mask_ratio, generator, device)
+    return random_mask(B, self.grid[0] * self.grid[1], self.mask_ratio, generator=generator, device=device)
+
+@patch
+def forward(self:MAE, imgs:Tensor,                  # (B, C, H, W) at the encoder's img_size; video: (B, T, C, H, W)
+            mask:Mask|None=None,                    # None: `make_mask` (random; tubes for video) at `mask_ratio`
             generator:torch.Generator|None=None,    # seeds the random mask
            ) -> MAEOutput:
-    check_shape(imgs, "imgs", ("B", self.tower.config.in_chans, *self.tower.config.img_size))
-    B, L = imgs.shape[0], self.grid[0] * self.grid[1]
-    m = mask if mask is not None else random_mask(B, L, self.mask_ratio, generator=generator, device=imgs.device)
+    cfg = self.tower.config; frames = (cfg.num_frames,) if len(self.grid) == 3 else ()
+    check_shape(imgs, "imgs", ("B", *frames, cfg.in_chans, *cfg.img_size))
+    B, L = imgs.shape[0], math.prod(self.grid)
+    m = mask if mask is not None else self.make_mask(B, generator=generator, device=imgs.device)
     check_shape(m.mask, "mask.mask", (B, L))
     feats = self.encode(imgs, m); P = self.tower.num_prefix_tokens
     pred = self.decoder(feats[:, P:], m, self.grid, prefix=feats[:, :P] if P else None)
@@ -402,15 +427,15 @@ def forward(self:MAE, imgs:Tensor,                  # (B, C, H, W) at the encode
 
 @patch
 def example_inputs(self:MAE, batch_size:int=2, generator=None) -> dict:
-    "Random images and a fixed random mask at `mask_ratio`, as keyword arguments of `forward` (reusable: no RNG inside)."
+    "Random images (or videos) and a fixed mask from `make_mask`, as keyword arguments of `forward` (reusable: no RNG inside)."
     imgs = self.tower.example_inputs(batch_size, generator)["x"]
-    return dict(imgs=imgs, mask=random_mask(batch_size, self.grid[0] * self.grid[1], self.mask_ratio, generator=generator))
+    return dict(imgs=imgs, mask=self.make_mask(batch_size, generator=generator))
 
 # %% ../nbs/05b_models.ipynb #f0f5525e
 @patch
 @torch.no_grad()
-def reconstruct(self:MAE, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W)
-    "Image from the predictions (de-normalised with each true patch's statistics when norm_pix), visible patches pasted back."
+def reconstruct(self:MAE, imgs:Tensor, out:MAEOutput) -> Tensor:   # (B, C, H, W), or (B, T, C, H, W) for video
+    "Image (or video) from the predictions (de-normalised with each true patch's statistics when norm_pix), visible patches pasted back."
     target = self.tower.patchify(imgs); pred = out.pred
     if self.norm_pix:
         pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
@@ -1027,3 +1052,10 @@ for _s in ("tiny", "small"):
 # %% ../nbs/05b_models.ipynb #59b55a68
 flip_mae_tiny = _preset("flip_mae_tiny", "Image-text FlipMAE from tiny towers (E=32): CLIP plus a decoder 64 wide, 1 block, 2 heads.",
                         lambda **kw: FlipMAE({m: make_tower(m, "tiny") for m in ("image", "text")}, **{"proj_dim": 32, **kw}))
+
+# %% ../nbs/05b_models.ipynb #fe953d9b
+videomae_tiny = _preset("videomae_tiny", "VideoMAE on the tiny video tower with 4x4 patches and 4-frame tubelets (2x8x8 tokens): "
+                        "decoder 64 wide, 1 block, 2 heads, tube masks of ratio 0.9 (the videomae recipe's defaults).",
+                        lambda **kw: MAE(make_tower("video", "tiny", patch_size=4, tubelet=4),
+                                         **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2, mask_ratio=0.9, norm_pix=True), **kw}))
+

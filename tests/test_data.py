@@ -262,8 +262,8 @@ def test_empty_caption_jsonl_and_null_is_missing(good):
 
 def test_unknown_modality_and_bad_options(good):
     p = manifest(good, "m.csv", "image,text", "ok.png,hi")
-    with pytest.raises(ConfigError, match="unknown modality 'video'"): ManifestDataset(p, modalities=["video"])
-    with pytest.raises(ConfigError, match="unknown modality 'video'"): load_dataset("digits", "train", ["video"])
+    with pytest.raises(ConfigError, match="unknown modality 'depth'"): ManifestDataset(p, modalities=["depth"])
+    with pytest.raises(ConfigError, match="unknown modality 'depth'"): load_dataset("digits", "train", ["depth"])
     with pytest.raises(ConfigError, match="on_error='ignore'"): ManifestDataset(p, on_error="ignore")
     with pytest.raises(ConfigError, match="unknown dataset 'cifar'"): load_dataset("cifar", "train")
     with pytest.raises(ConfigError, match="unknown format '.txt'"):
@@ -504,7 +504,7 @@ def test_modality_dropout_fixed_per_example_seeded_and_drops_caption():
     assert all(d0[i]["audio"] is not None for i in range(50))
     for bad in (1.0, -0.1, {"audio": 1.0}):
         with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"): ModalityDropout(Toy(3), p=bad)
-    with pytest.raises(ConfigError, match="unknown modality 'video'"): ModalityDropout(Toy(3), p={"video": 0.1})
+    with pytest.raises(ConfigError, match="unknown modality 'depth'"): ModalityDropout(Toy(3), p={"depth": 0.1})
 
 
 # ---------------------------------------------------------------- NoisyPairs
@@ -901,7 +901,7 @@ def test_feature_cache_hits_misses_layout(tmp_path):
 
 def test_check_modalities_and_take():
     from mmlab.data import MODALITIES, check_modalities, take
-    assert check_modalities(None) == tuple(MODALITIES) == ("image", "audio", "text")   # MODALITIES: a live view of the registry
+    assert check_modalities(None) == tuple(MODALITIES) == ("image", "audio", "text", "video")   # MODALITIES: a live view of the registry
     assert check_modalities(["text", "image"]) == ("image", "text") and check_modalities("audio") == ("audio",)
     with pytest.raises(ConfigError, match="empty list of modalities"): check_modalities([])
     batch = {"label": torch.tensor([5, 6, 7]), "image": torch.arange(6).reshape(3, 2), "caption": ["a", "b", "c"],
@@ -916,12 +916,12 @@ def test_check_modalities_and_take():
 
 def test_modality_errors_name_where_and_the_full_expected_set(good):
     from mmlab.data import check_modalities
-    expect = "expected a subset of image, audio, text$"
+    expect = "expected a subset of image, audio, text, video$"
     with pytest.raises(ConfigError, match="^where: empty list of modalities; " + expect): check_modalities([], "where")
-    with pytest.raises(ConfigError, match="^modalities: unknown modality 'video'; " + expect): check_modalities(["video"])
+    with pytest.raises(ConfigError, match="^modalities: unknown modality 'depth'; " + expect): check_modalities(["depth"])
     # a bad transforms key is reported as such, not as a bad `modalities` argument
-    with pytest.raises(ConfigError, match="^transforms: unknown modality 'video'; " + expect):
-        load_dataset("shapes", "val", ["text"], transforms={"video": str}, cache=False)
+    with pytest.raises(ConfigError, match="^transforms: unknown modality 'depth'; " + expect):
+        load_dataset("shapes", "val", ["text"], transforms={"depth": str}, cache=False)
     with pytest.raises(ConfigError, match="^transforms: unknown modality 'txt'"):
         ManifestDataset(manifest(good, "m.csv", "image,text", "ok.png,hi"), transforms={"txt": str})
 

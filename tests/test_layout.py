@@ -184,7 +184,7 @@ def test_every_recipe_model_hands_back_its_towers(name):
         assert any(tower is t for t in model.modules()), "encoder() returns the model's own module, not a copy"
         fresh = model_from_config(model_config(tower))
         fresh.load_state_dict(tower.state_dict(), strict=True)
-        with pytest.raises(InputError, match="no 'video' tower"): model.encoder("video")
+        with pytest.raises(InputError, match="no 'depth' tower"): model.encoder("depth")   # a modality no recipe has
 
 
 # ---------------------------------------------------------------- every registered preset: build, save, load, encoder()
@@ -230,7 +230,8 @@ def test_every_preset_saves_loads_and_hands_back_its_towers(name, tmp_path):
         model_from_config(model_config(tower)).load_state_dict(tower.state_dict(), strict=True)
 
 
-PRESET_OF_RECIPE = {"mae": "mae_tiny", "byol": "byol_tiny", "dino": "dino_tiny", "hubert": "hubert_tiny", "av-mae": "av_mae_tiny", "swav": "swav_tiny"}
+PRESET_OF_RECIPE = {"mae": "mae_tiny", "byol": "byol_tiny", "dino": "dino_tiny", "hubert": "hubert_tiny", "av-mae": "av_mae_tiny", "swav": "swav_tiny",
+                    "videomae": "videomae_tiny"}
 
 @pytest.mark.parametrize("recipe_name", list(PRESET_OF_RECIPE))
 def test_recipe_models_are_the_presets(recipe_name):

@@ -70,13 +70,13 @@ def make_signals(n, seed):
 def test_unknown_and_unregistered_names_are_clear_errors(signal):
     assert "signal" in MODALITIES and check_modalities(None)[-1] == "signal"      # a live view, registration order
     unregister_modality("signal")
-    with pytest.raises(ConfigError, match=r"unknown modality 'signal'; registered modalities: image, audio, text "
+    with pytest.raises(ConfigError, match=r"unknown modality 'signal'; registered modalities: image, audio, text, video "
                                           r"\(add one with register_modality\)"):
         get_modality("signal")
-    with pytest.raises(ConfigError, match="unknown modality 'signal'; expected a subset of image, audio, text$"):
+    with pytest.raises(ConfigError, match="unknown modality 'signal'; expected a subset of image, audio, text, video$"):
         check_modalities(["text", "signal"])
     with pytest.raises(ConfigError, match="unknown modality 'signal'"): make_tower("signal", "tiny")
-    with pytest.raises(ConfigError, match="registered modalities: image, audio, text"): unregister_modality("signal")
+    with pytest.raises(ConfigError, match="registered modalities: image, audio, text, video"): unregister_modality("signal")
     register_modality(signal)                                  # the fixture unregisters it again
     with pytest.raises(ConfigError, match="not usable"): register_modality(Modality("present", stack_fields, x_inputs))
 
