@@ -17,10 +17,10 @@ so that load changes on this shared machine hit all of them alike; times are med
 `--repeats` after one warm-up call each; ratios are to `sdpa` in the same run. Throughput is
 samples per second. Results go to JSON (stdout summary, `--out` file).
 
-The video tower (`VideoEncoder`, the `small` preset on 64x64 frames, 8x8 patches, tubelets of 2 frames; `tiny` on
+The video tower (`VideoEncoder`, the `small` preset on 64x64 frames, 4x4 patches, tubelets of 4 frames; `tiny` on
 its 32x32 frames with --smoke) is timed in the same run for a training step (forward + backward, train mode) at 8 and 16 frames,
 with joint and with divided (TimeSformer) space-time attention, interleaved within every repeat; medians
-over `--repeats`, batch `--batch // 4` (video batches are smaller: a 16-frame clip is 512 tokens at `small`).
+over `--repeats`, batch `--batch // 4` (video batches are smaller: a 16-frame clip is 1024 tokens at `small`).
 `divided_over_joint` is the ratio of the two medians at each clip length.
 """
 import argparse, json, math, platform, statistics, sys, time

@@ -748,7 +748,7 @@ class VideoConfig(TowerConfig):
     pool: str = "mean"
 
     SINCOS_AXES = 1                 # `sincos_3d` splits any even width over time, rows and columns
-    PRESETS = {"tiny": dict(), "small": dict(),                         # small: the motion clips' size, ViT-Tiny width
+    PRESETS = {"tiny": dict(patch_size=4, tubelet=4), "small": dict(patch_size=4, tubelet=4),   # motion clips: 2 x 8 x 8 tokens; small: ViT-Tiny width
                "base": dict(num_frames=16, img_size=224, patch_size=16)}   # ViT-B VideoMAE: 8x14x14 tokens
 
     def __post_init__(self): _tuple_fields(self, ("img_size", "patch_size"))

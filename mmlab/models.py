@@ -1056,6 +1056,6 @@ flip_mae_tiny = _preset("flip_mae_tiny", "Image-text FlipMAE from tiny towers (E
 # %% ../nbs/05b_models.ipynb #fe953d9b
 videomae_tiny = _preset("videomae_tiny", "VideoMAE on the tiny video tower with 4x4 patches and 4-frame tubelets (2x8x8 tokens): "
                         "decoder 64 wide, 1 block, 2 heads, tube masks of ratio 0.9 (the videomae recipe's defaults).",
-                        lambda **kw: MAE(make_tower("video", "tiny", patch_size=4, tubelet=4),
+                        lambda **kw: MAE(make_tower("video", "tiny"),
                                          **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2, mask_ratio=0.9, norm_pix=True), **kw}))
 

@@ -179,7 +179,7 @@ class FlipFields:
 @dataclass
 class VideoFields:
     "The video tower's knobs (chapter 02's `VideoConfig`): 0 keeps the preset's value."
-    video_patch: int = 0          # video tower: patch side in pixels (0: the preset's); 4 sees motion on 32x32 clips
+    video_patch: int = 0          # video tower: patch side in pixels (0: the preset's, 4 on 32x32 clips); for clips of other sizes
     video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
     def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)   # after RunFields' checks
 
@@ -1139,8 +1139,8 @@ class VideoMaeRecipe(VideoFields, MaeRecipe):
     "VideoMAE (Tong et al. 2022): the mae recipe on the video tower, tube masks hiding 90 % of each frame's positions."
     dataset: str = "motion"       # clips: the bundled motion set, or a manifest/shards with a video column
     mask_ratio: float = 0.9       # VideoMAE: tubes hide 90 % (neighbouring frames repeat each other; tubes stop copying)
-    video_patch: int = 4          # 4x4-pixel patches: the motion clips' objects move about a pixel a frame
-    video_tubelet: int = 4        # 4 frames per token: 2 time steps of 64 patches on 8-frame clips
+    video_patch: int = 0          # 0: the preset's 4x4-pixel patches (the motion clips' objects move about a pixel a frame)
+    video_tubelet: int = 0        # 0: the preset's 4 frames per token, 2 time steps of 64 patches on 8-frame clips
     name, modalities = "videomae", ("video",)   # fixed: one modality
 
 RECIPES["videomae"] = VideoMaeRecipe   # the MAE objective on video (chapter 05b's MAE takes a VideoEncoder)

@@ -17,7 +17,10 @@ from mmlab.masking import tube_mask
 torch.set_num_threads(1)
 
 
-def tiny(**kw): return VideoEncoder(VideoConfig.preset("tiny", **kw)).eval()
+GRID_444 = dict(patch_size=8, tubelet=2)   # the checks below hold on any grid; 4 x 4 x 4 = 64 tokens keeps them fast
+
+
+def tiny(**kw): return VideoEncoder(VideoConfig.preset("tiny", **(GRID_444 | kw))).eval()
 
 
 # ---------------------------------------------------------------- positions
@@ -174,6 +177,9 @@ def test_shapes_and_other_clip_lengths():
     assert cls(torch.rand(2, 8, 3, 32, 32)).tokens.shape == (2, 64, 64)
     small = VideoConfig.preset("small")
     assert (small.num_frames, small.img_size, small.embed_dim) == (8, (32, 32), 192)
+    for size in ("tiny", "small"):                  # the presets' grid on the motion clips: 2 time steps x 8 x 8
+        p = VideoEncoder(VideoConfig.preset(size)).eval()
+        assert p.grid_size == (2, 8, 8) and p(torch.rand(1, 8, 3, 32, 32)).tokens.shape == (1, 128, p.config.embed_dim)
 
 
 def test_bad_inputs_raise_clear_errors():
