@@ -229,6 +229,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mmlab.data._tar_member': ('data.html#_tar_member', 'mmlab/data.py'),
                             'mmlab.data._text_fields': ('data.html#_text_fields', 'mmlab/data.py'),
                             'mmlab.data._unique_keys': ('data.html#_unique_keys', 'mmlab/data.py'),
+                            'mmlab.data._video_cases': ('data.html#_video_cases', 'mmlab/data.py'),
                             'mmlab.data._video_fields': ('data.html#_video_fields', 'mmlab/data.py'),
                             'mmlab.data.bad_inputs': ('data.html#bad_inputs', 'mmlab/data.py'),
                             'mmlab.data.check_modalities': ('data.html#check_modalities', 'mmlab/data.py'),

@@ -1374,7 +1374,27 @@ def _audio_cases(d:Path) -> list[tuple]:
 def bad_inputs(d:Path) -> list[tuple]:
     "Every kind of bad input, as (kind, input, call, expected): `call()` writes its files under `d` and reads them; expected is (error class, message excerpt) or the values returned."
     d = Path(d)
-    return _manifest_cases(d) + _image_cases(d) + _audio_cases(d)
+    return _manifest_cases(d) + _image_cases(d) + _audio_cases(d) + _video_cases(d)
+
+# %% ../nbs/01_data.ipynb #a463ca34
+def _video_cases(d:Path) -> list[tuple]:
+    "Video clips that are too short, not video, missing or of the wrong dtype, and the frames the rule takes, as (kind, input, call, expected)."
+    file, img, wav, csv_, jsonl, audio, tone = _bad_input_tools(d)
+    ramp = lambda n: torch.stack([torch.full((3, 16, 16), (10 + 12 * k) / 255) for k in range(n)])   # frame k: grey 10 + 12k
+    def taken(n):                                    # which frames of an n-frame clip read_video returns
+        x = read_video(write_video(d / f"ramp{n}.mp4", ramp(n)))
+        return ((x.mean((1, 2, 3)) * 255 - 10) / 12).round().tolist()
+    short = lambda: write_video(d / "v5.mp4", ramp(5)).name
+    return [
+        ("video", "20-frame clip: the middle frame of 8 segments", lambda: taken(20), [1, 3, 6, 8, 11, 13, 16, 18]),
+        ("video", "clip as long as num_frames: every frame", lambda: taken(8), list(range(8))),
+        ("video", "clip with 5 frames, 8 wanted", lambda: read_video(d / short()), (DataError, "v5.mp4: video has 5 frames; expected at least 8")),
+        ("video", "short clip in a manifest", lambda: csv_(f"video\n{short()}\n"), (DataError, "row 2: video")),
+        ("video", "text file named .mp4", lambda: read_video(file("fake.mp4", "hello")), (DataError, "cannot open video")),
+        ("video", "audio file given as a clip", lambda: read_video(d / "ok.wav"), (DataError, "no video stream")),
+        ("video", "missing clip in a manifest", lambda: csv_("video\nnope.mp4\n"), (MissingFileError, "row 2: video file")),
+        ("video", "uint8 clip tensor", lambda: collate([{"video": torch.zeros(8, 3, 2, 2, dtype=torch.uint8)}]), (InputError, "expected floats in [0, 1]")),
+    ]
 
 # %% ../nbs/01_data.ipynb #2e70f02c
 def run_bad_input(call, expected) -> tuple[str, bool]:

@@ -901,7 +901,7 @@ def test_feature_cache_hits_misses_layout(tmp_path):
 
 def test_check_modalities_and_take():
     from mmlab.data import MODALITIES, check_modalities, take
-    assert check_modalities(None) == tuple(MODALITIES) == ("image", "audio", "text")   # MODALITIES: a live view of the registry
+    assert check_modalities(None) == tuple(MODALITIES) == ("image", "audio", "text", "video")   # MODALITIES: a live view of the registry
     assert check_modalities(["text", "image"]) == ("image", "text") and check_modalities("audio") == ("audio",)
     with pytest.raises(ConfigError, match="empty list of modalities"): check_modalities([])
     batch = {"label": torch.tensor([5, 6, 7]), "image": torch.arange(6).reshape(3, 2), "caption": ["a", "b", "c"],

@@ -63,7 +63,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="allowed keys: modalities, loss"): get_recipe("clip", lr_max="1")
     with pytest.raises(ConfigError, match="not a valid float"): get_recipe("clip", lr="fast")
     with pytest.raises(ConfigError, match="expected one of clip, siglip, symile"): get_recipe("clip", loss="infonce")
-    with pytest.raises(ConfigError, match="two or three distinct"): get_recipe("clip", modalities="image,video")
+    with pytest.raises(ConfigError, match="two or three distinct"): get_recipe("clip", modalities="image,depth")
     with pytest.raises(ConfigError, match="expected an integer >= 1"): get_recipe("clip", steps="0")
 
 def _mmlab(*args, cwd=None):

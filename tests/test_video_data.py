@@ -171,6 +171,24 @@ def test_sample_frame_indices_closed_form_and_errors():
     with pytest.raises(ConfigError, match="num_frames must be an int >= 1"): sample_frame_indices(5, 0)
 
 
+def test_sampling_rule_is_tsn_test_time_sampling():
+    # Peer: Temporal Segment Networks' reference loader (yjxiong/tsn-pytorch, dataset.py, TSNDataSet._get_test_indices,
+    # new_length=1) takes tick = num_frames / num_segments and offsets int(tick / 2 + tick * x), 1-based (+ 1).
+    # Transcribed here; the two agree except where (2i + 1) M / (2S) is a whole number, which the peer's float
+    # product can land just below (e.g. M=12, S=7, i=3: 6 exactly, 5.999... in floats), and the kit's integers do not.
+    differ = 0
+    for S in (1, 2, 3, 7, 8, 16):
+        for M in range(S, 600):
+            tick = M / float(S)
+            peer = [int(tick / 2.0 + tick * x) + 1 for x in range(S)]       # 1-based frame numbers
+            ours = [j + 1 for j in sample_frame_indices(M, S)]
+            for i, (a, b) in enumerate(zip(peer, ours)):
+                if a != b:
+                    assert (2 * i + 1) * M % (2 * S) == 0 and b == (2 * i + 1) * M // (2 * S) + 1 and a == b - 1, (M, S, i)
+                    differ += 1
+    assert sample_frame_indices(12, 7) == [0, 2, 4, 6, 7, 9, 11] and differ > 0
+
+
 @pytest.mark.parametrize("suffix,codec", [("mp4", "libx264"), ("avi", "mpeg4"), ("webm", "libvpx-vp9")])
 def test_read_video_takes_the_frames_the_rule_names(tmp_path, suffix, codec):
     p = write_video(tmp_path / f"ramp.{suffix}", ramp_clip(20), codec=codec)
