@@ -16,15 +16,21 @@ normally used. The variants are interleaved within every repeat (sdpa, capture, 
 so that load changes on this shared machine hit all of them alike; times are medians over
 `--repeats` after one warm-up call each; ratios are to `sdpa` in the same run. Throughput is
 samples per second. Results go to JSON (stdout summary, `--out` file).
+
+The video tower (`VideoEncoder`, `small`: 64x64 frames, 8x8 patches, tubelets of 2 frames; `tiny`: 32x32 with
+--smoke) is timed in the same run for a training step (forward + backward, train mode) at 8 and 16 frames,
+with joint and with divided (TimeSformer) space-time attention, interleaved within every repeat; medians
+over `--repeats`, batch `--batch // 4` (video batches are smaller: a 16-frame clip is 512 tokens at `small`).
+`divided_over_joint` is the ratio of the two medians at each clip length.
 """
-import argparse, json, platform, statistics, sys, time
+import argparse, json, math, platform, statistics, sys, time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmlab.encoders import capture_attention, count_flops, count_params, set_fused_attn
+from mmlab.encoders import VideoConfig, VideoEncoder, capture_attention, count_flops, count_params, set_fused_attn
 from mmlab.models import create_model
 
 def make_inputs(name:str, batch:int, smoke:bool, g:torch.Generator) -> dict:
@@ -64,6 +70,26 @@ def time_variants(model, inputs:dict, repeats:int, train:bool) -> dict:
     set_fused_attn(model, True)
     return {v: statistics.median(ts) for v, ts in times.items()}
 
+def time_video(size:str, batch:int, repeats:int, g:torch.Generator) -> dict:
+    "Median train-step seconds of the video tower, joint vs divided attention, at 8 and 16 frames (interleaved)."
+    out = {}
+    for frames in (8, 16):
+        models = {att: VideoEncoder(VideoConfig.preset(size, num_frames=frames, attention=att)).train() for att in ("joint", "divided")}
+        cfg = models["joint"].config
+        x = torch.rand(batch, frames, cfg.in_chans, *cfg.img_size, generator=g)
+        def call(m):
+            t0 = time.perf_counter(); m(x).pooled.square().mean().backward(); dt = time.perf_counter() - t0
+            m.zero_grad(set_to_none=True); return dt
+        for m in models.values(): call(m)                                  # warm-up
+        times = {att: [] for att in models}
+        for _ in range(repeats):
+            for att, m in models.items(): times[att].append(call(m))
+        row = {att: dict(seconds=statistics.median(ts), times_s=ts, samples_per_s=batch / statistics.median(ts),
+                         params=count_params(models[att]), tokens=math.prod(models[att].grid_size)) for att, ts in times.items()}
+        row["divided_over_joint"] = row["divided"]["seconds"] / row["joint"]["seconds"]
+        out[f"frames={frames}"] = row
+    return dict(preset=f"video_{size}", batch=batch, input="(B, F, 3, H, W)", frames=out)
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny presets, batch 4, 3 repeats: seconds")
@@ -88,12 +114,18 @@ def main(argv=None):
             t = time_variants(model, inputs, repeats, train)
             row[workload] = {v: dict(seconds=s, samples_per_s=batch / s, ratio_to_sdpa=s / t["sdpa"]) for v, s in t.items()}
         res["towers"][name] = row
+    res["video"] = time_video(size, max(1, batch // 4), repeats, g)
     print(f"{'tower':>12} {'workload':>16} {'sdpa/s':>9} {'capture/s':>10} {'explicit/s':>11} {'capture x':>10} {'explicit x':>11}")
     for name, row in res["towers"].items():
         for w in ("train_step", "inspect_forward"):
             r = row[w]
             print(f"{name:>12} {w:>16} {r['sdpa']['samples_per_s']:>9.1f} {r['capture']['samples_per_s']:>10.1f} "
                   f"{r['explicit']['samples_per_s']:>11.1f} {r['capture']['ratio_to_sdpa']:>10.2f} {r['explicit']['ratio_to_sdpa']:>11.2f}")
+    v = res["video"]
+    print(f"{v['preset']} train step (batch {v['batch']}):")
+    for k, r in v["frames"].items():
+        print(f"{k:>12} {r['joint']['tokens']:>5} tokens  joint {r['joint']['seconds'] * 1e3:8.1f} ms  "
+              f"divided {r['divided']['seconds'] * 1e3:8.1f} ms  divided/joint {r['divided_over_joint']:.2f}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1))

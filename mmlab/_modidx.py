@@ -75,6 +75,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mmlab.analysis.collapse_probe': ('analysis.html#collapse_probe', 'mmlab/analysis.py'),
                                 'mmlab.analysis.collapse_stats': ('analysis.html#collapse_stats', 'mmlab/analysis.py'),
                                 'mmlab.analysis.distill_stats': ('analysis.html#distill_stats', 'mmlab/analysis.py'),
+                                'mmlab.analysis.divided_as_joint': ('analysis.html#divided_as_joint', 'mmlab/analysis.py'),
                                 'mmlab.analysis.effective_rank': ('analysis.html#effective_rank', 'mmlab/analysis.py'),
                                 'mmlab.analysis.embedding_std': ('analysis.html#embedding_std', 'mmlab/analysis.py'),
                                 'mmlab.analysis.fit_pca': ('analysis.html#fit_pca', 'mmlab/analysis.py'),

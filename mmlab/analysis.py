@@ -17,7 +17,7 @@ from .core import InputError, InputTypeError, check_finite, check_shape, check_u
 __all__ = ['gap_vector', 'uniformity', 'mean_pairwise_cosine', 'effective_rank', 'embedding_std', 'collapse_stats',
            'distill_stats', 'collapse_probe', 'relative_gap', 'separability', 'gap_metrics', 'shift_embeddings',
            'shift_experiment', 'clip_trainer', 'tiny_image_text_model', 'attention_rollout', 'token_relevance',
-           'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
+           'divided_as_joint', 'attention_map', 'fit_pca', 'pca_transform', 'reduce_embeddings']
 
 # %% ../nbs/09_analysis.ipynb #f199ef40
 def _emb(x, name:str, dims:dict, unit:bool=True) -> Tensor:
@@ -295,19 +295,38 @@ def token_relevance(R:Tensor,                   # (B, Nq, Nk) rollout or one lay
     else: raise InputError(f"token_relevance: pool={pool!r}; expected cls, mean or last")
     return rel * m.to(rel.dtype)
 
+# %% ../nbs/09_analysis.ipynb #493c0d8b
+def divided_as_joint(maps:list,    # per block, in forward order: temporal (B*S, H, F', F'), then spatial (B*F', H, S, S)
+                     frames:int,    # F' time steps of the token grid
+                    ) -> list:      # the same maps as (B, H, N, N) float64, N = F'*S, tokens time-major
+    "Divided space-time attention (TimeSformer) written as joint maps: zero outside the same-position (time) or same-step (space) blocks."
+    if len(maps) % 2: raise InputError(f"divided_as_joint: expected (temporal, spatial) pairs of maps, got {len(maps)} maps")
+    out, T = [], frames
+    for a_t, a_s in zip(maps[::2], maps[1::2]):
+        a_t, a_s = (a.detach().to("cpu", torch.float64) for a in (a_t, a_s))
+        S, H = a_s.shape[-1], a_s.shape[1]; B = a_s.shape[0] // T
+        check_shape(a_t, "temporal map", (B * S, H, T, T)); check_shape(a_s, "spatial map", (B * T, H, S, S))
+        t = torch.einsum("bshtu,sr->bhtsur", a_t.reshape(B, S, H, T, T), torch.eye(S, dtype=torch.float64))
+        s = torch.einsum("bthsr,tu->bhtsur", a_s.reshape(B, T, H, S, S), torch.eye(T, dtype=torch.float64))
+        out += [t.reshape(B, H, T * S, T * S), s.reshape(B, H, T * S, T * S)]
+    return out
+
 # %% ../nbs/09_analysis.ipynb #f44fa6e5
-def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncoder or TextEncoder
+def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncoder, TextEncoder or VideoEncoder
                   inputs:dict,                 # the tower's keyword inputs, e.g. {"x": images} (see tower_inputs)
                   layer:int|None=None,         # None = rollout over all layers; else this block only
                   head:int|None=None,          # with `layer`: one head; None = mean over heads
                   head_fusion:str="mean",      # for the rollout
-                 ) -> Tensor:                  # image (B, gh, gw) | audio (B, F', T') | text (B, L)
+                 ) -> Tensor:                  # image (B, gh, gw) | audio (B, F', T') | text (B, L) | video (B, T', gh, gw)
     "Relevance of each input patch / spectrogram patch / token to the tower's pooled output, laid out like the input."
-    from mmlab.encoders import AudioEncoder, ViTEncoder, capture_attention
+    from mmlab.encoders import AudioEncoder, VideoEncoder, ViTEncoder, capture_attention
     with eval_mode(tower), capture_attention(tower) as maps:
         _, valid = tower.embed(inputs["x"], **{k: v for k, v in inputs.items() if k != "x"})
         tower(**inputs)
     maps = list(maps.values())
+    if isinstance(tower, VideoEncoder) and tower.config.attention == "divided":
+        maps = divided_as_joint(maps, tower.grid_size[0])          # two maps per block: time, then space
+        if layer is not None: maps = [s @ t for t, s in zip(maps[::2], maps[1::2])]   # one block: space after time
     if layer is None: R = attention_rollout(maps, head_fusion)
     else:
         if not -len(maps) <= layer < len(maps): raise InputError(f"attention_map: layer {layer} out of range for {len(maps)} blocks")
@@ -316,6 +335,9 @@ def attention_map(tower,                       # an mmlab ViTEncoder, AudioEncod
             raise InputError(f"attention_map: head {head} out of range for {A.shape[1]} heads")
         R = A.mean(1) if head is None else A[:, head]
     rel = token_relevance(R, tower.num_prefix_tokens, tower.config.pool, valid)
+    if isinstance(tower, VideoEncoder):                      # time-major tokens -> (T', gh, gw)
+        (ph, pw), q = tower.config.patch_size, tower.config.tubelet
+        return rel.unflatten(1, (inputs["x"].shape[1] // q, inputs["x"].shape[3] // ph, inputs["x"].shape[4] // pw))
     if isinstance(tower, ViTEncoder):
         H, W = inputs["x"].shape[-2:]; ph, pw = tower.config.patch_size
         return rel.unflatten(1, (H // ph, W // pw))

@@ -180,6 +180,7 @@ class AttentionExplorer(_View):
         n = len(batch["label"]) if "label" in batch else len(batch[mods[0]])
         self.sample = W.IntSlider(0, 0, n - 1, description="sample", continuous_update=False)
         self.tower = W.Dropdown(options=mods, description="tower")
+        self.step = W.IntSlider(0, 0, 0, description="time step", continuous_update=False)   # video: which tubelet step
         self.layer, self.head = W.Dropdown(description="layer"), W.Dropdown(description="head")
         self.info = W.HTML()
         self.fig = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=("input", "relevance")))
@@ -188,9 +189,9 @@ class AttentionExplorer(_View):
         self.fig.update_layout(height=340, width=760, margin=dict(t=40, b=30, l=30, r=10))
         self.fig.update_yaxes(autorange="reversed")
         self._options()
-        for w in (self.sample, self.layer, self.head): w.observe(lambda ch: self.update(), names="value")
+        for w in (self.sample, self.layer, self.head, self.step): w.observe(lambda ch: self.update(), names="value")
         self.tower.observe(lambda ch: (self._options(), self.update()), names="value")
-        self.widget = W.VBox([W.HBox([self.sample, self.tower]), W.HBox([self.layer, self.head]), self.info, self.fig])
+        self.widget = W.VBox([W.HBox([self.sample, self.tower, self.step]), W.HBox([self.layer, self.head]), self.info, self.fig])
         self.update()
 
 # %% ../nbs/10_widgets.ipynb #250313a2
@@ -201,6 +202,9 @@ def _options(self:AttentionExplorer):
         self.layer.options = [("rollout", None)] + [(str(i), i) for i in range(len(t.blocks))]
         self.head.options = [("mean", None)] + [(str(h), h) for h in range(t.config.num_heads)]
         self.layer.value, self.head.value = None, None
+        video = hasattr(t, "grid_size") and len(t.grid_size) == 3      # a VideoEncoder: one panel per time step
+        self.step.max, self.step.value = (t.grid_size[0] - 1 if video else 0), 0
+        self.step.layout.display = None if video else "none"
 
 @patch
 def current_map(self:AttentionExplorer) -> Tensor:
@@ -215,9 +219,12 @@ def update(self:AttentionExplorer):
     "Recompute the map and redraw both heatmaps in place."
     m, i = self.tower.value, int(self.sample.value)
     rel = self.current_map().numpy()
-    x, labels = self.batch[m][i], None
+    x, labels, step = self.batch[m][i], None, ""
     n = int(self.batch[f"{m}_lengths"][i]) if f"{m}_lengths" in self.batch else x.shape[-1]   # real frames / tokens
     if m == "image": inp = x.float().mean(0).numpy()
+    elif rel.ndim == 3:                                  # video (F', gh, gw): the step's first frame and its relevance
+        f = min(int(self.step.value), rel.shape[0] - 1)
+        inp, rel, step = x[f * self.model.towers[m].config.tubelet].float().mean(0).numpy(), rel[f], f"time step {f}, "
     elif m == "audio":
         inp = x[:, :n].numpy(); rel = rel[:, : math.ceil(n / self.model.towers[m].config.patch_size[1])]
     else:
@@ -230,7 +237,7 @@ def update(self:AttentionExplorer):
     what = "rollout (all layers)" if self.layer.value is None else f"layer {self.layer.value}, " + \
         ("mean of heads" if self.head.value is None else f"head {self.head.value}")
     cap = f" · “{self.batch['caption'][i]}”" if "caption" in self.batch else ""
-    self.info.value = f"{m} tower, {what}; sample {i}, label {int(self.batch['label'][i]) if 'label' in self.batch else '-'}{cap}"
+    self.info.value = f"{m} tower, {step}{what}; sample {i}, label {int(self.batch['label'][i]) if 'label' in self.batch else '-'}{cap}"
 
 # %% ../nbs/10_widgets.ipynb #488a37a7
 def _png(img:Tensor) -> bytes:

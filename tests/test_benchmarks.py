@@ -40,6 +40,14 @@ def check_encoders(d):
             for impl, r in t[mode].items():
                 ratio(r["ratio_to_sdpa"], r["seconds"], t[mode]["sdpa"]["seconds"])
                 ratio(r["samples_per_s"], d["batch"], r["seconds"])
+    v = d["video"]                                                    # the video tower at 8 and 16 frames, joint vs divided
+    assert set(v["frames"]) == {"frames=8", "frames=16"}
+    for r in v["frames"].values():
+        ratio(r["divided_over_joint"], r["divided"]["seconds"], r["joint"]["seconds"])
+        for att in ("joint", "divided"):
+            assert r[att]["seconds"] == pytest.approx(statistics.median(r[att]["times_s"]))
+            ratio(r[att]["samples_per_s"], v["batch"], r[att]["seconds"])
+    assert v["frames"]["frames=16"]["joint"]["tokens"] == 2 * v["frames"]["frames=8"]["joint"]["tokens"]
 
 def check_trainer_overhead(d):
     for r in d["results"]:

@@ -4,6 +4,7 @@ copied weights, permutation equivariance, gradcheck, clear errors, save/load, at
 """
 import copy, math, tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,63 @@ def test_save_load_roundtrip(monkeypatch):
             models.save_model(m, d); m2 = models.load_model(d).eval()
         assert isinstance(m2, VideoEncoder) and m2.config == m.config
         assert torch.equal(m2(x).pooled, m(x).pooled)
+
+
+# ---------------------------------------------------------------- attention maps per time step (analysis, widget)
+@pytest.fixture
+def video_modality():
+    "The video modality of the registry (registered here for the test when the data module does not have it yet)."
+    from mmlab.data import MODALITY_REGISTRY, Modality, register_modality, stack_fields, unregister_modality, x_inputs
+    added = "video" not in MODALITY_REGISTRY
+    if added: register_modality(Modality("video", stack_fields, x_inputs, tower="VideoEncoder"))
+    yield
+    if added: unregister_modality("video")
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_attention_map_per_time_step(attention):
+    "Rollout over the joint-layout maps, laid out (B, F', gh, gw); divided maps equal the masked explicit path's."
+    from mmlab.analysis import attention_map, attention_rollout, divided_as_joint, token_relevance
+    torch.manual_seed(0)
+    m = tiny(attention=attention); clips = torch.rand(2, 8, 3, 32, 32)
+    with capture_attention(m) as maps: m(clips)
+    maps = list(maps.values())
+    if attention == "divided":
+        maps = divided_as_joint(maps, 4)
+        pos, step = torch.arange(64) % 16, torch.arange(64) // 16
+        masks = {"time": (pos[:, None] == pos[None]), "space": (step[:, None] == step[None])}
+        for l, (a_t, a_s) in enumerate(zip(maps[::2], maps[1::2])):      # zero outside the allowed blocks, rows sum to 1
+            assert (a_t[..., ~masks["time"]] == 0).all() and (a_s[..., ~masks["space"]] == 0).all()
+            assert torch.allclose(a_t.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-6)
+            assert torch.allclose(a_s.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-6)
+    rel = attention_map(m, {"x": clips})
+    assert rel.shape == (2, 4, 4, 4)
+    assert torch.allclose(rel.flatten(1), token_relevance(attention_rollout(maps), 0, "mean"), atol=1e-10)
+    one = attention_map(m, {"x": clips}, layer=-1, head=1)
+    assert one.shape == (2, 4, 4, 4) and torch.allclose(one.sum((1, 2, 3)), torch.ones(2, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(InputError, match="pairs"): divided_as_joint(maps[:1], 4)
+
+
+def test_attention_explorer_shows_video_per_time_step(video_modality):
+    pytest.importorskip("ipywidgets"); pytest.importorskip("plotly")
+    from mmlab.analysis import attention_map
+    from mmlab.models import MultiModalModel
+    from mmlab.widgets import AttentionExplorer
+    from mmlab.encoders import ViTEncoder, ViTConfig
+    torch.manual_seed(0)
+    model = MultiModalModel({"video": tiny(attention="divided"), "image": ViTEncoder(ViTConfig.preset("tiny"))}, proj_dim=16)
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.rand(3, 8, 3, 32, 32, generator=g), "image": torch.rand(3, 3, 32, 32, generator=g),
+             "label": torch.tensor([0, 1, 2]), "present": {}}
+    ax = AttentionExplorer(model, batch)
+    ax.tower.value = "video"
+    assert ax.step.max == 3 and ax.step.layout.display is None
+    ax.sample.value = 2; ax.step.value = 2
+    full = attention_map(model.towers["video"], {"x": batch["video"][2:3]})[0]
+    assert np.allclose(np.array(ax.fig.data[1].z), full[2].numpy(), atol=1e-10)                  # relevance of step 2
+    assert np.allclose(np.array(ax.fig.data[0].z), batch["video"][2, 4].mean(0).numpy())           # its first frame (2 * q)
+    assert "time step 2" in ax.info.value
+    ax.layer.value = 1; ax.head.value = 0
+    assert np.array(ax.fig.data[1].z).shape == (4, 4) and "layer 1" in ax.info.value
+    ax.tower.value = "image"
+    assert ax.step.layout.display == "none" and np.array(ax.fig.data[1].z).shape == (4, 4)
