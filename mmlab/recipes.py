@@ -481,7 +481,8 @@ def model_device(model:nn.Module) -> torch.device:
 def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cls, extra: a subclass and its options (FlipMAE)
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
-    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32))}
+    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32)),
+             "video": lambda: dict(centre_frames=True)}   # contrastive video: the motion, not the still scene, from step 0
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
     if recipe.init_scale: kw["init_scale"] = recipe.init_scale
