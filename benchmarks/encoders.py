@@ -17,8 +17,8 @@ so that load changes on this shared machine hit all of them alike; times are med
 `--repeats` after one warm-up call each; ratios are to `sdpa` in the same run. Throughput is
 samples per second. Results go to JSON (stdout summary, `--out` file).
 
-The video tower (`VideoEncoder`, `small`: 64x64 frames, 8x8 patches, tubelets of 2 frames; `tiny`: 32x32 with
---smoke) is timed in the same run for a training step (forward + backward, train mode) at 8 and 16 frames,
+The video tower (`VideoEncoder`, the `small` preset on 64x64 frames, 8x8 patches, tubelets of 2 frames; `tiny` on
+its 32x32 frames with --smoke) is timed in the same run for a training step (forward + backward, train mode) at 8 and 16 frames,
 with joint and with divided (TimeSformer) space-time attention, interleaved within every repeat; medians
 over `--repeats`, batch `--batch // 4` (video batches are smaller: a 16-frame clip is 512 tokens at `small`).
 `divided_over_joint` is the ratio of the two medians at each clip length.
@@ -70,11 +70,11 @@ def time_variants(model, inputs:dict, repeats:int, train:bool) -> dict:
     set_fused_attn(model, True)
     return {v: statistics.median(ts) for v, ts in times.items()}
 
-def time_video(size:str, batch:int, repeats:int, g:torch.Generator) -> dict:
+def time_video(size:str, batch:int, repeats:int, g:torch.Generator, img_size:int=64) -> dict:
     "Median train-step seconds of the video tower, joint vs divided attention, at 8 and 16 frames (interleaved)."
     out = {}
     for frames in (8, 16):
-        models = {att: VideoEncoder(VideoConfig.preset(size, num_frames=frames, attention=att)).train() for att in ("joint", "divided")}
+        models = {att: VideoEncoder(VideoConfig.preset(size, num_frames=frames, img_size=img_size, attention=att)).train() for att in ("joint", "divided")}
         cfg = models["joint"].config
         x = torch.rand(batch, frames, cfg.in_chans, *cfg.img_size, generator=g)
         def call(m):
@@ -88,7 +88,7 @@ def time_video(size:str, batch:int, repeats:int, g:torch.Generator) -> dict:
                          params=count_params(models[att]), tokens=math.prod(models[att].grid_size)) for att, ts in times.items()}
         row["divided_over_joint"] = row["divided"]["seconds"] / row["joint"]["seconds"]
         out[f"frames={frames}"] = row
-    return dict(preset=f"video_{size}", batch=batch, input="(B, F, 3, H, W)", frames=out)
+    return dict(preset=f"video_{size}", batch=batch, input=f"(B, F, 3, {img_size}, {img_size})", frames=out)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -114,7 +114,7 @@ def main(argv=None):
             t = time_variants(model, inputs, repeats, train)
             row[workload] = {v: dict(seconds=s, samples_per_s=batch / s, ratio_to_sdpa=s / t["sdpa"]) for v, s in t.items()}
         res["towers"][name] = row
-    res["video"] = time_video(size, max(1, batch // 4), repeats, g)
+    res["video"] = time_video(size, max(1, batch // 4), repeats, g, img_size=32 if a.smoke else 64)
     print(f"{'tower':>12} {'workload':>16} {'sdpa/s':>9} {'capture/s':>10} {'explicit/s':>11} {'capture x':>10} {'explicit x':>11}")
     for name, row in res["towers"].items():
         for w in ("train_step", "inspect_forward"):

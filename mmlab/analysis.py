@@ -296,9 +296,9 @@ def token_relevance(R:Tensor,                   # (B, Nq, Nk) rollout or one lay
     return rel * m.to(rel.dtype)
 
 # %% ../nbs/09_analysis.ipynb #493c0d8b
-def divided_as_joint(maps:list,    # per block, in forward order: temporal (B*S, H, F', F'), then spatial (B*F', H, S, S)
-                     frames:int,    # F' time steps of the token grid
-                    ) -> list:      # the same maps as (B, H, N, N) float64, N = F'*S, tokens time-major
+def divided_as_joint(maps:list,    # per block, in forward order: temporal (B*S, H, T', T'), then spatial (B*T', H, S, S)
+                     frames:int,    # T' time steps of the token grid
+                    ) -> list:      # the same maps as (B, H, N, N) float64, N = T'*S, tokens time-major
     "Divided space-time attention (TimeSformer) written as joint maps: zero outside the same-position (time) or same-step (space) blocks."
     if len(maps) % 2: raise InputError(f"divided_as_joint: expected (temporal, spatial) pairs of maps, got {len(maps)} maps")
     out, T = [], frames

@@ -1277,7 +1277,7 @@ def folder_samples(folder:str|Path):
     known = {e for exts in SHARD_EXTS.values() for e in exts}
     for key, members in groups.items():
         if known & set(members): yield key, members
-        else: yield Skipped(f"{folder}/{key}.*", f"no image, audio or text member (has {', '.join(sorted(members))})")
+        else: yield Skipped(f"{folder}/{key}.*", f"no image, audio, text or video member (has {', '.join(sorted(members))})")
 
 # %% ../nbs/01_data.ipynb #0f36d87f
 def _bad_input_tools(d:Path):

@@ -686,7 +686,7 @@ class TextEncoder(TransformerEncoder):
 def sincos_3d(grid_t:int, grid_h:int, grid_w:int,  # grid: time steps T', rows gh, columns gw
               dim:int,                              # code width D, even and >= 6
              ) -> torch.Tensor:                     # (T'*gh*gw, D), time-major: index t*(gh*gw) + r*gw + c
-    "Separable space-time sin-cos code: channels [time | row | column], 2*floor(D/6) for rows and for columns, the rest for time."
+    "Separable space-time sin-cos code: [time | row | column] channels, each the 1-D code of Vaswani et al. 2017; 2*floor(D/6) per spatial axis."
     if dim % 2 or dim < 6: raise ConfigError(f"sincos_3d: dim must be even and >= 6, got {dim}")
     ds = 2 * (dim // 6)                               # equal thirds when 6 divides D (192, 768); time takes the rest
     t, r, c = torch.meshgrid(torch.arange(grid_t), torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
@@ -723,7 +723,9 @@ class TubeletEmbed(nn.Module):
     "Linear embedding of non-overlapping tubelets (ViViT / VideoMAE cube embedding), as a stride = kernel Conv3d."
     def __init__(self, tubelet:int=2,            # frames per token
                  patch_size=16,                 # (ph, pw)
-                 in_chans:int=3, embed_dim:int=768, bias:bool=True):
+                 in_chans:int=3,                # C
+                 embed_dim:int=768,             # D
+                 bias:bool=True):
         super().__init__()
         self.tubelet, self.patch_size, self.in_chans = tubelet, _pair(patch_size), in_chans
         k = (tubelet, *self.patch_size)
@@ -739,7 +741,7 @@ class VideoConfig(TowerConfig):
     num_frames: int = 8             # T frames per clip
     img_size: tuple = (32, 32)      # (H, W) of each frame
     patch_size: tuple = (8, 8)      # (ph, pw)
-    tubelet: int = 2                # frames per token: T' = T / tubelet time steps
+    tubelet: int = 2                # q frames per token: T' = T / q time steps
     in_chans: int = 3
     attention: str = "joint"        # joint (all T'*S tokens) | divided (TimeSformer: time, then space, per block)
     class_token: bool = False       # VideoMAE pools the mean of the tokens
@@ -747,7 +749,7 @@ class VideoConfig(TowerConfig):
     centre_frames: bool = False     # subtract the clip's mean frame first: the still scene goes, what moves stays (TSN's RGB difference)
 
     SINCOS_AXES = 1                 # `sincos_3d` splits any even width over time, rows and columns
-    PRESETS = {"tiny": dict(), "small": dict(num_frames=16, img_size=64),
+    PRESETS = {"tiny": dict(), "small": dict(),                         # small: the motion clips' size, ViT-Tiny width
                "base": dict(num_frames=16, img_size=224, patch_size=16)}   # ViT-B VideoMAE: 8x14x14 tokens
 
     def __post_init__(self): _tuple_fields(self, ("img_size", "patch_size"))
@@ -767,9 +769,12 @@ class VideoConfig(TowerConfig):
 # %% ../nbs/02_encoders.ipynb #773c122f
 class DividedBlock(Block):
     "Divided space-time block (TimeSformer, Bertasius et al. 2021): temporal attention, then the `Block` (spatial attention, MLP)."
-    def __init__(self, dim:int, num_heads:int, mlp_ratio:float=4., qkv_bias:bool=True, qk_norm:bool=False,
-                 proj_drop:float=0., attn_drop:float=0., drop_path:float=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm,
-                 fused_attn:bool=True,
+    def __init__(self, dim:int,                 # token width D
+                 num_heads:int,                 # heads of both attentions
+                 mlp_ratio:float=4., qkv_bias:bool=True, qk_norm:bool=False,   # as `Block`
+                 proj_drop:float=0., attn_drop:float=0.,
+                 drop_path:float=0.,            # stochastic depth of the three residual branches (per sample)
+                 act_layer=nn.GELU, norm_layer=nn.LayerNorm, fused_attn:bool=True,
                  frames:int=1,                  # T' time steps; tokens arrive time-major (B, T'*S, D)
                 ):
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop, attn_drop, drop_path, act_layer,

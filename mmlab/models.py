@@ -31,12 +31,12 @@ from .losses.contrastive import MemoryQueue, _LearntScale
 
 # %% auto #0
 __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_tiny', 'trimodal_tiny', 'trimodal_small',
-           'flip_mae_tiny', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model', 'MultiModalModel',
-           'register_model', 'list_models', 'create_model', 'make_tower', 'tower_modality', 'check_model_contract',
-           'scatter_tokens', 'MAEDecoder', 'MAEOutput', 'MAE', 'FlipMAE', 'SimMIM', 'MultiModalMAEOutput',
-           'MultiModalMAE', 'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel', 'EMATeacher', 'BYOLModel',
-           'DINOModel', 'MomentumQueueModel', 'SwavModel', 'CaptionBlock', 'CaptionDecoder', 'ITMHead',
-           'summary_tokens']
+           'flip_mae_tiny', 'videomae_tiny', 'model_config', 'model_from_config', 'Model', 'save_model', 'load_model',
+           'MultiModalModel', 'register_model', 'list_models', 'create_model', 'make_tower', 'tower_modality',
+           'check_model_contract', 'scatter_tokens', 'MAEDecoder', 'MAEOutput', 'MAE', 'FlipMAE', 'SimMIM',
+           'MultiModalMAEOutput', 'MultiModalMAE', 'mmae_features', 'HuBERTOutput', 'HuBERT', 'HubertModel',
+           'EMATeacher', 'BYOLModel', 'DINOModel', 'MomentumQueueModel', 'SwavModel', 'CaptionBlock', 'CaptionDecoder',
+           'ITMHead', 'summary_tokens']
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder,
@@ -1054,8 +1054,8 @@ flip_mae_tiny = _preset("flip_mae_tiny", "Image-text FlipMAE from tiny towers (E
                         lambda **kw: FlipMAE({m: make_tower(m, "tiny") for m in ("image", "text")}, **{"proj_dim": 32, **kw}))
 
 # %% ../nbs/05b_models.ipynb #fe953d9b
-for _s in ("tiny", "small"):
-    _preset(f"videomae_{_s}", f"VideoMAE on the {_s} video tower: decoder 64 wide, 1 block, 2 heads, tube masks of ratio 0.9 (the videomae recipe's defaults).",
-            lambda size=_s, **kw: MAE(make_tower("video", size), **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2,
-                                                                            mask_ratio=0.9, norm_pix=True), **kw}))
+videomae_tiny = _preset("videomae_tiny", "VideoMAE on the tiny video tower with 4x4 patches and 4-frame tubelets (2x8x8 tokens): "
+                        "decoder 64 wide, 1 block, 2 heads, tube masks of ratio 0.9 (the videomae recipe's defaults).",
+                        lambda **kw: MAE(make_tower("video", "tiny", patch_size=4, tubelet=4),
+                                         **{**dict(decoder_dim=64, decoder_depth=1, decoder_heads=2, mask_ratio=0.9, norm_pix=True), **kw}))
 

@@ -19,8 +19,9 @@ from fastcore.basics import patch
 from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, InputTypeError, MissingFileError, MMLabError,
                         get_device, get_precision, get_settings, set_seed)
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
-                        dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset)
-from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
+                        dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset,
+                        write_video)
+from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder, VideoConfig
 from .masking import mask_from_scores, num_masked, random_mask
 from .losses import clip_loss, kmeans, negclip_loss, queue_clip_loss, siglip_loss, symile_loss
 from .losses import CENTERINGS
@@ -36,20 +37,20 @@ from .train import (LOCK_FILE, Callback, GradCache, ProgressBar, Trainer, TrainC
 from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_eval, zero_shot_eval
 
 # %% auto #0
-__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'DIGIT_WORDS',
-           'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'ACTION_TEMPLATES', 'TIE', 'RUN_FILES',
-           'RECIPES', 'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields',
-           'FlipFields', 'ClipRecipe', 'matching_extras', 'itm_terms', 'distill_terms', 'load_teacher',
-           'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs', 'train_pairs', 'is_shards',
-           'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split', 'mismatched_modality',
-           'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss', 'contrastive_terms',
-           'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term', 'queue_terms',
-           'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval', 'knn_metrics',
-           'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'multi_crop', 'FreezePrototypes',
-           'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult', 'resolve_runtime', 'run_recipe',
-           'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe', 'parse_overrides', 'export_manifest',
-           'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir', 'quickstart', 'read_recipe',
-           'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+__all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'ACTION_TEMPLATES',
+           'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES',
+           'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields', 'FlipFields',
+           'VideoFields', 'video_knobs', 'video_clip_size', 'ClipRecipe', 'matching_extras', 'itm_terms',
+           'distill_terms', 'load_teacher', 'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs',
+           'train_pairs', 'is_shards', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split',
+           'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
+           'contrastive_terms', 'contrastive_loss_fn', 'flip_masks', 'swap_colours', 'hard_negative_texts', 'pair_term',
+           'queue_terms', 'class_prompts', 'prompt_encoder', 'text_classes', 'evaluate', 'compositional_eval',
+           'knn_metrics', 'MaeRecipe', 'TeacherUpdate', 'augment_views', 'ByolRecipe', 'DinoRecipe', 'multi_crop',
+           'FreezePrototypes', 'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult',
+           'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe',
+           'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
+           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -174,13 +175,32 @@ class FlipFields:
     image_mask_ratio: float = 0.0 # FLIP: share of the image patches hidden (dropped) at random in training, 0.5-0.75; 0: off
     audio_mask_ratio: float = 0.0 # FLIP on the audio tower: share of its spectrogram patches hidden (padding first); 0: off
 
+# %% ../nbs/08a_recipes.ipynb #634f89da
+@dataclass
+class VideoFields:
+    "The video tower's knobs (chapter 02's `VideoConfig`): 0 keeps the preset's value."
+    video_patch: int = 0          # video tower: patch side in pixels (0: the preset's); 4 sees motion on 32x32 clips
+    video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
+    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)   # after RunFields' checks
+
+def video_knobs(recipe) -> dict:
+    "`make_tower` overrides of the video tower from the recipe's `VideoFields` ({} without them or with the preset's)."
+    if not isinstance(recipe, VideoFields): return {}
+    return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet)) if v}
+
+def video_clip_size(recipe) -> dict:
+    "The clips the recipe's video tower takes: {num_frames, image_size} of its preset (manifests and shards read them so)."
+    c = VideoConfig.preset(recipe.size, **video_knobs(recipe))
+    return dict(num_frames=c.num_frames, image_size=c.img_size[0])
+
+
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
 HARD_NEGATIVES = ("none", "swap-colours")   # NegCLIP-style negative captions the clip recipe can add
 
 @dataclass
-class ClipRecipe(QueueFields, FlipFields, MatchingFields, RunFields):   # the mixins: experiment switches
+class ClipRecipe(QueueFields, FlipFields, MatchingFields, VideoFields, RunFields):   # the mixins: experiment switches
     "Contrastive pretraining of two or three towers (CLIP / SigLIP / Symile) on a bundled dataset or a manifest."
-    modalities: tuple = ("image", "audio", "text")  # any two or three of image, audio, text
+    modalities: tuple = ("image", "audio", "text")  # any two or three registered modalities: image, audio, text, video
     loss: str = "clip"            # clip (InfoNCE) | siglip (pairwise sigmoid) | symile (one multilinear loss, 3 modalities)
     targets: str = "label"        # label: same-class samples are positives (duplicate captions) | diagonal: plain i == j
     hard_negatives: str = "none"  # none | swap-colours: each caption with its two colours swapped is an extra negative (NegCLIP)
@@ -426,14 +446,16 @@ class LabelIndex(torch.utils.data.Dataset):
 def split_dataset(recipe, split:str):
     "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
     ms = recipe.modalities                                  # a recipe has `n_mels` only if it reads audio, `max_len` text
+    clips = video_clip_size(recipe) if "video" in ms else {}   # the video tower's clips: frames, and size unless images set it
     kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
               transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
-              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None)
+              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else clips.get("image_size"))
+    frames = {"num_frames": clips["num_frames"]} if clips else {}   # manifests and shards decode this many frames a clip
     if is_shards(recipe.dataset):   # a stream: it shuffles, batches and splits itself over ranks and workers
         return ShardDataset(recipe.dataset.replace("{split}", split), resample=recipe.resample, labels=label_names(recipe),
-                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw)
+                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw, **frames)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
-    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw)
+    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw, **frames)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
     if partial_rows:
         raise DataError(f"{ds.path}: {len(partial_rows)} row(s) lack one of {', '.join(recipe.modalities)} (first: row "
@@ -482,7 +504,7 @@ def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cl
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
     knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32)),
-             "video": lambda: dict(centre_frames=True)}   # contrastive video: the motion, not the still scene, from step 0
+             "video": lambda: video_knobs(recipe)}
     towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
     if recipe.init_scale: kw["init_scale"] = recipe.init_scale
@@ -592,12 +614,15 @@ def queue_terms(recipe, model:MomentumQueueModel, batch:dict, labels:Tensor|None
     if model.training: q.enqueue({m: keys[m] for m in q.modalities}, labels, distributed=True)   # every rank: the global batch
     return terms
 
+# %% ../nbs/08a_recipes.ipynb #fa46360b
+ACTION_TEMPLATES = ["{}", "something {}", "a shape {}", "a video of something {}", "the sound of something {}"]   # 'moving left'
+
+
 # %% ../nbs/08a_recipes.ipynb #94595733
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 WORD_TEMPLATES = ["{}", "a handwritten {}", "number {}", "this is a {}", "the spoken word {}"]
 NUMERAL_TEMPLATES = ["{}", "the digit {}", "the number {}"]
 GENERIC_TEMPLATES = ["{}", "a {}", "this is a {}", "a picture of a {}", "the sound of a {}"]
-ACTION_TEMPLATES = ["{}", "something {}", "a shape {}", "a video of something {}", "the sound of something {}"]
 
 def class_prompts(label_names:list[str]) -> list[list[str]]:
     "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); actions ('moving left') take action templates; else generic ones."
@@ -687,7 +712,7 @@ class MaeRecipe(RunFields):
         _choice(self, "norm_pix", (True, False)); _fraction(self, "mask_ratio"); _ints(self, "decoder_dim", "decoder_depth")
     def make_model(self):
         torch.manual_seed(self.seed)
-        return MAE(make_tower(self.modalities[0], self.size), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+        return MAE(make_tower(self.modalities[0], self.size, **video_knobs(self)), decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
                    decoder_heads=2, mask_ratio=self.mask_ratio, norm_pix=self.norm_pix)
     def make_loss(self): return lambda model, batch: model(batch[self.modalities[0]]).loss
     def evaluate(self, model, batch:dict, label_names:list|None, train_batch:dict|None=None) -> dict:
@@ -1110,10 +1135,12 @@ RECIPES["flip-mae"] = FlipMaeRecipe   # CLIP + MAE from one masked image pass (i
 
 # %% ../nbs/08a_recipes.ipynb #58d5fe27
 @dataclass
-class VideoMaeRecipe(MaeRecipe):
+class VideoMaeRecipe(VideoFields, MaeRecipe):
     "VideoMAE (Tong et al. 2022): the mae recipe on the video tower, tube masks hiding 90 % of each frame's positions."
     dataset: str = "motion"       # clips: the bundled motion set, or a manifest/shards with a video column
     mask_ratio: float = 0.9       # VideoMAE: tubes hide 90 % (neighbouring frames repeat each other; tubes stop copying)
+    video_patch: int = 4          # 4x4-pixel patches: the motion clips' objects move about a pixel a frame
+    video_tubelet: int = 4        # 4 frames per token: 2 time steps of 64 patches on 8-frame clips
     name, modalities = "videomae", ("video",)   # fixed: one modality
 
 RECIPES["videomae"] = VideoMaeRecipe   # the MAE objective on video (chapter 05b's MAE takes a VideoEncoder)
@@ -1139,7 +1166,7 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
                     n:int|None=None,        # first n examples (None: all)
                     labels:bool=True,       # include the label column (class names)
                    ) -> Path:               # the manifest
-    "Write a bundled split as PNG images, float WAV clips and a CSV manifest with captions (and labels)."
+    "Write a bundled split as PNG images, float WAV clips (MP4 videos where it holds video) and a CSV manifest with captions (and labels)."
     import csv
     import soundfile as sf
     from PIL import Image
@@ -1151,7 +1178,9 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(pixels).save(folder / f"{stem}.png")
         sf.write(folder / f"{stem}.wav", item["audio"].numpy(), meta["sample_rate"], subtype="FLOAT")
+        if "video" in item: write_video(folder / f"{stem}.mp4", item["video"], fps=meta.get("fps", 8))   # H.264, decoded by PyAV
         rows.append({"image": f"{stem}.png", "audio": f"{stem}.wav", "text": item["text"]}
+                    | ({"video": f"{stem}.mp4"} if "video" in item else {})
                     | ({"label": meta["label_names"][item["label"]]} if labels else {}))
     path = folder / f"{split}.csv"
     with open(path, "w", newline="") as f:

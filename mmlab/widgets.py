@@ -222,7 +222,7 @@ def update(self:AttentionExplorer):
     x, labels, step = self.batch[m][i], None, ""
     n = int(self.batch[f"{m}_lengths"][i]) if f"{m}_lengths" in self.batch else x.shape[-1]   # real frames / tokens
     if m == "image": inp = x.float().mean(0).numpy()
-    elif rel.ndim == 3:                                  # video (F', gh, gw): the step's first frame and its relevance
+    elif rel.ndim == 3:                                  # video (T', gh, gw): the step's first frame and its relevance
         f = min(int(self.step.value), rel.shape[0] - 1)
         inp, rel, step = x[f * self.model.towers[m].config.tubelet].float().mean(0).numpy(), rel[f], f"time step {f}, "
     elif m == "audio":

@@ -248,3 +248,28 @@ def test_manifest_and_shards_round_trip(tmp_path):
     bad = write_shards(iter([("000", {"mp4": b"broken", "txt": "a"})]), tmp_path / "bad", "x")
     sk = ShardDataset(bad["pattern"], modalities=["video"], shuffle=False, cache=False).first()
     assert "cannot open video" in sk[0].reason
+
+
+def test_folder_of_clips_becomes_shards(tmp_path):
+    from mmlab.data import folder_samples
+    src = tmp_path / "clips"; src.mkdir()
+    write_video(src / "0001.webm", ramp_clip(10), codec="libvpx-vp9"); (src / "0001.txt").write_text("a grey ramp")
+    (src / "0002.json").write_text("{}")                                              # no member of any modality
+    samples = list(folder_samples(src))
+    assert samples[0][0] == "0001" and set(samples[0][1]) == {"webm", "txt"}
+    assert "no image, audio, text or video member" in samples[1].reason
+    info = write_shards(iter(samples), tmp_path / "shards", "train")
+    got = ShardDataset(info["pattern"], modalities=["video", "text"], num_frames=5, shuffle=False, cache=False).first()
+    assert got[0]["video"].shape == (5, 3, 16, 16) and got[0]["text"] == "a grey ramp" and info["skipped"] == 1
+
+
+def test_counts_and_sizes_match_meta_and_budget():
+    meta = dataset_meta("motion")
+    for split, n in meta["splits"].items():
+        ds = load_dataset("motion", split, ["text"])
+        assert len(ds) == n and all(len(v) == n for v in ds.attrs.values())
+        assert np.bincount(ds.labels, minlength=6).tolist() == [n // 6] * 6                # balanced classes
+    size = sum(p.stat().st_size for p in (DATA / "motion").iterdir())
+    assert size <= 6 * 2**20, f"motion/ is {size / 2**20:.2f} MiB > 6 MiB"
+    sheet = (DATA / "DATASHEET.md").read_text()
+    assert "`motion/train.npz` | 1800 |" in sheet and "## motion" in sheet

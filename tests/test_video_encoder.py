@@ -173,7 +173,7 @@ def test_shapes_and_other_clip_lengths():
     cls = tiny(class_token=True, pool="cls")
     assert cls(torch.rand(2, 8, 3, 32, 32)).tokens.shape == (2, 64, 64)
     small = VideoConfig.preset("small")
-    assert (small.num_frames, small.img_size, small.embed_dim) == (16, (64, 64), 192)
+    assert (small.num_frames, small.img_size, small.embed_dim) == (8, (32, 32), 192)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -248,7 +248,7 @@ def video_modality():
 
 @pytest.mark.parametrize("attention", ["joint", "divided"])
 def test_attention_map_per_time_step(attention):
-    "Rollout over the joint-layout maps, laid out (B, F', gh, gw); divided maps equal the masked explicit path's."
+    "Rollout over the joint-layout maps, laid out (B, T', gh, gw); divided maps equal the masked explicit path's."
     from mmlab.analysis import attention_map, attention_rollout, divided_as_joint, token_relevance
     torch.manual_seed(0)
     m = tiny(attention=attention); clips = torch.rand(2, 8, 3, 32, 32)
