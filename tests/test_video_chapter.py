@@ -1,11 +1,12 @@
 """The video chapter's one library switch: `VideoConfig.centre_frames` (the tower subtracts the clip's mean frame, so a
-still scene carries nothing and only what changes reaches the tubelets) and the clip recipe's video tower using it.
+still scene carries nothing and only what changes reaches the tubelets) and the recipes' `video_centre` knob that turns it on.
 The chapter's own cells assert its results (single frame at chance, video-text above it); these pin the switch."""
 import pytest
 import torch
 
+from mmlab.core import ConfigError
 from mmlab.encoders import VideoConfig, VideoEncoder
-from mmlab.recipes import build_model, get_recipe
+from mmlab.recipes import ClipRecipe, build_model, get_recipe
 
 torch.set_num_threads(1)
 
@@ -35,8 +36,13 @@ def test_centring_is_the_plain_tower_on_the_frame_differences_from_the_mean():
     assert VideoConfig().centre_frames is False
 
 
-def test_the_clip_recipe_centres_its_video_tower_only():
-    model = build_model(get_recipe("clip", dataset="motion", modalities="video,text"))
-    assert model.encoder("video").config.centre_frames is True
-    mae = get_recipe("videomae").make_model()
-    assert mae.encoder("video").config.centre_frames is False                  # VideoMAE reconstructs the scene too
+def test_the_recipes_video_centre_knob_builds_a_centred_tower():
+    on = get_recipe("clip", dataset="motion", modalities="video,text", video_centre="true")    # as the CLI passes it
+    assert build_model(on).encoder("video").config.centre_frames is True
+    off = build_model(get_recipe("clip", dataset="motion", modalities="video,text"))
+    assert off.encoder("video").config.centre_frames is False                  # off by default: the preset's tower
+    assert get_recipe("videomae").make_model().encoder("video").config.centre_frames is False
+    with pytest.raises(ConfigError, match=r"--video_centre 'yes' is not a valid bool"):
+        get_recipe("clip", dataset="motion", modalities="video,text", video_centre="yes")
+    with pytest.raises(ConfigError, match=r"clip\.video_centre='on': expected one of True, False"):
+        ClipRecipe(dataset="motion", modalities="video,text", video_centre="on")   # from Python, not a bool
