@@ -40,7 +40,7 @@ __all__ = ['MODEL_CLASSES', 'MODEL_REGISTRY', 'clip_tiny', 'clip_small', 'clap_t
 
 # %% ../nbs/05b_models.ipynb #efe85131
 MODEL_CLASSES = {c.__name__: c for c in (ViTEncoder, AudioEncoder, TextEncoder, FusionEncoder, ProjectionHead, HFEncoder,
-                                               VideoEncoder)}
+                                        VideoEncoder)}
 
 def model_config(model:nn.Module) -> dict:
     "JSON-able description {'class': name, 'config': ...} that `model_from_config` rebuilds."

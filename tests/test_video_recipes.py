@@ -174,6 +174,8 @@ def test_video_text_audio_quickstart_writes_its_report(tmp_path):
 
 
 # Measured on this 2-core CPU (shared): video-text 120 steps about 20 s, the single-frame baseline about 5 s.
+# Here: zero-shot 0.273 (video) vs 0.167 (frame), chance 0.167. At 300 steps on all 1800 training clips (about 32 s and
+# 11 s): 0.997 vs 0.160; video,text,audio: text->video 0.883, text->audio 0.527.
 # With the preset's 8x8 patches the video tower stays at chance on motion at this budget; 4x4 patches and 4-frame
 # tubelets (video_patch, video_tubelet) see the objects' one-pixel-a-frame motion.
 MOTION = dict(dataset="motion", steps=120, batch_size=32, lr=1e-3, warmup_steps=20, video_patch=4, video_tubelet=4)
@@ -210,3 +212,17 @@ def test_tube_mask_count_reproduces_videomae_at_vit_b():
     assert grid == (8, 14, 14)
     m = tube_mask(1, 8, 196, 0.9, generator=torch.Generator().manual_seed(0))
     assert (m.mask.shape[1], m.num_masked) == (1568, 1408)
+
+
+def test_lit_locks_a_videomae_tower_for_video_text(tmp_path):
+    from mmlab.recipes import pretrained_tower
+    run_recipe(get_recipe("videomae", steps=2, batch_size=8), tmp_path / "vm", n_train=16, evaluate_after=False)
+    r = get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm"),
+                   video_patch=4, video_tubelet=4, steps=2, batch_size=8)
+    res = run_recipe(r, n_train=16, n_eval=24)
+    tower, pre = res.model.towers["video"], pretrained_tower(tmp_path / "vm", "video")
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(tower.state_dict().values(), pre.state_dict().values()))
+    assert "zero_shot/text_to_video/accuracy" in res.metrics
+    with pytest.raises(ConfigError, match="does not fit"):                    # the preset's 8x8 patches: another tower
+        get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm")).make_model()
