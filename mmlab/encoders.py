@@ -746,6 +746,7 @@ class VideoConfig(TowerConfig):
     attention: str = "joint"        # joint (all T'*S tokens) | divided (TimeSformer: time, then space, per block)
     class_token: bool = False       # VideoMAE pools the mean of the tokens
     pool: str = "mean"
+    centre_frames: bool = False     # subtract the clip's mean frame first: the still scene goes, what moves stays (TSN's RGB difference)
 
     SINCOS_AXES = 1                 # `sincos_3d` splits any even width over time, rows and columns
     PRESETS = {"tiny": dict(patch_size=4, tubelet=4), "small": dict(patch_size=4, tubelet=4),   # motion clips: 2 x 8 x 8 tokens; small: ViT-Tiny width
@@ -840,6 +841,7 @@ def embed_patches(self:VideoEncoder, x:torch.Tensor) -> tuple:  # (B, T, C, H, W
     if x.shape[1] % k or x.shape[3] % ph or x.shape[4] % pw:
         raise ShapeError(f"VideoEncoder: clip of {x.shape[1]} frames of {x.shape[3]}x{x.shape[4]} does not divide into "
                          f"tubelets of {k} frames x {ph}x{pw} pixels")
+    if self.config.centre_frames: x = x - x.mean(1, keepdim=True)   # the moving part only: a still scene swamps a small motion
     t = self.patch_embed(x)                                       # (B, T', gh, gw, D)
     return t.flatten(1, 3), tuple(t.shape[1:4])
 

@@ -181,12 +181,14 @@ class VideoFields:
     "The video tower's knobs (chapter 02's `VideoConfig`): 0 keeps the preset's value."
     video_patch: int = 0          # video tower: patch side in pixels (0: the preset's, 4 on 32x32 clips); for clips of other sizes
     video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
-    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0)   # after RunFields' checks
+    video_centre: bool = False    # video tower: subtract the clip's mean frame first (`centre_frames`): what moves, not the still scene
+    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0); _choice(self, "video_centre", (True, False))   # after RunFields' checks
 
 def video_knobs(recipe) -> dict:
     "`make_tower` overrides of the video tower from the recipe's `VideoFields` ({} without them or with the preset's)."
     if not isinstance(recipe, VideoFields): return {}
-    return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet)) if v}
+    return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet),
+                                            ("centre_frames", recipe.video_centre)) if v}
 
 def video_clip_size(recipe) -> dict:
     "The clips the recipe's video tower takes: {num_frames, image_size} of its preset (manifests and shards read them so)."
