@@ -50,7 +50,8 @@ __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES',
            'FreezePrototypes', 'SwavRecipe', 'HubertRecipe', 'AvMaeRecipe', 'FlipMaeRecipe', 'RunResult',
            'resolve_runtime', 'run_recipe', 'recipe_dict', 'get_recipe', 'field_default', 'VideoMaeRecipe',
            'parse_overrides', 'export_manifest', 'embedding_figure', 'metrics_tables', 'write_report', 'fresh_out_dir',
-           'quickstart', 'read_recipe', 'load_run', 'main', 'pretrained_tower', 'export_tower', 'LitRecipe']
+           'quickstart', 'read_recipe', 'load_run', 'zero_shot_summary', 'main', 'pretrained_tower', 'export_tower',
+           'LitRecipe']
 
 # %% ../nbs/08a_recipes.ipynb #e8abf453
 LOSSES = ("clip", "siglip", "symile")
@@ -1331,14 +1332,19 @@ def _resume(args:list[str]) -> int:
     return 0
 
 # %% ../nbs/08a_recipes.ipynb #d0ae1833
+def zero_shot_summary(m:dict) -> str:
+    "One line of a run's zero-shot accuracies, each with its chance, for whichever towers it trained."
+    zs = [f"{k.split('/')[1].replace('_to_', '->')} {v:.1%} (chance {m[k.replace('/accuracy', '/chance')]:.1%})"
+          for k, v in m.items() if k.startswith("zero_shot/") and k.endswith("/accuracy")]
+    return "zero-shot accuracy " + ", ".join(zs) if zs else "no zero-shot accuracy (the data has no class names)"
+
 def _cmd(argv:list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"): print(USAGE.format(recipes=", ".join(RECIPES))); return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "quickstart":
         kw = parse_overrides(rest); res = quickstart(overwrite=_overwrite(kw), **kw)
         m = res.metrics
-        print(f"quickstart: {res.seconds:.1f} s; zero-shot accuracy text->image "
-              f"{m['zero_shot/text_to_image/accuracy']:.1%}, text->audio {m['zero_shot/text_to_audio/accuracy']:.1%} (chance 10%)")
+        print(f"quickstart: {res.seconds:.1f} s; {zero_shot_summary(res.metrics)}")
         print(f"report:  {res.out_dir / 'report.html'}\nmetrics: {res.out_dir / 'metrics.json'}")
         return 0
     if cmd == "train":

@@ -159,13 +159,15 @@ def test_motion_prompts_name_the_motion():
 
 
 def test_video_text_audio_quickstart_writes_its_report(tmp_path):
-    from mmlab.recipes import knn_metrics, quickstart
+    from mmlab.recipes import knn_metrics, quickstart, zero_shot_summary
     res = quickstart(tmp_path / "qs", n_train=32, n_eval=48, progress=False, dataset="motion", modalities="video,text,audio",
                      steps=3, batch_size=16, warmup_steps=1)
     html = (tmp_path / "qs" / "report.html").read_text()
     assert "video, text, audio on motion" in html and "text to video" in html and html.count("plotly-graph-div") >= 2
     m = res.metrics                                                           # zero-shot and retrieval for every pair
     assert m["zero_shot/text_to_video/chance"] == pytest.approx(1 / 6) and "zero_shot/text_to_audio/accuracy" in m
+    line = zero_shot_summary(m)                                               # what `mmlab quickstart` prints
+    assert "text->video" in line and "text->audio" in line and "(chance 16.7%)" in line and "image" not in line
     assert {"retrieval/video_to_text/R@1", "retrieval/video_to_audio/R@1", "retrieval/audio_to_text/R@1"} <= set(m)
     r = get_recipe("clip", dataset="motion", modalities="video,text,audio")
     bank, test = load_split(r, "train", 48), load_split(r, "test", 24)       # kNN on the frozen video tower
