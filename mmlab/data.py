@@ -47,6 +47,7 @@ class Modality:
     read: Callable|None = None  # (ds, cell, where) -> the example's value; None: the cell as it is
     tower: str|None = None      # class name of the tower that encodes it (in mmlab.models.MODEL_CLASSES)
     raw: str|None = None        # example key keeping the value before transforms ("caption" for text)
+    reader: Callable|None = None # (tower config) -> dataset keyword options, e.g. {"num_frames": 8, "video_size": 32}
 
 MODALITY_REGISTRY = {}                   # name -> Modality, in registration (= canonical) order
 MODALITIES = MODALITY_REGISTRY.keys()    # a live view of the registered names
@@ -469,7 +470,7 @@ def _video_fields(name, xs, **_):
             raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}; expected (num_frames, 3, H, W)")
         if x.shape != ref.shape:
             raise ShapeError(f"collate: {name} of item {i} has shape {tuple(x.shape)}, item {i0} has {tuple(ref.shape)}; "
-                             f"expected one num_frames and one image_size for every clip (pass num_frames=..., image_size=...)")
+                             f"expected one num_frames and one frame size for every clip (pass num_frames=..., video_size=...)")
     return stack_fields(name, xs)
 
 def _check_video(ds, p, where):
@@ -477,9 +478,13 @@ def _check_video(ds, p, where):
     if n < ds.num_frames: raise DataError(f"{where}: video {str(p)!r} has {n} frames; expected at least {ds.num_frames} (num_frames)")
 
 def _read_video(ds, p, where):
-    return read_video(p, ds.num_frames, ds.image_size, where if isinstance(p, bytes) else f"{where}: {p}")
+    return read_video(p, ds.num_frames, ds.video_size or ds.image_size, where if isinstance(p, bytes) else f"{where}: {p}")
 
-register_modality(Modality("video", _video_fields, x_inputs, check=_check_video, read=_read_video, tower="VideoEncoder"));
+def _video_reader(c):   # the clips a video tower of config `c` takes: its frames and its frame side
+    return {"num_frames": c.num_frames, "video_size": c.img_size[0]}
+
+register_modality(Modality("video", _video_fields, x_inputs, check=_check_video, read=_read_video, tower="VideoEncoder",
+                           reader=_video_reader));
 
 
 # %% ../nbs/01_data.ipynb #7d7a6a5b
@@ -503,10 +508,11 @@ class BundledDataset(Dataset):
     "One split of a bundled dataset; items are dicts with the requested modalities (see `load_dataset`)."
     sample_rate, resample = SAMPLE_RATE, False     # its clips are stored at the kit's rate
     def __init__(self, path:Path, meta:dict, modalities=None, image_size:int|None=None, audio_features=None,
-                 transforms:dict|None=None, cache:bool|FeatureCache=True):
+                 transforms:dict|None=None, cache:bool|FeatureCache=True, video_size:int|None=None, num_frames:int|None=None):
         self.path, self.meta, self.modalities = Path(path), meta, check_modalities(modalities)
         self.name, self.split = meta["name"], self.path.stem
         self.image_size = image_size or meta.get("default_image_size") or meta["image_size"]
+        self.video_size, self.num_frames = video_size or self.image_size, num_frames   # clips: None = image_size, as stored
         self.audio_features, self.transforms = audio_features, _check_transforms(transforms)
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         self.label_names, self.vocab = meta["label_names"], meta.get("vocab", {})
@@ -553,10 +559,11 @@ def _audio(self:BundledDataset, i):
 # %% ../nbs/01_data.ipynb #27042179
 @patch
 def _video(self:BundledDataset, i):
-    "Clip `i` as `(T, 3, H, W)` floats in [0, 1], its frames resized to `image_size` as `_image` resizes."
-    x = torch.from_numpy(self.videos[i].copy()).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] != self.image_size:
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    "Clip `i` as `(T, 3, H, W)` floats in [0, 1]: `num_frames` of its frames, resized to `video_size` as `_image` resizes."
+    v = self.videos[i] if not self.num_frames else self.videos[i][sample_frame_indices(len(self.videos[i]), self.num_frames)]
+    x = torch.from_numpy(v.copy()).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != self.video_size:
+        x = F.interpolate(x, size=(self.video_size, self.video_size), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.contiguous()
 
 # %% ../nbs/01_data.ipynb #3b5a0ac2
@@ -598,6 +605,8 @@ def load_dataset(name:str,                  # "shapes", "digits" or "motion"
                  transforms:dict|None=None, # modality -> callable applied after (augmentations, tokenizers)
                  cache:bool|FeatureCache=True, # cache decoded audio / features on disk
                  root:str|Path|None=None,   # data folder; None = get_settings().data_root
+                 video_size:int|None=None,  # square side of video frames; None = image_size
+                 num_frames:int|None=None,  # frames taken from each clip (`sample_frame_indices`); None = all it stores
                 ) -> BundledDataset:
     "Load a split of a bundled dataset as a map-style torch `Dataset` of example dicts."
     if modalities is not None: check_modalities(modalities)  # an unknown name first, before any file is read
@@ -610,7 +619,7 @@ def load_dataset(name:str,                  # "shapes", "digits" or "motion"
     if split not in splits: raise ConfigError(f"dataset {name!r} has no split {split!r}; splits are {', '.join(splits)}")
     p = dataset_dir(name, root) / f"{split}.npz"
     if not p.is_file(): raise MissingFileError(f"{p} does not exist; regenerate it with datasets_small/make_{name}.py")
-    return BundledDataset(p, meta, modalities, image_size, audio_features, transforms, cache)
+    return BundledDataset(p, meta, modalities, image_size, audio_features, transforms, cache, video_size, num_frames)
 
 # %% ../nbs/01_data.ipynb #a50ea4e2
 VIDEO_EXTS = ("mp4", "webm", "avi", "mov", "mkv")     # video file types manifests and shards name (PyAV decodes them)
@@ -935,6 +944,7 @@ class ManifestDataset(Dataset):
                  modalities=None,            # columns to load; None = every registered modality with a column
                  image_size:int|None=None,   # resize images to this square side; None = keep
                  num_frames:int=8,           # frames taken from each video clip (`read_video`)
+                 video_size:int|None=None,   # resize video frames to this square side; None = image_size
                  audio_features=None,        # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None,  # modality -> callable applied after
                  sample_rate:int=SAMPLE_RATE,# rate required of audio files
@@ -947,7 +957,7 @@ class ManifestDataset(Dataset):
         self.root = Path(root) if root is not None else self.path.parent
         cols, rows = _read_manifest(self.path)
         self.modalities = _manifest_modalities(self.path, cols, modalities)
-        self.image_size, self.audio_features, self.num_frames = image_size, audio_features, num_frames
+        self.image_size, self.audio_features, self.num_frames, self.video_size = image_size, audio_features, num_frames, video_size
         self.transforms, self.sample_rate, self.resample, self.on_error = _check_transforms(transforms), sample_rate, resample, on_error
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         self.rows, self.skip_reasons, self.skipped = [], [], 0
@@ -1075,9 +1085,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     "Batches streamed from WebDataset tar shards, split over ranks and workers, shuffled by shard order and a buffer."
     def __init__(self,
                  urls:str|list,             # brace pattern, URL or list (see `expand_shards`)
-                 modalities=None,           # members each sample must have; None = every registered modality
+                 modalities=None,           # members each sample must have; None = the modalities each sample holds
                  image_size:int|None=None,  # resize images to this square side; None = keep
                  num_frames:int=8,          # frames taken from each video member (`read_video`)
+                 video_size:int|None=None,  # resize video frames to this square side; None = image_size
                  audio_features=None,       # deterministic, cached audio transform, e.g. `LogMel()`
                  transforms:dict|None=None, # modality -> callable applied after decoding
                  batch_size:int=64,         # samples per batch (a skipped one leaves its batch shorter)
@@ -1096,9 +1107,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 ):
         if on_error not in ON_ERROR: raise ConfigError(f"ShardDataset: on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
         if not isinstance(batch_size, int) or batch_size < 1: raise ConfigError(f"ShardDataset: batch_size must be an int >= 1, got {batch_size!r}")
-        self.urls, self.modalities = expand_shards(urls), check_modalities(modalities)
+        self.urls, self.asked = expand_shards(urls), modalities is not None   # not asked: read what each sample holds
+        self.modalities = check_modalities(modalities)
         self.image_size, self.audio_features, self.transforms = image_size, audio_features, _check_transforms(transforms)
-        self.num_frames = num_frames
+        self.num_frames, self.video_size = num_frames, video_size
         self.batch_size, self.shuffle_buffer, self.shuffle, self.drop_last = batch_size, shuffle_buffer, shuffle, drop_last
         self.seed, self.labels, self.on_error = get_settings().seed if seed is None else seed, labels, on_error
         self.label_index = {n: i for i, n in enumerate(labels)} if labels is not None else None
@@ -1176,7 +1188,10 @@ def _decode(self:ShardDataset, s:dict, ordinal:int) -> dict|Skipped:
     try:
         with _reading(f"{where}: cannot parse key.json", "a JSON object"): meta = json.loads(s["json"]) if "json" in s else {}
         item = {"attrs": {"key": s["__key__"]} | {k: v for k, v in meta.items() if k != "label"}}
-        for m in self.modalities:
+        held = [m for m in self.modalities if self.asked or any(e in s for e in SHARD_EXTS.get(m, (m,)))]
+        if not held: raise DataError(f"no member of a known modality ({', '.join(self.modalities)}); the sample has "
+                                     + ", ".join(sorted(k for k in s if not k.startswith("__"))))
+        for m in held:
             mod, ext = get_modality(m), next((e for e in SHARD_EXTS.get(m, (m,)) if e in s), None)
             if ext is None: raise DataError(f"no {m} member (.{', .'.join(SHARD_EXTS.get(m, (m,)))}); the sample has "
                                             + ", ".join(sorted(k for k in s if not k.startswith("__"))))
@@ -1252,11 +1267,12 @@ def write_shards(samples,                    # (key, {ext: bytes}) pairs, or `Sk
 # %% ../nbs/01_data.ipynb #8c9059b9
 def manifest_samples(path:str|Path,             # a CSV/JSONL manifest
                      root:str|Path|None=None,   # folder relative paths start from; None = the manifest's
+                     num_frames:int=1,          # frames a video clip needs to be written (how many to take is chosen at read time)
                     ):
     "A manifest's rows as `write_shards` samples: each file's bytes unchanged, the caption as key.txt, label and attributes as key.json."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")             # the skipped rows are counted in the shards' summary instead
-        ds = ManifestDataset(path, root, on_error="skip", cache=False)
+        ds = ManifestDataset(path, root, num_frames=num_frames, on_error="skip", cache=False)
     for i in range(ds.skipped): yield Skipped(str(ds.path), ds.skip_reasons[i] if i < len(ds.skip_reasons) else "(reason not kept)")
     for i, r in enumerate(ds.rows):
         members = {}

@@ -29,6 +29,7 @@ from .models import SwavModel
 from .models import (BYOLModel, make_tower, DINOModel, MomentumQueueModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features, save_model, FlipMAE)
 from .data import BUNDLED, ShardDataset, folder_samples, manifest_samples, shard_labels, write_shards   # WebDataset shards
+from .data import get_modality; from mmlab.models import MODEL_CLASSES   # each tower's reader options
 from .train import init_distributed
 from contextlib import redirect_stdout
 from .losses.contrastive import dist_info
@@ -40,7 +41,7 @@ from .eval import build_prompts, embed, class_embeddings, knn_eval, retrieval_ev
 __all__ = ['LOSSES', 'TARGETS', 'PRECISIONS', 'FROM_SETTINGS', 'HARD_NEGATIVES', 'MAX_BANK', 'COLOUR_WORDS', 'ACTION_TEMPLATES',
            'DIGIT_WORDS', 'WORD_TEMPLATES', 'NUMERAL_TEMPLATES', 'GENERIC_TEMPLATES', 'TIE', 'RUN_FILES', 'RECIPES',
            'USAGE', 'RunFields', 'field_help', 'recipe_fields', 'QueueFields', 'MatchingFields', 'FlipFields',
-           'VideoFields', 'video_knobs', 'video_clip_size', 'ClipRecipe', 'matching_extras', 'itm_terms',
+           'VideoFields', 'video_knobs', 'tower_knobs', 'reader_options', 'ClipRecipe', 'matching_extras', 'itm_terms',
            'distill_terms', 'load_teacher', 'matching_loss_fn', 'itm_rerank_eval', 'matching_metrics', 'parse_pairs',
            'train_pairs', 'is_shards', 'is_manifest', 'label_names', 'LabelIndex', 'split_dataset', 'load_split',
            'mismatched_modality', 'train_split', 'train_data', 'model_device', 'build_model', 'pair_loss',
@@ -191,10 +192,19 @@ def video_knobs(recipe) -> dict:
     return {k: v for k, v in (("patch_size", recipe.video_patch), ("tubelet", recipe.video_tubelet),
                                             ("centre_frames", recipe.video_centre)) if v}
 
-def video_clip_size(recipe) -> dict:
-    "The clips the recipe's video tower takes: {num_frames, image_size} of its preset (manifests and shards read them so)."
-    c = VideoConfig.preset(recipe.size, **video_knobs(recipe))
-    return dict(num_frames=c.num_frames, image_size=c.img_size[0])
+def tower_knobs(recipe, modality:str) -> dict:
+    "`make_tower` overrides of the recipe's `modality` tower: audio's n_mels, text's max_len, video's `VideoFields`."
+    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32)),
+             "video": lambda: video_knobs(recipe)}
+    return knobs.get(modality, dict)()
+
+def reader_options(recipe, modalities=None) -> dict:   # modalities: those to ask; None = the recipe's
+    "Dataset options the recipe's towers ask for: each `Modality.reader` of its tower's config (video: frames and frame size)."
+    opts = {}
+    for m in modalities or recipe.modalities:
+        mod = get_modality(m)
+        if mod.reader: opts |= mod.reader(MODEL_CLASSES[mod.tower].config_class.preset(recipe.size, **tower_knobs(recipe, m)))
+    return opts
 
 
 # %% ../nbs/08a_recipes.ipynb #dcde4af0
@@ -258,7 +268,7 @@ def _teacher_recipe(r):
                                   f"{','.join(t.modalities)}); expected every student modality {','.join(r.modalities)}")
     img = lambda x: ViTConfig.preset(x.size).img_size if "image" in r.modalities else None
     same = {"dataset": (t.dataset, r.dataset), "n_mels": (t.n_mels, r.n_mels), "max_len": (t.max_len, r.max_len),
-            "image size": (img(t), img(r))}
+            "image size": (img(t), img(r)), "reader options": (reader_options(t, r.modalities), reader_options(r))}
     diff = {k: v for k, v in same.items() if v[0] != v[1] and (k != "n_mels" or "audio" in r.modalities)}
     if diff: raise ConfigError(f"{where}: the teacher reads other inputs than the student: "
                                + ", ".join(f"{k} {a!r} (teacher) vs {b!r}" for k, (a, b) in diff.items()))
@@ -449,16 +459,15 @@ class LabelIndex(torch.utils.data.Dataset):
 def split_dataset(recipe, split:str):
     "One split as a map-style Dataset: a bundled dataset, or the manifest `recipe.dataset.format(split=split)`."
     ms = recipe.modalities                                  # a recipe has `n_mels` only if it reads audio, `max_len` text
-    clips = video_clip_size(recipe) if "video" in ms else {}   # the video tower's clips: frames, and size unless images set it
     kw = dict(modalities=ms, audio_features=LogMel(n_mels=recipe.n_mels) if "audio" in ms else None,
               transforms={"text": CharTokenizer(max_len=recipe.max_len)} if "text" in ms else None,
-              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else clips.get("image_size"))
-    frames = {"num_frames": clips["num_frames"]} if clips else {}   # manifests and shards decode this many frames a clip
+              image_size=ViTConfig.preset(recipe.size).img_size[0] if "image" in ms else None,
+              **reader_options(recipe))                  # what the towers ask of their inputs, e.g. video clips' frames and size
     if is_shards(recipe.dataset):   # a stream: it shuffles, batches and splits itself over ranks and workers
         return ShardDataset(recipe.dataset.replace("{split}", split), resample=recipe.resample, labels=label_names(recipe),
-                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw, **frames)
+                            batch_size=recipe.batch_size, shuffle_buffer=recipe.shuffle_buffer, seed=recipe.seed, drop_last=True, **kw)
     if not is_manifest(recipe.dataset): return load_dataset(recipe.dataset, split, **kw)
-    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw, **frames)
+    ds = ManifestDataset(recipe.dataset.format(split=split), resample=recipe.resample, **kw)
     partial_rows = [r["line"] for r in ds.rows if any(m not in r for m in recipe.modalities)]
     if partial_rows:
         raise DataError(f"{ds.path}: {len(partial_rows)} row(s) lack one of {', '.join(recipe.modalities)} (first: row "
@@ -506,9 +515,7 @@ def model_device(model:nn.Module) -> torch.device:
 def build_model(recipe, cls=MultiModalModel, **extra) -> MultiModalModel:   # cls, extra: a subclass and its options (FlipMAE)
     "Seeded towers of the recipe's preset + linear heads; SigLIP starts at scale 10, bias `init_bias`; `init_scale`, `learn_scale`."
     torch.manual_seed(recipe.seed)
-    knobs = {"audio": lambda: dict(n_mels=recipe.n_mels), "text": lambda: dict(max_len=max(recipe.max_len, 32)),
-             "video": lambda: video_knobs(recipe)}
-    towers = {m: make_tower(m, recipe.size, **knobs.get(m, dict)()) for m in recipe.modalities}   # any registered modality
+    towers = {m: make_tower(m, recipe.size, **tower_knobs(recipe, m)) for m in recipe.modalities}   # any registered modality
     kw = dict(init_scale=10.0, init_bias=recipe.init_bias) if recipe.loss == "siglip" else {}
     if recipe.init_scale: kw["init_scale"] = recipe.init_scale
     if getattr(recipe, "queue_size", 0):     # a key encoder and a queue (MoCo/ALBEF): the model holds them, so checkpoints do

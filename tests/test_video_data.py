@@ -146,7 +146,7 @@ def test_registry_order_and_collate_errors():
     assert b["video"][1].abs().sum() == 0 and set(get_modality("video").inputs(b, "video")) == {"x"}
     with pytest.raises(ShapeError, match="video of item 1 has shape \\(5, 3, 4, 4\\), item 0 has \\(8, 3, 4, 4\\); expected one num_frames"):
         collate([{"video": torch.rand(8, 3, 4, 4)}, {"video": torch.rand(5, 3, 4, 4)}])
-    with pytest.raises(ShapeError, match="expected one num_frames and one image_size"):
+    with pytest.raises(ShapeError, match="expected one num_frames and one frame size"):
         collate([{"video": torch.rand(8, 3, 4, 4)}, {"video": torch.rand(8, 3, 6, 6)}])
     with pytest.raises(InputError, match="dtype torch.uint8; expected floats in \\[0, 1\\]"):
         collate([{"video": torch.zeros(8, 3, 4, 4, dtype=torch.uint8)}])
@@ -273,3 +273,39 @@ def test_counts_and_sizes_match_meta_and_budget():
     assert size <= 6 * 2**20, f"motion/ is {size / 2**20:.2f} MiB > 6 MiB"
     sheet = (DATA / "DATASHEET.md").read_text()
     assert "`motion/train.npz` | 1800 |" in sheet and "## motion" in sheet
+
+
+def test_shards_without_video_are_read_with_the_modalities_they_hold(tmp_path):
+    "modalities=None reads what each sample holds (as a manifest reads its columns): image/text shards skip nothing."
+    from PIL import Image
+    buf = io.BytesIO(); Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    samples = [(f"{i:03d}", {"png": buf.getvalue(), "txt": f"red {i}"}) for i in range(3)]
+    info = write_shards(iter(samples), tmp_path / "s", "train")
+    got = ShardDataset(info["pattern"], shuffle=False, cache=False).first()
+    assert all(isinstance(g, dict) for g in got), got
+    assert set(got[0]) >= {"image", "text"} and "video" not in got[0] and got[2]["text"] == "red 2"
+    b = next(iter(ShardDataset(info["pattern"], shuffle=False, cache=False, batch_size=3)))
+    assert b["image"].shape == (3, 3, 8, 8) and "skipped" not in b
+    with pytest.raises(DataError, match="no video member"):          # asked for: every sample must hold it
+        ShardDataset(info["pattern"], modalities=["video"], on_error="raise", shuffle=False, cache=False).first()
+
+
+def test_manifest_samples_keeps_clips_shorter_than_eight_frames(tmp_path):
+    "The frame count is a read-time choice: a 6-frame clip is written to the shards and read with num_frames=6."
+    write_video(tmp_path / "six.mp4", ramp_clip(6))
+    (tmp_path / "m.csv").write_text("video,text\nsix.mp4,a ramp\n")
+    info = write_shards(manifest_samples(tmp_path / "m.csv"), tmp_path / "s", "train")
+    assert (info["samples"], info["skipped"]) == (1, 0)
+    got = ShardDataset(info["pattern"], num_frames=6, shuffle=False, cache=False).first()[0]
+    assert got["video"].shape == (6, 3, 16, 16)
+    with pytest.raises(DataError, match="no usable rows"): next(manifest_samples(tmp_path / "m.csv", num_frames=8))   # asked for 8
+
+
+def test_video_frames_have_their_own_size():
+    "video_size sizes clips apart from images (None = image_size); num_frames takes frames of a bundled clip."
+    ds = load_dataset("motion", "test", ["image", "video"], image_size=64, video_size=32)
+    x = ds[0]
+    assert x["image"].shape == (3, 64, 64) and x["video"].shape == (8, 3, 32, 32)
+    assert load_dataset("motion", "test", ["video"], image_size=16)[0]["video"].shape == (8, 3, 16, 16)
+    four = load_dataset("motion", "test", ["video"], num_frames=4)[0]["video"]
+    assert torch.equal(four, x["video"][sample_frame_indices(8, 4)])

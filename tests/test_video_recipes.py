@@ -229,3 +229,22 @@ def test_lit_locks_a_videomae_tower_for_video_text(tmp_path):
     with pytest.raises(ConfigError, match="does not fit"):                    # 8x8 patches of 2 frames: another tower
         get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm"),
                    video_patch=8, video_tubelet=2).make_model()
+
+
+def test_image_and_video_towers_read_their_own_sizes_at_small(tmp_path):
+    "At size small the image tower takes 64-px images and the video tower 32-px clips: the datasets read each so."
+    from mmlab.data import get_modality
+    from mmlab.recipes import reader_options, split_dataset
+    r = get_recipe("clip", dataset="motion", modalities="image,video,text", size="small")
+    assert reader_options(r) == {"num_frames": 8, "video_size": 32}
+    x = split_dataset(r, "test")[0]
+    assert x["image"].shape == (3, 64, 64) and x["video"].shape == (8, 3, 32, 32)
+    for split, n in (("train", 48), ("test", 4)): export_manifest_(split, tmp_path, n)
+    m = split_dataset(get_recipe("clip", dataset=str(tmp_path / "{split}.csv"), modalities="image,video,text", size="small"), "test")[0]
+    assert m["image"].shape == (3, 64, 64) and m["video"].shape == (8, 3, 32, 32)
+    assert get_modality("image").reader is None                                  # the hook is the modality's, not the recipe's
+
+
+def export_manifest_(split, out, n):
+    from mmlab.recipes import export_manifest
+    export_manifest("motion", split, out, n=n)
