@@ -184,7 +184,9 @@ class VideoFields:
     video_patch: int = 0          # video tower: patch side in pixels (0: the preset's, 4 on 32x32 clips); for clips of other sizes
     video_tubelet: int = 0        # video tower: frames per token (0: the preset's)
     video_centre: bool = False    # video tower: subtract the clip's mean frame first (`centre_frames`): what moves, not the still scene
-    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0); _choice(self, "video_centre", (True, False))   # after RunFields' checks
+    def __post_init__(self): super().__post_init__(); _ints(self, "video_patch", "video_tubelet", least=0); _choice(self, "video_centre", (True, False)); self._video_knobs_need_video()   # after RunFields' checks
+    def _video_knobs_need_video(self): _check(self, lambda v: not v or "video" in self.modalities,   # like image_mask_ratio without images
+                                               "0 / False: the recipe has no video tower", "video_patch", "video_tubelet", "video_centre")
 
 def video_knobs(recipe) -> dict:
     "`make_tower` overrides of the video tower from the recipe's `VideoFields` ({} without them or with the preset's)."
@@ -1459,6 +1461,14 @@ def export_tower(run:str|Path,            # a finished run folder (or one of its
     except CheckpointError as e: raise CheckpointError(f"mmlab export: cannot take the {modality!r} tower of {run}: {e}") from e
     return save_model(tower, out)
 
+def _same_tower_config(r, pre, ours):
+    "LiT locks the pretrained tower as it was trained: a config field that differs (no weight shows it, e.g. centre_frames) is an error."
+    if not (is_dataclass(pre) and is_dataclass(ours)) or type(pre) is not type(ours): return
+    diff = {f.name: (getattr(pre, f.name), getattr(ours, f.name)) for f in fields(pre) if getattr(pre, f.name) != getattr(ours, f.name)}
+    if diff: raise ConfigError(f"{r.name}.init_from={r.init_from!r}: its {r.locked} tower does not fit the recipe's: "
+                               + ", ".join(f"{k}={a!r} (pretrained) vs {b!r}" for k, (a, b) in diff.items())
+                               + "; expected the same config (set the recipe's knobs, e.g. video_centre, as the run had them)")
+
 @dataclass
 class LitRecipe(ClipRecipe):
     "CLIP with one tower locked (LiT): initialised from a pretrained run, frozen; the others and the heads train."
@@ -1473,6 +1483,7 @@ class LitRecipe(ClipRecipe):
         model = build_model(self)
         if self.init_from:
             tower = pretrained_tower(self.init_from, self.locked)
+            _same_tower_config(self, tower.config, model.towers[self.locked].config)
             try: model.towers[self.locked].load_state_dict(tower.state_dict())
             except RuntimeError as e: raise ConfigError(f"lit.init_from={self.init_from!r}: its {self.locked} tower does not fit size={self.size!r}: {e}") from e
             if self.queue_size: model.teacher.module["towers"][self.locked].load_state_dict(tower.state_dict())   # the key encoder's too

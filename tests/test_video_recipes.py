@@ -204,18 +204,6 @@ def test_motion_exports_as_a_video_manifest_that_the_clip_recipe_reads(tmp_path)
     assert "zero_shot/text_to_video/accuracy" in run_recipe(r).metrics
 
 
-def test_tube_mask_count_reproduces_videomae_at_vit_b():
-    # VideoMAE's TubeMaskingGenerator (MCG-NJU/VideoMAE, masking_generator.py) at input_size (8, 14, 14), mask_ratio 0.9
-    # prints "total patches 1568, mask patches 1408": int(0.9 * 196) = 176 per frame, 8 time steps; transformers'
-    # VideoMAE docs give seq_length = (16 // 2) * (224 // 16) ** 2 = 1568 for videomae-base.
-    from mmlab.encoders import VideoConfig
-    c = VideoConfig.preset("base")
-    grid = (c.num_frames // c.tubelet, c.img_size[0] // c.patch_size[0], c.img_size[1] // c.patch_size[1])
-    assert grid == (8, 14, 14)
-    m = tube_mask(1, 8, 196, 0.9, generator=torch.Generator().manual_seed(0))
-    assert (m.mask.shape[1], m.num_masked) == (1568, 1408)
-
-
 def test_lit_locks_a_videomae_tower_for_video_text(tmp_path):
     from mmlab.recipes import pretrained_tower
     run_recipe(get_recipe("videomae", steps=2, batch_size=8), tmp_path / "vm", n_train=16, evaluate_after=False)
@@ -229,6 +217,17 @@ def test_lit_locks_a_videomae_tower_for_video_text(tmp_path):
     with pytest.raises(ConfigError, match="does not fit"):                    # 8x8 patches of 2 frames: another tower
         get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm"),
                    video_patch=8, video_tubelet=2).make_model()
+    with pytest.raises(ConfigError, match=r"does not fit the recipe's: centre_frames=False \(pretrained\) vs True"):
+        get_recipe("lit", dataset="motion", modalities="video,text", locked="video", init_from=str(tmp_path / "vm"),
+                   video_centre=True).make_model()                            # no weight differs: the config must say it
+
+
+@pytest.mark.parametrize("knob", [dict(video_patch=8), dict(video_tubelet=2), dict(video_centre=True)])
+def test_video_knobs_without_a_video_tower_are_refused(knob):
+    (k, v), = knob.items()
+    with pytest.raises(ConfigError, match=f"clip.{k}={v!r}: expected 0 / False: the recipe has no video tower"):
+        get_recipe("clip", modalities="image,text", **knob)
+    assert getattr(get_recipe("clip", modalities="video,text", **knob), k) == v
 
 
 def test_image_and_video_towers_read_their_own_sizes_at_small(tmp_path):
