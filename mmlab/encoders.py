@@ -870,19 +870,24 @@ def embed(self:VideoEncoder, x:torch.Tensor) -> tuple:     # (B, T, C, H, W) -> 
     return self.add_pos(t, grid), None
 
 @patch
-def check_tube(self:VideoEncoder, visible_idx:torch.Tensor):
-    "Divided attention needs the same visible positions at every time step (a tube mask), listed time-major."
+def check_tube(self:VideoEncoder, visible_idx:torch.Tensor,
+               why:str="divided attention encodes visible tokens only for tube patterns", # what needs the tube
+               fix:str="attention='joint'"):                                             # the other way out
+    "Divided attention and `centre_frames` need the same visible positions at every time step (a tube mask), listed time-major."
     T, S = self.grid_size[0], self.grid_size[1] * self.grid_size[2]
     B, K = visible_idx.shape
     first = visible_idx[:, : K // T]
     tube = first[:, None] + S * torch.arange(T, device=visible_idx.device)[None, :, None]      # (B, T', K/T')
     if K % T or not torch.equal(visible_idx.reshape(B, T, -1), tube) or (first >= S).any():
-        raise InputError(f"VideoEncoder: divided attention encodes visible tokens only for tube patterns (the same spatial "
-                         f"positions, in the same order, at each of the {T} time steps, time-major); use tube_mask, or attention='joint'")
+        raise InputError(f"VideoEncoder: {why} (the same spatial "
+                         f"positions, in the same order, at each of the {T} time steps, time-major); use tube_mask, or {fix}")
 
 @patch
 def _encode(self:VideoEncoder, x, visible_idx=None):
     if visible_idx is not None and self.config.attention == "divided": self.check_tube(visible_idx)
+    if visible_idx is not None and self.config.centre_frames:   # the mean frame would mix hidden pixels into visible tokens
+        self.check_tube(visible_idx, "centre_frames subtracts the mean over all frames: only tube patterns keep hidden "
+                                     "pixels out of visible tokens", "centre_frames=False")
     return TransformerEncoder._encode(self, x, visible_idx=visible_idx)
 
 @patch

@@ -2,7 +2,7 @@
 VideoEncoder) against independent references: float64 closed forms and masked float64 attention, a ViT with
 copied weights, permutation equivariance, gradcheck, clear errors, save/load, attention capture.
 """
-import copy, math, tempfile
+import contextlib, copy, math, tempfile
 
 import numpy as np
 import pytest
@@ -94,7 +94,7 @@ def test_one_time_step_equals_vit(q, cls):
 
 
 # ---------------------------------------------------------------- (b) divided = two masked joint attentions
-def masked_reference(model, x, Fp, S, keep=None):
+def masked_reference(model, x, Fp, S, keep=None, maps=None):
     "Float64 explicit path over all tokens: each block's temporal attention under the same-position mask, spatial "
     "under the same-step mask (keys limited to `keep`), MLP; final norm. x: (B, N, D) embedded tokens."
     ref = set_fused_attn(copy.deepcopy(model).double(), False)
@@ -104,10 +104,12 @@ def masked_reference(model, x, Fp, S, keep=None):
         eye = torch.eye(Fp * S, dtype=torch.bool)
         Mt, Ms = (Mt & keep[:, None, None]) | eye, (Ms & keep[:, None, None]) | eye
     h = x.double()
-    for blk in ref.blocks:
-        h = h + blk.temporal_attn(blk.norm_t(h), attn_mask=Mt)
-        h = h + blk.attn(blk.norm1(h), attn_mask=Ms)
-        h = h + blk.mlp(blk.norm2(h))
+    with capture_attention(ref) if maps is not None else contextlib.nullcontext() as got:   # maps: filled with its attention maps
+        for blk in ref.blocks:
+            h = h + blk.temporal_attn(blk.norm_t(h), attn_mask=Mt)
+            h = h + blk.attn(blk.norm1(h), attn_mask=Ms)
+            h = h + blk.mlp(blk.norm2(h))
+    if maps is not None: maps.extend(got.values())
     return ref.norm(h)
 
 
@@ -164,6 +166,23 @@ def test_joint_visible_idx():
     assert torch.equal(m(clips + noise, visible_idx=vis).tokens, out.tokens)
     all_idx = torch.stack([torch.randperm(64) for _ in range(2)])
     assert torch.allclose(m(clips, visible_idx=all_idx).tokens, gather_tokens(m(clips).tokens, all_idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_centre_frames_keeps_hidden_pixels_out_only_under_tubes(attention):
+    "centre_frames subtracts the mean over all frames: under a tube mask that mean at a visible position uses visible "
+    "pixels only, so hidden tubelets cannot change the visible tokens; any other pattern is refused."
+    torch.manual_seed(0)
+    m = tiny(attention=attention, centre_frames=True)
+    clips = torch.rand(2, 8, 3, 32, 32)
+    mk = tube_mask(2, 4, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    out = m(clips, visible_idx=mk.visible).tokens
+    noise = m.unpatchify(m.patchify(torch.rand_like(clips)) * mk.mask[..., None])   # changes hidden tubelets only
+    assert torch.allclose(m(clips + noise, visible_idx=mk.visible).tokens, out, atol=1e-6)
+    vis = torch.stack([torch.randperm(64)[:16].sort().values for _ in range(2)])     # a random (not tube) pattern
+    with pytest.raises(InputError, match="centre_frames subtracts the mean over all frames.*centre_frames=False"
+                       if attention == "joint" else "divided attention"):
+        m(clips, visible_idx=vis)
 
 
 # ---------------------------------------------------------------- shapes, other sizes, errors
@@ -242,16 +261,6 @@ def test_save_load_roundtrip(monkeypatch):
 
 
 # ---------------------------------------------------------------- attention maps per time step (analysis, widget)
-@pytest.fixture
-def video_modality():
-    "The video modality of the registry (registered here for the test when the data module does not have it yet)."
-    from mmlab.data import MODALITY_REGISTRY, Modality, register_modality, stack_fields, unregister_modality, x_inputs
-    added = "video" not in MODALITY_REGISTRY
-    if added: register_modality(Modality("video", stack_fields, x_inputs, tower="VideoEncoder"))
-    yield
-    if added: unregister_modality("video")
-
-
 @pytest.mark.parametrize("attention", ["joint", "divided"])
 def test_attention_map_per_time_step(attention):
     "Rollout over the joint-layout maps, laid out (B, T', gh, gw); divided maps equal the masked explicit path's."
@@ -264,6 +273,8 @@ def test_attention_map_per_time_step(attention):
         maps = divided_as_joint(maps, 4)
         pos, step = torch.arange(64) % 16, torch.arange(64) // 16
         masks = {"time": (pos[:, None] == pos[None]), "space": (step[:, None] == step[None])}
+        ref_maps = []; masked_reference(m, m.embed(clips)[0], 4, 16, maps=ref_maps)
+        assert len(ref_maps) == len(maps) and all(torch.allclose(a, r.double(), atol=1e-6) for a, r in zip(maps, ref_maps))
         for l, (a_t, a_s) in enumerate(zip(maps[::2], maps[1::2])):      # zero outside the allowed blocks, rows sum to 1
             assert (a_t[..., ~masks["time"]] == 0).all() and (a_s[..., ~masks["space"]] == 0).all()
             assert torch.allclose(a_t.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-6)
@@ -276,7 +287,7 @@ def test_attention_map_per_time_step(attention):
     with pytest.raises(InputError, match="pairs"): divided_as_joint(maps[:1], 4)
 
 
-def test_attention_explorer_shows_video_per_time_step(video_modality):
+def test_attention_explorer_shows_video_per_time_step():
     pytest.importorskip("ipywidgets"); pytest.importorskip("plotly")
     from mmlab.analysis import attention_map
     from mmlab.models import MultiModalModel
