@@ -679,18 +679,20 @@ def read_video(src:str|Path|bytes,  # a video file (MP4, WebM, AVI, ...) or its 
     if size: x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
     return x.contiguous()
 
+_RGB_CODECS = {"ffv1": "bgr0", "libx264rgb": "rgb24"}   # lossless codecs keep RGB: yuv420p would round and subsample colour
+
 def write_video(path:str|Path,       # the file to write; its suffix picks the container (.mp4, .webm, .avi, ...)
                 video:torch.Tensor,  # (T, 3, H, W) floats in [0, 1]; H and W even for H.264
                 fps:int=8,           # frames per second
-                codec:str="libx264", # PyAV codec: libx264, mpeg4, libvpx-vp9, ...
+                codec:str="libx264", # PyAV codec: libx264, mpeg4, libvpx-vp9, ...; ffv1 (.mkv) and libx264rgb are lossless
                ) -> Path:
-    "Encode a clip as a video file with PyAV (yuv420p), e.g. to make a manifest or a shard of your clips."
+    "Encode a clip as a video file with PyAV (yuv420p; RGB for the lossless codecs), e.g. to make a manifest or a shard of your clips."
     import av
     if not (torch.is_tensor(video) and video.dim() == 4 and video.shape[1] == 3):
         raise ShapeError(f"write_video: expected a (T, 3, H, W) tensor, got {getattr(video, 'shape', type(video).__name__)}")
     frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps); s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s = c.add_stream(codec, rate=fps); s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], _RGB_CODECS.get(codec, "yuv420p")
         for f in frames: c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         c.mux(s.encode())                  # flush the encoder
     return Path(path)

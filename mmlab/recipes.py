@@ -1178,7 +1178,7 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
                     n:int|None=None,        # first n examples (None: all)
                     labels:bool=True,       # include the label column (class names)
                    ) -> Path:               # the manifest
-    "Write a bundled split as PNG images, float WAV clips (MP4 videos where it holds video) and a CSV manifest with captions (and labels)."
+    "Write a bundled split as PNG images, float WAV clips (lossless FFV1 .mkv videos where it holds video) and a CSV manifest with captions (and labels)."
     import csv
     import soundfile as sf
     from PIL import Image
@@ -1190,9 +1190,9 @@ def export_manifest(dataset:str,            # a bundled dataset, e.g. "digits"
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(pixels).save(folder / f"{stem}.png")
         sf.write(folder / f"{stem}.wav", item["audio"].numpy(), meta["sample_rate"], subtype="FLOAT")
-        if "video" in item: write_video(folder / f"{stem}.mp4", item["video"], fps=meta.get("fps", 8))   # H.264, decoded by PyAV
+        if "video" in item: write_video(folder / f"{stem}.mkv", item["video"], fps=meta.get("fps", 8), codec="ffv1")   # lossless
         rows.append({"image": f"{stem}.png", "audio": f"{stem}.wav", "text": item["text"]}
-                    | ({"video": f"{stem}.mp4"} if "video" in item else {})
+                    | ({"video": f"{stem}.mkv"} if "video" in item else {})
                     | ({"label": meta["label_names"][item["label"]]} if labels else {}))
     path = folder / f"{split}.csv"
     with open(path, "w", newline="") as f:
