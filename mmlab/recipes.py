@@ -638,6 +638,8 @@ GENERIC_TEMPLATES = ["{}", "a {}", "this is a {}", "a picture of a {}", "the sou
 
 def class_prompts(label_names:list[str]) -> list[list[str]]:
     "Prompt ensembles per class: for digits, word and numeral templates ('seven', 'the digit 7', ...); actions ('moving left') take action templates; else generic ones."
+    empty = [i for i, n in enumerate(label_names) if not str(n).strip()]
+    if empty: raise DataError(f"class_prompts: class {empty[0]} has an empty name; expected non-empty class names (labels) to prompt with")
     if all(n.split()[0].endswith("ing") for n in label_names): return build_prompts(label_names, ACTION_TEMPLATES)   # motion
     if list(label_names) != DIGIT_WORDS: return build_prompts(label_names, GENERIC_TEMPLATES)
     words, numerals = build_prompts(label_names, WORD_TEMPLATES), build_prompts([str(d) for d in range(10)], NUMERAL_TEMPLATES)

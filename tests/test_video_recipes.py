@@ -156,6 +156,9 @@ def test_motion_prompts_name_the_motion():
     prompts = class_prompts(names)
     assert "a video of something moving left" in prompts[0] and all(p.endswith("moving left") for p in prompts[0])
     assert class_prompts(["circle", "square"])[0][1] == "a circle"                # other labels keep the generic templates
+    from mmlab.core import DataError
+    for names in (["moving left", ""], ["", "circle"], ["  "]):                  # an empty label: a clear error, not IndexError
+        with pytest.raises(DataError, match="class_prompts: class [01] has an empty name"): class_prompts(names)
 
 
 def test_video_text_audio_quickstart_writes_its_report(tmp_path):
