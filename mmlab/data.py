@@ -1112,11 +1112,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.urls, self.asked = expand_shards(urls), modalities is not None   # not asked: read what each sample holds
         self.modalities = check_modalities(modalities)
         self.image_size, self.audio_features, self.transforms = image_size, audio_features, _check_transforms(transforms)
-        self.num_frames, self.video_size = num_frames, video_size
         self.batch_size, self.shuffle_buffer, self.shuffle, self.drop_last = batch_size, shuffle_buffer, shuffle, drop_last
         self.seed, self.labels, self.on_error = get_settings().seed if seed is None else seed, labels, on_error
         self.label_index = {n: i for i, n in enumerate(labels)} if labels is not None else None
-        self.sample_rate, self.resample, self.pad_id = sample_rate, resample, pad_id
+        self.sample_rate, self.resample, self.pad_id, self.num_frames, self.video_size = sample_rate, resample, pad_id, num_frames, video_size
         self.cache = (cache if isinstance(cache, FeatureCache) else FeatureCache()) if cache else None
         on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.world = world or (torch.distributed.get_world_size() if on else 1)

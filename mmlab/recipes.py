@@ -659,6 +659,7 @@ def text_classes(model, recipe, label_names:list[str]) -> Tensor:
     encode = prompt_encoder(model, recipe.max_len)
     return class_embeddings([encode(ps) for ps in class_prompts(label_names)])
 
+# %% ../nbs/08a_recipes.ipynb #9ead11e9
 def evaluate(model, recipe, batch:dict, label_names:list[str]|None) -> tuple[dict, dict]:
     "Zero-shot (text prompts -> each other modality) and retrieval for every pair: (flat metrics, embeddings)."
     emb, y, m = embed(model, batch), batch["label"], {}
@@ -1471,6 +1472,7 @@ def _same_tower_config(r, pre, ours):
                                + ", ".join(f"{k}={a!r} (pretrained) vs {b!r}" for k, (a, b) in diff.items())
                                + "; expected the same config (set the recipe's knobs, e.g. video_centre, as the run had them)")
 
+# %% ../nbs/08a_recipes.ipynb #50a68502
 @dataclass
 class LitRecipe(ClipRecipe):
     "CLIP with one tower locked (LiT): initialised from a pretrained run, frozen; the others and the heads train."
