@@ -114,31 +114,34 @@ def typeset(page):
 SHOTS = {("index.html", 1280): "docs_index_1280.png", ("03_contrastive.html", 1280): "docs_contrastive_1280.png",
          ("09_analysis.html", 390): "docs_analysis_390.png"}
 
-@pytest.mark.parametrize("width", [1280, 390])
-def test_every_page_fits_its_column(site, browser, width):
+WIDTHS = (1280, 390)   # desktop, then phone: each page is loaded once and its viewport narrowed (CSS and plotly relayout)
+
+def test_every_page_fits_its_column(site, browser):
     "At desktop and phone width, no figure, image, formula or code block overflows; images and formulas load."
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     problems = []
     with serve(site) as url:
         for html in sorted(p.name for p in site.glob("*.html") if p.name != "404.html"):
-            page = browser.new_page(viewport={"width": width, "height": 900})
+            page = browser.new_page(viewport={"width": WIDTHS[0], "height": 900})
             failed = []
             page.on("requestfailed", lambda r: failed.append(r.url))
             page.goto(f"{url}/{html}", wait_until="networkidle")
             typeset(page)
-            page.wait_for_timeout(300)                          # plotly's resize after layout
-            r = page.evaluate(OVERFLOW_JS)
-            links = page.evaluate("() => [...document.querySelectorAll('.md-content a[href]')].map(a => a.href)")
-            tex = page.evaluate("() => [...document.querySelectorAll('.jp-RenderedMarkdown')].some(e => /\\$[^$\\s][^$]*\\$/.test(e.innerText))")
-            if (html, width) in SHOTS: page.screenshot(path=str(ARTIFACTS / SHOTS[html, width]))
+            for width in WIDTHS:
+                page.set_viewport_size({"width": width, "height": 900})
+                page.wait_for_timeout(400)                      # layout, then plotly's resize
+                r = page.evaluate(OVERFLOW_JS)
+                links = page.evaluate("() => [...document.querySelectorAll('.md-content a[href]')].map(a => a.href)")
+                tex = page.evaluate("() => [...document.querySelectorAll('.jp-RenderedMarkdown')].some(e => /\\$[^$\\s][^$]*\\$/.test(e.innerText))")
+                if (html, width) in SHOTS: page.screenshot(path=str(ARTIFACTS / SHOTS[html, width]))
+                where = f"{html} at {width} px"
+                problems += [f"{where}: {b}" for b in r["bad"]]
+                if r["pageWidth"] > width: problems.append(f"{where}: the page scrolls sideways ({r['pageWidth']} px)")
+                problems += [f"{where}: image did not load: {s}" for s in r["broken"]]
+                local = {l.split("#")[0].removeprefix(url + "/") for l in links if l.startswith(url)}
+                problems += [f"{where}: link to a missing page: {l}" for l in sorted(local) if l and not (site / l).exists()]
+                if r["mathErrors"]: problems.append(f"{where}: {r['mathErrors']} formulas failed to typeset")
+                if tex: problems.append(f"{where}: a formula was left as TeX source")
             page.close()
-            where = f"{html} at {width} px"
-            problems += [f"{where}: {b}" for b in r["bad"]]
-            if r["pageWidth"] > width: problems.append(f"{where}: the page scrolls sideways ({r['pageWidth']} px)")
-            problems += [f"{where}: image did not load: {s}" for s in r["broken"]]
-            local = {l.split("#")[0].removeprefix(url + "/") for l in links if l.startswith(url)}
-            problems += [f"{where}: link to a missing page: {l}" for l in sorted(local) if l and not (site / l).exists()]
-            problems += [f"{where}: request failed: {u}" for u in failed if u.startswith(url)]
-            if r["mathErrors"]: problems.append(f"{where}: {r['mathErrors']} formulas failed to typeset")
-            if tex: problems.append(f"{where}: a formula was left as TeX source")
+            problems += [f"{html}: request failed: {u}" for u in failed if u.startswith(url)]
     assert not problems, "\n".join(problems)

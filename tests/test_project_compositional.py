@@ -3,7 +3,7 @@ rests on: `swap_colours`, the clip recipe's `hard_negatives` switch, `negclip_lo
 
 The headline: trained with each caption's colour-swapped copy as an extra negative (NegCLIP), the clip recipe tells a
 scene's caption from its colour swap more often than the plain recipe at the same steps."""
-import json, math, re
+import json, math, os, re
 
 import pytest
 import torch
@@ -22,6 +22,10 @@ TRAIN_MARGIN = 0.03      # NegCLIP - CLIP swap accuracy on 1000 training scenes,
 NEAR_CHANCE = 0.1        # |plain CLIP's swap accuracy on the test split - 0.5|, at most (measured: 0.01)
 SWAP = "swap/image/accuracy"
 
+# Two 350-step trainings (about 80 s): the p2 notebook's student run in tests/test_course.py asserts the same direction
+# at the same length in CI (NegCLIP above CLIP on training scenes, CLIP near chance on new ones); this stricter margin
+# runs with MMLAB_TEST_FLAGS=slow.
+@pytest.mark.skipif("slow" not in os.environ.get("MMLAB_TEST_FLAGS", "").split(), reason="two 350-step trainings; set MMLAB_TEST_FLAGS=slow")
 def test_headline_negclip_rejects_swapped_captions_of_training_scenes_more_often():
     """At the notebook's length NegCLIP tells its training scenes' captions from their colour swaps more often than CLIP,
     while plain CLIP is at chance on new scenes (a bag of words there). The gain on new scenes is within noise at this
