@@ -21,7 +21,7 @@ from .core import (DEVICE_PATTERN, CheckpointError, ConfigError, DataError, Inpu
 from .data import (MODALITIES, CharTokenizer, InMemoryBatches, LogMel, ManifestDataset, _read_manifest, collate,
                         dataset_meta, image_augment, label_order, load_dataset, make_loader, NoisyPairs, stack_dataset,
                         write_video)
-from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder, VideoConfig
+from .encoders import SIZES, AudioConfig, AudioEncoder, ViTConfig, ViTEncoder
 from .masking import mask_from_scores, num_masked, random_mask
 from .losses import clip_loss, kmeans, negclip_loss, queue_clip_loss, siglip_loss, symile_loss
 from .losses import CENTERINGS
@@ -29,7 +29,8 @@ from .models import SwavModel
 from .models import (BYOLModel, make_tower, DINOModel, MomentumQueueModel, HuBERT, HubertModel, MAE, MultiModalMAE, MultiModalModel,
                           mmae_features, save_model, FlipMAE)
 from .data import BUNDLED, ShardDataset, folder_samples, manifest_samples, shard_labels, write_shards   # WebDataset shards
-from .data import get_modality; from mmlab.models import MODEL_CLASSES   # each tower's reader options
+from .data import get_modality             # each tower's reader options (`Modality.reader`)
+from .models import MODEL_CLASSES
 from .train import init_distributed
 from contextlib import redirect_stdout
 from .losses.contrastive import dist_info
