@@ -20,6 +20,7 @@ from mmlab.models import FlipMAE, MultiModalModel, check_model_contract, create_
 from mmlab.recipes import (ClipRecipe, FlipMaeRecipe, RECIPES, build_model, contrastive_loss_fn, flip_masks, get_recipe,
                            load_split, run_recipe)
 from mmlab.train import latest_checkpoint, load_checkpoint
+from resume_check import assert_resume_bit_identical
 
 torch.set_num_threads(1)
 IT = dict(modalities=("image", "text"), batch_size=16, device="cpu", precision="fp32")
@@ -105,13 +106,7 @@ def test_kept_patch_count_matches_open_clip_patch_dropout():
 
 def test_clip_recipe_with_flip_trains_and_resumes_bit_identically(tmp_path):
     r = ClipRecipe(**IT, steps=6, ckpt_every=3, image_mask_ratio=0.5, warmup_steps=1)
-    full = run_recipe(r, tmp_path / "run", n_train=64, evaluate_after=False)
-    final = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
-    shutil.rmtree(latest_checkpoint(tmp_path / "run" / "checkpoints"))             # the run "died" after step 3
-    resumed = run_recipe(r, tmp_path / "run", n_train=64, evaluate_after=False, resume=True)
-    again = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
-    assert sorted(again) == sorted(final) and all(torch.equal(final[k], again[k]) for k in final)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert_resume_bit_identical(r, tmp_path / "run", 64)                               # killed after step 3
 
 
 def test_flip_recipe_loss_decreases():

@@ -1,7 +1,7 @@
 """Memory queues (MoCo, ALBEF) and nearest-neighbour positives (NNCLR): the loss against float64 loops and gradcheck,
 K = 0 is `clip_loss` bit for bit, FIFO order, the same queue on two gloo ranks as on one process given the whole batch,
 the clip recipe's `queue_size` switch (trains, checks its fields, resumes bit for bit from a checkpoint)."""
-import gc, math, os, shutil
+import gc, math, os
 from dataclasses import replace
 
 import pytest
@@ -263,21 +263,15 @@ def test_recipe_with_queue_trains_and_the_loss_falls():
 
 def test_kill_and_resume_with_a_queue_is_bit_identical(tmp_path):
     "A run killed after its step-3 checkpoint and resumed ends with the same parameters, teacher and queue, bit for bit."
-    from mmlab.recipes import ClipRecipe, run_recipe
-    from mmlab.train import latest_checkpoint, load_checkpoint
+    from mmlab.recipes import ClipRecipe
+    from resume_check import assert_resume_bit_identical
     r = ClipRecipe(modalities=("image", "text"), batch_size=16, steps=6, ckpt_every=3, queue_size=24, device="cpu",
                    precision="fp32")                          # 24 slots, 16 keys a step: the pointer wraps mid-batch
-    full = run_recipe(r, tmp_path, n_train=64, evaluate_after=False)
-    final = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))[0]
-    held = {f"/model/queue.{n}" for n in ("keys_image", "keys_text", "labels", "ptr", "filled")}
-    assert held <= set(final), sorted(k for k in final if "queue" in k)   # the checkpoint holds the queue
-    assert int(final["/model/queue.ptr"]) == (6 * 16) % 24 and int(final["/model/queue.filled"]) == 24
-    shutil.rmtree(latest_checkpoint(tmp_path / "checkpoints"))   # the run "died" after the step-3 checkpoint
-    resumed = run_recipe(r, tmp_path, n_train=64, evaluate_after=False, resume=True)
-    again = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))[0]
-    assert sorted(again) == sorted(final)
-    for k in final: assert torch.equal(final[k], again[k]), k
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    def holds_the_queue(final):
+        held = {f"/model/queue.{n}" for n in ("keys_image", "keys_text", "labels", "ptr", "filled")}
+        assert held <= set(final), sorted(k for k in final if "queue" in k)   # the checkpoint holds the queue
+        assert int(final["/model/queue.ptr"]) == (6 * 16) % 24 and int(final["/model/queue.filled"]) == 24
+    full, resumed = assert_resume_bit_identical(r, tmp_path, 64, holds_the_queue)   # killed after the step-3 checkpoint
     for k, v in full.model.state_dict().items(): assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 def test_lit_with_a_queue_starts_its_key_encoder_from_the_pretrained_tower(tmp_path):

@@ -1,6 +1,6 @@
 """Video in the models and recipes: the one MAE on a video tower (VideoMAE's tube masks), the videomae recipe, and
 video through the contrastive recipe (video-text vs the single-frame image-text baseline on the motion set)."""
-import itertools, shutil
+import itertools
 
 import pytest
 import torch
@@ -108,7 +108,7 @@ def test_image_mae_keeps_random_masks():
 
 # ---------------------------------------------------------------- the videomae recipe
 from mmlab.recipes import ClipRecipe, MaeRecipe, class_prompts, get_recipe, label_names, load_split, main, run_recipe
-from mmlab.train import latest_checkpoint, load_checkpoint
+from resume_check import assert_resume_bit_identical
 
 VM = dict(batch_size=16, warmup_steps=2)
 
@@ -135,13 +135,7 @@ def test_videomae_trains_with_a_falling_loss_and_evaluates():
 
 def test_videomae_resumes_bit_identically(tmp_path):
     r = get_recipe("videomae", steps=4, ckpt_every=2, **VM)
-    full = run_recipe(r, tmp_path / "run", n_train=32, evaluate_after=False)
-    final = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
-    shutil.rmtree(latest_checkpoint(tmp_path / "run" / "checkpoints"))      # the run "died" after step 2
-    resumed = run_recipe(r, tmp_path / "run", n_train=32, evaluate_after=False, resume=True)
-    again = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))[0]
-    assert sorted(again) == sorted(final) and all(torch.equal(final[k], again[k]) for k in final)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert_resume_bit_identical(r, tmp_path / "run", 32)                       # killed after step 2
 
 
 def test_mmlab_train_videomae(tmp_path, capsys):
